@@ -1,0 +1,43 @@
+"""Small entry points of the public API that are not a whole search."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hwprune.measure import create_backend
+from hwprune.measure.base import Measurement
+from hwprune.profiles import DeviceProfile, load_profile
+from hwprune.pruning import PrunedModel, PruningSpace
+from hwprune.pruning import prune as _prune
+
+
+def measure(onnx_path: str | os.PathLike[str], device: str | DeviceProfile = "host-cpu", *,
+            backend: str | None = None, **overrides: Any) -> Measurement:
+    """Latency and memory of an ONNX model on ``device`` (a profile name, path or DeviceProfile).
+
+    ``backend`` and ``overrides`` (e.g. ``rpc__tracker="127.0.0.1:9190"``, ``rpc__key="local"``) replace the
+    profile's settings for this call.
+    """
+    profile = load_profile(device).with_overrides(backend=backend, **overrides)
+    b = create_backend(profile)
+    try:
+        return b.measure(Path(onnx_path))
+    finally:
+        b.close()
+
+
+def prune(model: torch.nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
+          ratios: float | dict[str, float], *, channel_multiple: int = 8, max_ratio: float = 0.9,
+          ignored_layers: Sequence[Any] | None = None) -> PrunedModel:
+    """A physically pruned copy of ``model``: one ratio for every coupled channel group, or a ratio per knob name."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    space = PruningSpace.build(model, tuple(example_inputs), channel_multiple=channel_multiple, max_ratio=max_ratio,
+                               ignored_layers=list(ignored_layers or []))
+    per_knob = space.uniform(ratios) if isinstance(ratios, (int, float)) else ratios
+    return _prune(model, tuple(example_inputs), per_knob, space)

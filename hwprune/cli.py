@@ -1,0 +1,320 @@
+"""The ``hwprune`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hwprune.errors import BudgetUnreachable, HwpruneError
+
+app = typer.Typer(
+    name="hwprune",
+    help="Hardware-aware structured pruning: search per-layer widths with Optuna, measure real latency on the target.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+profiles_app = typer.Typer(help="List device profiles, or show one.", invoke_without_command=True,
+                           no_args_is_help=False)
+app.add_typer(profiles_app, name="profiles")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_ERROR = 2
+EXIT_BUDGET = 3
+EXIT_INTERRUPTED = 130
+
+# -- shared options -----------------------------------------------------------------------------------------------
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Override the profile's backend: ort, tvm, tvm-rpc, ssh-ort, estimate.")]
+TrackerOpt = Annotated[Optional[str], typer.Option("--tracker", help="TVM RPC tracker HOST:PORT (overrides the profile).")]
+KeyOpt = Annotated[Optional[str], typer.Option("--key", help="Device key the board registered under at the tracker.")]
+SshHostOpt = Annotated[Optional[str], typer.Option("--ssh-host", help="Board address for the ssh-ort backend.")]
+SshUserOpt = Annotated[Optional[str], typer.Option("--ssh-user", help="SSH user on the board.")]
+SshKeyOpt = Annotated[Optional[Path], typer.Option("--ssh-key", help="SSH private key file.")]
+SshPortOpt = Annotated[Optional[int], typer.Option("--ssh-port", help="SSH port on the board.")]
+TuningOpt = Annotated[Optional[int], typer.Option("--tuning-trials", help="TVM MetaSchedule trials per model (0 = untuned).")]
+
+
+def _overrides(backend: str | None, tracker: str | None, key: str | None, ssh_host: str | None,
+               ssh_user: str | None, ssh_key: Path | None, ssh_port: int | None,
+               tuning_trials: int | None = None) -> dict[str, Any]:
+    o: dict[str, Any] = {"backend": backend, "rpc__tracker": tracker, "rpc__key": key, "ssh__host": ssh_host,
+                         "ssh__user": ssh_user, "ssh__key_file": str(ssh_key) if ssh_key else None,
+                         "ssh__port": ssh_port, "tvm__tuning_trials": tuning_trials}
+    if tracker is not None and (":" not in tracker or not tracker.rsplit(":", 1)[1].isdigit()):
+        raise HwpruneError(f"--tracker {tracker!r}: expected HOST:PORT, e.g. 127.0.0.1:9190")
+    if backend is None and tracker is not None:
+        o["backend"] = "tvm-rpc"  # naming a tracker only makes sense for the RPC backend
+    if backend is None and ssh_host is not None:
+        o["backend"] = "ssh-ort"
+    return {k: v for k, v in o.items() if v is not None}
+
+
+def _profile(device: str, overrides: dict[str, Any]):
+    from hwprune.profiles import load_profile
+
+    return load_profile(device).with_overrides(**overrides)
+
+
+# -- search -------------------------------------------------------------------------------------------------------
+@app.command()
+def search(
+    model: Annotated[str, typer.Option("--model", "-m", help="Built-in demo (mobilenet-tiny, resnet-tiny) or package.module:factory (or path/file.py:factory).")] = "mobilenet-tiny",
+    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name (see `hwprune profiles`) or a .toml path.")] = "host-cpu",
+    latency_budget_ms: Annotated[Optional[str], typer.Option("--latency-budget-ms", help="Latency budget in ms (median), or a fraction of the dense model's latency like 0.6x. Default: the profile's.")] = None,
+    memory_budget_mb: Annotated[Optional[str], typer.Option("--memory-budget-mb", help="Memory budget in MB (weights + peak activations), or a fraction like 0.5x. Default: the profile's.")] = None,
+    trials: Annotated[Optional[int], typer.Option("--trials", "-n", help="Complete trials the study should have (a resumed study runs the rest).")] = None,
+    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop starting new trials after this many seconds.")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...). Default: study.db in the run folder.")] = None,
+    study: Annotated[Optional[str], typer.Option("--study", help="Study name. Default: <model>-<device>.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Parent folder of the run folder.")] = Path("reports"),
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the sampler and data order.")] = 0,
+    sampler: Annotated[str, typer.Option("--sampler", help="tpe, nsga2, gp or random.")] = "tpe",
+    max_ratio: Annotated[float, typer.Option("--max-ratio", help="Largest fraction of a group's channels to remove.")] = 0.75,
+    channel_multiple: Annotated[Optional[int], typer.Option("--channel-multiple", help="Round kept widths to this multiple (default: the profile's).")] = None,
+    trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only).")] = 0,
+    final_finetune: Annotated[int, typer.Option("--final-finetune-steps", help="Fine-tune steps for the recommended model (distilled from the dense model).")] = 300,
+    allow_untuned: Annotated[bool, typer.Option("--allow-untuned", help="Let untuned TVM latencies drive the search.")] = False,
+    allow_estimate: Annotated[bool, typer.Option("--allow-estimate", help="Let roofline estimates drive the search.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
+    ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
+    tuning_trials: TuningOpt = None,
+) -> None:
+    """Search per-layer pruning ratios under latency/memory budgets; re-running the same command resumes."""
+    from hwprune.config import SearchConfig
+    from hwprune.search.run import Search
+
+    overrides = _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port, tuning_trials)
+    profile = _profile(device, overrides)
+    if latency_budget_ms is None and profile.budgets.latency_ms is not None:
+        latency_budget_ms = str(profile.budgets.latency_ms)
+    if memory_budget_mb is None and profile.budgets.memory_mb is not None:
+        memory_budget_mb = str(profile.budgets.memory_mb)
+    if trials is None and timeout is None:
+        trials = 40
+    config = SearchConfig(
+        model=model, device=device, latency_budget_ms=latency_budget_ms, memory_budget_mb=memory_budget_mb,
+        trials=trials, timeout_s=timeout, storage=storage, study=study, out=out_dir, seed=seed, sampler=sampler,
+        max_ratio=max_ratio, channel_multiple=channel_multiple, trial_finetune_steps=trial_finetune,
+        final_finetune_steps=final_finetune, allow_untuned=allow_untuned, allow_estimate=allow_estimate,
+        profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
+        command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    )
+    result = None
+    try:
+        result = Search(config, log_fn=lambda m: err.print(f"[dim]hwprune:[/] {m}", highlight=False)).run()
+    except BudgetUnreachable:
+        _print_summary_file(config.run_dir)
+        raise
+    _print_result(result.summary, result.run_dir)
+
+
+def _print_summary_file(run_dir: Path) -> None:
+    path = run_dir / "summary.json"
+    if path.is_file():
+        _print_result(json.loads(path.read_text()), run_dir)
+
+
+def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
+    dense = summary["dense"]
+    metric = summary.get("metric", "accuracy")
+    req = summary["request"]
+    table = Table(title=f"Pareto front: {req['model']} on {req['device']} ({summary['measurement']['backend']})")
+    for col in ("trial", metric, "latency ms (p90)", "memory MB", "params", "MMACs", "speedup", "budgets"):
+        table.add_column(col, justify="right")
+    est = " (estimated)" if summary["measurement"].get("estimated") else ""
+
+    def row(r: dict[str, Any], label: str) -> list[str]:
+        meets = "ok" if r["meets"]["latency"] and r["meets"]["memory"] else \
+            ", ".join(k for k, v in r["meets"].items() if not v) + " over"
+        noisy = " noisy" if r["latency_ms"].get("noisy") else ""
+        return [label, f"{r['accuracy']:.4f}", f"{r['latency_ms']['median']:.3f} ({r['latency_ms']['p90']:.3f}){noisy}{est}",
+                f"{r['memory_mb']['total']:.2f}", f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}",
+                f"{r.get('speedup', 1.0):.2f}x", meets]
+
+    table.add_row(*row(dense, "dense"), style="dim")
+    for r in summary["pareto"]:
+        table.add_row(*row(r, f"{r['trial']}{' *' if r['recommended'] else ''}"),
+                      style="bold green" if r["recommended"] else None)
+    out.print(table)
+    s = summary["search"]
+    out.print(f"budgets: latency {req.get('latency_budget_ms')} ms, memory {req.get('memory_budget_mb')} MB | "
+              f"trials: {s['trials_complete']} complete ({s['trials_cached']} reused a measured architecture), "
+              f"{s['trials_failed']} failed, {s['trials_feasible']} feasible | {s['wall_seconds']:.0f} s")
+    rec = next((r for r in summary["pareto"] if r["recommended"]), None)
+    if rec:
+        out.print(f"[bold]recommended:[/] trial {rec['trial']}: {metric} {rec['accuracy']:.4f} (dense "
+                  f"{dense['accuracy']:.4f}), {rec['latency_ms']['median']:.3f} ms ({rec.get('speedup', 1):.2f}x faster), "
+                  f"{rec['memory_mb']['total']:.2f} MB -> {run_dir / rec['files']['onnx']['path']}")
+    out.print(f"run folder: {run_dir} (summary.json, pareto.csv{', report.html' if (run_dir / 'report.html').exists() else ''})")
+
+
+# -- measure ------------------------------------------------------------------------------------------------------
+@app.command()
+def measure(
+    model: Annotated[Path, typer.Argument(help="An ONNX model file.")],
+    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path.")] = "host-cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the measurement as JSON.")] = False,
+    backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
+    ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
+    tuning_trials: TuningOpt = None,
+) -> None:
+    """Latency (median, p90, spread) and memory of an ONNX model on a device."""
+    from hwprune.measure import create_backend
+
+    if not model.is_file():
+        raise HwpruneError(f"{model}: no such ONNX file")
+    profile = _profile(device, _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port,
+                                          tuning_trials))
+    b = create_backend(profile)
+    try:
+        m = b.measure(model)
+    finally:
+        b.close()
+    if as_json:
+        d = m.to_dict()
+        d["model"] = str(model)
+        out.print_json(json.dumps(d))
+        return
+    lat = m.latency
+    label = " (estimated)" if m.estimated else ""
+    tuned = "" if m.tuned is None else (" tuned" if m.tuned else " untuned")
+    out.print(f"{model} on {profile.name} via {m.backend}{tuned}{label}")
+    out.print(f"  latency: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, min {lat.min_ms:.3f} ms, "
+              f"std {lat.std_ms:.3f} ms (cv {lat.cv:.1%}) over {lat.repeats} runs after {lat.warmup} warm-up"
+              + (" [noisy]" if lat.noisy else ""))
+    mem = m.memory
+    out.print(f"  memory: {mem.total_mb:.3f} MB = weights {mem.weights_mb:.3f} MB + peak activations "
+              f"{mem.peak_activations_mb:.3f} MB" + (f"; process peak +{mem.process_peak_mb:.1f} MB"
+                                                      if mem.process_peak_mb is not None else ""))
+
+
+# -- profiles -----------------------------------------------------------------------------------------------------
+@profiles_app.callback()
+def profiles_list(ctx: typer.Context) -> None:
+    """List the device profiles hwprune can find."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from hwprune.profiles import available_profiles, load_profile
+
+    table = Table(title="device profiles")
+    for col in ("name", "backend", "where", "cores", "multiple", "budgets ms / MB"):
+        table.add_column(col, no_wrap=True)
+    for name, path in available_profiles().items():
+        try:
+            p = load_profile(path)
+        except HwpruneError as exc:
+            table.add_row(name, "[red]invalid[/]", str(exc), "", "", "")
+            continue
+        table.add_row(name, p.backend, "local" if p.local else "remote board", str(p.hardware.cores),
+                      str(p.channel_multiple), f"{p.budgets.latency_ms} / {p.budgets.memory_mb}")
+    out.print(table)
+    out.print("show one with `hwprune profiles show NAME`; profiles are read from $HWPRUNE_PROFILES, "
+              "./device_profiles and the bundled folder")
+
+
+@profiles_app.command("show")
+def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .toml path.")],
+                  as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False) -> None:
+    """Show one device profile, validated."""
+    from hwprune.profiles import load_profile
+
+    p = load_profile(name)
+    if as_json:
+        out.print_json(json.dumps(p.to_dict()))
+        return
+    out.print(f"[bold]{p.name}[/]: {p.description}\n  file: {p.source}\n  backend: {p.backend}"
+              f"{'' if p.local else ' (remote board)'}, channel multiple {p.channel_multiple}")
+    for section in ("hardware", "ort", "tvm", "rpc", "ssh", "measure", "budgets"):
+        values = getattr(p, section).__dict__
+        out.print(f"  [{section}] " + ", ".join(f"{k}={v!r}" for k, v in values.items()), highlight=False)
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `hwprune search`.")],
+    compare: Annotated[Optional[Path], typer.Option("--compare", help="A second run folder to compare RUN_DIR with (RUN_DIR is the baseline).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Where to write the comparison report (default: the second run folder).")] = None,
+) -> None:
+    """Build report.html and report.md for a run folder, or compare two runs."""
+    try:
+        from hwprune import report as report_mod
+    except ImportError as exc:
+        raise HwpruneError(f"the report module is not available: {exc}") from None
+    if not (run_dir / "summary.json").is_file():
+        raise HwpruneError(f"{run_dir}: no summary.json; is this a folder written by `hwprune search`?")
+    if compare is not None:
+        if not (compare / "summary.json").is_file():
+            raise HwpruneError(f"{compare}: no summary.json; is this a folder written by `hwprune search`?")
+        paths = report_mod.build_comparison(run_dir, compare, out_dir or compare)
+    else:
+        paths = report_mod.build_report(run_dir)
+    for p in paths:
+        out.print(f"wrote {p}")
+
+
+# -- doctor -------------------------------------------------------------------------------------------------------
+@app.command()
+def doctor(
+    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path.")] = "host-cpu",
+    backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
+    ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
+) -> None:
+    """Check that a device can be measured: reachable, compiles and runs a tiny model; says how to fix what isn't."""
+    try:
+        from hwprune.doctor import doctor as run_doctor, format_checks
+    except ImportError as exc:
+        raise HwpruneError(f"doctor is not available in this installation: {exc}") from None
+    profile = _profile(device, _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port))
+    checks = run_doctor(profile)
+    out.print(format_checks(checks), highlight=False)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit code, never a traceback."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
+    try:
+        app(args=argv, standalone_mode=False)
+    except BudgetUnreachable as exc:
+        err.print(f"[bold red]hwprune: no model met the budgets:[/] {exc}", highlight=False)
+        sys.exit(EXIT_BUDGET)
+    except HwpruneError as exc:
+        err.print(f"[bold red]hwprune: error:[/] {exc}", highlight=False)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        err.print("hwprune: interrupted; completed trials are saved, run the same command to resume")
+        sys.exit(EXIT_INTERRUPTED)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors and aborts
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(EXIT_INTERRUPTED)
+        raise
+
+
+if __name__ == "__main__":
+    main()

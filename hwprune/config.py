@@ -1,0 +1,113 @@
+"""Search configuration: one dataclass shared by the CLI, the Python API and nightly jobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwprune.errors import HwpruneError
+
+SAMPLERS = ("tpe", "nsga2", "random", "gp")
+
+
+@dataclass
+class Budget:
+    """A latency or memory budget: an absolute value, or a fraction of the dense model's (``"0.6x"``)."""
+
+    value: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, text: str | float | int | None, what: str) -> "Budget | None":
+        if text is None or text == "":
+            return None
+        if isinstance(text, (int, float)):
+            value, relative = float(text), False
+        else:
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(x)?\s*", str(text))
+            if not m:
+                raise HwpruneError(f"{what}: {text!r} is not a number (e.g. 20) or a fraction of the dense model (e.g. 0.6x)")
+            value, relative = float(m.group(1)), bool(m.group(2))
+        if value <= 0:
+            raise HwpruneError(f"{what}: must be positive, got {text!r}")
+        return cls(value, relative)
+
+    def resolve(self, dense_value: float) -> float:
+        return self.value * dense_value if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value:g}x" if self.relative else f"{self.value:g}"
+
+
+@dataclass
+class SearchConfig:
+    """Everything one search needs. Field names match the CLI flags (``--latency-budget-ms`` -> latency_budget_ms)."""
+
+    model: str = "mobilenet-tiny"
+    device: str = "host-cpu"
+    latency_budget_ms: Budget | None = None
+    memory_budget_mb: Budget | None = None
+    trials: int | None = 40  # target number of complete trials in the study (a resumed study runs the rest)
+    timeout_s: float | None = None
+    storage: str | None = None  # Optuna storage URL; default sqlite in the run folder
+    study: str | None = None  # default "<model>-<device>"
+    out: Path = Path("reports")
+    seed: int = 0
+    sampler: str = "tpe"
+    max_ratio: float = 0.75
+    channel_multiple: int | None = None  # default from the device profile
+    trial_finetune_steps: int = 0
+    final_finetune_steps: int = 300
+    calibration_batches: int = 8
+    exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise
+    allow_untuned: bool = False  # let untuned TVM latencies drive a search
+    allow_estimate: bool = False  # let roofline estimates drive a search
+    profile_overrides: dict[str, Any] = field(default_factory=dict)  # backend, rpc__tracker, rpc__key, ssh__host...
+    progress: bool = True
+    command: str = ""  # the command line that started it, for the report
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.latency_budget_ms, (Budget, type(None))):
+            self.latency_budget_ms = Budget.parse(self.latency_budget_ms, "latency budget")
+        if not isinstance(self.memory_budget_mb, (Budget, type(None))):
+            self.memory_budget_mb = Budget.parse(self.memory_budget_mb, "memory budget")
+        self.out = Path(self.out)
+        if self.trials is not None and self.trials < 1:
+            raise HwpruneError(f"trials: must be at least 1, got {self.trials}")
+        if self.trials is None and self.timeout_s is None:
+            raise HwpruneError("give --trials N or --timeout SECONDS (or both)")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise HwpruneError(f"timeout: must be positive, got {self.timeout_s}")
+        if self.sampler not in SAMPLERS:
+            raise HwpruneError(f"sampler: {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if not 0.0 < self.max_ratio < 1.0:
+            raise HwpruneError(f"max ratio: must be between 0 and 1 (exclusive), got {self.max_ratio}")
+        if self.channel_multiple is not None and self.channel_multiple < 1:
+            raise HwpruneError(f"channel multiple: must be at least 1, got {self.channel_multiple}")
+        if self.exporter not in (None, "torchscript", "dynamo"):
+            raise HwpruneError(f"exporter: {self.exporter!r} is not 'torchscript' or 'dynamo'")
+        for name in ("trial_finetune_steps", "final_finetune_steps", "calibration_batches"):
+            if getattr(self, name) < 0:
+                raise HwpruneError(f"{name.replace('_', ' ')}: must not be negative")
+
+    @property
+    def study_name(self) -> str:
+        if self.study:
+            return self.study
+        model = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(self.model)).strip("-")
+        device = Path(str(self.device)).stem
+        return f"{model}-{device}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / self.study_name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        d["latency_budget_ms"] = str(self.latency_budget_ms) if self.latency_budget_ms else None
+        d["memory_budget_mb"] = str(self.memory_budget_mb) if self.memory_budget_mb else None
+        return d

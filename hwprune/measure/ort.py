@@ -1,0 +1,325 @@
+"""ONNX Runtime backend: times a model on this machine with the session settings of a device profile.
+
+Every call opens a fresh session (nothing is shared between models, so one candidate cannot warm caches for the
+next); what is built once per backend is only the recipe for the session options.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hwprune.errors import BackendUnavailable, MeasurementError, ProfileError
+from hwprune.export import input_feed
+from hwprune.measure.base import Measurement
+from hwprune.measure.memory import MB, graph_memory, load_model
+from hwprune.measure.timing import timed_runs
+from hwprune.profiles import DeviceProfile, load_profile
+
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",  # newer ORT releases only
+    "all": "ORT_ENABLE_ALL",
+}
+
+OnnxSource = str | os.PathLike[str] | bytes | Any  # a path, serialized bytes or an onnx.ModelProto
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a hard dependency
+        raise BackendUnavailable(f"onnxruntime is not installed: {exc}; `pip install onnxruntime`") from None
+    return onnxruntime
+
+
+def optimization_level(name: str) -> Any:
+    """The ``onnxruntime.GraphOptimizationLevel`` for a profile's ``ort.graph_optimization_level`` string."""
+    ort = _ort()
+    attr = _OPT_LEVELS.get(name.lower())
+    if attr is None or not hasattr(ort.GraphOptimizationLevel, attr):
+        known = [k for k, v in _OPT_LEVELS.items() if hasattr(ort.GraphOptimizationLevel, v)]
+        raise ProfileError(f"ort.graph_optimization_level: {name!r} is not one of {', '.join(known)}")
+    return getattr(ort.GraphOptimizationLevel, attr)
+
+
+def session_options(profile: DeviceProfile, *, profiling_prefix: str | None = None) -> Any:
+    """``onnxruntime.SessionOptions`` for a profile: threads, optimization level, quiet logging, optional profiler."""
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = profile.ort.intra_op_threads
+    so.inter_op_num_threads = profile.ort.inter_op_threads
+    so.graph_optimization_level = optimization_level(profile.ort.graph_optimization_level)
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # ORT's warnings (e.g. unused initializers removed) are noise to a user of hwprune.
+    so.log_severity_level = 0 if os.environ.get("HWPRUNE_DEBUG") else 3
+    if profiling_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profiling_prefix
+    return so
+
+
+def _providers(profile: DeviceProfile) -> list[str]:
+    ort = _ort()
+    available = ort.get_available_providers()
+    missing = [p for p in profile.ort.providers if p not in available]
+    if missing:
+        raise BackendUnavailable(
+            f"profile {profile.name}: ONNX Runtime here has no {', '.join(missing)} "
+            f"(available: {', '.join(available)}); install the matching onnxruntime package or edit ort.providers"
+        )
+    return list(profile.ort.providers) or ["CPUExecutionProvider"]
+
+
+def _model_arg(onnx_model: OnnxSource) -> str | bytes:
+    import onnx
+
+    if isinstance(onnx_model, onnx.ModelProto):
+        return onnx_model.SerializeToString()
+    if isinstance(onnx_model, bytes):
+        return onnx_model
+    return os.fspath(onnx_model)
+
+
+def _label(onnx_model: OnnxSource) -> str:
+    return "the model" if isinstance(onnx_model, bytes) or not isinstance(onnx_model, (str, os.PathLike)) \
+        else str(onnx_model)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def open_session(onnx_model: OnnxSource, profile: DeviceProfile, *, profiling_prefix: str | None = None) -> Any:
+    """A new ``InferenceSession`` configured from the profile; load failures become :class:`MeasurementError`."""
+    ort = _ort()
+    so = session_options(profile, profiling_prefix=profiling_prefix)
+    providers = _providers(profile)
+    try:
+        return ort.InferenceSession(_model_arg(onnx_model), so, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
+        raise MeasurementError(f"ONNX Runtime cannot load {_label(onnx_model)}: {_first_line(exc)}") from None
+
+
+def _feed(sess: Any, onnx_model: OnnxSource, inputs: dict[str, np.ndarray] | None,
+          label: str | None = None) -> dict[str, np.ndarray]:
+    import onnx
+
+    label = label or _label(onnx_model)
+    if inputs is None:
+        src = onnx_model if not isinstance(onnx_model, bytes) else onnx.load_from_string(onnx_model)
+        inputs = input_feed(src)
+    expected = [i.name for i in sess.get_inputs()]
+    missing = [n for n in expected if n not in inputs]
+    if missing:
+        raise MeasurementError(
+            f"inputs for {label} lack {', '.join(missing)} (the graph takes {', '.join(expected)})"
+        )
+    return {n: np.ascontiguousarray(inputs[n]) for n in expected}
+
+
+def _run_once(sess: Any, feed: dict[str, np.ndarray], label: str) -> list[np.ndarray]:
+    try:
+        return sess.run(None, feed)
+    except Exception as exc:  # noqa: BLE001
+        raise MeasurementError(f"ONNX Runtime failed to run {label}: {_first_line(exc)}") from None
+
+
+def _rss() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # noqa: BLE001 - best effort: psutil may be missing or forbidden
+        return None
+
+
+class OrtBackend:
+    """Measure ONNX models with ONNX Runtime on this machine, configured by ``profile.ort`` and ``profile.measure``."""
+
+    name = "ort"
+
+    def __init__(self, profile: DeviceProfile | str) -> None:
+        self.profile = load_profile(profile)
+        # Fail at construction, not after a trial's export, when the profile asks for what this ORT lacks.
+        optimization_level(self.profile.ort.graph_optimization_level)
+        _providers(self.profile)
+
+    def session_options(self) -> Any:
+        """The session options every session of this backend is created with."""
+        return session_options(self.profile)
+
+    def session(self, onnx_path: OnnxSource) -> Any:
+        """A new ONNX Runtime session for one model."""
+        return open_session(onnx_path, self.profile)
+
+    def measure(self, onnx_path: OnnxSource, inputs: dict[str, np.ndarray] | None = None) -> Measurement:
+        """Time the model: new session (stage ``session``), warm-up and timed runs (stage ``timing``), memory."""
+        m = self.profile.measure
+        threads = self.profile.ort.intra_op_threads
+        # With one intra-op thread ORT computes on the calling thread, so its CPU time is the model's; with a pool,
+        # only the whole process's CPU time covers the work.
+        cpu_clock, cpu_clock_name = ((time.thread_time_ns, "thread") if threads <= 1
+                                     else (time.process_time_ns, "process"))
+        rss0 = _rss()
+        t0 = time.perf_counter()
+        sess = self.session(onnx_path)
+        session_s = time.perf_counter() - t0
+        rss_samples = [_rss()]
+        # Parsed once (weights left on disk) for both the random inputs and the graph memory.
+        proto = load_model(onnx_path if not isinstance(onnx_path, bytes) else _proto(onnx_path))
+        label = _label(onnx_path)
+        feed = _feed(sess, proto, inputs, label)
+        _run_once(sess, feed, label)  # surfaces run errors as one line before the timing loop
+        rss_samples.append(_rss())
+        run = sess.run
+        load_avg = tuple(float(x) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None
+        t1 = time.perf_counter()
+        latency = timed_runs(lambda: run(None, feed), m.warmup, m.repeats, m.max_cv, m.remeasure,
+                             min_repeat_ms=m.min_repeat_ms, cpu_clock=cpu_clock)
+        timing_s = time.perf_counter() - t1
+        rss_samples.append(_rss())
+
+        memory = graph_memory(proto)
+        seen = [r for r in rss_samples if r is not None]
+        if rss0 is not None and seen:
+            memory.process_peak_mb = max(0, max(seen) - rss0) / MB
+        ort = _ort()
+        providers = sess.get_providers()
+        del sess
+        return Measurement(
+            backend=self.name,
+            device=self.profile.name,
+            latency=latency,
+            memory=memory,
+            threads=threads,
+            estimated=False,
+            tuned=None,
+            load_avg=load_avg,  # type: ignore[arg-type]
+            stage_seconds={"session": session_s, "timing": timing_s},
+            extra={
+                "onnxruntime": ort.__version__,
+                "providers": providers,
+                "graph_optimization_level": self.profile.ort.graph_optimization_level,
+                "inter_op_threads": self.profile.ort.inter_op_threads,
+                "cpu_clock": cpu_clock_name,
+            },
+        )
+
+    def run(self, onnx_path: OnnxSource, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the model once in a new session and return its outputs."""
+        sess = self.session(onnx_path)
+        return _run_once(sess, _feed(sess, onnx_path, inputs), _label(onnx_path))
+
+    def node_profile(self, onnx_path: OnnxSource, runs: int = 20,
+                     inputs: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Per-node latency from ONNX Runtime's profiler; see :func:`node_profile`."""
+        return node_profile(onnx_path, self.profile, runs=runs, inputs=inputs)
+
+    def close(self) -> None:
+        """Nothing is held between calls."""
+
+    def __enter__(self) -> "OrtBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _proto(data: bytes) -> Any:
+    import onnx
+
+    return onnx.load_from_string(data)
+
+
+def _trace_events(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict):
+        data = data.get("traceEvents", [])
+    return [e for e in data if isinstance(e, dict)]
+
+
+def parse_node_trace(events: list[dict[str, Any]], runs: int, warmup: int) -> list[dict[str, Any]]:
+    """Mean per-run kernel time of each node from ORT profiler events, warm-up runs dropped, slowest first.
+
+    Node events (``cat == "Node"``, name ``<node>_kernel_time``) are attributed to runs by the ``model_run`` session
+    events: only kernels that started at or after the first of the last ``runs`` model runs count. Names are those of
+    ONNX Runtime's optimized graph (fused nodes get new names, e.g. ``..._nchwc``).
+    """
+    suffix = "_kernel_time"
+    kernels = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith(suffix)]
+    model_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                        key=lambda e: e.get("ts", 0))
+    totals: dict[tuple[str, str], float] = {}
+    order: dict[tuple[str, str], int] = {}
+    if len(model_runs) >= runs > 0:
+        start = model_runs[-runs]["ts"]
+        counted = [e for e in kernels if e.get("ts", 0) >= start]
+    else:
+        # No run markers: each node runs once per run, so drop its first `warmup` occurrences.
+        seen: dict[tuple[str, str], int] = {}
+        counted = []
+        for e in sorted(kernels, key=lambda e: e.get("ts", 0)):
+            key = (e["name"], str(e.get("args", {}).get("node_index", "")))
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] > warmup:
+                counted.append(e)
+    for e in counted:
+        args = e.get("args", {}) or {}
+        op = str(args.get("op_name", ""))
+        name = e["name"][: -len(suffix)] or f"{op}_{args.get('node_index', '')}"
+        key = (name, op)
+        totals[key] = totals.get(key, 0.0) + float(e.get("dur", 0))
+        order.setdefault(key, len(order))
+    n = max(runs, 1)
+    nodes = [{"name": name, "op_type": op, "mean_us": total / n} for (name, op), total in totals.items()]
+    nodes.sort(key=lambda d: (-d["mean_us"], order[(d["name"], d["op_type"])]))
+    return nodes
+
+
+def node_profile(onnx_path: OnnxSource, profile: DeviceProfile | str, runs: int = 20,
+                 inputs: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Per-node latency from ONNX Runtime's built-in profiler, in the ``node_latency.json`` format.
+
+    Returns ``{"backend": "ort", "runs": runs, "nodes": [{"name", "op_type", "mean_us"}, ...]}`` sorted by
+    ``mean_us`` descending, averaged over ``runs`` profiled runs after the profile's warm-up runs. The trace file is
+    written to a temporary folder and deleted after reading.
+    """
+    profile = load_profile(profile)
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    warmup = max(1, profile.measure.warmup)
+    with tempfile.TemporaryDirectory(prefix="hwprune-ort-prof-") as tmp:
+        sess = open_session(onnx_path, profile, profiling_prefix=str(Path(tmp) / "ort_profile"))
+        trace: str | None = None
+        try:
+            feed = _feed(sess, onnx_path, inputs)
+            label = _label(onnx_path)
+            for _ in range(warmup + runs):
+                _run_once(sess, feed, label)
+        finally:
+            with contextlib.suppress(Exception):
+                trace = sess.end_profiling()
+        if not trace or not os.path.exists(trace):
+            raise MeasurementError(f"ONNX Runtime wrote no profile for {_label(onnx_path)}")
+        try:
+            events = _trace_events(trace)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(trace)
+    return {"backend": "ort", "runs": runs, "nodes": parse_node_trace(events, runs, warmup)}
+
+
+__all__ = ["OrtBackend", "node_profile", "open_session", "optimization_level", "parse_node_trace",
+           "session_options"]

@@ -1,0 +1,104 @@
+"""The "warm up, time, check the spread, re-measure" loop every local backend shares.
+
+Why this shape: on a shared host, wall-clock medians drift under load from other processes while the minimum and the
+thread's CPU time stay put (see DESIGN.md, "Timing"). So each timed run records both clocks, a run whose coefficient
+of variation exceeds the profile's ``max_cv`` is repeated (keeping the steadiest attempt), and one that stays noisy is
+kept but flagged, never silently trusted.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hwprune.measure.base import Latency
+
+
+def _samples(fn: Callable[[], Any], repeats: int, number: int,
+             cpu_clock: Callable[[], int] | None) -> tuple[list[float], list[float] | None]:
+    wall: list[float] = []
+    cpu: list[float] | None = [] if cpu_clock is not None else None
+    perf = time.perf_counter_ns
+    # A collection pause inside a timed run is noise that has nothing to do with the model.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            c0 = cpu_clock() if cpu_clock is not None else 0
+            t0 = perf()
+            for _ in range(number):
+                fn()
+            t1 = perf()
+            if cpu is not None and cpu_clock is not None:
+                cpu.append((cpu_clock() - c0) / 1e6 / number)
+            wall.append((t1 - t0) / 1e6 / number)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return wall, cpu
+
+
+def _calls_per_sample(fn: Callable[[], Any], min_repeat_ms: float, first_ms: float) -> int:
+    """How many calls one sample needs to last ``min_repeat_ms`` (like TVM's time_evaluator), from a first guess."""
+    if min_repeat_ms <= 0:
+        return 1
+    number = 1
+    if first_ms <= 0:
+        t0 = time.perf_counter_ns()
+        fn()
+        first_ms = (time.perf_counter_ns() - t0) / 1e6
+    per_call = max(first_ms, 1e-6)
+    while number * per_call < min_repeat_ms and number < 1_000_000:
+        number = min(1_000_000, max(number * 2, int(min_repeat_ms / per_call * 1.1) + 1))
+        t0 = time.perf_counter_ns()
+        for _ in range(number):
+            fn()
+        per_call = max((time.perf_counter_ns() - t0) / 1e6 / number, 1e-6)
+    return number
+
+
+def timed_runs(
+    fn: Callable[[], Any],
+    warmup: int,
+    repeats: int,
+    max_cv: float,
+    remeasure: int,
+    *,
+    min_repeat_ms: float = 0.0,
+    cpu_clock: Callable[[], int] | None = time.thread_time_ns,
+) -> Latency:
+    """Time a zero-argument callable: ``warmup`` untimed calls, then ``repeats`` timed samples.
+
+    Each sample is one call, or enough calls to last ``min_repeat_ms`` (reported per call). ``cpu_clock`` (ns,
+    default the calling thread's CPU time; ``None`` to skip) gives ``cpu_median_ms``. When the samples' coefficient
+    of variation is above ``max_cv``, the whole set is taken again, up to ``remeasure`` more times; the set with the
+    lowest CV is returned with ``remeasured`` = extra attempts made and ``noisy`` = whether it is still above.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    first_ms = 0.0
+    for i in range(max(warmup, 0)):
+        t0 = time.perf_counter_ns()
+        fn()
+        if i == max(warmup, 0) - 1:
+            first_ms = (time.perf_counter_ns() - t0) / 1e6
+    number = _calls_per_sample(fn, min_repeat_ms, first_ms) if min_repeat_ms > 0 else 1
+
+    best: Latency | None = None
+    attempts = 0
+    while True:
+        wall, cpu = _samples(fn, repeats, number, cpu_clock)
+        lat = Latency.from_samples(wall, warmup=warmup, cpu_samples_ms=cpu)
+        if best is None or lat.cv < best.cv:
+            best = lat
+        if best.cv <= max_cv or attempts >= remeasure:
+            break
+        attempts += 1
+    best.remeasured = attempts
+    best.noisy = best.cv > max_cv
+    return best
+
+
+__all__ = ["timed_runs"]

@@ -1,0 +1,469 @@
+"""A whole search: dense baseline -> Optuna trials -> Pareto front -> finalize -> run folder.
+
+Every stage writes what the next one reads, so the report can be rebuilt from the run folder and the storage alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import torch
+from optuna.trial import TrialState
+
+from hwprune import __version__, train
+from hwprune.config import SearchConfig
+from hwprune.errors import BudgetUnreachable, HwpruneError
+from hwprune.measure import create_backend
+from hwprune.measure.base import Measurement
+from hwprune.profiles import DeviceProfile, load_profile
+from hwprune.pruning import PruningSpace, count_macs_params, read_widths
+from hwprune.search import pareto as pareto_mod
+from hwprune.search.progress import SearchProgress
+from hwprune.search.study import Budgets, TrialRunner, make_sampler, open_study, trials_table, warm_start
+from hwprune.subjects.base import Subject
+from hwprune.subjects.loader import check_evaluate, load_subject
+
+log = logging.getLogger("hwprune")
+SCHEMA = 1
+
+
+@dataclass
+class ParetoModel:
+    """One model of the Pareto front, as exported into the run folder."""
+
+    trial: int | None
+    record: dict[str, Any]  # the MODEL record of summary.json
+    run_dir: Path
+    module: torch.nn.Module | None = None
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.run_dir / self.record["files"]["onnx"]["path"]
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.record["accuracy"])
+
+    @property
+    def latency_ms(self) -> float:
+        return float(self.record["latency_ms"]["median"])
+
+    @property
+    def memory_mb(self) -> float:
+        return float(self.record["memory_mb"]["total"])
+
+
+@dataclass
+class SearchResult:
+    """What :func:`hwprune.search` returns: the Pareto front as a DataFrame and the recommended model."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    pareto: pd.DataFrame
+    models: list[ParetoModel] = field(default_factory=list)
+    dense: ParetoModel | None = None
+    study: optuna.Study | None = None
+
+    @property
+    def recommended(self) -> ParetoModel | None:
+        rec = self.summary.get("recommended")
+        return next((m for m in self.models if m.trial == rec), None)
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"hwprune": __version__, "python": platform.python_version()}
+    for mod in ("torch", "onnxruntime", "optuna", "torch_pruning", "onnx", "tvm"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            out[mod] = None
+    return out
+
+
+def resolve_profile(config: SearchConfig) -> DeviceProfile:
+    profile = load_profile(config.device)
+    if config.profile_overrides:
+        profile = profile.with_overrides(**config.profile_overrides)
+    if config.channel_multiple:
+        profile = profile.with_overrides(channel_multiple=config.channel_multiple)
+    return profile
+
+
+def check_rankable(profile: DeviceProfile, config: SearchConfig) -> None:
+    """Refuse latencies that rank nothing a user would deploy, unless asked for explicitly."""
+    if profile.backend == "estimate" and not config.allow_estimate:
+        raise HwpruneError(f"profile {profile.name} uses estimated latency; pass --allow-estimate to search on "
+                           "roofline estimates (they are labelled 'estimated' in every output)")
+    if profile.backend in ("tvm", "tvm-rpc") and profile.tvm.tuning_trials == 0 and not config.allow_untuned:
+        raise HwpruneError(
+            f"profile {profile.name} measures with untuned TVM, which runs 20-50x slower than tuned kernels and ranks "
+            "candidates wrongly; set tvm.tuning_trials in the profile (e.g. --tuning-trials 64) or pass "
+            "--allow-untuned to search on untuned numbers anyway")
+
+
+def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float | None, m: Measurement,
+                  params: int, macs: int, widths: dict[str, Any], ratios: dict[str, float] | None,
+                  budgets: Budgets, dense: dict[str, Any] | None, example: torch.Tensor) -> dict[str, Any]:
+    md = m.to_dict()
+    lat = md["latency"]
+    record: dict[str, Any] = {
+        "trial": trial,
+        "recommended": False,
+        "accuracy": accuracy,
+        "accuracy_proxy": accuracy_proxy,
+        "latency_ms": {"median": lat["median_ms"], "p90": lat["p90_ms"], "min": lat["min_ms"],
+                       "mean": lat["mean_ms"], "std": lat["std_ms"], "cv": lat["cv"],
+                       "cpu_median": lat["cpu_median_ms"], "repeats": lat["repeats"], "warmup": lat["warmup"],
+                       "noisy": lat["noisy"], "remeasured": lat["remeasured"]},
+        "memory_mb": {"weights": m.memory.weights_mb, "peak_activations": m.memory.peak_activations_mb,
+                      "total": m.memory.total_mb, "process_peak": m.memory.process_peak_mb},
+        "params": int(params),
+        "macs": int(macs),
+        "widths": {k: list(v) for k, v in widths.items()},
+        "ratios": ratios,
+        "meets": {"latency": budgets.latency_ms is None or m.latency.median_ms <= budgets.latency_ms,
+                  "memory": budgets.memory_mb is None or m.memory.total_mb <= budgets.memory_mb},
+        "estimated": m.estimated,
+        "tuned": m.tuned,
+        "backend": m.backend,
+        "load_avg": list(m.load_avg) if m.load_avg else None,
+        "files": {},
+        "input": {"name": "input", "shape": list(example.shape), "dtype": str(example.dtype).replace("torch.", "")},
+    }
+    if dense is not None:
+        record["speedup"] = dense["latency_ms"]["median"] / m.latency.median_ms
+        record["size_ratio"] = params / max(dense["params"], 1)
+    else:
+        record["speedup"], record["size_ratio"] = 1.0, 1.0
+    return record
+
+
+class Search:
+    """One search run. Use :func:`hwprune.search` unless you need the pieces."""
+
+    def __init__(self, config: SearchConfig, subject: Subject | None = None,
+                 log_fn: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.log = log_fn or (lambda msg: log.info(msg))
+        self.profile = resolve_profile(config)
+        check_rankable(self.profile, config)
+        self.run_dir = config.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.storage = config.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+        self.exporter = config.exporter or ("dynamo" if self.profile.backend in ("tvm", "tvm-rpc") else "torchscript")
+        self._subject = subject
+        self.backend = None
+
+    # -- stages ---------------------------------------------------------------------------------------------------
+    def measure(self, onnx_path: Path) -> Measurement:
+        assert self.backend is not None
+        return self.backend.measure(onnx_path)
+
+    def _write_request(self) -> dict[str, Any]:
+        from hwprune.export import atomic_write_text
+
+        c = self.config
+        request = {
+            "model": str(c.model) if isinstance(c.model, str) else getattr(c.model, "__name__", "model"),
+            "device": self.profile.name,
+            "profile": self.profile.to_dict(),
+            "backend": self.profile.backend,
+            "latency_budget": str(c.latency_budget_ms) if c.latency_budget_ms else None,
+            "memory_budget": str(c.memory_budget_mb) if c.memory_budget_mb else None,
+            "trials": c.trials, "timeout_s": c.timeout_s, "seed": c.seed,
+            "study": c.study_name, "storage": self.storage,
+            "sampler": c.sampler, "max_ratio": c.max_ratio, "channel_multiple": self.profile.channel_multiple,
+            "exporter": self.exporter,
+            "finetune": {"trial_steps": c.trial_finetune_steps, "final_steps": c.final_finetune_steps},
+            "calibration_batches": c.calibration_batches,
+            "command": c.command or " ".join(shlex.quote(a) for a in sys.argv),
+            "versions": versions(),
+            "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        atomic_write_text(self.run_dir / "request.json", json.dumps(request, indent=2))
+        return request
+
+    def _dense(self, subject: Subject) -> tuple[dict[str, Any], Measurement]:
+        from hwprune.export import export_onnx
+
+        path = export_onnx(subject.model, subject.example_inputs, self.run_dir / "dense" / "model.onnx",
+                           exporter=self.exporter)
+        m = self.measure(path)
+        acc = check_evaluate(subject)
+        macs, params = count_macs_params(subject.model, subject.example_inputs)
+        widths = read_widths(subject.model)
+        return {"path": path, "accuracy": acc, "macs": macs, "params": params,
+                "widths": {k: (v, v) for k, v in widths.items()}}, m
+
+    def run(self) -> SearchResult:
+        c = self.config
+        t_start = time.perf_counter()
+        request = self._write_request()
+        self.log(f"device {self.profile.name}: backend {self.profile.backend}, channel multiple "
+                 f"{self.profile.channel_multiple}")
+        subject = self._subject or load_subject(c.model, seed=c.seed, log=self.log)
+        self.backend = create_backend(self.profile)
+        try:
+            return self._run(subject, request, t_start)
+        finally:
+            self.backend.close()
+
+    def _run(self, subject: Subject, request: dict[str, Any], t_start: float) -> SearchResult:
+        c = self.config
+        torch.manual_seed(c.seed)
+        dense_info, dense_m = self._dense(subject)
+        budgets = Budgets(
+            latency_ms=c.latency_budget_ms.resolve(dense_m.latency.median_ms) if c.latency_budget_ms else None,
+            memory_mb=c.memory_budget_mb.resolve(dense_m.memory.total_mb) if c.memory_budget_mb else None,
+        )
+        request["latency_budget_ms"] = budgets.latency_ms
+        request["memory_budget_mb"] = budgets.memory_mb
+        self.log(f"dense {subject.name}: {subject.metric} {dense_info['accuracy']:.4f}, latency "
+                 f"{dense_m.latency.median_ms:.3f} ms (p90 {dense_m.latency.p90_ms:.3f}), memory "
+                 f"{dense_m.memory.total_mb:.2f} MB; budgets: latency "
+                 f"{_fmt(budgets.latency_ms, 'ms')}, memory {_fmt(budgets.memory_mb, 'MB')}")
+
+        space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=self.profile.channel_multiple,
+                                   max_ratio=c.max_ratio, ignored_layers=list(subject.ignored_layers))
+        if not space.knobs:
+            raise HwpruneError(f"{subject.name}: found no prunable channel groups (nothing but the output layer?)")
+        sampler = make_sampler(c.sampler, c.seed, len(space.knobs))
+        request["sampler_repr"] = f"{type(sampler).__name__}"
+        study = open_study(self.storage, c.study_name, sampler)
+        study.set_user_attr("request", request)
+        warm_start(study, space)
+        runner = TrialRunner(subject=subject, space=space, measure=self.measure, budgets=budgets,
+                             exporter=self.exporter, calibration_batches=c.calibration_batches,
+                             finetune_steps=c.trial_finetune_steps)
+        runner.load_cache(study)
+
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        remaining = None if c.trials is None else max(0, c.trials - done)
+        self.log(f"{len(space.knobs)} knobs (coupled channel groups); study {c.study_name!r} has {done} complete "
+                 f"trials; running {remaining if remaining is not None else 'until timeout'} more")
+        interrupted = False
+        if remaining != 0:
+            progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets)
+            callbacks: list[Any] = [progress.callback]
+            if c.trials is not None:
+                callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))
+            try:
+                with progress:
+                    study.optimize(runner, n_trials=remaining, timeout=c.timeout_s, callbacks=callbacks,
+                                   catch=(HwpruneError,), gc_after_trial=False, show_progress_bar=False)
+            except KeyboardInterrupt:
+                # Optuna has already marked the trial in flight as failed; completed trials are in the storage
+                interrupted = True
+                self.log("interrupted: completed trials are saved; run the same command again to resume")
+
+        result = self.finalize(study, subject, space, runner, dense_info, dense_m, budgets, request, t_start,
+                               interrupted)
+        if interrupted:
+            raise KeyboardInterrupt
+        return result
+
+    # -- finalize -------------------------------------------------------------------------------------------------
+    def finalize(self, study: optuna.Study, subject: Subject, space: PruningSpace, runner: TrialRunner,
+                 dense_info: dict[str, Any], dense_m: Measurement, budgets: Budgets, request: dict[str, Any],
+                 t_start: float, interrupted: bool = False) -> SearchResult:
+        from hwprune.export import atomic_write_text, export_onnx, file_record
+
+        c = self.config
+        rows = trials_table(study)
+        trials_df = pd.DataFrame(rows)
+        atomic_write_text(self.run_dir / "trials.csv", trials_df.to_csv(index=False))
+        complete = trials_df[trials_df["state"] == "COMPLETE"] if not trials_df.empty else trials_df
+        front = pareto_mod.pareto_front(complete) if not complete.empty else complete
+        rec_trial = pareto_mod.recommend(front) if not front.empty else None
+
+        dense_record = _model_record(trial=None, accuracy=dense_info["accuracy"], accuracy_proxy=dense_info["accuracy"],
+                                     m=dense_m, params=dense_info["params"], macs=dense_info["macs"],
+                                     widths=dense_info["widths"], ratios=None, budgets=budgets, dense=None,
+                                     example=subject.example_inputs[0])
+        dense_record["files"]["onnx"] = file_record(dense_info["path"], self.run_dir)
+        self._node_profile(dense_info["path"], dense_record)
+        study.set_user_attr("dense", {k: v for k, v in dense_record.items() if k != "files"})
+        dense_model = ParetoModel(None, dense_record, self.run_dir, subject.model)
+
+        models: list[ParetoModel] = []
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        for _, row in front.iterrows():
+            number = int(row["trial"])
+            t = by_number[number]
+            ratios = {k: float(v) for k, v in t.params.items()}
+            is_rec = number == rec_trial
+            pruned = runner.build(ratios)
+            stored = Measurement.from_dict(t.user_attrs["measurement"])
+            acc_proxy = float(t.user_attrs.get("accuracy_proxy", row["accuracy"]))
+            accuracy = acc_proxy
+            if is_rec and c.final_finetune_steps and subject.train_data is not None:
+                self.log(f"fine-tuning the recommended model (trial {number}) for {c.final_finetune_steps} steps, "
+                         "distilled from the dense model...")
+                t0 = time.perf_counter()
+                train.finetune(pruned.module, subject.train_data, c.final_finetune_steps, loss_fn=subject.loss_fn,
+                               lr=0.02, teacher=subject.teacher or subject.model)
+                runner.stage_seconds["final_finetune"] = time.perf_counter() - t0
+                accuracy = runner.evaluate(pruned.module, {})
+            folder = self.run_dir / "models" / f"trial-{number:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            onnx_path = export_onnx(pruned.module, subject.example_inputs, folder / "model.onnx",
+                                    exporter=self.exporter)
+            # the exported file is what a user deploys: measure that file, not the trial's temporary copy
+            m = self.measure(onnx_path) if is_rec else stored
+            record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m,
+                                   params=pruned.params, macs=pruned.macs, widths=pruned.widths, ratios=ratios,
+                                   budgets=budgets, dense=dense_record, example=subject.example_inputs[0])
+            record["recommended"] = is_rec
+            if is_rec and not (record["meets"]["latency"] and record["meets"]["memory"]):
+                record["remeasure_note"] = ("the re-measured exported model exceeds a budget although the trial "
+                                            "met it; the difference is measurement noise on this host")
+            torch.save(pruned.module.state_dict(), folder / "weights.pt")
+            torch.save(pruned.module, folder / "model.pt")
+            atomic_write_text(folder / "measurement.json", json.dumps(m.to_dict(), indent=2))
+            record["files"] = {"onnx": file_record(onnx_path, self.run_dir),
+                               "weights": file_record(folder / "weights.pt", self.run_dir),
+                               "module": file_record(folder / "model.pt", self.run_dir)}
+            self._node_profile(onnx_path, record)
+            record["file_bytes"] = record["files"]["onnx"]["bytes"]
+            models.append(ParetoModel(number, record, self.run_dir, pruned.module))
+        dense_record["file_bytes"] = dense_record["files"]["onnx"]["bytes"]
+
+        failed = trials_df[trials_df["state"] == "FAIL"] if not trials_df.empty else trials_df
+        best_infeasible = None
+        if not models and not complete.empty:
+            best_infeasible = {"latency_ms": float(complete["latency_ms"].min()),
+                               "memory_mb": float(complete["memory_mb"].min())}
+        hv = pareto_mod.hypervolume_history(
+            complete, (dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb)
+        ) if not complete.empty else []
+        summary = {
+            "schema": SCHEMA,
+            "hwprune_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "request": request,
+            "metric": subject.metric,
+            "dense": dense_record,
+            "pareto": [m.record for m in models],
+            "recommended": rec_trial,
+            "measurement": {"backend": dense_m.backend, "threads": dense_m.threads,
+                            "warmup": self.profile.measure.warmup, "repeats": self.profile.measure.repeats,
+                            "max_cv": self.profile.measure.max_cv, "estimated": dense_m.estimated,
+                            "tuned": dense_m.tuned},
+            "search": {
+                "trials_complete": int(len(complete)),
+                "trials_failed": int(len(failed)),
+                "trials_pruned": int((trials_df["state"] == "PRUNED").sum()) if not trials_df.empty else 0,
+                "trials_cached": int(complete["cached_from"].notna().sum()) if not complete.empty else 0,
+                "trials_feasible": int(complete["feasible"].sum()) if not complete.empty else 0,
+                "failures": [{"trial": int(r["trial"]), "reason": r["fail_reason"] or "unknown"}
+                             for _, r in failed.iterrows()],
+                "stage_seconds": {k: round(v, 3) for k, v in runner.stage_seconds.items()},
+                "wall_seconds": round(time.perf_counter() - t_start, 2),
+                "hypervolume": hv,
+                "best_infeasible": best_infeasible,
+                "interrupted": interrupted,
+                "knobs": len(space.knobs),
+            },
+        }
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        pareto_df = pareto_table(summary)
+        atomic_write_text(self.run_dir / "pareto.csv", pareto_df.to_csv(index=False))
+        self._report()
+        result = SearchResult(self.run_dir, summary, pareto_df, models, dense_model, study)
+        if not models and not interrupted:
+            if best_infeasible is None:
+                raise BudgetUnreachable("no trial completed; see the failures in "
+                                        f"{self.run_dir / 'trials.csv'}")
+            raise BudgetUnreachable(
+                f"no candidate met the budgets (latency {_fmt(budgets.latency_ms, 'ms')}, memory "
+                f"{_fmt(budgets.memory_mb, 'MB')}); the best reached were {best_infeasible['latency_ms']:.3f} ms and "
+                f"{best_infeasible['memory_mb']:.2f} MB. Relax a budget, raise --max-ratio, or run more --trials; "
+                f"completed trials are kept in {self.storage}")
+        return result
+
+    def _node_profile(self, onnx_path: Path, record: dict[str, Any]) -> None:
+        """Per-node latency for the report (ONNX Runtime's profiler); skipped for backends it does not describe."""
+        if self.profile.backend != "ort":
+            return
+        from hwprune.export import atomic_write_text, file_record
+        from hwprune.measure.ort import node_profile
+
+        try:
+            prof = node_profile(onnx_path, self.profile, runs=10)
+        except Exception as exc:  # noqa: BLE001 - a profile is a nicety; never lose a search over it
+            self.log(f"per-node profile of {onnx_path.name} failed: {exc}")
+            return
+        path = onnx_path.parent / "node_latency.json"
+        atomic_write_text(path, json.dumps(prof, indent=1))
+        record["files"]["node_latency"] = file_record(path, self.run_dir)
+
+    def _report(self) -> None:
+        try:
+            from hwprune.report import build_report
+        except ImportError:
+            return
+        try:
+            build_report(self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - the search result is already saved
+            self.log(f"report failed ({type(exc).__name__}: {exc}); rebuild it with `hwprune report {self.run_dir}`")
+
+
+def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
+    """The ``pareto.csv`` table: one flat row per Pareto model (see docs/run-folder.md)."""
+    rows = []
+    for r in summary["pareto"]:
+        rows.append({
+            "trial": r["trial"], "recommended": r["recommended"], "accuracy": r["accuracy"],
+            "accuracy_proxy": r["accuracy_proxy"], "latency_ms_median": r["latency_ms"]["median"],
+            "latency_ms_p90": r["latency_ms"]["p90"], "latency_ms_std": r["latency_ms"]["std"],
+            "latency_noisy": r["latency_ms"]["noisy"], "memory_mb_total": r["memory_mb"]["total"],
+            "weights_mb": r["memory_mb"]["weights"], "peak_activations_mb": r["memory_mb"]["peak_activations"],
+            "params": r["params"], "macs": r["macs"], "speedup": r["speedup"],
+            "meets_latency": r["meets"]["latency"], "meets_memory": r["meets"]["memory"],
+            "estimated": r["estimated"], "onnx_path": r["files"]["onnx"]["path"],
+            "weights_path": r["files"]["weights"]["path"], "widths": json.dumps(r["widths"]),
+        })
+    columns = ["trial", "recommended", "accuracy", "accuracy_proxy", "latency_ms_median", "latency_ms_p90",
+               "latency_ms_std", "latency_noisy", "memory_mb_total", "weights_mb", "peak_activations_mb", "params",
+               "macs", "speedup", "meets_latency", "meets_memory", "estimated", "onnx_path", "weights_path", "widths"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    return "none" if value is None else f"{value:.3f} {unit}"
+
+
+def search(model: str | Subject | Callable[[], Any] = "mobilenet-tiny", device: str | DeviceProfile = "host-cpu", *,
+           latency_budget_ms: float | str | None = None, memory_budget_mb: float | str | None = None,
+           trials: int | None = 40, timeout: float | None = None, storage: str | None = None,
+           study: str | None = None, out: str | Path = "reports", seed: int = 0, progress: bool = False,
+           **options: Any) -> SearchResult:
+    """Search per-layer pruning ratios for ``model`` on ``device``; see :class:`hwprune.SearchConfig` for options.
+
+    ``model`` is a demo name, ``"package.module:factory"``, a factory callable or a :class:`hwprune.Subject`.
+    Budgets are absolute (``20``) or relative to the dense model (``"0.6x"``). Returns a :class:`SearchResult`
+    whose ``pareto`` DataFrame lists the feasible Pareto-optimal models and ``recommended`` the one to deploy.
+    Raises :class:`hwprune.errors.BudgetUnreachable` when no candidate meets the budgets.
+    """
+    subject = None
+    spec: Any = model
+    if not isinstance(model, str):
+        subject = load_subject(model, seed=seed)
+        spec = subject.name
+    device_name = device.source or device.name if isinstance(device, DeviceProfile) else device
+    config = SearchConfig(model=spec, device=device_name, latency_budget_ms=latency_budget_ms,
+                          memory_budget_mb=memory_budget_mb, trials=trials, timeout_s=timeout, storage=storage,
+                          study=study, out=Path(out), seed=seed, progress=progress, **options)
+    return Search(config, subject=subject).run()

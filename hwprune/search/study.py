@@ -1,0 +1,213 @@
+"""The Optuna study: one trial = prune -> (cache lookup) -> export -> measure -> calibrate -> evaluate.
+
+The study never imports a backend; it gets a ``measure(onnx_path) -> Measurement`` function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hwprune.errors import ExportError, HwpruneError, MeasurementError
+from hwprune.measure.base import Measurement
+from hwprune.pruning import PrunedModel, PruningSpace, prune
+from hwprune.subjects.base import Subject
+from hwprune import train
+
+log = logging.getLogger("hwprune")
+
+MeasureFn = Callable[[Path], Measurement]
+DIRECTIONS = ("maximize", "minimize", "minimize")  # accuracy, latency ms, memory MB
+
+
+@dataclass
+class Budgets:
+    latency_ms: float | None
+    memory_mb: float | None
+
+    def violations(self, latency_ms: float, memory_mb: float) -> tuple[float, float]:
+        """Optuna constraint values: <= 0 means the budget is met."""
+        lat = latency_ms - self.latency_ms if self.latency_ms is not None else -1.0
+        mem = memory_mb - self.memory_mb if self.memory_mb is not None else -1.0
+        return lat, mem
+
+
+@dataclass
+class TrialRunner:
+    """Everything an objective needs, fixed for the whole search."""
+
+    subject: Subject
+    space: PruningSpace
+    measure: MeasureFn
+    budgets: Budgets
+    exporter: str = "torchscript"
+    calibration_batches: int = 8
+    finetune_steps: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def _tick(self, stage: str, start: float, into: dict[str, float]) -> float:
+        now = time.perf_counter()
+        into[stage] = into.get(stage, 0.0) + now - start
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - start
+        return now
+
+    def load_cache(self, study: optuna.Study) -> None:
+        """Reuse the results of architectures an earlier run (or another worker) already measured."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            sig = t.user_attrs.get("signature")
+            if sig and sig not in self._cache and "measurement" in t.user_attrs:
+                self._cache[sig] = {"trial": t.number, "values": list(t.values), "attrs": dict(t.user_attrs)}
+
+    def build(self, ratios: dict[str, float], stages: dict[str, float] | None = None) -> PrunedModel:
+        """The pruned, BN-re-calibrated (and optionally fine-tuned) candidate for ``ratios``."""
+        stages = stages if stages is not None else {}
+        t = time.perf_counter()
+        pruned = prune(self.subject.model, self.subject.example_inputs, ratios, self.space)
+        t = self._tick("prune", t, stages)
+        if self.subject.calibration_data is not None and self.calibration_batches:
+            train.recalibrate_batchnorm(pruned.module, self.subject.calibration_data, self.calibration_batches)
+            t = self._tick("calibrate", t, stages)
+        if self.finetune_steps and self.subject.train_data is not None:
+            train.finetune(pruned.module, self.subject.train_data, self.finetune_steps, loss_fn=self.subject.loss_fn,
+                           lr=0.01)
+            self._tick("finetune", t, stages)
+        pruned.module.eval()
+        return pruned
+
+    def export_and_measure(self, module: Any, stages: dict[str, float]) -> Measurement:
+        from hwprune.export import export_onnx
+
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
+            path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx", exporter=self.exporter)
+            t = self._tick("export", t, stages)
+            m = self.measure(path)
+        for k, v in m.stage_seconds.items():
+            stages[k] = stages.get(k, 0.0) + v
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
+        self._tick("measure", t, {})
+        return m
+
+    def evaluate(self, module: Any, stages: dict[str, float]) -> float:
+        t = time.perf_counter()
+        score = float(self.subject.evaluate(module))
+        self._tick("evaluate", t, stages)
+        if math.isnan(score):
+            raise HwpruneError("evaluate(model) returned NaN")
+        return score
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
+        ratios = {k.name: trial.suggest_float(k.name, 0.0, k.max_ratio) for k in self.space.knobs}
+        stages: dict[str, float] = {}
+        try:
+            t = time.perf_counter()
+            # the signature is known before calibration, so a cached architecture skips all the expensive work
+            pruned = prune(self.subject.model, self.subject.example_inputs, ratios, self.space)
+            self._tick("prune", t, stages)
+            cached = self._cache.get(pruned.signature)
+            if cached is not None:
+                for key in ("widths", "macs", "params", "signature", "measurement", "accuracy_proxy"):
+                    trial.set_user_attr(key, cached["attrs"][key])
+                trial.set_user_attr("cached_from", cached["trial"])
+                trial.set_user_attr("stage_seconds", stages)
+                acc, lat, mem = cached["values"]
+                self._constrain(trial, lat, mem)
+                return acc, lat, mem
+            del pruned
+            pruned = self.build(ratios, stages)
+            trial.set_user_attr("widths", {k: list(v) for k, v in pruned.widths.items()})
+            trial.set_user_attr("macs", int(pruned.macs))
+            trial.set_user_attr("params", int(pruned.params))
+            trial.set_user_attr("signature", pruned.signature)
+            m = self.export_and_measure(pruned.module, stages)
+            acc = self.evaluate(pruned.module, stages)
+        except (MeasurementError, ExportError, HwpruneError) as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            trial.set_user_attr("stage_seconds", stages)
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the study
+            reason = f"{type(exc).__name__}: {exc}"
+            trial.set_user_attr("fail_reason", reason)
+            trial.set_user_attr("stage_seconds", stages)
+            raise HwpruneError(reason) from exc
+        lat, mem = m.latency.median_ms, m.memory.total_mb
+        trial.set_user_attr("measurement", m.to_dict())
+        trial.set_user_attr("accuracy_proxy", acc)
+        trial.set_user_attr("stage_seconds", stages)
+        self._constrain(trial, lat, mem)
+        self._cache[pruned.signature] = {"trial": trial.number, "values": [acc, lat, mem],
+                                         "attrs": dict(trial.user_attrs)}
+        return acc, lat, mem
+
+    def _constrain(self, trial: optuna.Trial, lat: float, mem: float) -> None:
+        lat_v, mem_v = self.budgets.violations(lat, mem)
+        trial.set_constraint("latency", lat_v)
+        trial.set_constraint("memory", mem_v)
+
+
+def make_sampler(name: str, seed: int, n_knobs: int) -> optuna.samplers.BaseSampler:
+    """The sampler for ``name``. Defaults were picked by bench/bench_samplers.py (see README)."""
+    if name == "tpe":
+        # multivariate TPE models the coupling between layers' widths; startup trials scale with the space size
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=max(8, min(16, n_knobs)))
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def open_study(storage: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create or resume the study ``name``; a study of the same name with other objectives is an error."""
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=list(DIRECTIONS),
+                                load_if_exists=True)
+    if len(study.directions) != 3:
+        raise HwpruneError(f"study {name!r} in {storage} was not made by hwprune search (it has "
+                           f"{len(study.directions)} objectives); choose another --study name")
+    return study
+
+
+def warm_start(study: optuna.Study, space: PruningSpace, ratios: tuple[float, ...] = (0.25, 0.5)) -> None:
+    """Enqueue uniform-ratio candidates (the baseline a user would try first) when the study is new."""
+    if study.get_trials(deepcopy=False):
+        return
+    for r in ratios:
+        study.enqueue_trial(space.uniform(r), skip_if_exists=True)
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """One plain record per trial (state, values, feasibility, user attributes) for tables and reports."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        constraints = dict(t.constraints or {})
+        row: dict[str, Any] = {
+            "trial": t.number,
+            "state": t.state.name,
+            "accuracy": t.values[0] if t.values else None,
+            "latency_ms": t.values[1] if t.values else None,
+            "memory_mb": t.values[2] if t.values else None,
+            "feasible": bool(t.values) and all(v <= 0 for v in constraints.values()),
+            "constraint_latency": constraints.get("latency"),
+            "constraint_memory": constraints.get("memory"),
+            "signature": t.user_attrs.get("signature"),
+            "macs": t.user_attrs.get("macs"),
+            "params": t.user_attrs.get("params"),
+            "cached_from": t.user_attrs.get("cached_from"),
+            "fail_reason": t.user_attrs.get("fail_reason"),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+            "stage_seconds": json.dumps(t.user_attrs.get("stage_seconds", {})),
+            "ratios": json.dumps(t.params),
+        }
+        rows.append(row)
+    return rows

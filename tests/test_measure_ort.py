@@ -1,0 +1,223 @@
+"""The ONNX Runtime backend, the shared timing loop and ORT's per-node profile: real sessions, no mocks."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from hwprune.errors import BackendUnavailable, MeasurementError, ProfileError
+from hwprune.export import export_onnx, input_feed
+from hwprune.measure import Backend, Latency, Measurement, create_backend
+from hwprune.measure.memory import graph_memory
+from hwprune.measure.ort import OrtBackend, node_profile, parse_node_trace, session_options
+from hwprune.measure.timing import timed_runs
+from hwprune.profiles import DeviceProfile, load_profile
+
+
+def small_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    model = small_cnn()
+    path = export_onnx(model, torch.randn(1, 3, 32, 32), tmp_path_factory.mktemp("ort") / "cnn.onnx")
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def fast_profile() -> DeviceProfile:
+    return load_profile("host-cpu").with_overrides(measure__warmup=3, measure__repeats=15, measure__max_cv=10.0)
+
+
+def test_measure_fields(cnn: tuple[nn.Module, Path], fast_profile: DeviceProfile) -> None:
+    _, path = cnn
+    backend = OrtBackend(fast_profile)
+    assert isinstance(backend, Backend) and backend.name == "ort"
+    m = backend.measure(path)
+    lat = m.latency
+    assert m.backend == "ort" and m.device == "host-cpu"
+    assert m.threads == 1 and m.estimated is False and m.tuned is None
+    assert lat.repeats == 15 and lat.warmup == 3 and lat.remeasured == 0 and lat.noisy is False
+    assert 0 < lat.min_ms <= lat.median_ms <= lat.p90_ms
+    assert lat.cpu_median_ms is not None and lat.cpu_median_ms > 0
+    assert m.load_avg is not None and len(m.load_avg) == 3
+    assert set(m.stage_seconds) == {"session", "timing"} and all(v > 0 for v in m.stage_seconds.values())
+    ref = graph_memory(path)
+    assert m.memory.weights_mb == pytest.approx(ref.weights_mb)
+    assert m.memory.peak_activations_mb == pytest.approx(ref.peak_activations_mb)
+    assert m.memory.process_peak_mb is not None and m.memory.process_peak_mb >= 0
+    assert m.extra["providers"] == ["CPUExecutionProvider"] and m.extra["cpu_clock"] == "thread"
+    # survives the storage round trip (Optuna user attrs are JSON)
+    again = Measurement.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert again == m
+
+
+def test_run_matches_torch(cnn: tuple[nn.Module, Path], fast_profile: DeviceProfile) -> None:
+    model, path = cnn
+    feed = input_feed(path, seed=1)
+    (got,) = OrtBackend(fast_profile).run(path, feed)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(feed["input"])).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_create_backend_from_profile(fast_profile: DeviceProfile) -> None:
+    assert isinstance(create_backend(fast_profile), OrtBackend)
+
+
+def test_latency_stats_for_known_samples() -> None:
+    samples = [1.0, 2.0, 3.0, 4.0, 10.0]
+    lat = Latency.from_samples(samples, warmup=2, cpu_samples_ms=[0.5, 0.9, 1.0, 1.1, 2.0])
+    assert lat.median_ms == 3.0 and lat.min_ms == 1.0 and lat.mean_ms == 4.0
+    assert lat.p90_ms == pytest.approx(7.6)  # linear interpolation between 4 and 10
+    assert lat.std_ms == pytest.approx(np.sqrt(((np.array(samples) - 4.0) ** 2).sum() / 4))
+    assert lat.cv == pytest.approx(lat.std_ms / 4.0)
+    assert lat.cpu_median_ms == 1.0 and lat.repeats == 5 and lat.warmup == 2
+
+
+def _busy(ms: float) -> None:
+    end = time.perf_counter_ns() + int(ms * 1e6)
+    while time.perf_counter_ns() < end:
+        pass
+
+
+def test_timed_runs_flags_and_remeasures_noise() -> None:
+    calls = {"n": 0}
+
+    def jittery() -> None:  # alternates 0.05 ms and 1 ms: CV near 1
+        calls["n"] += 1
+        _busy(1.0 if calls["n"] % 2 else 0.05)
+
+    lat = timed_runs(jittery, warmup=2, repeats=6, max_cv=0.1, remeasure=2)
+    assert lat.noisy is True and lat.remeasured == 2
+    assert calls["n"] == 2 + 3 * 6  # warm-up once, then the first attempt and two re-measurements
+    assert lat.cpu_median_ms is not None and lat.cpu_median_ms > 0
+
+    steady = timed_runs(lambda: _busy(0.2), warmup=1, repeats=5, max_cv=10.0, remeasure=2)
+    assert steady.noisy is False and steady.remeasured == 0 and steady.repeats == 5
+    assert steady.min_ms >= 0.2
+
+
+def test_timed_runs_min_repeat_ms_batches_fast_calls() -> None:
+    calls = {"n": 0}
+
+    def tiny() -> None:
+        calls["n"] += 1
+
+    lat = timed_runs(tiny, warmup=1, repeats=3, max_cv=10.0, remeasure=0, min_repeat_ms=1.0, cpu_clock=None)
+    assert lat.repeats == 3 and lat.cpu_median_ms is None
+    assert calls["n"] > 100  # each sample repeated the call until it lasted a millisecond
+    assert lat.median_ms < 0.1  # reported per call
+
+
+def test_noisy_ort_measurement_is_remeasured_and_flagged(cnn: tuple[nn.Module, Path]) -> None:
+    _, path = cnn
+    profile = load_profile("host-cpu").with_overrides(measure__max_cv=1e-9, measure__remeasure=2,
+                                                      measure__warmup=1, measure__repeats=5)
+    m = OrtBackend(profile).measure(path)
+    assert m.latency.remeasured == 2 and m.latency.noisy is True and m.latency.repeats == 5
+
+
+def test_thread_settings_are_honored(cnn: tuple[nn.Module, Path]) -> None:
+    _, path = cnn
+    base = load_profile("host-cpu")
+    sess = OrtBackend(base).session(path)
+    opts = sess.get_session_options()
+    assert opts.intra_op_num_threads == base.ort.intra_op_threads == 1
+    assert opts.inter_op_num_threads == base.ort.inter_op_threads
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert sess.get_providers() == ["CPUExecutionProvider"]
+
+    two = base.with_overrides(ort__intra_op_threads=2, ort__inter_op_threads=2, ort__graph_optimization_level="basic",
+                              measure__warmup=1, measure__repeats=3, measure__max_cv=10.0)
+    opts = OrtBackend(two).session(path).get_session_options()
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 2
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert session_options(two).intra_op_num_threads == 2
+    m = OrtBackend(two).measure(path)
+    assert m.threads == 2 and m.extra["cpu_clock"] == "process"
+
+
+def test_bad_profile_settings_fail_early() -> None:
+    base = load_profile("host-cpu")
+    with pytest.raises(ProfileError, match="graph_optimization_level"):
+        OrtBackend(base.with_overrides(ort__graph_optimization_level="turbo"))
+    with pytest.raises(BackendUnavailable, match="NoSuchExecutionProvider"):
+        OrtBackend(base.with_overrides(ort__providers=("NoSuchExecutionProvider",)))
+
+
+def test_measurement_errors_are_one_line(cnn: tuple[nn.Module, Path], tmp_path: Path,
+                                        fast_profile: DeviceProfile) -> None:
+    _, path = cnn
+    backend = OrtBackend(fast_profile)
+    with pytest.raises(MeasurementError, match="lack input") as info:
+        backend.measure(path, {"wrong": np.zeros((1, 3, 32, 32), np.float32)})
+    assert "\n" not in str(info.value)
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(MeasurementError, match="cannot load") as info:
+        backend.measure(bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(MeasurementError):
+        backend.run(path, {"input": np.zeros((1, 5, 32, 32), np.float32)})  # wrong channel count
+
+
+def test_node_profile_reports_graph_nodes(cnn: tuple[nn.Module, Path]) -> None:
+    _, path = cnn
+    profile = load_profile("host-cpu").with_overrides(ort__graph_optimization_level="disable", measure__warmup=2)
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "hwprune-ort-prof-*")))
+    result = node_profile(path, profile, runs=5)
+    assert set(result) == {"backend", "runs", "nodes"}
+    assert result["backend"] == "ort" and result["runs"] == 5
+    nodes = result["nodes"]
+    names_in_graph = {n.name for n in onnx.load(str(path)).graph.node}
+    convs = [n for n in nodes if n["op_type"] == "Conv"]
+    assert len(convs) == 3
+    assert all(n["name"] in names_in_graph for n in convs)
+    assert all(n["mean_us"] > 0 for n in convs)
+    times = [n["mean_us"] for n in nodes]
+    assert times == sorted(times, reverse=True)
+    # the trace file and its temporary folder are gone, and nothing was written to the working directory
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "hwprune-ort-prof-*"))) == before
+    assert not glob.glob("ort_profile*")
+    json.dumps(result)  # node_latency.json is plain JSON
+
+    # With full optimization ORT fuses and renames nodes; Conv kernels are still reported.
+    full = OrtBackend(load_profile("host-cpu").with_overrides(measure__warmup=1)).node_profile(path, runs=3)
+    assert any(n["op_type"] == "Conv" for n in full["nodes"]) and full["runs"] == 3
+
+
+def test_parse_node_trace_drops_warmup_runs() -> None:
+    def run(ts: int) -> list[dict]:
+        return [
+            {"cat": "Node", "name": "conv_kernel_time", "ts": ts + 1, "dur": 10 if ts else 1000,
+             "args": {"op_name": "Conv", "node_index": "0"}},
+            {"cat": "Node", "name": "relu_kernel_time", "ts": ts + 20, "dur": 2,
+             "args": {"op_name": "Relu", "node_index": "1"}},
+            {"cat": "Node", "name": "relu_fence_before", "ts": ts + 19, "dur": 0, "args": {}},
+            {"cat": "Session", "name": "model_run", "ts": ts, "dur": 30},
+        ]
+
+    events = [{"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 5}]
+    events += run(0) + run(100) + run(200)  # the first run (slow conv) is the warm-up
+    nodes = parse_node_trace(events, runs=2, warmup=1)
+    assert nodes == [{"name": "conv", "op_type": "Conv", "mean_us": 10.0},
+                     {"name": "relu", "op_type": "Relu", "mean_us": 2.0}]
