@@ -81,7 +81,7 @@ def search(
     sampler: Annotated[str, typer.Option("--sampler", help="tpe, nsga2, gp or random.")] = "tpe",
     max_ratio: Annotated[float, typer.Option("--max-ratio", help="Largest fraction of a group's channels to remove.")] = 0.75,
     channel_multiple: Annotated[Optional[int], typer.Option("--channel-multiple", help="Round kept widths to this multiple (default: the profile's).")] = None,
-    trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only).")] = 0,
+    trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only); used when the model source provides training data.")] = 20,
     final_finetune: Annotated[int, typer.Option("--final-finetune-steps", help="Fine-tune steps for the recommended model (distilled from the dense model).")] = 300,
     allow_untuned: Annotated[bool, typer.Option("--allow-untuned", help="Let untuned TVM latencies drive the search.")] = False,
     allow_estimate: Annotated[bool, typer.Option("--allow-estimate", help="Let roofline estimates drive the search.")] = False,

@@ -59,7 +59,7 @@ class SearchConfig:
     sampler: str = "tpe"
     max_ratio: float = 0.75
     channel_multiple: int | None = None  # default from the device profile
-    trial_finetune_steps: int = 0
+    trial_finetune_steps: int = 20
     final_finetune_steps: int = 300
     calibration_batches: int = 8
     exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise

@@ -25,12 +25,20 @@ class Latency:
     repeats: int
     warmup: int
     cpu_median_ms: float | None = None  # thread CPU time; stable under load from other processes
-    noisy: bool = False  # coefficient of variation stayed above the profile's max_cv after re-measuring
+    noisy: bool = False  # robust spread stayed above the profile's max_cv after re-measuring
     remeasured: int = 0
+    mad_ms: float = 0.0  # median absolute deviation
 
     @property
     def cv(self) -> float:
+        """Coefficient of variation (std / mean): reported, but one preempted run on a shared host inflates it."""
         return self.std_ms / self.mean_ms if self.mean_ms > 0 else 0.0
+
+    @property
+    def robust_cv(self) -> float:
+        """1.4826 * MAD / median: equals the CV for Gaussian noise, but ignores the rare run another process
+        preempted. This is what decides whether a measurement is noisy."""
+        return 1.4826 * self.mad_ms / self.median_ms if self.median_ms > 0 else 0.0
 
     @classmethod
     def from_samples(cls, samples_ms: list[float] | np.ndarray, *, warmup: int,
@@ -45,6 +53,7 @@ class Latency:
             repeats=int(s.size),
             warmup=warmup,
             cpu_median_ms=float(np.median(cpu_samples_ms)) if cpu_samples_ms is not None and len(cpu_samples_ms) else None,
+            mad_ms=float(np.median(np.abs(s - np.median(s)))),
         )
 
 
@@ -85,13 +94,14 @@ class Measurement:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["latency"]["cv"] = self.latency.cv
+        d["latency"]["robust_cv"] = self.latency.robust_cv
         d["memory"]["total_mb"] = self.memory.total_mb
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Measurement":
         d = dict(d)
-        lat = {k: v for k, v in d.pop("latency").items() if k != "cv"}
+        lat = {k: v for k, v in d.pop("latency").items() if k not in ("cv", "robust_cv")}
         mem = {k: v for k, v in d.pop("memory").items() if k != "total_mb"}
         if d.get("load_avg") is not None:
             d["load_avg"] = tuple(d["load_avg"])

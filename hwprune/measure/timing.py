@@ -1,8 +1,8 @@
 """The "warm up, time, check the spread, re-measure" loop every local backend shares.
 
 Why this shape: on a shared host, wall-clock medians drift under load from other processes while the minimum and the
-thread's CPU time stay put (see DESIGN.md, "Timing"). So each timed run records both clocks, a run whose coefficient
-of variation exceeds the profile's ``max_cv`` is repeated (keeping the steadiest attempt), and one that stays noisy is
+thread's CPU time stay put (see DESIGN.md, "Timing"). So each timed run records both clocks, a run whose robust
+spread (1.4826 MAD / median, which one preempted run does not inflate) exceeds the profile's ``max_cv`` is repeated (keeping the steadiest attempt), and one that stays noisy is
 kept but flagged, never silently trusted.
 """
 
@@ -91,13 +91,13 @@ def timed_runs(
     while True:
         wall, cpu = _samples(fn, repeats, number, cpu_clock)
         lat = Latency.from_samples(wall, warmup=warmup, cpu_samples_ms=cpu)
-        if best is None or lat.cv < best.cv:
+        if best is None or lat.robust_cv < best.robust_cv:
             best = lat
-        if best.cv <= max_cv or attempts >= remeasure:
+        if best.robust_cv <= max_cv or attempts >= remeasure:
             break
         attempts += 1
     best.remeasured = attempts
-    best.noisy = best.cv > max_cv
+    best.noisy = best.robust_cv > max_cv
     return best
 
 

@@ -356,6 +356,17 @@ def cost_model_name() -> str:
         return "random"
 
 
+def _cost_model(name: str) -> Any:
+    """MetaSchedule's cost model; the XGBoost one with early stopping suited to tens of samples per task."""
+    from tvm.s_tir import meta_schedule as ms
+
+    cores = max(1, (os.cpu_count() or 2) // 2)
+    if name == "xgb":
+        return ms.cost_model.XGBModel(num_tuning_cores=cores, early_stopping_rounds=10, verbose_eval=25,
+                                      num_warmup_samples=32, tree_method="auto")
+    return ms.cost_model.RandomModel()
+
+
 def _in_process_builder(fcompile: Any) -> Any:
     """A MetaSchedule builder that compiles candidates in this process (see the module docstring for why)."""
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
@@ -437,8 +448,12 @@ def tune_module(mod: Any, profile: DeviceProfile, *, trials: int | None = None,
         report.tasks_tuned = len(new)
         if new and trials > 0:
             per_task = max(1, math.ceil(trials / len(new)))
+            # A smaller evolutionary population than MetaSchedule's default (512): per-candidate budgets are tens of
+            # trials, and on a small host generating 512 candidates per round costs more than measuring them.
+            strategy = ms.search_strategy.EvolutionarySearch(
+                population_size=128, init_measured_ratio=0.2, init_min_unmeasured=32, genetic_num_iters=3)
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                new, work_dir=str(db_dir), num_threads="physical", seed=0)
+                new, work_dir=str(db_dir), strategy=strategy, num_threads="physical", seed=0)
             cc = cross_compiler_path(profile) if rpc is not None else None
             builder = (_in_process_builder(_fcompile(cc)) if target_kind(profile) == "llvm"
                        # GPU kernels need the tensor-core intrinsics, whose import alone is ~35 s per worker here.
@@ -457,7 +472,7 @@ def tune_module(mod: Any, profile: DeviceProfile, *, trials: int | None = None,
                 tasks=contexts, task_weights=weights, work_dir=str(db_dir),
                 max_trials_global=trials, max_trials_per_task=per_task,
                 num_trials_per_iter=max(1, min(32, per_task)),
-                builder=builder, runner=runner, database=db, cost_model=report.cost_model,
+                builder=builder, runner=runner, database=db, cost_model=_cost_model(report.cost_model),
             )
             report.trials = trials
             with contextlib.suppress(Exception):

@@ -156,6 +156,7 @@ class Search:
     def __init__(self, config: SearchConfig, subject: Subject | None = None,
                  log_fn: Callable[[str], None] | None = None) -> None:
         self.config = config
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # hwprune reports progress itself
         self.log = log_fn or (lambda msg: log.info(msg))
         self.profile = resolve_profile(config)
         check_rankable(self.profile, config)

@@ -93,7 +93,14 @@ def build_demo(name: str, *, seed: int = 0, log: Callable[[str], None] | None = 
         if log:
             log(f"training the dense {name} on generated data ({spec.train_steps} steps, first run only)...")
         start = time.perf_counter()
-        train.finetune(model, train_batches, spec.train_steps, lr=spec.lr)
+
+        def progress(step: int, loss: float) -> None:
+            if log and (step % 100 == 0 or step == spec.train_steps):
+                elapsed = time.perf_counter() - start
+                log(f"  step {step}/{spec.train_steps}, loss {loss:.3f}, "
+                    f"{elapsed:.0f} s elapsed, ~{elapsed / step * (spec.train_steps - step):.0f} s left")
+
+        train.finetune(model, train_batches, spec.train_steps, lr=spec.lr, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(model.state_dict(), tmp)

@@ -1,0 +1,248 @@
+"""Everything a report shows, read from a run folder (and, only as a fallback, from the Optuna storage it names).
+
+A report must rebuild on another machine from the run folder alone, so the run folder is always the primary source:
+``summary.json`` for the answer, ``trials.csv`` for every trial, ``node_latency.json`` files for per-node profiles.
+The study storage is opened only when ``trials.csv`` is missing, and never created: an SQLite URL whose file does
+not exist is skipped (opening it would silently create an empty study).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pandas as pd
+
+from hwprune.export import sha256_file
+
+log = logging.getLogger("hwprune")
+
+# columns of trials.csv the report uses; a storage fallback fills the same ones
+TRIAL_COLUMNS = ("trial", "state", "accuracy", "latency_ms", "memory_mb", "feasible", "cached_from", "fail_reason",
+                 "duration_s", "macs", "params")
+
+
+@dataclass
+class FileCheck:
+    """One artifact recorded in summary.json, checked against the file on disk at report time."""
+
+    model: str  # "dense" or "trial 17"
+    kind: str  # onnx | weights | module | node_latency
+    path: str  # relative to the run folder, as recorded
+    bytes: int | None
+    sha256: str | None
+    status: str  # ok | missing | mismatch | outside
+    actual_bytes: int | None = None
+    actual_sha256: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def problem(self) -> str:
+        """One sentence saying what is wrong with the file ('' when it checks out)."""
+        if self.status == "missing":
+            return f"{self.path} ({self.model} {self.kind}) is missing from the run folder"
+        if self.status == "outside":
+            return f"{self.path} ({self.model} {self.kind}) is not a path inside the run folder"
+        if self.status == "mismatch":
+            return (f"{self.path} ({self.model} {self.kind}) does not match its recorded SHA-256: recorded "
+                    f"{(self.sha256 or '?')[:12]}..., on disk {(self.actual_sha256 or '?')[:12]}... "
+                    f"({self.actual_bytes} bytes on disk, {self.bytes} recorded)")
+        return ""
+
+
+@dataclass
+class RunData:
+    """A run folder, loaded: the summary plus the tables and profiles the report draws from."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+    trials: pd.DataFrame
+    trials_source: str  # "trials.csv" | "study storage" | "none"
+    pareto_csv: pd.DataFrame | None
+    node_latency: dict[int | None, dict[str, Any]] = field(default_factory=dict)  # trial (None = dense) -> profile
+    file_checks: list[FileCheck] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # problems found while loading (shown in the report)
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return self.summary.get("request", {})
+
+    @property
+    def metric(self) -> str:
+        return str(self.summary.get("metric") or "accuracy")
+
+    @property
+    def dense(self) -> dict[str, Any]:
+        return self.summary["dense"]
+
+    @property
+    def pareto(self) -> list[dict[str, Any]]:
+        return list(self.summary.get("pareto") or [])
+
+    @property
+    def recommended(self) -> dict[str, Any] | None:
+        rec = self.summary.get("recommended")
+        return next((m for m in self.pareto if m.get("trial") == rec), None) if rec is not None else None
+
+    @property
+    def name(self) -> str:
+        return str(self.request.get("study") or self.run_dir.name)
+
+    def models(self) -> list[dict[str, Any]]:
+        """Dense first, then the recommended model, then the rest of the Pareto front by latency."""
+        rec = self.recommended
+        rest = [m for m in self.pareto if m is not rec]
+        return [self.dense] + ([rec] if rec is not None else []) + rest
+
+
+def model_label(record: dict[str, Any]) -> str:
+    """How the report names a model: ``dense`` or ``trial N``."""
+    return "dense" if record.get("trial") is None else f"trial {record['trial']}"
+
+
+def _read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _inside(run_dir: Path, rel: str) -> Path | None:
+    """``run_dir / rel`` if ``rel`` is a relative path that stays inside the run folder, else None."""
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or not rel:
+        return None
+    return run_dir.joinpath(*p.parts)
+
+
+def check_files(run_dir: Path, models: list[dict[str, Any]]) -> list[FileCheck]:
+    """Hash every file the models record and compare with the recorded size and SHA-256."""
+    checks: list[FileCheck] = []
+    for m in models:
+        for kind, rec in (m.get("files") or {}).items():
+            if not isinstance(rec, dict) or "path" not in rec:
+                continue
+            path = _inside(run_dir, str(rec["path"]))
+            check = FileCheck(model_label(m), kind, str(rec["path"]), rec.get("bytes"), rec.get("sha256"), "ok")
+            if path is None:
+                check.status = "outside"
+            elif not path.is_file():
+                check.status = "missing"
+            else:
+                check.actual_bytes = path.stat().st_size
+                check.actual_sha256 = sha256_file(path)
+                if check.actual_sha256 != check.sha256 or (check.bytes is not None and check.actual_bytes != check.bytes):
+                    check.status = "mismatch"
+            checks.append(check)
+    return checks
+
+
+def _sqlite_file(url: str) -> Path | None:
+    prefix = "sqlite:///"
+    return Path(url[len(prefix):]) if url.startswith(prefix) else None
+
+
+def _storage_candidates(run_dir: Path, url: str | None) -> list[str]:
+    """Storage URLs worth trying, without ever creating a database: the recorded one, then the run folder's own."""
+    urls: list[str] = []
+    if url:
+        db = _sqlite_file(url)
+        if db is None or db.is_file():
+            urls.append(url)
+    local = run_dir / "study.db"
+    if local.is_file():
+        urls.append(f"sqlite:///{local.resolve()}")
+    return list(dict.fromkeys(urls))
+
+
+def trials_from_storage(run_dir: Path, request: dict[str, Any]) -> pd.DataFrame | None:
+    """The trials.csv table rebuilt from the Optuna storage, or None when no storage can be opened."""
+    study_name = request.get("study")
+    if not study_name:
+        return None
+    try:
+        import optuna
+
+        from hwprune.search.study import trials_table
+    except ImportError:
+        return None
+    for url in _storage_candidates(run_dir, request.get("storage")):
+        try:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            study = optuna.load_study(study_name=study_name, storage=url)
+            return pd.DataFrame(trials_table(study))
+        except Exception as exc:  # noqa: BLE001 - an unreachable storage only means less detail
+            log.debug("report: cannot read study %s from %s: %s", study_name, url, exc)
+    return None
+
+
+def _load_trials(run_dir: Path, request: dict[str, Any], warnings: list[str]) -> tuple[pd.DataFrame, str]:
+    path = run_dir / "trials.csv"
+    if path.is_file():
+        try:
+            return pd.read_csv(path), "trials.csv"
+        except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+            warnings.append(f"trials.csv could not be read ({exc}); trial details come from the study storage")
+    df = trials_from_storage(run_dir, request)
+    if df is not None:
+        return df, "study storage"
+    warnings.append("trials.csv is missing and the study storage cannot be opened: the per-trial plot and table "
+                    "show only the models recorded in summary.json")
+    return pd.DataFrame(columns=list(TRIAL_COLUMNS)), "none"
+
+
+def _normalise_trials(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    for col in TRIAL_COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    for col in ("accuracy", "latency_ms", "memory_mb", "duration_s"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["feasible"] = df["feasible"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
+    df["cached_from"] = pd.to_numeric(df["cached_from"], errors="coerce")
+    df["fail_reason"] = df["fail_reason"].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
+                                              else str(v))
+    df["trial"] = pd.to_numeric(df["trial"], errors="coerce").astype("Int64")
+    return df.sort_values("trial").reset_index(drop=True)
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Load a run folder written by ``hwprune search`` (see docs/run-folder.md)."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no summary.json; is this a folder written by `hwprune search`?")
+    summary = _read_json(summary_path)
+    warnings: list[str] = []
+    if summary.get("schema") != 1:
+        warnings.append(f"summary.json has schema {summary.get('schema')!r}; this report understands schema 1")
+    if "request" not in summary and (run_dir / "request.json").is_file():
+        summary["request"] = _read_json(run_dir / "request.json")
+    trials, source = _load_trials(run_dir, summary.get("request", {}), warnings)
+    trials = _normalise_trials(trials)
+
+    pareto_csv = None
+    if (run_dir / "pareto.csv").is_file():
+        pareto_csv = pd.read_csv(run_dir / "pareto.csv")
+        csv_trials = sorted(int(t) for t in pareto_csv["trial"]) if "trial" in pareto_csv else []
+        json_trials = sorted(int(m["trial"]) for m in summary.get("pareto") or [])
+        if csv_trials != json_trials:
+            warnings.append(f"pareto.csv lists trials {csv_trials} but summary.json lists {json_trials}; the report "
+                            "follows summary.json")
+
+    run = RunData(run_dir=run_dir, summary=summary, trials=trials, trials_source=source, pareto_csv=pareto_csv,
+                  warnings=warnings)
+    run.file_checks = check_files(run_dir, run.models())
+    for m in run.models():
+        rec = (m.get("files") or {}).get("node_latency")
+        path = _inside(run_dir, str(rec["path"])) if isinstance(rec, dict) and "path" in rec else None
+        if path is not None and path.is_file():
+            try:
+                run.node_latency[m.get("trial")] = _read_json(path)
+            except (OSError, json.JSONDecodeError) as exc:
+                warnings.append(f"{rec['path']} could not be read: {exc}")
+    return run

@@ -1,0 +1,242 @@
+"""The report's plots, drawn with matplotlib's Agg backend into PNG bytes.
+
+PNGs are written without a "Software" tag or timestamps so the same run folder always gives byte-identical images
+(a report rebuilt on another machine with the same matplotlib is the same file).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+
+from hwprune.report.data import RunData  # noqa: E402
+
+DPI = 100
+DENSE = "#222222"
+RECOMMENDED = "#d62728"
+INFEASIBLE = "#9e9e9e"
+BUDGET = "#d62728"
+COLOR_A = "#1f77b4"
+COLOR_B = "#ff7f0e"
+CMAP = "viridis"
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _style(ax: Any) -> None:
+    ax.grid(True, color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def pareto_plot(run: RunData) -> bytes:
+    """Latency vs metric for every completed trial; colour = memory, Pareto models outlined, budgets drawn."""
+    metric = run.metric
+    req = run.request
+    lat_budget, mem_budget = req.get("latency_budget_ms"), req.get("memory_budget_mb")
+    df = run.trials
+    done = df[(df["state"] == "COMPLETE") & df["accuracy"].notna() & df["latency_ms"].notna()] if len(df) else df
+    feasible = done[done["feasible"]] if len(done) else done
+    infeasible = done[~done["feasible"]] if len(done) else done
+
+    mems = [float(v) for v in done["memory_mb"] if _finite(v)] if len(done) else []
+    mems += [float(m["memory_mb"]["total"]) for m in run.models()]
+    if _finite(mem_budget):
+        mems.append(float(mem_budget))
+    norm = Normalize(vmin=min(mems), vmax=max(mems) if max(mems) > min(mems) else min(mems) + 1e-9)
+
+    fig, ax = plt.subplots(figsize=(8.6, 4.8))
+    _style(ax)
+    if len(infeasible):
+        ax.scatter(infeasible["latency_ms"], infeasible["accuracy"], s=28, color=INFEASIBLE, alpha=0.35,
+                   linewidths=0, label="over a budget (infeasible)", zorder=2)
+    sc = None
+    if len(feasible):
+        sc = ax.scatter(feasible["latency_ms"], feasible["accuracy"], s=34, c=feasible["memory_mb"], cmap=CMAP,
+                        norm=norm, alpha=0.75, linewidths=0, label="feasible trial", zorder=3)
+    # the front as the trials measured it (proxy metric, trial latency), so it lines up with the other dots
+    front = done[done["trial"].isin([m["trial"] for m in run.pareto])] if len(done) else done
+    front = front.drop_duplicates("trial").sort_values("latency_ms") if len(front) else front
+    if len(front):
+        ax.plot(front["latency_ms"], front["accuracy"], color="#555555", linewidth=1, linestyle="--", zorder=3,
+                drawstyle="steps-post")
+        sc = ax.scatter(front["latency_ms"], front["accuracy"], s=80, c=front["memory_mb"], cmap=CMAP, norm=norm,
+                        edgecolors="black", linewidths=1.3, label="Pareto front", zorder=4)
+        for _, r in front.iterrows():
+            ax.annotate(f"T{int(r['trial'])}", (r["latency_ms"], r["accuracy"]), textcoords="offset points",
+                        xytext=(6, -11), fontsize=8, color="#333333")
+
+    d = run.dense
+    ax.scatter([d["latency_ms"]["median"]], [d["accuracy"]], marker="X", s=130, color=DENSE, label="dense (unpruned)",
+               zorder=6)
+    ax.annotate("dense", (d["latency_ms"]["median"], d["accuracy"]), textcoords="offset points", xytext=(7, 5),
+                fontsize=9, color=DENSE)
+    rec = run.recommended
+    if rec is not None:
+        x, y = rec["latency_ms"]["median"], rec["accuracy"]
+        ax.scatter([x], [y], marker="*", s=330, color=RECOMMENDED, edgecolors="white", linewidths=0.8,
+                   label=f"recommended (T{rec['trial']}, exported file)", zorder=7)
+        proxy = rec.get("accuracy_proxy")
+        trial_row = front[front["trial"] == rec["trial"]] if len(front) else front
+        if len(trial_row) and _finite(proxy) and abs(float(proxy) - float(y)) > 1e-12:
+            ax.annotate("", xy=(x, y), xytext=(float(trial_row["latency_ms"].iloc[0]), float(proxy)),
+                        arrowprops={"arrowstyle": "->", "color": RECOMMENDED, "lw": 1.2}, zorder=6)
+            ax.annotate("after final fine-tune", (x, y), textcoords="offset points", xytext=(8, 6), fontsize=8,
+                        color=RECOMMENDED)
+    if _finite(lat_budget):
+        ax.axvline(float(lat_budget), color=BUDGET, linestyle=":", linewidth=1.5,
+                   label=f"latency budget {float(lat_budget):.3g} ms")
+    if sc is not None or len(done):
+        cb = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CMAP), ax=ax, pad=0.02)
+        cb.set_label("memory: weights + peak activations (MB)")
+        if _finite(mem_budget):
+            cb.ax.axhline(float(mem_budget), color=BUDGET, linewidth=2)
+            pos = float(norm(float(mem_budget)))
+            if 0.0 <= pos <= 1.0:
+                cb.ax.text(-0.15, pos, "budget ", transform=cb.ax.transAxes, color=BUDGET, fontsize=8, ha="right",
+                           va="center", clip_on=False)
+    ax.set_xlabel("latency, median (ms) - lower is better")
+    ax.set_ylabel(f"{metric} - higher is better")
+    est = " (ESTIMATED latency)" if run.summary.get("measurement", {}).get("estimated") else ""
+    ax.set_title(f"Trade-off of every completed trial{est}", fontsize=11, loc="left")
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    return _png(fig)
+
+
+def widths_plot(run: RunData) -> bytes | None:
+    """Per-layer output channels: original (grey) and kept by the recommended model (coloured)."""
+    rec = run.recommended
+    if rec is None or not rec.get("widths"):
+        return None
+    layers = list(rec["widths"].items())
+    n = len(layers)
+    fig, ax = plt.subplots(figsize=(8.6, min(0.26 * n + 1.2, 30)))
+    ax.grid(True, axis="x", color="#e5e5e5")
+    ax.set_axisbelow(True)
+    ys = list(range(n))
+    orig = [int(w[0]) for _, w in layers]
+    kept = [int(w[1]) for _, w in layers]
+    ax.barh(ys, orig, color="#d9d9d9", height=0.75, label="original (dense)")
+    ax.barh(ys, kept, color=COLOR_A, height=0.45, label=f"kept by trial {rec['trial']} (recommended)")
+    for y, o, k in zip(ys, orig, kept):
+        ax.text(o, y, f" {k}/{o}", va="center", fontsize=7.5, color="#333333")
+    ax.set_yticks(ys, [name for name, _ in layers], fontsize=8 if n < 40 else 6)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(orig) * 1.15)
+    ax.set_xlabel("output channels")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_title("Per-layer widths: original vs recommended", fontsize=11, loc="left")
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def op_type_totals(profile: dict[str, Any]) -> dict[str, float]:
+    """Mean microseconds per inference summed by ONNX op type."""
+    out: dict[str, float] = {}
+    for node in profile.get("nodes", []):
+        op = str(node.get("op_type") or "?")
+        out[op] = out.get(op, 0.0) + float(node.get("mean_us") or 0.0)
+    return out
+
+
+def node_latency_plot(run: RunData) -> bytes | None:
+    """Per-op-type time, dense vs recommended, from the per-node profiles."""
+    rec = run.recommended
+    dense_prof = run.node_latency.get(None)
+    rec_prof = run.node_latency.get(rec["trial"]) if rec is not None else None
+    if dense_prof is None and rec_prof is None:
+        return None
+    series = [("dense", dense_prof, DENSE)]
+    if rec_prof is not None:
+        series.append((f"trial {rec['trial']} (recommended)", rec_prof, COLOR_A))
+    totals = [(label, op_type_totals(p) if p else {}, color) for label, p, color in series]
+    ops = sorted({op for _, t, _ in totals for op in t}, key=lambda op: -max(t.get(op, 0.0) for _, t, _ in totals))
+    n = len(ops)
+    fig, ax = plt.subplots(figsize=(8.6, min(0.42 * n + 1.3, 14)))
+    ax.grid(True, axis="x", color="#e5e5e5")
+    ax.set_axisbelow(True)
+    h = 0.8 / len(totals)
+    for i, (label, t, color) in enumerate(totals):
+        ys = [j - 0.4 + h * (i + 0.5) for j in range(n)]
+        vals = [t.get(op, 0.0) for op in ops]
+        ax.barh(ys, vals, height=h * 0.92, color=color, label=label)
+        for y, v in zip(ys, vals):
+            ax.text(v, y, f" {v:.1f}", va="center", fontsize=7)
+    ax.set_yticks(range(n), ops, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean time per inference (µs), summed over the nodes of each op type")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_title("Where the time goes: per-op-type latency, dense vs recommended", fontsize=11, loc="left")
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def hypervolume_plot(history: Sequence[Sequence[float]]) -> bytes | None:
+    """Hypervolume of the feasible front after each completed trial."""
+    if not history:
+        return None
+    xs = [int(p[0]) for p in history]
+    ys = [float(p[1]) for p in history]
+    fig, ax = plt.subplots(figsize=(8.6, 2.8))
+    _style(ax)
+    ax.step(xs, ys, where="post", color=COLOR_A, linewidth=1.8)
+    ax.scatter(xs, ys, s=12, color=COLOR_A, zorder=3)
+    ax.set_xlabel("trial number")
+    ax.set_ylabel("hypervolume")
+    ax.set_title("Search progress: hypervolume of the feasible front (higher is better)", fontsize=11, loc="left")
+    if len(xs) < 15:
+        ax.set_xticks(xs)
+    return _png(fig)
+
+
+def compare_fronts_plot(a: RunData, b: RunData, label_a: str, label_b: str) -> bytes:
+    """Both runs' Pareto fronts and recommended models on one latency vs metric plot."""
+    fig, ax = plt.subplots(figsize=(8.6, 4.6))
+    _style(ax)
+    for run, label, color, marker in ((a, label_a, COLOR_A, "o"), (b, label_b, COLOR_B, "s")):
+        front = sorted(run.pareto, key=lambda m: m["latency_ms"]["median"])
+        if front:
+            xs = [m["latency_ms"]["median"] for m in front]
+            ys = [m["accuracy"] for m in front]
+            ax.plot(xs, ys, color=color, linewidth=1.2, linestyle="--", drawstyle="steps-post")
+            ax.scatter(xs, ys, s=60, color=color, marker=marker, edgecolors="black", linewidths=0.8,
+                       label=f"{label}: Pareto front", zorder=4)
+        d = run.dense
+        ax.scatter([d["latency_ms"]["median"]], [d["accuracy"]], marker="X", s=110, color=color,
+                   edgecolors="black", linewidths=0.8, label=f"{label}: dense", zorder=5)
+        rec = run.recommended
+        if rec is not None:
+            ax.scatter([rec["latency_ms"]["median"]], [rec["accuracy"]], marker="*", s=300, color=color,
+                       edgecolors="black", linewidths=0.8, label=f"{label}: recommended (T{rec['trial']})", zorder=6)
+        budget = run.request.get("latency_budget_ms")
+        if _finite(budget):
+            ax.axvline(float(budget), color=color, linestyle=":", linewidth=1.3,
+                       label=f"{label}: latency budget {float(budget):.3g} ms")
+    ax.set_xlabel("latency, median (ms) - lower is better")
+    ax.set_ylabel(f"{a.metric} - higher is better")
+    ax.set_title("Pareto fronts of both runs", fontsize=11, loc="left")
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    return _png(fig)

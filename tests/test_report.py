@@ -1,0 +1,462 @@
+"""Deployment reports built from a small real search: numbers, checksums, the ONNX snippet, rebuilds, comparisons.
+
+One real search (a tiny conv net, a few trials) is shared by every test in this file and by test_report_browser.py
+(see :func:`real_run`). Tests that change a run folder work on a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html.parser
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from hwprune.report import build_comparison, build_report, compare_runs
+from hwprune.report.render import (
+    fmt_bytes, fmt_count, fmt_int, fmt_mb, fmt_metric, fmt_ms, fmt_x, latency_cell, metric_cell, model_cell, sig,
+)
+from hwprune.report.data import load_run
+# the function behind hwprune.search (the package attribute turns into the hwprune.search subpackage once that
+# is imported, so ``hwprune.search(...)`` works only for the first call in a process)
+from hwprune.search.run import search as hwprune_search
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the real search
+
+
+def tiny_factory() -> dict[str, Any]:
+    """A 3-conv net trained for a few steps on generated shapes, with training data so the final fine-tune runs."""
+    from hwprune.subjects.shapes import make_shapes
+    from hwprune.train import accuracy, finetune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 48, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(48), nn.ReLU(),
+        nn.Conv2d(48, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    )
+    xt, yt = make_shapes(256, seed=3)
+    batches = [(xt[i:i + 64], yt[i:i + 64]) for i in range(0, 256, 64)]
+    finetune(model, batches, 12, lr=0.05)
+    xv, yv = make_shapes(256, seed=7)
+    return {"model": model.eval(), "example_inputs": (xv[:1].clone(),),
+            "evaluate": lambda m: accuracy(m, [(xv, yv)]), "train_data": batches, "calibration_data": batches,
+            "loss_fn": nn.functional.cross_entropy}
+
+
+_RUNS: dict[str, Path] = {}
+
+
+def real_run(tmp_path_factory: pytest.TempPathFactory, key: str = "a") -> Path:
+    """The run folder of a small real search, made once per test session (shared with the browser test)."""
+    if key not in _RUNS:
+        out = tmp_path_factory.mktemp(f"search-{key}")
+        budget, seed = ("0.9x", 0) if key == "a" else ("0.7x", 1)
+        result = hwprune_search(model=tiny_factory, device="host-cpu", latency_budget_ms=budget, trials=5, out=out,
+                                seed=seed, final_finetune_steps=2, channel_multiple=8, progress=False,
+                                study=f"tiny-{key}")
+        _RUNS[key] = result.run_dir
+    return _RUNS[key]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return real_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def summary(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def md(run_dir: Path) -> str:
+    return (run_dir / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def html_text(run_dir: Path) -> str:
+    return (run_dir / "report.html").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading the rendered tables back
+
+
+def _unmark(cell: str) -> str:
+    """A Markdown cell as the HTML shows it: no ** or backticks, escapes resolved."""
+    cell = cell.replace("**", "").replace("`", "")
+    return re.sub(r"\\(.)", r"\1", cell).strip()
+
+
+def md_tables(text: str) -> list[list[list[str]]]:
+    """Every pipe table of a Markdown text as rows of cells (header row first, separator dropped)."""
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not all(re.fullmatch(r":?-+:?", c) for c in cells):
+                current.append([c.replace("\\|", "|") for c in cells])
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+class _HtmlTables(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+        self._in_caption = False
+
+    def handle_starttag(self, tag: str, attrs: Any) -> None:
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "caption":
+            self._in_caption = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "caption":
+            self._in_caption = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None and not self._in_caption:
+            self._cell.append(data)
+
+
+def html_tables(text: str) -> list[list[list[str]]]:
+    p = _HtmlTables()
+    p.feed(text)
+    return p.tables
+
+
+def find_table(tables: list[list[list[str]]], *headers: str) -> list[dict[str, str]]:
+    """The first table whose header row starts with ``headers``, as dicts keyed by header."""
+    for t in tables:
+        if t and t[0][:len(headers)] == list(headers):
+            return [dict(zip(t[0], row)) for row in t[1:]]
+    raise AssertionError(f"no table with headers {headers}")
+
+
+def row_of(rows: list[dict[str, str]], label: str) -> dict[str, str]:
+    match = [r for r in rows if _unmark(r["Model"]) == _unmark(label)]
+    assert len(match) == 1, f"{label}: {[r['Model'] for r in rows]}"
+    return match[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tests
+
+
+def test_search_wrote_the_report(run_dir: Path, summary: dict[str, Any], html_text: str) -> None:
+    assert summary["recommended"] is not None, "the tiny search should find a feasible model"
+    for name in ("report.html", "report.md", "report_files/pareto.png", "report_files/widths.png",
+                 "report_files/hypervolume.png", "report_files/node_latency.png"):
+        assert (run_dir / name).is_file(), name
+    # self-contained: no script, every image inline, no reference to anything outside the page
+    assert "<script" not in html_text.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", html_text), "external reference in the HTML"
+    assert not re.search(r"url\(", html_text), "CSS must not load anything"
+    assert html_text.count('src="data:image/png;base64,') == 4
+    md_text = (run_dir / "report.md").read_text()
+    for png in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md_text):
+        assert not Path(png).is_absolute() and (run_dir / png).is_file(), png
+
+
+def test_html_and_markdown_show_the_same_tables(md: str, html_text: str) -> None:
+    mt, ht = md_tables(md), html_tables(html_text)
+    assert len(mt) == len(ht) and len(mt) >= 8
+    for m, h in zip(mt, ht):
+        assert [[_unmark(c) for c in row] for row in m] == h
+
+
+def test_answer_numbers_equal_summary_and_pareto_csv(run_dir: Path, summary: dict[str, Any], md: str) -> None:
+    run = load_run(run_dir)
+    tables = md_tables(md)
+    speed = find_table(tables, "Model", "accuracy", "accuracy (search proxy)", "Latency median")
+    size = find_table(tables, "Model", "Memory", "Weights", "Peak activations")
+    records = [summary["dense"]] + summary["pareto"]
+    assert len(speed) == len(size) == len(records)
+    for r in records:
+        s, z = row_of(speed, model_cell(r)), row_of(size, model_cell(r))
+        assert s["accuracy"] == metric_cell(run, r)
+        assert s["accuracy"].startswith(fmt_metric(r["accuracy"]) + " (")
+        assert s["accuracy (search proxy)"] == fmt_metric(r["accuracy_proxy"])
+        assert s["Latency median"] == latency_cell(r) == fmt_ms(r["latency_ms"]["median"])  # measured, not noisy
+        assert s["Latency p90"] == fmt_ms(r["latency_ms"]["p90"])
+        assert s["Spread (std, min)"] == f"± {sig(r['latency_ms']['std'])} ms (min {sig(r['latency_ms']['min'])})"
+        assert s["Speedup"] == fmt_x(r["speedup"])
+        assert z["Memory"] == fmt_mb(r["memory_mb"]["total"])
+        assert z["Weights"] == fmt_mb(r["memory_mb"]["weights"])
+        assert z["Peak activations"] == fmt_mb(r["memory_mb"]["peak_activations"])
+        assert z["Parameters"] == fmt_int(r["params"])
+        assert z["Size ratio"] == fmt_x(r["size_ratio"])
+        assert z["MACs"] == fmt_count(r["macs"])
+        assert z["ONNX file"] == fmt_bytes(r["file_bytes"])
+        assert s["Meets latency budget"] == ("yes" if r["meets"]["latency"] else "**NO**")
+        assert z["Meets memory budget"] == "no budget"
+    # the recommended model is labelled, fine-tuned, and its final accuracy is not called a proxy
+    rec = next(r for r in summary["pareto"] if r["recommended"])
+    assert row_of(speed, model_cell(rec))["accuracy"].endswith("(after final fine-tune, 2 steps)")
+    # pareto.csv holds the same numbers as summary.json, so the report equals both
+    csv = pd.read_csv(run_dir / "pareto.csv")
+    assert sorted(csv["trial"]) == sorted(r["trial"] for r in summary["pareto"])
+    for _, c in csv.iterrows():
+        s, z = row_of(speed, model_cell({"trial": int(c["trial"]), "recommended": bool(c["recommended"])})), \
+            row_of(size, model_cell({"trial": int(c["trial"]), "recommended": bool(c["recommended"])}))
+        assert s["accuracy (search proxy)"] == fmt_metric(c["accuracy_proxy"])
+        assert s["Latency median"] == fmt_ms(c["latency_ms_median"])
+        assert s["Latency p90"] == fmt_ms(c["latency_ms_p90"])
+        assert s["Speedup"] == fmt_x(c["speedup"])
+        assert z["Memory"] == fmt_mb(c["memory_mb_total"])
+        assert z["Parameters"] == fmt_int(c["params"])
+        assert z["MACs"] == fmt_count(c["macs"])
+
+
+def test_request_and_health_numbers(run_dir: Path, summary: dict[str, Any], md: str) -> None:
+    req, srch = summary["request"], summary["search"]
+    settings = {r["Setting"]: r["Value"] for r in find_table(md_tables(md), "Setting", "Value")}
+    assert settings["Latency budget"].startswith(f"{sig(req['latency_budget_ms'])} ms (typed `0.9x`")
+    assert settings["Memory budget"] == "none"
+    assert settings["Trials"] == "5" and settings["Seed"] == "0"
+    assert settings["Model"] == "`tiny_factory`" and settings["Device profile"].startswith("`host-cpu`")
+    assert _unmark(settings["Hardware (from the profile)"]).startswith(req["profile"]["hardware"]["cpu"] + ";")
+    versions = {r["Package"]: r["Version"] for r in find_table(md_tables(md), "Package", "Version")}
+    assert versions["torch"] == req["versions"]["torch"] and versions["onnxruntime"] == req["versions"]["onnxruntime"]
+    assert f"```bash\n{req['command']}\n```" in md
+    counts = {r["Trials"]: r["Count"] for r in find_table(md_tables(md), "Trials", "Count")}
+    assert counts["Completed trials"] == str(srch["trials_complete"])
+    assert counts["Failed trials"] == str(srch["trials_failed"])
+    assert counts["of which reused an earlier measurement (cached)"] == str(srch["trials_cached"])
+    stages = {_unmark(r["Stage"]): r["Seconds"] for r in find_table(md_tables(md), "Stage", "Seconds")}
+    assert set(stages) == set(srch["stage_seconds"]) and "final_finetune" in stages
+    # the measurement conditions, and "latency is the median of N runs after M warm-ups"
+    m = summary["measurement"]
+    assert f"Latency is the median of {m['repeats']} timed runs after {m['warmup']} untimed warm-up runs" in md
+    cond = {r["Condition"]: r["Value"] for r in find_table(md_tables(md), "Condition", "Value")}
+    assert cond["Warm-up runs / timed runs"] == f"{m['warmup']} / {m['repeats']}"
+    assert cond["Threads"] == str(m["threads"]) and cond["Latency source"] == "measured on the device"
+    trials = find_table(md_tables(md), "Trial", "State")
+    csv = pd.read_csv(run_dir / "trials.csv")
+    assert [int(t["Trial"]) for t in trials] == list(csv["trial"])
+    for t, (_, c) in zip(trials, csv.iterrows()):
+        if c["state"] == "COMPLETE":
+            assert (t["accuracy (proxy)"], t["Latency"], t["Memory"]) == \
+                (fmt_metric(c["accuracy"]), fmt_ms(c["latency_ms"]), fmt_mb(c["memory_mb"]))
+
+
+def test_checksums_shown_match_the_files(run_dir: Path, summary: dict[str, Any], md: str) -> None:
+    rows = find_table(md_tables(md), "Model", "File", "Path", "Size", "SHA-256", "Check")
+    shown = {_unmark(r["Path"]): (_unmark(r["SHA-256"]), r["Check"]) for r in rows}
+    expected = 0
+    for r in [summary["dense"]] + summary["pareto"]:
+        for rec in r["files"].values():
+            expected += 1
+            digest = hashlib.sha256((run_dir / rec["path"]).read_bytes()).hexdigest()
+            assert shown[rec["path"]] == (digest, "ok")
+            assert digest == rec["sha256"]
+    assert len(rows) == expected
+    assert f"All {expected} files match their recorded SHA-256." in md
+
+
+def test_tampered_and_missing_artifacts_are_flagged(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    rec = next(r for r in summary["pareto"] if r["recommended"])
+    onnx = copy / rec["files"]["onnx"]["path"]
+    onnx.write_bytes(onnx.read_bytes() + b"\0")
+    (copy / rec["files"]["weights"]["path"]).unlink()
+    build_report(copy)
+    md = (copy / "report.md").read_text()
+    html_text = (copy / "report.html").read_text()
+    assert "> **Warning:** 2 artifact file(s) do not match" in md  # at the top, in the summary
+    assert "2 of " in md and "files do NOT match" in md
+    rows = {_unmark(r["Path"]): r["Check"] for r in find_table(md_tables(md), "Model", "File", "Path")}
+    assert rows[rec["files"]["onnx"]["path"]] == "**MISMATCH**"
+    assert rows[rec["files"]["weights"]["path"]] == "**MISSING**"
+    assert "MISMATCH" in html_text and 'class="callout warning"' in html_text
+
+
+def test_onnx_snippet_runs_and_matches_the_model(run_dir: Path, summary: dict[str, Any], md: str,
+                                                 tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    snippets = re.findall(r"```python\n(.*?)```", md, flags=re.S)
+    assert len(snippets) == 1
+    snippet = snippets[0]
+    out = tmp_path / "out.npy"
+    # the snippet as a user would paste it, plus one line that hands its output to the test
+    script = snippet + f"\nnp.save({str(out)!r}, outputs[0])\n"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=run_dir, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rec = next(r for r in summary["pareto"] if r["recommended"])
+    sess = ort.InferenceSession(str(run_dir / rec["files"]["onnx"]["path"]), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal(tuple(rec["input"]["shape"])).astype(rec["input"]["dtype"])
+    expected = sess.run(None, {name: x})[0]
+    assert proc.stdout.strip() == f"{name} {x.shape} {[expected.shape]}"
+    got = np.load(out)
+    np.testing.assert_array_equal(got, expected)
+    # and the same outputs as the pruned PyTorch model the search saved next to it
+    module = torch.load(run_dir / rec["files"]["module"]["path"], weights_only=False).eval()
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_rebuild_from_a_copied_folder_is_identical(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "elsewhere" / "moved-run"
+    shutil.copytree(run_dir, copy)
+    (copy / "study.db").unlink()  # the storage is not needed when trials.csv is there
+    for p in (copy / "report.html", copy / "report.md"):
+        p.unlink()
+    shutil.rmtree(copy / "report_files")
+    paths = build_report(copy)
+    assert [p.name for p in paths[:2]] == ["report.html", "report.md"]
+    for name in ("report.html", "report.md", "report_files/pareto.png", "report_files/widths.png",
+                 "report_files/node_latency.png", "report_files/hypervolume.png"):
+        assert (copy / name).read_bytes() == (run_dir / name).read_bytes(), name
+    assert not (copy / "study.db").exists(), "building a report must never create a storage"
+
+
+def test_report_falls_back_to_the_storage_then_to_the_summary(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "trials.csv").unlink()
+    build_report(copy)
+    md = (copy / "report.md").read_text()
+    assert "Every trial, from study storage" in md
+    original = find_table(md_tables((run_dir / "report.md").read_text()), "Trial", "State")
+    assert find_table(md_tables(md), "Trial", "State") == original
+    # storage unreachable too: the report still builds from summary.json and says what is missing
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["request"]["storage"] = f"sqlite:///{tmp_path / 'gone' / 'study.db'}"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    (copy / "study.db").unlink()
+    build_report(copy)
+    md = (copy / "report.md").read_text()
+    assert "trials.csv is missing and the study storage cannot be opened" in md
+    assert not (tmp_path / "gone").exists()
+
+
+def test_estimated_untuned_and_noisy_are_labelled_in_the_tables(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    rec = next(r for r in summary["pareto"] if r["recommended"])
+    rec.update(estimated=True, tuned=False)
+    rec["latency_ms"]["noisy"] = True
+    summary["measurement"].update(estimated=True, tuned=False)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    build_report(copy)
+    md = (copy / "report.md").read_text()
+    speed = find_table(md_tables(md), "Model", "accuracy", "accuracy (search proxy)", "Latency median")
+    row = row_of(speed, model_cell(rec))
+    flags = " (estimated, untuned, noisy)"
+    assert row["Latency median"] == fmt_ms(rec["latency_ms"]["median"]) + flags
+    assert row["Latency p90"] == fmt_ms(rec["latency_ms"]["p90"]) + flags
+    assert row["Speedup"] == fmt_x(rec["speedup"]) + flags
+    cond = {r["Condition"]: r["Value"] for r in find_table(md_tables(md), "Condition", "Value")}
+    assert cond["Latency source"].startswith("**estimated**") and cond["TVM kernels"] == "**untuned**"
+    per_model = row_of(find_table(md_tables(md), "Model", "Backend", "Source"), model_cell(rec))
+    assert per_model["Source"] == "estimated" and per_model["Noisy"] == "**yes**"
+    assert "**estimated**" in md and "**untuned**" in md and "Noisy latency measurements" in md
+
+
+def test_compare_same_run_has_no_regressions(run_dir: Path, tmp_path: Path) -> None:
+    result = compare_runs(run_dir, run_dir)
+    assert result["regressions"] == []
+    assert result["recommended"]["latency_ms_median"]["delta"] == 0
+    assert result["differences"] == []
+    paths = build_comparison(run_dir, run_dir, tmp_path / "cmp")
+    assert {p.name for p in paths} >= {"compare.html", "compare.md", "compare.json", "fronts.png"}
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "**OK:** No regressions" in md
+
+
+def test_compare_flags_regressions(run_dir: Path, tmp_path: Path) -> None:
+    worse = tmp_path / "worse"
+    shutil.copytree(run_dir, worse)
+    summary = json.loads((worse / "summary.json").read_text())
+    rec = next(r for r in summary["pareto"] if r["recommended"])
+    a_lat, a_acc = rec["latency_ms"]["median"], rec["accuracy"]
+    spread = rec["latency_ms"]["std"]
+    rec["latency_ms"]["median"] = a_lat + 3 * spread + 0.01
+    rec["accuracy"] = a_acc - 0.05
+    rec["meets"]["latency"] = False
+    a_ort = summary["request"]["versions"]["onnxruntime"]
+    summary["request"]["versions"]["onnxruntime"] = "0.0.1"
+    (worse / "summary.json").write_text(json.dumps(summary))
+    result = compare_runs(run_dir, worse)
+    kinds = {r["kind"] for r in result["regressions"]}
+    assert kinds == {"latency", "accuracy", "budget_latency"}
+    d = result["recommended"]
+    assert d["latency_ms_median"]["delta"] == pytest.approx(3 * spread + 0.01)
+    assert d["accuracy"]["delta"] == pytest.approx(-0.05)
+    assert d["accuracy"]["delta_pct"] == pytest.approx(-0.05 / a_acc * 100)
+    assert {"field": "versions.onnxruntime", "a": a_ort, "b": "0.0.1"} in result["differences"]
+    # a latency rise within the measurement spread is not a regression
+    rec["latency_ms"]["median"] = a_lat + 0.5 * spread
+    rec["accuracy"], rec["meets"]["latency"] = a_acc, True
+    (worse / "summary.json").write_text(json.dumps(summary))
+    assert compare_runs(run_dir, worse)["regressions"] == []
+
+
+def test_compare_two_real_runs_and_cli(run_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+                                       tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hwprune.cli import app
+
+    other = real_run(tmp_path_factory, "b")
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(other)])
+    assert res.exit_code == 0, res.output
+    assert "report.html" in res.output
+    res = runner.invoke(app, ["report", str(run_dir), "--compare", str(other), "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert data == json.loads(json.dumps(compare_runs(run_dir, other), default=str))
+    fields = {d["field"] for d in data["differences"]}
+    assert {"request.latency_budget", "request.latency_budget_ms", "request.seed"} <= fields
+    md = (tmp_path / "compare.md").read_text()
+    assert "![Both Pareto fronts](compare_files/fronts.png)" in md and (tmp_path / "compare_files/fronts.png").is_file()
+    assert "the runs had different budgets" in md
+    rows = find_table(md_tables(md), "Number", "A", "B")
+    lat = next(r for r in rows if r["Number"] == "latency median")
+    d = data["recommended"]["latency_ms_median"]
+    assert lat["A"] == fmt_ms(d["a"]) and lat["B"] == fmt_ms(d["b"])
+    html_text = (tmp_path / "compare.html").read_text()
+    assert "<script" not in html_text and html_text.count("data:image/png;base64,") == 1
+
+
+@pytest.mark.parametrize("value,expected", [(0.034827, "0.0348"), (1.2134, "1.21"), (12.34, "12.3"), (1234.5, "1234"),
+                                            (9.996, "10.0"), (0.0999999, "0.100"), (0, "0"), (-0.5, "-0.500"),
+                                            (None, "—"), (float("nan"), "—")])
+def test_sig(value: Any, expected: str) -> None:
+    assert sig(value) == expected

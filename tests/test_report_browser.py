@@ -1,0 +1,181 @@
+"""The HTML report in a real headless Chromium: it renders, logs no errors, makes no requests, shows its plots.
+
+Chromium is driven over the DevTools protocol through ``--remote-debugging-pipe`` (JSON messages on file
+descriptors 3 and 4), so no websocket package or network port is needed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from test_report import real_run
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="Chromium is not installed (Debian package `chromium`)")
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
+         "--remote-debugging-pipe"]
+
+
+class Browser:
+    """A headless Chromium and a minimal DevTools-protocol client over its debugging pipe."""
+
+    def __init__(self, user_data_dir: Path) -> None:
+        to_chrome_r, self._to_chrome_w = os.pipe()
+        self._from_chrome_r, from_chrome_w = os.pipe()
+        # Chromium reads commands on fd 3 and writes replies and events on fd 4
+        cmd = " ".join([CHROMIUM, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"])
+        self.proc = subprocess.Popen(["/bin/sh", "-c", f"exec {cmd} 3<&{to_chrome_r} 4>&{from_chrome_w}"],
+                                     pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._next_id = 0
+        self._messages: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.events: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        buf = b""
+        with os.fdopen(self._from_chrome_r, "rb", buffering=0) as f:
+            while True:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    return
+                buf += chunk
+                while b"\0" in buf:
+                    msg, buf = buf.split(b"\0", 1)
+                    self._messages.put(json.loads(msg))
+
+    def _pump(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            msg = self._messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if "id" not in msg:
+            self.events.append(msg)
+        return msg
+
+    def send(self, method: str, params: dict[str, Any] | None = None, session: str | None = None,
+             timeout: float = 30.0) -> dict[str, Any]:
+        self._next_id += 1
+        msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._to_chrome_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reply = self._pump(deadline - time.monotonic())
+            if reply is not None and reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+        raise TimeoutError(f"{method}: no reply in {timeout} s")
+
+    def wait_for(self, method: str, timeout: float = 30.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = len(self.events)
+        while time.monotonic() < deadline:
+            for e in self.events[seen:]:
+                if e.get("method") == method:
+                    return e
+            seen = len(self.events)
+            self._pump(0.1)
+        raise TimeoutError(f"no {method} in {timeout} s")
+
+    def drain(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._pump(0.05)
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=5)
+        except Exception:  # noqa: BLE001 - the process is killed below anyway
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self._to_chrome_w)
+
+
+def open_page(html_path: Path, user_data_dir: Path, width: int = 1280, height: int = 2400) -> dict[str, Any]:
+    """Load ``html_path``; return its requests, console/log errors, image states and a viewport screenshot."""
+    browser = Browser(user_data_dir)
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Network", "Runtime", "Log"):
+            browser.send(f"{domain}.enable", session=session)
+        browser.send("Emulation.setDeviceMetricsOverride",
+                     {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        url = html_path.resolve().as_uri()
+        browser.send("Page.navigate", {"url": url}, session=session)
+        browser.wait_for("Page.loadEventFired")
+        browser.drain(0.5)  # late console messages and requests
+        images = browser.send("Runtime.evaluate", {
+            "expression": "JSON.stringify(Array.from(document.images).map(i => [i.complete, i.naturalWidth, "
+                          "i.getBoundingClientRect().width]))", "returnByValue": True}, session=session)
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)
+        events = [e for e in browser.events if e.get("sessionId") == session]
+    finally:
+        browser.close()
+    requests = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
+    errors = [e["params"] for e in events
+              if (e["method"] == "Runtime.consoleAPICalled" and e["params"].get("type") in ("error", "assert"))
+              or e["method"] == "Runtime.exceptionThrown"
+              or (e["method"] == "Log.entryAdded" and e["params"]["entry"].get("level") == "error")]
+    return {"url": url, "requests": requests, "errors": errors,
+            "images": json.loads(images["result"]["value"]), "png": base64.b64decode(shot["data"])}
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    run_dir = real_run(tmp_path_factory)
+    return open_page(run_dir / "report.html", tmp_path_factory.mktemp("chromium-profile"))
+
+
+def test_renders_without_console_errors(page: dict[str, Any]) -> None:
+    assert page["errors"] == []
+
+
+def test_makes_no_request_but_the_page_itself(page: dict[str, Any]) -> None:
+    # data: URIs are decoded in the renderer and may or may not show up as requests; nothing else may
+    others = [u for u in page["requests"] if u != page["url"] and not u.startswith("data:")]
+    assert others == []
+    assert page["url"] in page["requests"]
+
+
+def test_plots_are_visible(page: dict[str, Any]) -> None:
+    from PIL import Image
+
+    assert len(page["images"]) == 4
+    for complete, natural_width, shown_width in page["images"]:
+        assert complete and natural_width > 300 and shown_width > 300
+    img = Image.open(io.BytesIO(page["png"])).convert("RGB")
+    assert img.size == (1280, 2400)
+    colors = img.getcolors(maxcolors=1 << 20)
+    assert colors is not None and len(colors) > 500, "the screenshot looks blank"
+    # the page is not one flat colour from top to bottom: every 600-px band has content
+    for top in range(0, 2400, 600):
+        band = img.crop((0, top, 1280, top + 600)).getcolors(maxcolors=1 << 20)
+        assert band is not None and len(band) > 50, f"band at {top}px is blank"
+

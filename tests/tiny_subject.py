@@ -1,0 +1,70 @@
+"""Tiny model factories used by the search tests (importable as ``tiny_subject:factory`` from tests/)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hwprune import Subject
+from hwprune.subjects.shapes import make_shapes
+from hwprune.train import accuracy, finetune
+
+
+class TinyNet(nn.Module):
+    """Residual + depthwise + concat in a few thousand parameters: enough structure to exercise the search."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(32, 32, 1, bias=False), nn.BatchNorm2d(32))
+        self.branch_a = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.branch_b = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.pw(self.dw(x)))
+        return self.head(torch.cat([self.branch_a(x), self.branch_b(x)], dim=1))
+
+
+_DATA: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    if "val" not in _DATA:
+        _DATA["val"] = make_shapes(256, seed=7)
+    return _DATA["val"]
+
+
+def tiny_cnn():
+    """Minimal contract: (model, example_inputs, evaluate)."""
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    x, y = _data()
+
+    def evaluate(m: nn.Module) -> float:
+        return accuracy(m, [(x, y)])
+
+    return model, torch.zeros(1, 3, 32, 32), evaluate
+
+
+def tiny_cnn_trained() -> Subject:
+    """Richer contract: a Subject with calibration and training data (a few steps of real training)."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    xt, yt = make_shapes(512, seed=3)
+    batches = [(xt[i:i + 64], yt[i:i + 64]) for i in range(0, 512, 64)]
+    finetune(model, batches, 30, lr=0.05)
+    x, y = _data()
+    return Subject(model=model.eval(), example_inputs=(torch.zeros(1, 3, 32, 32),),
+                   evaluate=lambda m: accuracy(m, [(x, y)]), calibration_data=batches, train_data=batches,
+                   name="tiny-cnn-trained")
+
+
+def not_a_subject():
+    return 42
+
+
+def broken_factory():
+    raise RuntimeError("dataset missing")
