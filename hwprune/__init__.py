@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 # The public API, imported lazily so `hwprune --help` does not pay for torch and optuna.
 _EXPORTS = {
-    "search": "hwprune.search.run",
-    "SearchResult": "hwprune.search.run",
-    "ParetoModel": "hwprune.search.run",
+    "search": "hwprune.study.run",
+    "SearchResult": "hwprune.study.run",
+    "ParetoModel": "hwprune.study.run",
     "SearchConfig": "hwprune.config",
     "Subject": "hwprune.subjects.base",
     "load_profile": "hwprune.profiles",
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hwprune.measure.base import Measurement
     from hwprune.profiles import DeviceProfile, available_profiles, load_profile
     from hwprune.pruning import PrunedModel, PruningSpace
-    from hwprune.search.run import ParetoModel, SearchResult, search
+    from hwprune.study.run import ParetoModel, SearchResult, search
     from hwprune.subjects.base import Subject
 
 

@@ -92,7 +92,7 @@ def search(
 ) -> None:
     """Search per-layer pruning ratios under latency/memory budgets; re-running the same command resumes."""
     from hwprune.config import SearchConfig
-    from hwprune.search.run import Search
+    from hwprune.study.run import Search
 
     overrides = _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port, tuning_trials)
     profile = _profile(device, overrides)
@@ -293,7 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     try:
-        app(args=argv, standalone_mode=False)
+        # outside standalone mode typer returns exit codes (130 for Ctrl-C, N for typer.Exit(N)) instead of exiting
+        rc = app(args=argv, standalone_mode=False)
+        if rc == EXIT_INTERRUPTED:
+            raise KeyboardInterrupt
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except BudgetUnreachable as exc:
         err.print(f"[bold red]hwprune: no model met the budgets:[/] {exc}", highlight=False)
         sys.exit(EXIT_BUDGET)

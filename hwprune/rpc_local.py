@@ -88,7 +88,8 @@ class LocalRpc:
 
     ``start()`` returns once every server is listed in the tracker's queue status; ``stop()`` (or leaving the
     ``with`` block) terminates them. ``kill_servers()`` / ``kill_tracker()`` simulate a board or tracker vanishing.
-    Logs go to ``log_dir`` (a temporary directory by default).
+    Logs go to ``log_dir`` (a temporary directory by default). ``python`` is the interpreter of the servers (e.g. an
+    AArch64 python under qemu-aarch64, to emulate a Raspberry Pi); the tracker always runs on this interpreter.
     """
 
     def __init__(self, key: str = "local", servers: int = 1, *, python: str | None = None,
@@ -110,11 +111,11 @@ class LocalRpc:
         """``"127.0.0.1:PORT"``, the value for ``rpc.tracker`` / ``--tracker``."""
         return f"{self.host}:{self.port}"
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log_name: str, python: str | None = None) -> subprocess.Popen[bytes]:
         log = open(self.log_dir / log_name, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         try:
             # A new session: stop() can signal the whole group (the server forks a child per RPC session).
-            return subprocess.Popen([self.python, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
+            return subprocess.Popen([python or sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, env=_python_env(), start_new_session=True)
         finally:
             log.close()
@@ -144,7 +145,7 @@ class LocalRpc:
         port = free_port(self.host)
         proc = self._spawn(["tvm.exec.rpc_server", "--tracker", self.tracker, "--key", self.key,
                             "--host", self.host, "--port", str(port), "--port-end", str(port + 1)],
-                           f"server-{idx}.log")
+                           f"server-{idx}.log", python=self.python)
         self.server_procs.append(proc)
         self.wait_for_servers(before + 1)
         return proc

@@ -7,10 +7,12 @@ descriptors 3 and 4), so no websocket package or network port is needed.
 from __future__ import annotations
 
 import base64
+import fcntl
 import io
 import json
 import os
 import queue
+import shlex
 import shutil
 import subprocess
 import threading
@@ -23,6 +25,7 @@ import pytest
 from test_report import real_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+BASH = shutil.which("bash") or "/bin/bash"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason="Chromium is not installed (Debian package `chromium`)")
 
@@ -38,13 +41,19 @@ class Browser:
     def __init__(self, user_data_dir: Path) -> None:
         to_chrome_r, self._to_chrome_w = os.pipe()
         self._from_chrome_r, from_chrome_w = os.pipe()
-        # Chromium reads commands on fd 3 and writes replies and events on fd 4
-        cmd = " ".join([CHROMIUM, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"])
-        self.proc = subprocess.Popen(["/bin/sh", "-c", f"exec {cmd} 3<&{to_chrome_r} 4>&{from_chrome_w}"],
-                                     pass_fds=(to_chrome_r, from_chrome_w), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        # Chromium reads commands on fd 3 and writes replies and events on fd 4. The child ends are moved above 9
+        # first, so redirecting onto 3 and 4 cannot clobber one of them; bash (not dash) takes multi-digit fds.
+        child_r, child_w = (fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_chrome_r, from_chrome_w))
         os.close(to_chrome_r)
         os.close(from_chrome_w)
+        cmd = " ".join(shlex.quote(a) for a in [CHROMIUM, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"])
+        # its log goes to a file: an undrained stderr pipe fills up and stalls the browser
+        self.log_path = user_data_dir / "chromium.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([BASH, "-c", f"exec {cmd} 3<&{child_r} 4>&{child_w} {child_r}<&- {child_w}>&-"],
+                                         pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        os.close(child_r)
+        os.close(child_w)
         self._next_id = 0
         self._messages: queue.Queue[dict[str, Any]] = queue.Queue()
         self.events: list[dict[str, Any]] = []

@@ -15,12 +15,13 @@ class TinyNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, 1, 1, groups=32, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.pw = nn.Sequential(nn.Conv2d(32, 32, 1, bias=False), nn.BatchNorm2d(32))
-        self.branch_a = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.branch_b = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+        # wide enough that pruning half the channels measurably cuts latency (ORT's per-op overhead is ~µs)
+        self.stem = nn.Sequential(nn.Conv2d(3, 48, 3, 1, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(48, 48, 1, bias=False), nn.BatchNorm2d(48))
+        self.branch_a = nn.Sequential(nn.Conv2d(48, 48, 3, 2, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.branch_b = nn.Sequential(nn.Conv2d(48, 48, 3, 2, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, 10))
 
     def forward(self, x):
         x = self.stem(x)
@@ -68,3 +69,18 @@ def not_a_subject():
 
 def broken_factory():
     raise RuntimeError("dataset missing")
+
+
+def tiny_cnn_slow():
+    """tiny_cnn whose evaluation sleeps $TINY_SLOW_EVAL seconds (for interrupt tests)."""
+    import os
+    import time
+
+    model, inputs, evaluate = tiny_cnn()
+    delay = float(os.environ.get("TINY_SLOW_EVAL", "0"))
+
+    def slow(m):
+        time.sleep(delay)
+        return evaluate(m)
+
+    return model, inputs, slow

@@ -840,6 +840,18 @@ def _oserror(exc: BaseException) -> str:
     return _first_line(exc)
 
 
+def _rpc_reason(exc: BaseException) -> str:
+    """A remote error in words a user can act on (TVM reports a dropped socket as an RPC protocol check)."""
+    msg = _first_line(exc)
+    low = msg.lower()
+    if "kshutdown" in low or "reset by peer" in low or "broken pipe" in low or "connection closed" in low \
+            or "rpccode" in low:
+        return "the connection to the board was closed (rpc_server killed, board rebooted or lost power/network)"
+    if "session timeout" in low or "timed out" in low:
+        return f"session timed out ({msg})"
+    return msg
+
+
 def _run_bounded(fn: Callable[[dict[str, str]], Any], deadline_s: float, what: str) -> Any:
     """Run ``fn(progress)`` in a daemon thread; a call that outlives ``deadline_s`` becomes a ``_RemoteFailure``.
 
@@ -932,15 +944,17 @@ class TvmRpcBackend:
                     stages: dict[str, float], what: str) -> Any:
         r = self.profile.rpc
         attempts = 1 + max(0, r.retries)
-        # The session lasts at most session_timeout_s on the server; the client-side bound adds the wait for a board.
-        deadline = r.session_timeout_s + 30.0
-        reason = ""
+        # The wait for a free board is bounded by the socket timeout below and a session by the server's
+        # session_timeout_s; this outer bound only catches a board that hangs without closing its socket.
+        wait_s = max(5.0, r.session_timeout_s)
+        deadline = wait_s + r.session_timeout_s + 15.0
+        reason = first = ""
         for attempt in range(attempts):
             def body(progress: dict[str, str]) -> Any:
                 t0 = time.perf_counter()
                 progress["stage"] = "connect"
                 sess = _request_session(self.host, self.port, self.key, r.priority, r.session_timeout_s,
-                                        wait_s=max(5.0, r.session_timeout_s))
+                                        wait_s=wait_s)
                 stages["connect"] = time.perf_counter() - t0
                 try:
                     return fn(sess, progress, stages)
@@ -948,13 +962,16 @@ class TvmRpcBackend:
                     raise
                 except Exception as exc:  # noqa: BLE001 - RPC errors come as TVMError/RuntimeError/OSError
                     raise _RemoteFailure(f"the board under key {self.key!r} failed during {progress['stage']}: "
-                                         f"{_first_line(exc)}") from None
+                                         f"{_rpc_reason(exc)}") from None
                 finally:
                     del sess  # closes the session: the board goes back to the tracker's pool
             try:
                 return _run_bounded(body, deadline, what)
             except _RemoteFailure as exc:
-                reason = exc.reason
+                # The first failure is usually the cause (the board died during timing); the last says how it
+                # stands now (no board registered). Report both when they differ.
+                first = first or exc.reason
+                reason = exc.reason if exc.reason == first else f"{first}; on retry: {exc.reason}"
                 if not exc.retry or attempt == attempts - 1:
                     break
                 time.sleep(min(8.0, 1.0 * 2 ** attempt))  # 1, 2, 4, 8 s: a rebooting board or a busy tracker

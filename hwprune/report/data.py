@@ -167,7 +167,7 @@ def trials_from_storage(run_dir: Path, request: dict[str, Any]) -> pd.DataFrame 
     try:
         import optuna
 
-        from hwprune.search.study import trials_table
+        from hwprune.study.objective import trials_table
     except ImportError:
         return None
     for url in _storage_candidates(run_dir, request.get("storage")):

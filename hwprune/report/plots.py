@@ -19,7 +19,7 @@ from matplotlib.colors import Normalize  # noqa: E402
 
 from hwprune.report.data import RunData  # noqa: E402
 
-DPI = 100
+DPI = 130
 DENSE = "#222222"
 RECOMMENDED = "#d62728"
 INFEASIBLE = "#9e9e9e"
@@ -102,8 +102,9 @@ def pareto_plot(run: RunData) -> bytes:
         if len(trial_row) and _finite(proxy) and abs(float(proxy) - float(y)) > 1e-12:
             ax.annotate("", xy=(x, y), xytext=(float(trial_row["latency_ms"].iloc[0]), float(proxy)),
                         arrowprops={"arrowstyle": "->", "color": RECOMMENDED, "lw": 1.2}, zorder=6)
-            ax.annotate("after final fine-tune", (x, y), textcoords="offset points", xytext=(8, 6), fontsize=8,
-                        color=RECOMMENDED)
+            tuned = "final_finetune" in (run.summary.get("search", {}).get("stage_seconds") or {})
+            ax.annotate("exported, re-measured" + (", fine-tuned" if tuned else ""), (x, y),
+                        textcoords="offset points", xytext=(8, 6), fontsize=8, color=RECOMMENDED)
     if _finite(lat_budget):
         ax.axvline(float(lat_budget), color=BUDGET, linestyle=":", linewidth=1.5,
                    label=f"latency budget {float(lat_budget):.3g} ms")
@@ -147,8 +148,9 @@ def widths_plot(run: RunData) -> bytes | None:
     ax.set_xlabel("output channels")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title("Per-layer widths: original vs recommended", fontsize=11, loc="left")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Per-layer widths: original vs recommended", fontsize=11, loc="left", pad=22)
+    # above the axes, so it never hides a bar
+    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
     return _png(fig)
 
 
@@ -189,8 +191,8 @@ def node_latency_plot(run: RunData) -> bytes | None:
     ax.set_xlabel("mean time per inference (µs), summed over the nodes of each op type")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title("Where the time goes: per-op-type latency, dense vs recommended", fontsize=11, loc="left")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Where the time goes: per-op-type latency, dense vs recommended", fontsize=11, loc="left", pad=22)
+    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
     return _png(fig)
 
 

@@ -278,10 +278,11 @@ nav.toc a{color:var(--accent);text-decoration:none;margin-right:14px;white-space
 .tile .detail{font-size:12.5px;color:var(--muted)}
 .table-wrap{overflow-x:auto;margin:8px 0 4px}
 table{border-collapse:collapse;font-size:13.5px}
-caption{caption-side:top;text-align:left;color:var(--muted);font-size:13px;padding:0 0 4px}
+p.caption{color:var(--muted);font-size:13px;margin:14px 0 2px}
 th,td{padding:5px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
-th{background:#f1f3f5;font-weight:600;white-space:nowrap}
+th{background:#f1f3f5;font-weight:600;vertical-align:bottom}
 td.r,th.r{text-align:right;font-variant-numeric:tabular-nums}
+td.r{white-space:nowrap}
 tr.recommended td{background:#fff4dc}
 tr.dense td{background:#f6f6f6}
 tr.faded td{color:#8a8f96}
@@ -325,8 +326,9 @@ def _html_block(b: Block) -> str:
             rc = b.row_classes[j] if j < len(b.row_classes) and b.row_classes[j] else ""
             cells = "".join(f"<td{cls(i)}>{_html_inline(c)}</td>" for i, c in enumerate(row))
             rows.append(f'<tr class="{rc}">{cells}</tr>' if rc else f"<tr>{cells}</tr>")
-        caption = f"<caption>{_html_inline(b.caption)}</caption>" if b.caption else ""
-        return (f'<div class="table-wrap"><table>{caption}<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
+        # a paragraph, not <caption>: a caption is only as wide as its (often narrow) table
+        caption = f'<p class="caption">{_html_inline(b.caption)}</p>' if b.caption else ""
+        return (f'{caption}<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
                 "</tbody></table></div>")
     if isinstance(b, Figure):
         data = base64.b64encode(b.png).decode("ascii")
@@ -438,7 +440,7 @@ def metric_cell(run: RunData, record: dict[str, Any]) -> str:
         return f"{value} (unpruned)"
     if record.get("recommended") and _final_finetuned(run):
         steps = (run.request.get("finetune") or {}).get("final_steps")
-        return f"{value} (after final fine-tune, {steps} steps)"
+        return f"{value} (fine-tuned, {steps} steps)"
     return f"{value} (search proxy)"
 
 
@@ -506,11 +508,12 @@ def _summary_section(run: RunData) -> Section:
         f"{_budget_text(req.get('memory_budget'), mem_b, 'MB', 'memory')})."))
     if rec is not None:
         s.blocks.append(Tiles([
-            ("Recommended", model_label(rec), f"deploy {rec['files']['onnx']['path']}"),
+            ("Recommended", model_label(rec), f"deploy {code(rec['files']['onnx']['path'])}"),
             ("Latency (median)", latency_cell(rec), f"dense {latency_cell(dense)}"),
             ("Speedup vs dense", fmt_x(rec.get("speedup")) + _flags(rec), "dense latency / this latency"),
-            ("Memory", fmt_mb(rec["memory_mb"]["total"]), f"{_pct_of(rec['memory_mb']['total'], dense['memory_mb']['total'])}"
-                                                         f" (dense {fmt_mb(dense['memory_mb']['total'])})"),
+            ("Memory", fmt_mb(rec["memory_mb"]["total"]),
+             f"{_pct_of(rec['memory_mb']['total'], dense['memory_mb']['total'])}; dense "
+             f"{fmt_mb(dense['memory_mb']['total'])}"),
             (metric.capitalize(), fmt_metric(rec.get("accuracy")), f"dense {fmt_metric(dense.get('accuracy'))}"),
         ]))
         met = []
@@ -721,6 +724,17 @@ def _node_section(run: RunData) -> Section | None:
         f"Time per node from {tool}, averaged over {runs} profiled runs, summed by operator type. Node names and op "
         "types are those of the runtime's optimized graph (fused nodes get new names). Profiled runs carry profiler "
         "overhead, so their sum is not the end-to-end latency above; use them to see which layers dominate."))
+    for prof, record in ((dense_prof, run.dense), (rec_prof, rec)):
+        if not prof or record is None:
+            continue
+        total_us = sum(float(n.get("mean_us") or 0) for n in prof.get("nodes", []))
+        median_us = 1000.0 * float((record.get("latency_ms") or {}).get("median") or 0)
+        if median_us and total_us > 2 * median_us:
+            s.blocks.append(Text(
+                f"The {model_label(record)} profile adds up to {total_us:.1f} µs per run, more than twice the model's "
+                f"measured median latency ({median_us:.1f} µs): at least one profiled run was disturbed (e.g. by "
+                "another process), so some nodes look slower than they are. Trust the latency tables over this "
+                "breakdown.", "note"))
     png = plots.node_latency_plot(run)
     if png:
         s.blocks.append(Figure("node_latency", png, "Per-op-type latency, dense vs recommended"))
@@ -749,10 +763,14 @@ def _measurement_section(run: RunData) -> Section:
     prof = run.request.get("profile") or {}
     remeasure = (prof.get("measure") or {}).get("remeasure")
     inp = run.dense.get("input") or {}
+    min_repeat = _num((prof.get("measure") or {}).get("min_repeat_ms")) or 0.0
+    batching = (f" Each timed run calls the model back to back until at least {sig(min_repeat)} ms have passed and "
+                "counts the mean time per call, so sub-millisecond models are not lost in timer resolution."
+                if min_repeat > 0 else "")
     s.blocks.append(Text(
         f"Latency: each model's ONNX file was run {m.get('warmup')} times untimed (warm-up), then {m.get('repeats')} "
         f"timed runs with batch size 1 on an input of shape {code(inp.get('shape'))} ({esc(inp.get('dtype'))}); the "
-        f"table reports the median and p90 of those runs. A measurement is **noisy** when its robust spread "
+        f"tables report the median and p90 of those runs.{batching} A measurement is **noisy** when its robust spread "
         f"(1.4826 × median absolute deviation / median) stays above {fmt_pct(100 * float(m.get('max_cv') or 0))} "
         f"after re-measuring up to {remeasure if remeasure is not None else '?'} times; noisy numbers are marked "
         "\"noisy\" wherever they appear."))
@@ -767,6 +785,7 @@ def _measurement_section(run: RunData) -> Section:
         ["Backend", code(m.get("backend"))],
         ["Threads", esc(m.get("threads") if m.get("threads") is not None else DASH)],
         ["Warm-up runs / timed runs", f"{m.get('warmup')} / {m.get('repeats')}"],
+        ["Minimum duration of one timed run", f"{sig(min_repeat)} ms" if min_repeat > 0 else "none (one call per run)"],
         ["Noise limit (robust CV)", fmt_pct(100 * float(m.get("max_cv") or 0))],
         ["Latency source", "**estimated** (roofline model, not measured)" if est else "measured on the device"],
     ]
@@ -778,8 +797,9 @@ def _measurement_section(run: RunData) -> Section:
         lat = r.get("latency_ms") or {}
         load = r.get("load_avg")
         rows.append([
-            model_cell(r), code(r.get("backend")),
-            "estimated" if r.get("estimated") else ("measured, untuned" if r.get("tuned") is False else "measured"),
+            model_cell(r),
+            f"{code(r.get('backend'))}, " + ("estimated" if r.get("estimated") else
+                                             "measured, untuned" if r.get("tuned") is False else "measured"),
             f"{lat.get('repeats')} / {lat.get('warmup')}", fmt_int(lat.get("remeasured")),
             fmt_pct(100 * float(lat["cv"])) if _num(lat.get("cv")) is not None else DASH,
             "**yes**" if lat.get("noisy") else "no", fmt_ms(lat.get("cpu_median")),
@@ -787,8 +807,8 @@ def _measurement_section(run: RunData) -> Section:
             fmt_mb((r.get("memory_mb") or {}).get("process_peak")),
         ])
     s.blocks.append(Table(
-        ["Model", "Backend", "Source", "Timed / warm-up runs", "Re-measured", "CV (std/mean)", "Noisy", "CPU-time median",
-         "Host load avg 1/5/15 min", "Process peak"], rows,
+        ["Model", "Latency source", "Runs (timed / warm-up)", "Re-measured", "CV (std / mean)", "Noisy",
+         "CPU-time median", "Host load avg (1/5/15 min)", "Process peak"], rows, align="llrrrlrrr",
         caption="Per-model measurement conditions. The recommended model was re-measured from its exported file; the "
                 "other Pareto models keep their trial measurement. CPU-time median = thread CPU time per run (less "
                 "sensitive to other processes than wall time). Load average: the measuring host's, at measurement"))

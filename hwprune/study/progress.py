@@ -13,8 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class SearchProgress:
     """An Optuna callback that draws a progress bar on stderr (a no-op when ``enabled`` is False)."""
 
-    def __init__(self, total: int | None, enabled: bool, budgets: Any) -> None:
+    def __init__(self, total: int | None, enabled: bool, budgets: Any, log: Any = None) -> None:
         self.enabled = enabled
+        self.log = log
         self.budgets = budgets
         self.failed = 0
         self.best: str = "none feasible yet"
@@ -35,6 +36,8 @@ class SearchProgress:
     def callback(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.FAIL:
             self.failed += 1
+            if self.log is not None:
+                self.log(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'interrupted')}")
         elif trial.state == TrialState.COMPLETE and trial.values:
             feasible = all(v <= 0 for v in (trial.constraints or {}).values())
             if feasible:

@@ -29,9 +29,9 @@ from hwprune.measure import create_backend
 from hwprune.measure.base import Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.pruning import PruningSpace, count_macs_params, read_widths
-from hwprune.search import pareto as pareto_mod
-from hwprune.search.progress import SearchProgress
-from hwprune.search.study import Budgets, TrialRunner, make_sampler, open_study, trials_table, warm_start
+from hwprune.study import pareto as pareto_mod
+from hwprune.study.progress import SearchProgress
+from hwprune.study.objective import Budgets, TrialRunner, make_sampler, open_study, trials_table, warm_start
 from hwprune.subjects.base import Subject
 from hwprune.subjects.loader import check_evaluate, load_subject
 
@@ -156,7 +156,8 @@ class Search:
     def __init__(self, config: SearchConfig, subject: Subject | None = None,
                  log_fn: Callable[[str], None] | None = None) -> None:
         self.config = config
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # hwprune reports progress itself
+        # hwprune reports progress and failed trials itself, without Optuna's tracebacks
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.log = log_fn or (lambda msg: log.info(msg))
         self.profile = resolve_profile(config)
         check_rankable(self.profile, config)
@@ -256,7 +257,7 @@ class Search:
                  f"trials; running {remaining if remaining is not None else 'until timeout'} more")
         interrupted = False
         if remaining != 0:
-            progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets)
+            progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets, log=self.log)
             callbacks: list[Any] = [progress.callback]
             if c.trials is not None:
                 callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))

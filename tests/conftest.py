@@ -1,0 +1,40 @@
+"""Shared test setup: a private cache folder and helpers to run the real `hwprune` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
+    # demo weights and TVM databases go to a per-run folder so tests never see a user's cache
+    os.environ.setdefault("HWPRUNE_CACHE", str(tmp_path_factory.mktemp("hwprune-cache")))
+    yield
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `python -m hwprune.cli ARGS` in a fresh process, with tests/ importable for the test factories."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), full_env.get("PYTHONPATH", "")])
+    full_env["COLUMNS"] = "200"
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, "-m", "hwprune.cli", *args], cwd=cwd or TESTS, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hwprune {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def load_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())

@@ -1,0 +1,82 @@
+"""Device profiles: every shipped profile validates, and bad ones fail naming the file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hwprune.errors import ProfileError
+from hwprune.profiles import available_profiles, load_profile
+from conftest import run_cli
+
+SHIPPED = ["host-cpu", "host-cpu-tvm", "raspberry-pi-4", "raspberry-pi-5", "android-sd8gen2", "jetson-nano",
+           "jetson-orin-nano"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_profiles_are_data_complete(name: str) -> None:
+    p = load_profile(name)
+    hw = p.hardware
+    assert hw.cores > 0 and hw.clock_ghz > 0 and hw.peak_gflops > 0 and hw.memory_bandwidth_gbs > 0 and hw.ram_gb > 0
+    assert p.channel_multiple >= 1
+    assert "kind" in p.tvm.target
+    assert p.budgets.latency_ms and p.budgets.memory_mb
+    if not p.local:
+        assert p.backend == "tvm-rpc" and p.rpc.key and p.tvm.target.get("mtriple") or p.tvm.host
+
+
+def test_tvm_targets_build_from_profile_dicts() -> None:
+    tvm = pytest.importorskip("tvm")
+    for name in SHIPPED:
+        p = load_profile(name)
+        host = tvm.target.Target(p.tvm.host) if p.tvm.host else None
+        target = tvm.target.Target(p.tvm.target, host=host)
+        assert target.kind.name == p.tvm.target["kind"]
+
+
+def test_unknown_profile_lists_known_ones() -> None:
+    with pytest.raises(ProfileError) as exc:
+        load_profile("raspberry-pi-9")
+    assert "host-cpu" in str(exc.value) and "raspberry-pi-4" in str(exc.value)
+
+
+@pytest.mark.parametrize("body,field", [
+    ('name = "x"\nbackend = "ort"\n', "hardware"),
+    ('name = "x"\nbackend = "warp"\n[hardware]\ncpu="c"\ncores=1\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n', "backend"),
+    ('name = "x"\n[hardware]\ncpu="c"\ncores="four"\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n', "hardware.cores"),
+    ('name = "x"\n[hardware]\ncpu="c"\ncores=4\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n[measure]\nrepeatz=3\n', "measure.repeatz"),
+    ('name = "x"\n[hardware]\ncpu="c"\ncores=4\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n[budgets]\nlatency_ms=-1\n', "budgets.latency_ms"),
+    ('name = "x\n', "not valid TOML"),
+])
+def test_malformed_profile_names_file_and_field(tmp_path: Path, body: str, field: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(ProfileError) as exc:
+        load_profile(path)
+    assert str(path) in str(exc.value) and field in str(exc.value)
+
+
+def test_overrides_replace_sections() -> None:
+    p = load_profile("raspberry-pi-4").with_overrides(backend="tvm-rpc", rpc__tracker="127.0.0.1:9999", rpc__key="k")
+    assert (p.rpc.tracker, p.rpc.key) == ("127.0.0.1:9999", "k")
+    with pytest.raises(ProfileError):
+        p.with_overrides(backend="nope")
+
+
+def test_profiles_cli_list_and_show() -> None:
+    listing = run_cli("profiles", check=True)
+    for name in SHIPPED:
+        assert name in listing.stdout
+    shown = run_cli("profiles", "show", "raspberry-pi-4", check=True)
+    assert "cortex-a72" in shown.stdout and "tvm-rpc" in shown.stdout
+    bad = run_cli("profiles", "show", "nope")
+    assert bad.returncode == 2 and "unknown device profile" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_profiles_from_env_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = Path(load_profile("host-cpu").source).read_text().replace('name = "host-cpu"', 'name = "my-box"')
+    (tmp_path / "my-box.toml").write_text(text)
+    monkeypatch.setenv("HWPRUNE_PROFILES", str(tmp_path))
+    assert "my-box" in available_profiles()
+    assert load_profile("my-box").name == "my-box"
