@@ -33,6 +33,20 @@ EXIT_ERROR = 2
 EXIT_BUDGET = 3
 EXIT_INTERRUPTED = 130
 
+def _version(value: bool) -> None:
+    if value:
+        from hwprune import __version__
+
+        out.print(f"hwprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Hardware-aware structured pruning: search per-layer widths with Optuna, measure real latency on the target."""
+
+
 # -- shared options -----------------------------------------------------------------------------------------------
 BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="Override the profile's backend: ort, tvm, tvm-rpc, ssh-ort, estimate.")]
 TrackerOpt = Annotated[Optional[str], typer.Option("--tracker", help="TVM RPC tracker HOST:PORT (overrides the profile).")]

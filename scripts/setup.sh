@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install hwprune into ./.venv (created if missing). Safe to re-run.
+#   HWPRUNE_EXTRAS=dev  (default) also installs TVM, SSH, PostgreSQL and test extras; "" for the core only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first and pinned: the 2.13.0 CPU wheel; an unpinned torch would pull several GB of CUDA packages
+.venv/bin/python -m pip install -q "torch==2.13.0"
+extras=${HWPRUNE_EXTRAS-dev}
+.venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+echo "hwprune installed in $(pwd)/.venv ($(.venv/bin/hwprune --version 2>/dev/null || echo ok))" >&2
