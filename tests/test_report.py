@@ -245,8 +245,8 @@ def test_request_and_health_numbers(run_dir: Path, summary: dict[str, Any], md: 
     assert settings["Trials"] == "5" and settings["Seed"] == "0"
     assert settings["Model"] == "`tiny_factory`" and settings["Device profile"].startswith("`host-cpu`")
     assert _unmark(settings["Hardware (from the profile)"]).startswith(req["profile"]["hardware"]["cpu"] + ";")
-    versions = {r["Package"]: r["Version"] for r in find_table(md_tables(md), "Package", "Version")}
-    assert versions["torch"] == req["versions"]["torch"] and versions["onnxruntime"] == req["versions"]["onnxruntime"]
+    for package in ("hwprune", "torch", "onnxruntime", "optuna"):
+        assert f"{package} {req['versions'][package]}" in _unmark(settings["Software"])
     assert f"```bash\n{req['command']}\n```" in md
     counts = {r["Trials"]: r["Count"] for r in find_table(md_tables(md), "Trials", "Count")}
     assert counts["Completed trials"] == str(srch["trials_complete"])
@@ -386,6 +386,28 @@ def test_estimated_untuned_and_noisy_are_labelled_in_the_tables(run_dir: Path, t
     per_model = row_of(find_table(md_tables(md), "Model", "Latency source"), model_cell(rec))
     assert per_model["Latency source"] == "`ort`, estimated" and per_model["Noisy"] == "**yes**"
     assert "**estimated**" in md and "**untuned**" in md and "Noisy latency measurements" in md
+
+
+def test_failed_trials_are_listed_with_their_reasons(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    reason = "ExportError: torch.onnx failed on aten::foo | see <log>"
+    trials = pd.read_csv(copy / "trials.csv")
+    failed = {c: None for c in trials.columns}
+    failed.update(trial=len(trials), state="FAIL", feasible=False, fail_reason=reason, duration_s=0.5)
+    pd.concat([trials, pd.DataFrame([failed])]).to_csv(copy / "trials.csv", index=False)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["search"].update(trials_failed=1, failures=[{"trial": len(trials), "reason": reason}])
+    (copy / "summary.json").write_text(json.dumps(summary))
+    build_report(copy)
+    md = (copy / "report.md").read_text()
+    assert "1 trial(s) failed" in md
+    rows = find_table(md_tables(md), "Failed trial", "Reason")
+    assert [(r["Failed trial"], _unmark(r["Reason"])) for r in rows] == [(str(len(trials)), reason)]
+    row = find_table(md_tables(md), "Trial", "State")[-1]
+    assert row["State"] == "fail" and _unmark(row["Notes"]) == f"failed: {reason}"
+    html_text = (copy / "report.html").read_text()
+    assert "see &lt;log&gt;" in html_text and "<log>" not in html_text
 
 
 def test_report_when_nothing_met_the_budgets(run_dir: Path, tmp_path: Path) -> None:

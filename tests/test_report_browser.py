@@ -50,8 +50,9 @@ class Browser:
         # its log goes to a file: an undrained stderr pipe fills up and stalls the browser
         self.log_path = user_data_dir / "chromium.log"
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([BASH, "-c", f"exec {cmd} 3<&{child_r} 4>&{child_w} {child_r}<&- {child_w}>&-"],
-                                         pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            script = f"exec {cmd} 3<&{child_r} 4>&{child_w} {child_r}<&- {child_w}>&-"
+            self.proc = subprocess.Popen([BASH, "-c", script], pass_fds=(child_r, child_w), stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log)
         os.close(child_r)
         os.close(child_w)
         self._next_id = 0
@@ -188,3 +189,27 @@ def test_plots_are_visible(page: dict[str, Any]) -> None:
         band = img.crop((0, top, 1280, top + 600)).getcolors(maxcolors=1 << 20)
         assert band is not None and len(band) > 50, f"band at {top}px is blank"
 
+
+
+def save_screenshot(html_path: Path, out: Path, width: int = 1280, height: int = 2400) -> int:
+    """Screenshot ``html_path`` into ``out`` for the README, reduced to 256 dithered colours (about 3x smaller than
+    the browser's PNG, still sharp for text and plots). Returns the file size."""
+    import tempfile
+
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory(prefix="hwprune-chromium-") as profile:
+        png = open_page(html_path, Path(profile), width, height)["png"]
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    img.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.FLOYDSTEINBERG).save(
+        out, optimize=True)
+    return out.stat().st_size
+
+
+if __name__ == "__main__":  # python tests/test_report_browser.py RUN_DIR docs/report-screenshot.png
+    import sys
+
+    from hwprune.report import build_report
+
+    build_report(sys.argv[1])
+    print(save_screenshot(Path(sys.argv[1]) / "report.html", Path(sys.argv[2])))

@@ -80,9 +80,9 @@ def _point(m: dict[str, Any]) -> tuple[float, float, float]:
     return float(m["accuracy"]), float(m["latency_ms"]["median"]), float(m["memory_mb"]["total"])
 
 
-_REQUEST_KEYS = ("model", "device", "backend", "latency_budget", "latency_budget_ms", "memory_budget", "memory_budget_mb",
-                 "trials", "timeout_s", "seed", "sampler", "max_ratio", "channel_multiple", "exporter", "finetune",
-                 "calibration_batches")
+_REQUEST_KEYS = ("model", "device", "backend", "latency_budget", "latency_budget_ms", "memory_budget",
+                 "memory_budget_mb", "trials", "timeout_s", "seed", "sampler", "max_ratio", "channel_multiple",
+                 "exporter", "finetune", "calibration_batches")
 
 
 def compare_runs(a: str | Path | RunData, b: str | Path | RunData, *, accuracy_tolerance: float = 0.0,
@@ -169,9 +169,10 @@ def compare_runs(a: str | Path | RunData, b: str | Path | RunData, *, accuracy_t
         regressions.append({"kind": "artifacts", "a": None, "b": [c.path for c in bad],
                             "message": f"{len(bad)} artifact(s) of run B fail their checksum or are missing"})
     dense = out["dense"]
-    if dense and dense["latency_ms_median"]["delta_pct"] is not None and abs(dense["latency_ms_median"]["delta_pct"]) > 5:
-        notes.append(f"the dense model's latency also changed by {fmt_pct(dense['latency_ms_median']['delta_pct'], True)}"
-                     ": the host or runtime may be slower/faster, not the pruned model")
+    dense_pct = dense["latency_ms_median"]["delta_pct"] if dense else None
+    if dense_pct is not None and abs(dense_pct) > 5:
+        notes.append(f"the dense model's latency also changed by {fmt_pct(dense_pct, True)}: the host or runtime may "
+                     "be slower/faster, not the pruned model")
     if any(x["field"].startswith("profile.") or x["field"] == "request.device" for x in differences):
         notes.append("the runs used different device profiles, so latencies compare different hardware or settings")
     if any(x["field"].startswith("versions.") for x in differences):
@@ -217,7 +218,8 @@ def comparison_document(ra: RunData, rb: RunData, result: dict[str, Any]) -> Doc
             s.blocks.append(Text(f"**Regression ({esc(r['kind'])}):** {esc(r['message'])}.", "warning"))
     else:
         s.blocks.append(Text("No regressions: the recommended model's latency did not rise beyond the measurement "
-                             f"spread, its {metric} and memory did not get worse, and every budget it met is still met.",
+                             f"spread, its {metric} and memory did not get worse, and every budget it met is still "
+                             "met.",
                              "ok"))
     for n in result["notes"]:
         s.blocks.append(Text(esc(n) + ".", "note"))
@@ -256,8 +258,9 @@ def comparison_document(ra: RunData, rb: RunData, result: dict[str, Any]) -> Doc
         f"beaten on every objective by a model of B; {p['b_dominated_by_a']} of B's are beaten by one of A. Final "
         f"hypervolume (each run normalised by its own dense model): A {sig(hv['a'], 4)}, B {sig(hv['b'], 4)}."))
     s.blocks.append(Figure("fronts", plots.compare_fronts_plot(ra, rb, label_a, label_b), "Both Pareto fronts",
-                           "Circles = run A, squares = run B; X = dense models; stars = recommended models; dotted "
-                           "lines = latency budgets."))
+                           "Circles = run A, squares = run B; X = dense models; stars = recommended models; dashed "
+                           "steps = the best accuracy of each front at or below a latency; dotted lines = latency "
+                           "budgets."))
     rows = []
     for run, tag in ((ra, "A"), (rb, "B")):
         for m in sorted(run.pareto, key=lambda m: m["latency_ms"]["median"]):

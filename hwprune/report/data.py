@@ -135,7 +135,8 @@ def check_files(run_dir: Path, models: list[dict[str, Any]]) -> list[FileCheck]:
             else:
                 check.actual_bytes = path.stat().st_size
                 check.actual_sha256 = sha256_file(path)
-                if check.actual_sha256 != check.sha256 or (check.bytes is not None and check.actual_bytes != check.bytes):
+                size_differs = check.bytes is not None and check.actual_bytes != check.bytes
+                if check.actual_sha256 != check.sha256 or size_differs:
                     check.status = "mismatch"
             checks.append(check)
     return checks

@@ -52,6 +52,8 @@ def _finite(v: Any) -> bool:
 
 def pareto_plot(run: RunData) -> bytes:
     """Latency vs metric for every completed trial; colour = memory, Pareto models outlined, budgets drawn."""
+    from matplotlib.lines import Line2D
+
     metric = run.metric
     req = run.request
     lat_budget, mem_budget = req.get("latency_budget_ms"), req.get("memory_budget_mb")
@@ -60,68 +62,68 @@ def pareto_plot(run: RunData) -> bytes:
     feasible = done[done["feasible"]] if len(done) else done
     infeasible = done[~done["feasible"]] if len(done) else done
 
+    # the colour scale spans the models, not the budget: a generous budget would squash every model into one colour
     mems = [float(v) for v in done["memory_mb"] if _finite(v)] if len(done) else []
     mems += [float(m["memory_mb"]["total"]) for m in run.models()]
-    if _finite(mem_budget):
-        mems.append(float(mem_budget))
-    norm = Normalize(vmin=min(mems), vmax=max(mems) if max(mems) > min(mems) else min(mems) + 1e-9)
+    lo, hi = min(mems), max(mems)
+    norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1e-9)
 
     fig, ax = plt.subplots(figsize=(8.6, 4.8))
     _style(ax)
+    handles: list[Any] = []
     if len(infeasible):
-        ax.scatter(infeasible["latency_ms"], infeasible["accuracy"], s=28, color=INFEASIBLE, alpha=0.35,
-                   linewidths=0, label="over a budget (infeasible)", zorder=2)
-    sc = None
+        handles.append(ax.scatter(infeasible["latency_ms"], infeasible["accuracy"], s=28, color=INFEASIBLE,
+                                  alpha=0.35, linewidths=0, label="trial over a budget (infeasible)", zorder=2))
     if len(feasible):
-        sc = ax.scatter(feasible["latency_ms"], feasible["accuracy"], s=34, c=feasible["memory_mb"], cmap=CMAP,
-                        norm=norm, alpha=0.75, linewidths=0, label="feasible trial", zorder=3)
-    # the front as the trials measured it (proxy metric, trial latency), so it lines up with the other dots
+        handles.append(ax.scatter(feasible["latency_ms"], feasible["accuracy"], s=34, c=feasible["memory_mb"],
+                                  cmap=CMAP, norm=norm, alpha=0.8, linewidths=0, label="feasible trial", zorder=3))
+    # the front as the trials measured it (proxy metric, trial latency), so it lines up with the other dots; not
+    # joined by a line: with memory as a third objective the front is not a staircase in this projection
     front = done[done["trial"].isin([m["trial"] for m in run.pareto])] if len(done) else done
     front = front.drop_duplicates("trial").sort_values("latency_ms") if len(front) else front
     if len(front):
-        ax.plot(front["latency_ms"], front["accuracy"], color="#555555", linewidth=1, linestyle="--", zorder=3,
-                drawstyle="steps-post")
-        sc = ax.scatter(front["latency_ms"], front["accuracy"], s=80, c=front["memory_mb"], cmap=CMAP, norm=norm,
-                        edgecolors="black", linewidths=1.3, label="Pareto front", zorder=4)
+        handles.append(ax.scatter(front["latency_ms"], front["accuracy"], s=80, c=front["memory_mb"], cmap=CMAP,
+                                  norm=norm, edgecolors="black", linewidths=1.3, label="Pareto front (T = trial)",
+                                  zorder=4))
         for _, r in front.iterrows():
             ax.annotate(f"T{int(r['trial'])}", (r["latency_ms"], r["accuracy"]), textcoords="offset points",
-                        xytext=(6, -11), fontsize=8, color="#333333")
+                        xytext=(7, -3), fontsize=7.5, color="#333333", zorder=5)
 
     d = run.dense
-    ax.scatter([d["latency_ms"]["median"]], [d["accuracy"]], marker="X", s=130, color=DENSE, label="dense (unpruned)",
-               zorder=6)
-    ax.annotate("dense", (d["latency_ms"]["median"], d["accuracy"]), textcoords="offset points", xytext=(7, 5),
-                fontsize=9, color=DENSE)
+    handles.append(ax.scatter([d["latency_ms"]["median"]], [d["accuracy"]], marker="X", s=130, color=DENSE,
+                              label="dense (unpruned)", zorder=6))
     rec = run.recommended
     if rec is not None:
         x, y = rec["latency_ms"]["median"], rec["accuracy"]
-        ax.scatter([x], [y], marker="*", s=330, color=RECOMMENDED, edgecolors="white", linewidths=0.8,
-                   label=f"recommended (T{rec['trial']}, exported file)", zorder=7)
-        proxy = rec.get("accuracy_proxy")
+        tuned = "final_finetune" in (run.summary.get("search", {}).get("stage_seconds") or {})
+        handles.append(ax.scatter([x], [y], marker="*", s=330, color=RECOMMENDED, edgecolors="white", linewidths=0.8,
+                                  label=f"recommended T{rec['trial']}: exported file, re-measured"
+                                        + (", fine-tuned" if tuned else ""), zorder=7))
         trial_row = front[front["trial"] == rec["trial"]] if len(front) else front
-        if len(trial_row) and _finite(proxy) and abs(float(proxy) - float(y)) > 1e-12:
-            ax.annotate("", xy=(x, y), xytext=(float(trial_row["latency_ms"].iloc[0]), float(proxy)),
-                        arrowprops={"arrowstyle": "->", "color": RECOMMENDED, "lw": 1.2}, zorder=6)
-            tuned = "final_finetune" in (run.summary.get("search", {}).get("stage_seconds") or {})
-            ax.annotate("exported, re-measured" + (", fine-tuned" if tuned else ""), (x, y),
-                        textcoords="offset points", xytext=(8, 6), fontsize=8, color=RECOMMENDED)
+        if len(trial_row):
+            tx, ty = float(trial_row["latency_ms"].iloc[0]), float(trial_row["accuracy"].iloc[0])
+            if abs(tx - x) > 1e-12 or abs(ty - y) > 1e-12:
+                ax.annotate("", xy=(x, y), xytext=(tx, ty), zorder=6,
+                            arrowprops={"arrowstyle": "->", "color": RECOMMENDED, "lw": 1.2, "shrinkA": 5,
+                                        "shrinkB": 7})
     if _finite(lat_budget):
-        ax.axvline(float(lat_budget), color=BUDGET, linestyle=":", linewidth=1.5,
-                   label=f"latency budget {float(lat_budget):.3g} ms")
-    if sc is not None or len(done):
-        cb = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CMAP), ax=ax, pad=0.02)
-        cb.set_label("memory: weights + peak activations (MB)")
-        if _finite(mem_budget):
-            cb.ax.axhline(float(mem_budget), color=BUDGET, linewidth=2)
-            pos = float(norm(float(mem_budget)))
-            if 0.0 <= pos <= 1.0:
-                cb.ax.text(-0.15, pos, "budget ", transform=cb.ax.transAxes, color=BUDGET, fontsize=8, ha="right",
-                           va="center", clip_on=False)
+        handles.append(ax.axvline(float(lat_budget), color=BUDGET, linestyle=":", linewidth=1.6,
+                                  label=f"latency budget {float(lat_budget):.3g} ms"))
+    cb = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CMAP), ax=ax, pad=0.02)
+    cb.set_label("memory: weights + peak activations (MB)")
+    if _finite(mem_budget):
+        mb = float(mem_budget)
+        if lo <= mb <= hi:
+            cb.ax.axhline(mb, color=BUDGET, linewidth=2)
+        where = "every model is under it" if mb > hi else "every model is over it" if mb < lo else \
+            "red mark on the colour bar"
+        handles.append(Line2D([], [], color=BUDGET, linewidth=2, label=f"memory budget {mb:.3g} MB ({where})"))
     ax.set_xlabel("latency, median (ms) - lower is better")
     ax.set_ylabel(f"{metric} - higher is better")
     est = " (ESTIMATED latency)" if run.summary.get("measurement", {}).get("estimated") else ""
     ax.set_title(f"Trade-off of every completed trial{est}", fontsize=11, loc="left")
-    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+    # below the axes, so it never hides a point
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     return _png(fig)
 
 
@@ -223,7 +225,9 @@ def compare_fronts_plot(a: RunData, b: RunData, label_a: str, label_b: str) -> b
         if front:
             xs = [m["latency_ms"]["median"] for m in front]
             ys = [m["accuracy"] for m in front]
-            ax.plot(xs, ys, color=color, linewidth=1.2, linestyle="--", drawstyle="steps-post")
+            # the best accuracy available at or below each latency: how the front moved, read along the x axis
+            best = [max(ys[:i + 1]) for i in range(len(ys))]
+            ax.plot(xs, best, color=color, linewidth=1.2, linestyle="--", drawstyle="steps-post")
             ax.scatter(xs, ys, s=60, color=color, marker=marker, edgecolors="black", linewidths=0.8,
                        label=f"{label}: Pareto front", zorder=4)
         d = run.dense

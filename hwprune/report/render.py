@@ -238,7 +238,8 @@ def to_markdown(doc: Document, files_dir: str) -> str:
             elif isinstance(b, Bullets):
                 out += [f"- {item}" for item in b.items] + [""]
             elif isinstance(b, Tiles):
-                out += [f"- **{label}:** {value}" + (f" ({detail})" if detail else "") for label, value, detail in b.items]
+                out += [f"- **{label}:** {value}" + (f" ({detail})" if detail else "")
+                        for label, value, detail in b.items]
                 out.append("")
             elif isinstance(b, Table):
                 if b.caption:
@@ -295,7 +296,8 @@ figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius
 figcaption{color:var(--muted);font-size:13px;margin-top:4px}
 code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:.9em;
  background:#f3f4f6;padding:0 3px;border-radius:3px;overflow-wrap:anywhere}
-pre{background:#0f172a;color:#e2e8f0;padding:12px 14px;border-radius:6px;overflow-x:auto;font-size:13px;line-height:1.45}
+pre{background:#0f172a;color:#e2e8f0;padding:12px 14px;border-radius:6px;overflow-x:auto;font-size:13px;
+ line-height:1.45}
 pre code{background:none;padding:0;color:inherit}
 ul{margin:6px 0;padding-left:22px}
 footer{margin-top:40px;padding-top:10px;border-top:1px solid var(--line);color:var(--muted);font-size:12.5px}
@@ -314,9 +316,10 @@ def _html_block(b: Block) -> str:
     if isinstance(b, Bullets):
         return "<ul>" + "".join(f"<li>{_html_inline(i)}</li>" for i in b.items) + "</ul>"
     if isinstance(b, Tiles):
-        return '<div class="tiles">' + "".join(
+        tiles = "".join(
             f'<div class="tile"><div class="label">{_html_inline(label)}</div><div class="value">{_html_inline(value)}'
-            f'</div><div class="detail">{_html_inline(detail)}</div></div>' for label, value, detail in b.items) + "</div>"
+            f'</div><div class="detail">{_html_inline(detail)}</div></div>' for label, value, detail in b.items)
+        return f'<div class="tiles">{tiles}</div>'
     if isinstance(b, Table):
         align = _align(b)
         cls = lambda i: ' class="r"' if align[i] == "r" else ""  # noqa: E731
@@ -578,7 +581,8 @@ def _request_section(run: RunData) -> Section:
                          "and memory."))
     rows: list[list[str]] = [
         ["Model", code(req.get("model"))],
-        ["Device profile", f"{code(req.get('device'))}" + (f" — {esc(prof['description'])}" if prof.get("description") else "")],
+        ["Device profile", code(req.get("device"))
+         + (f" — {esc(prof['description'])}" if prof.get("description") else "")],
     ]
     hw_bits = []
     for key, label, unit in (("cpu", "CPU", ""), ("cores", "cores", ""), ("clock_ghz", "clock", " GHz"),
@@ -610,7 +614,8 @@ def _request_section(run: RunData) -> Section:
         ["Trials", f"{req.get('trials') if req.get('trials') is not None else 'until the timeout'}"
                    + (f", timeout {fmt_s(req.get('timeout_s'))}" if req.get("timeout_s") else "")],
         ["Seed", esc(req.get("seed"))],
-        ["Sampler", f"{code(req.get('sampler'))}" + (f" ({esc(req['sampler_repr'])})" if req.get("sampler_repr") else "")],
+        ["Sampler", code(req.get("sampler"))
+         + (f" ({esc(req['sampler_repr'])})" if req.get("sampler_repr") else "")],
         ["Search space", f"at most {fmt_pct(100 * float(req.get('max_ratio') or 0))} of each channel group removed; "
                          f"kept widths rounded to multiples of {esc(req.get('channel_multiple') or 1)}"],
         ["Fine-tuning", f"{(req.get('finetune') or {}).get('trial_steps', 0)} steps per trial (after BatchNorm "
@@ -620,11 +625,10 @@ def _request_section(run: RunData) -> Section:
         ["Study", f"{code(req.get('study'))} in {code(req.get('storage'))}"],
         ["Started / finished", f"{esc(req.get('started') or DASH)} / {esc(run.summary.get('created') or DASH)}"],
     ]
-    s.blocks.append(Table(["Setting", "Value"], rows, align="ll"))
     versions = req.get("versions") or {}
-    s.blocks.append(Table(["Package", "Version"],
-                          [[k, esc(v) if v else "not installed"] for k, v in versions.items()], align="ll",
-                          caption="Software versions of the search"))
+    rows.append(["Software", ", ".join(f"{esc(k)} {esc(v) if v else '(not installed)'}" for k, v in versions.items())
+                 or DASH])
+    s.blocks.append(Table(["Setting", "Value"], rows, align="ll"))
     command = str(req.get("command") or "")
     s.blocks.append(Text("The command that started this search; run it again to reproduce the search (with the same "
                          "storage it resumes the study instead of starting over):"))
@@ -676,7 +680,7 @@ def _answer_section(run: RunData) -> Section:
     from hwprune.report import plots
 
     s.blocks.append(Figure("pareto", plots.pareto_plot(run), "Pareto front: latency vs " + metric,
-                           "Every completed trial at the latency and proxy " + metric + " the search measured. Colour = "
+                           f"Every completed trial at the latency and proxy {metric} the search measured. Colour = "
                            "memory (weights + peak activations); grey, faded = over a budget; outlined = Pareto front "
                            "(labels are trial numbers); X = dense model; star = recommended model as exported and "
                            "re-measured" + (", after its final fine-tune" if _final_finetuned(run) else "") +
@@ -924,8 +928,9 @@ def _health_section(run: RunData) -> Section:
 def report_document(run: RunData) -> Document:
     """The deployment report of a loaded run folder."""
     req = run.request
-    sections = [_summary_section(run), _request_section(run), _answer_section(run), _widths_section(run),
-                _node_section(run), _measurement_section(run), _artifact_section(run), _health_section(run)]
+    # the answer first: whoever ships the model reads the summary, the tables and the files; the rest is evidence
+    sections = [_summary_section(run), _answer_section(run), _artifact_section(run), _widths_section(run),
+                _node_section(run), _request_section(run), _measurement_section(run), _health_section(run)]
     from hwprune import __version__
 
     return Document(

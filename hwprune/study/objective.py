@@ -6,6 +6,7 @@ The study never imports a backend; it gets a ``measure(onnx_path) -> Measurement
 from __future__ import annotations
 
 import json
+import re
 import logging
 import math
 import tempfile
@@ -170,12 +171,33 @@ def make_sampler(name: str, seed: int, n_knobs: int) -> optuna.samplers.BaseSamp
 
 def open_study(storage: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     """Create or resume the study ``name``; a study of the same name with other objectives is an error."""
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=list(DIRECTIONS),
-                                load_if_exists=True)
+    attempt = 0
+    while True:
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+                                        directions=list(DIRECTIONS), load_if_exists=True)
+            break
+        except ImportError as exc:
+            raise HwpruneError(f"storage {_redact(storage)}: its database driver is not installed ({exc}); for "
+                               "PostgreSQL run `pip install -e '.[postgres]'`") from None
+        except (optuna.exceptions.OptunaError, ValueError) as exc:
+            raise HwpruneError(f"storage {_redact(storage)}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy errors carry pages of context
+            # workers started together race to create the schema and the study; the loser retries and finds them
+            attempt += 1
+            if attempt >= 5:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise HwpruneError(f"cannot open storage {_redact(storage)}: {first}") from None
+            time.sleep(0.5 * 2**attempt)
     if len(study.directions) != 3:
         raise HwpruneError(f"study {name!r} in {storage} was not made by hwprune search (it has "
                            f"{len(study.directions)} objectives); choose another --study name")
     return study
+
+
+def _redact(url: str) -> str:
+    """The storage URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 def warm_start(study: optuna.Study, space: PruningSpace, ratios: tuple[float, ...] = (0.25, 0.5)) -> None:

@@ -1,0 +1,768 @@
+"""Benchmark: hwprune's search against simple pruning baselines at equal *measured* latency, in one run.
+
+For each subject (the demo ``mobilenet-tiny`` at 32x32, and a full-size MobileNetV2 at 224x224) and each latency
+budget (a fraction of the dense model's latency on the ``host-cpu`` profile), it compares:
+
+  (a) ``hwprune``        hwprune.search(...) with a fixed trial count; its recommended model;
+  (b) ``uniform-16``     one pruning ratio for every channel group, rounded to the profile's channel multiple (16),
+      ``uniform-1``      the same without rounding (channel multiple 1); the least pruning that meets the budget,
+                         found by bisection over the ratio with real ONNX Runtime measurements;
+  (c) ``tp-global-mag``  Torch-Pruning's global magnitude pruning (MagnitudePruner, global_pruning=True,
+                         GroupMagnitudeImportance), its ratio bisected the same way until the measured latency meets
+                         the budget (MACs are what the ratio controls; measured latency is what must meet the budget).
+
+Every final model gets the same fine-tune: BatchNorm re-calibration, then ``--finetune-steps`` SGD steps distilled
+from the dense model (lr 0.02, the recipe of hwprune's own final fine-tune), from the same data order. hwprune's
+recommended model is rebuilt from its ratios and fine-tuned here like the others (so it gets neither its search-time
+fine-tune steps nor an extra fine-tune).
+
+All final models of a subject, and the dense model, are then re-measured interleaved (round-robin, ``--rounds``
+rounds) and each model's median taken, so load drift from other processes hits every method alike. Latencies are
+reported with the dense latency of the same rounds and as ratios to it (wall-clock median, and thread CPU time, which
+stays stable on a shared host where wall time does not).
+
+Outputs: Markdown tables on stdout, ``<out>/bench_search.csv`` (one row per model) and ``<out>/bench_search.json``
+(everything, including the ratio-latency curves and each search's per-trial overhead and Pareto-front check).
+hwprune's run folders go to ``<out>/runs/``.
+
+    python bench/bench_search.py --quick            # demo subject only, ~10 min on 2 cores
+    python bench/bench_search.py                    # demo + MobileNetV2 at 224, ~40 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torch_pruning as tp  # noqa: E402
+from torch import nn  # noqa: E402
+
+import hwprune  # noqa: E402
+from hwprune import train  # noqa: E402
+from hwprune.errors import BudgetUnreachable  # noqa: E402
+from hwprune.export import export_onnx  # noqa: E402
+from hwprune.measure.base import Measurement  # noqa: E402
+from hwprune.measure.ort import OrtBackend  # noqa: E402
+from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, prune, read_widths  # noqa: E402
+from hwprune.subjects import build_demo, models  # noqa: E402
+from hwprune.subjects.base import Subject  # noqa: E402
+from hwprune.subjects.demo import cache_dir  # noqa: E402
+from hwprune.subjects.shapes import make_shapes  # noqa: E402
+
+PROFILE = "host-cpu"
+METHODS = ("hwprune", "uniform-16", "uniform-1", "tp-global-mag")
+FINAL_LR = 0.02  # hwprune's final fine-tune learning rate (hwprune/study/run.py, finalize)
+NOISE_TOL = 0.05  # latency differences below 5% are treated as measurement noise in the Pareto check
+
+# per-subject defaults (full mode / quick mode); any flag given on the command line overrides them
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "demo": {"trials": 30, "quick_trials": 12, "finetune_steps": 150, "quick_finetune_steps": 40,
+             "trial_finetune_steps": 20},
+    "mobilenetv2": {"trials": 16, "quick_trials": 8, "finetune_steps": 20, "quick_finetune_steps": 10,
+                    "trial_finetune_steps": 0},
+}
+
+
+def say(msg: str) -> None:
+    """Progress line on stderr, with a timestamp (stdout carries only the tables)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# subjects
+
+
+class UpsampledBatches:
+    """Re-iterable (inputs, targets) mini-batches of 32x32 'shapes' images, bilinearly upsampled to ``size`` on the
+    fly (12,000 images at 224x224 would take 7 GB); shuffled with a per-epoch seed."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, size: int, shuffle: bool,
+                 seed: int = 0) -> None:
+        self.x, self.y, self.batch_size, self.size, self.shuffle, self.seed = x, y, batch_size, size, shuffle, seed
+        self._epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.x.shape[0]
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1000 + self._epoch))
+            self._epoch += 1
+        else:
+            order = torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            idx = order[i: i + self.batch_size]
+            xb = F.interpolate(self.x[idx], size=(self.size, self.size), mode="bilinear", align_corners=False)
+            yield xb, self.y[idx]
+
+    def __len__(self) -> int:
+        return -(-self.x.shape[0] // self.batch_size)
+
+
+def build_mobilenetv2(seed: int = 0, stage1_steps: int = 240, stage2_steps: int = 60) -> tuple[Subject, str]:
+    """Full-size MobileNetV2 (3.5 M params, ~300 M MACs at 224x224) with 10 classes, trained briefly on generated
+    'shapes' images: ``stage1_steps`` at 112x112 (batch 32), then ``stage2_steps`` at 224x224 (batch 16).
+    Weights are cached after the first build. Returns the subject and a note on what its accuracy means."""
+    torch.manual_seed(seed)
+    model = models.mobilenet_v2(num_classes=10)
+    x_train, y_train = make_shapes(6000, seed=1000 + seed)
+    x_val, y_val = make_shapes(256, seed=2000 + seed)
+    val = UpsampledBatches(x_val, y_val, 32, 224, shuffle=False)
+    key = hashlib.sha256(f"mobilenetv2-224|shapes-v1|{stage1_steps}|{stage2_steps}|{seed}|{torch.__version__}"
+                         .encode()).hexdigest()[:12]
+    path = cache_dir() / "subjects" / f"bench-mobilenetv2-224-{key}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        note = f"weights cached at {path}"
+    else:
+        t0 = time.perf_counter()
+        say(f"training the dense MobileNetV2: {stage1_steps} steps at 112x112, {stage2_steps} at 224x224 "
+            "(first run only; cached afterwards)...")
+        train.finetune(model, UpsampledBatches(x_train, y_train, 32, 112, shuffle=True, seed=seed), stage1_steps,
+                       lr=0.05)
+        train.finetune(model, UpsampledBatches(x_train, y_train, 16, 224, shuffle=True, seed=seed + 1),
+                       stage2_steps, lr=0.02)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        note = f"trained in {time.perf_counter() - t0:.0f} s and cached at {path}"
+    model.eval()
+    dense_acc = train.accuracy(model, val)
+    note = (f"MobileNetV2 at 224x224 trained only {stage1_steps}+{stage2_steps} steps on upsampled 32x32 'shapes' "
+            f"images (dense accuracy {dense_acc:.3f} on 256 held-out images); its accuracies are only comparable "
+            f"with each other, not with any published MobileNetV2 figure; latency is the point of this subject ({note})")
+    subject = Subject(
+        model=model,
+        example_inputs=(torch.zeros(1, 3, 224, 224),),
+        evaluate=lambda m: train.accuracy(m, val),
+        name="mobilenetv2-224",
+        calibration_data=UpsampledBatches(x_train[:128], y_train[:128], 32, 224, shuffle=False),
+        train_data=UpsampledBatches(x_train, y_train, 16, 224, shuffle=True, seed=seed),
+        loss_fn=nn.functional.cross_entropy,
+        description="full-size MobileNetV2, 224x224, shapes data",
+    )
+    return subject, note
+
+
+def build_subject(name: str, seed: int) -> tuple[Subject, str]:
+    """The subject for a ``--models`` entry and a note on what its accuracy means."""
+    if name == "demo":
+        subject = build_demo("mobilenet-tiny", seed=seed, log=say)
+        return subject, "mobilenet-tiny, the built-in demo subject (32x32 generated 'shapes' images, 2,000 held out)"
+    if name == "mobilenetv2":
+        return build_mobilenetv2(seed)
+    raise SystemExit(f"unknown model {name!r}; choose from demo, mobilenetv2")
+
+
+def fresh_data(data: Any) -> Any:
+    """A copy of a re-iterable batch source restarted at epoch 0, so every fine-tune sees the same batches."""
+    data = copy.copy(data)
+    if hasattr(data, "_epoch"):
+        data._epoch = 0
+    return data
+
+
+def classifier_of(model: nn.Module) -> nn.Module:
+    """The last Linear layer (the classifier, which keeps its outputs)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# measuring
+
+
+def stat(m: Measurement, which: str) -> float:
+    """The latency statistic used to decide a budget: ``median`` (wall clock) or ``cpu`` (thread CPU time)."""
+    if which == "cpu" and m.latency.cpu_median_ms is not None:
+        return m.latency.cpu_median_ms
+    return m.latency.median_ms
+
+
+class LatencyProbe:
+    """Measures a candidate right after the dense model, so slow drift in the host's load cancels in the ratio."""
+
+    def __init__(self, backend: OrtBackend, dense_onnx: Path, which: str) -> None:
+        self.backend, self.dense_onnx, self.which = backend, dense_onnx, which
+
+    def ratio(self, onnx_path: Path) -> float:
+        """Candidate latency / dense latency (two ORT measurements)."""
+        dense = self.backend.measure(self.dense_onnx)
+        cand = self.backend.measure(onnx_path)
+        return stat(cand, self.which) / stat(dense, self.which)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one-ratio methods: uniform and Torch-Pruning global magnitude
+
+
+@dataclass
+class CurvePoint:
+    """One pruning ratio of a one-ratio method, built, exported and measured against the dense model."""
+
+    ratio: float
+    latency_ratio: float  # candidate / dense, by the probe's statistic
+    macs: int
+    params: int
+    signature: str
+    seconds: float  # prune + export + measure
+    measured: bool  # False when an identical architecture was already measured
+    module: nn.Module = field(repr=False)
+
+
+class RatioCurve:
+    """Latency-to-dense of one method as a function of its single pruning ratio, measured on demand and cached
+    (by ratio, and by achieved architecture, as hwprune does)."""
+
+    def __init__(self, name: str, build: Callable[[float], nn.Module], subject: Subject, probe: LatencyProbe,
+                 workdir: Path) -> None:
+        self.name, self.build, self.subject, self.probe, self.workdir = name, build, subject, probe, workdir
+        self.points: dict[float, CurvePoint] = {}
+        self._by_signature: dict[str, float] = {}
+
+    def at(self, ratio: float) -> CurvePoint:
+        """The point for ``ratio`` (built and measured on first use)."""
+        ratio = round(ratio, 4)
+        if ratio in self.points:
+            return self.points[ratio]
+        t0 = time.perf_counter()
+        module = self.build(ratio)
+        macs, params = count_macs_params(module, self.subject.example_inputs)
+        sig = architecture_signature(read_widths(module))
+        if sig in self._by_signature:
+            lat, measured = self._by_signature[sig], False
+        else:
+            path = export_onnx(module, self.subject.example_inputs, self.workdir / f"{self.name}-{ratio:.4f}.onnx")
+            lat, measured = self.probe.ratio(path), True
+            self._by_signature[sig] = lat
+        point = CurvePoint(ratio, lat, macs, params, sig, time.perf_counter() - t0, measured, module)
+        self.points[ratio] = point
+        say(f"  {self.name} ratio {ratio:.3f}: latency {lat:.3f}x dense, {macs / 1e6:.2f} M MACs"
+            + ("" if measured else " (architecture already measured)"))
+        return point
+
+    def select(self, budget: float, grid: list[float], refine: int) -> tuple[CurvePoint, list[CurvePoint], bool]:
+        """The least pruning whose measured latency meets ``budget`` (a fraction of dense): the first grid ratio that
+        meets it, then ``refine`` bisection steps toward the grid ratio before it. Returns (choice, points consulted,
+        whether the budget was met); when no grid ratio meets it, the fastest grid point is returned."""
+        used: list[CurvePoint] = []
+        lo, hi = 0.0, None
+        for r in grid:
+            p = self.at(r)
+            used.append(p)
+            if p.latency_ratio <= budget:
+                hi = r
+                break
+            lo = r
+        if hi is None:
+            return min(used, key=lambda p: p.latency_ratio), used, False
+        for _ in range(refine):
+            mid = (lo + hi) / 2
+            p = self.at(mid)
+            used.append(p)
+            if p.latency_ratio <= budget:
+                hi = mid
+            else:
+                lo = mid
+        return self.at(hi), used, True
+
+
+def uniform_builder(subject: Subject, channel_multiple: int) -> Callable[[float], nn.Module]:
+    """ratio -> the model with every coupled channel group pruned by ``ratio`` (hwprune's pruner and importance),
+    kept widths rounded to ``channel_multiple``."""
+    space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=channel_multiple,
+                               max_ratio=0.95, ignored_layers=list(subject.ignored_layers))
+
+    def build(ratio: float) -> nn.Module:
+        return prune(subject.model, subject.example_inputs, space.uniform(ratio), space).module
+
+    return build
+
+
+def tp_global_magnitude_builder(subject: Subject) -> Callable[[float], nn.Module]:
+    """ratio -> Torch-Pruning's global magnitude pruning of a copy of the model (no channel rounding, as a user of
+    Torch-Pruning would run it; no layer loses more than 90% of its channels; the classifier keeps its outputs)."""
+
+    def build(ratio: float) -> nn.Module:
+        model = copy.deepcopy(subject.model).eval()
+        # fresh containers everywhere: Torch-Pruning's mutable defaults are shared between calls (DESIGN.md)
+        pruner = tp.pruner.MagnitudePruner(
+            model, subject.example_inputs[0], importance=tp.importance.GroupMagnitudeImportance(p=2),
+            global_pruning=True, pruning_ratio=ratio, max_pruning_ratio=0.9,
+            ignored_layers=[classifier_of(model)], round_to=None, in_channel_groups={}, out_channel_groups={},
+            num_heads={}, channel_groups={}, customized_pruners={}, unwrapped_parameters={},
+            root_module_types=[nn.modules.conv._ConvNd, nn.Linear])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner.step()
+        return model.eval()
+
+    return build
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class Final:
+    """One method's final model at one budget, and what choosing it cost."""
+
+    subject: str
+    budget: float | None  # None for the dense model
+    method: str
+    setting: str  # what was chosen: a ratio, or hwprune's trial number
+    module: nn.Module | None
+    macs: int = 0
+    params: int = 0
+    trials: int | None = None  # hwprune trials
+    measurements: int = 0  # ORT measurements spent choosing (each one session + warm-up + timed runs)
+    select_seconds: float = 0.0
+    select_latency_ratio: float | None = None  # what the method itself saw when it chose
+    budget_met_at_selection: bool | None = None
+    accuracy_calibrated: float | None = None  # after BN re-calibration, before fine-tuning
+    accuracy: float | None = None  # after the common fine-tune
+    finetune_seconds: float = 0.0
+    onnx: Path | None = None
+    rounds: list[dict[str, float]] = field(default_factory=list)  # interleaved re-measurements
+    latency: dict[str, float] = field(default_factory=dict)  # medians and ratios over the rounds
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.subject}|{self.budget}|{self.method}"
+
+
+def run_uniform(subject: Subject, curve: RatioCurve, budget: float, grid: list[float], refine: int,
+                method: str) -> Final:
+    """(b) The least uniform pruning ratio that meets the budget, by measurement."""
+    choice, used, met = curve.select(budget, grid, refine)
+    distinct = {id(p): p for p in used}.values()
+    return Final(subject.name, budget, method, f"ratio {choice.ratio:.3f}", copy.deepcopy(choice.module),
+                 choice.macs, choice.params, measurements=2 * sum(p.measured for p in distinct),
+                 select_seconds=sum(p.seconds for p in distinct), select_latency_ratio=choice.latency_ratio,
+                 budget_met_at_selection=met, note="" if met else "no ratio on the grid met the budget")
+
+
+def run_tp(subject: Subject, curve: RatioCurve, budget: float, grid: list[float], refine: int) -> Final:
+    """(c) Torch-Pruning global magnitude pruning, its global ratio bisected to the latency budget."""
+    return run_uniform(subject, curve, budget, grid, refine, "tp-global-mag")
+
+
+def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf: dict[str, Any],
+                runs_dir: Path) -> tuple[Final, dict[str, Any] | None, Path]:
+    """(a) hwprune's search with a fixed trial count; its recommended model, rebuilt from its ratios (so that its
+    fine-tune below is exactly the one every other method gets). Returns the result, summary.json and the run
+    folder."""
+    study = f"{subject.name}-{budget:g}x-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    note = ""
+    try:
+        hwprune.search(subject, PROFILE, latency_budget_ms=f"{budget}x", trials=conf["trials"], out=runs_dir,
+                       study=study, seed=args.seed, sampler=args.sampler, max_ratio=args.max_ratio,
+                       trial_finetune_steps=conf["trial_finetune_steps"], final_finetune_steps=0, progress=False)
+    except BudgetUnreachable as exc:
+        note = f"hwprune: {exc}"
+    seconds = time.perf_counter() - t0
+    run_dir = runs_dir / study
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    final = Final(subject.name, budget, "hwprune", "none", None, select_seconds=seconds, note=note)
+    if summary is None:
+        final.note = note or "hwprune wrote no summary.json"
+        return final, None, run_dir
+    s = summary["search"]
+    final.trials = int(s["trials_complete"])
+    final.measurements = int(s["trials_complete"]) - int(s["trials_cached"]) + 1  # + the dense model
+    rec = next((m for m in summary["pareto"] if m["recommended"]), None)
+    if rec is None:
+        final.budget_met_at_selection = False
+        final.note = final.note or "no feasible model"
+        return final, summary, run_dir
+    final.measurements += 1  # finalize re-measures the exported recommended model
+    final.setting = f"trial {rec['trial']}"
+    final.select_latency_ratio = rec["latency_ms"]["median"] / summary["dense"]["latency_ms"]["median"]
+    final.budget_met_at_selection = bool(rec["meets"]["latency"])
+    space = PruningSpace.build(subject.model, subject.example_inputs,
+                               channel_multiple=int(summary["request"]["channel_multiple"]),
+                               max_ratio=args.max_ratio, ignored_layers=list(subject.ignored_layers))
+    pruned = prune(subject.model, subject.example_inputs, rec["ratios"], space)
+    if {k: list(v) for k, v in pruned.widths.items()} != rec["widths"]:
+        final.note = "WARNING: rebuilding the recommended ratios gave other widths than summary.json reports"
+    final.module, final.macs, final.params = pruned.module, pruned.macs, pruned.params
+    return final, summary, run_dir
+
+
+def finetune_final(final: Final, subject: Subject, steps: int, seed: int) -> None:
+    """The fine-tune every final model gets: BN re-calibration, then ``steps`` steps distilled from the dense model,
+    from the same data order and seed."""
+    if final.module is None:
+        return
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    if subject.calibration_data is not None:
+        train.recalibrate_batchnorm(final.module, subject.calibration_data, 8)
+    final.accuracy_calibrated = float(subject.evaluate(final.module))
+    if steps and subject.train_data is not None:
+        train.finetune(final.module, fresh_data(subject.train_data), steps, loss_fn=subject.loss_fn, lr=FINAL_LR,
+                       teacher=subject.teacher or subject.model)
+    final.accuracy = float(subject.evaluate(final.module))
+    final.finetune_seconds = time.perf_counter() - t0
+
+
+def remeasure_interleaved(finals: list[Final], backend: OrtBackend, rounds: int, dense_key: str) -> None:
+    """Measure every model once per round, round-robin (each round starting one model later), and store per model
+    the median over rounds of wall and CPU medians, and of its ratio to the dense model of the same round."""
+    live = [f for f in finals if f.onnx is not None]
+    for r in range(rounds):
+        order = live[r % len(live):] + live[: r % len(live)]
+        for f in order:
+            m = backend.measure(f.onnx)
+            f.rounds.append({"round": r, "wall_ms": m.latency.median_ms,
+                             "cpu_ms": m.latency.cpu_median_ms or m.latency.median_ms, "min_ms": m.latency.min_ms,
+                             "noisy": m.latency.noisy, "load1": (m.load_avg or (float("nan"),))[0]})
+        say(f"  round {r + 1}/{rounds} measured ({len(live)} models)")
+    dense = next(f for f in live if f.key == dense_key)
+    for f in live:
+        wall = [x["wall_ms"] for x in f.rounds]
+        cpu = [x["cpu_ms"] for x in f.rounds]
+        f.latency = {
+            "wall_ms": statistics.median(wall), "cpu_ms": statistics.median(cpu),
+            "min_ms": min(x["min_ms"] for x in f.rounds),
+            "dense_wall_ms": statistics.median(x["wall_ms"] for x in dense.rounds),
+            "dense_cpu_ms": statistics.median(x["cpu_ms"] for x in dense.rounds),
+            "ratio_wall": statistics.median(a["wall_ms"] / b["wall_ms"] for a, b in zip(f.rounds, dense.rounds)),
+            "ratio_cpu": statistics.median(a["cpu_ms"] / b["cpu_ms"] for a, b in zip(f.rounds, dense.rounds)),
+        }
+
+
+def check_front(summary: dict[str, Any], run_dir: Path, backend: OrtBackend, rounds: int) -> dict[str, Any]:
+    """hwprune's promise: no 'smaller but not faster' model on its Pareto front. Every front model must be faster
+    than dense, and along the front sorted by latency, a model with fewer MACs must never be slower than one with
+    more MACs. Checked on the latencies the search recorded and, with ``rounds`` > 0, on interleaved re-measurements
+    (thread CPU time) of the exported front models and the dense model."""
+    front = summary["pareto"]
+    result: dict[str, Any] = {"models": len(front)}
+    if not front:
+        return result
+    lat = {m["trial"]: m["latency_ms"]["median"] for m in front}
+    dense_lat = summary["dense"]["latency_ms"]["median"]
+    result["search"] = _front_order(front, lat, dense_lat)
+    if rounds > 0:
+        paths = {m["trial"]: run_dir / m["files"]["onnx"]["path"] for m in front}
+        paths[None] = run_dir / summary["dense"]["files"]["onnx"]["path"]
+        samples: dict[Any, list[float]] = {k: [] for k in paths}
+        keys = list(paths)
+        for r in range(rounds):
+            for k in keys[r % len(keys):] + keys[: r % len(keys)]:
+                m = backend.measure(paths[k])
+                samples[k].append(m.latency.cpu_median_ms or m.latency.median_ms)
+        re_lat = {k: statistics.median(v) for k, v in samples.items() if k is not None}
+        result["remeasured_cpu"] = _front_order(front, re_lat, statistics.median(samples[None]))
+        result["remeasured_cpu"]["rounds"] = rounds
+    return result
+
+
+def _front_order(front: list[dict[str, Any]], lat: dict[Any, float], dense_lat: float) -> dict[str, Any]:
+    """Counts of front models not faster than dense and of (fewer MACs, slower) pairs, raw and beyond noise."""
+    ordered = sorted(front, key=lambda m: lat[m["trial"]])
+    not_faster = [m["trial"] for m in ordered if lat[m["trial"]] >= dense_lat]
+    pairs = violations = beyond_noise = 0
+    examples: list[str] = []
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1:]:  # lat[a] <= lat[b]
+            pairs += 1
+            if b["macs"] < a["macs"] and lat[b["trial"]] > lat[a["trial"]]:
+                violations += 1
+                if lat[b["trial"]] > lat[a["trial"]] * (1 + NOISE_TOL):
+                    beyond_noise += 1
+                    if len(examples) < 3:
+                        examples.append(f"trial {b['trial']} ({b['macs'] / 1e6:.2f} M MACs, "
+                                        f"{lat[b['trial']]:.4f} ms) slower than trial {a['trial']} "
+                                        f"({a['macs'] / 1e6:.2f} M MACs, {lat[a['trial']]:.4f} ms)")
+    return {"dense_ms": dense_lat, "not_faster_than_dense": not_faster, "pairs": pairs, "violations": violations,
+            "violations_beyond_noise": beyond_noise, "examples": examples,
+            "holds": not not_faster and beyond_noise == 0}
+
+
+def overhead_row(subject: str, budget: float, summary: dict[str, Any]) -> dict[str, Any]:
+    """hwprune's per-trial time per stage: summary.json's search.stage_seconds divided by the complete trials."""
+    s = summary["search"]
+    n = max(int(s["trials_complete"]), 1)
+    row: dict[str, Any] = {"model": subject, "budget": budget, "trials": int(s["trials_complete"]),
+                           "cached": int(s["trials_cached"]), "knobs": s.get("knobs")}
+    stages = s["stage_seconds"]
+    for k in ("prune", "export", "session", "timing", "evaluate", "calibrate", "finetune"):
+        row[k] = stages.get(k, 0.0) / n
+    row["search_wall"] = float(s["wall_seconds"]) / n
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tables
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def results_table(finals: list[Final]) -> str:
+    """The main Markdown table: one row per model."""
+    lines = ["| model | budget | method | chose | accuracy (BN-cal → fine-tuned) | latency ms, median (dense) "
+             "| ÷ dense, wall | ÷ dense, CPU | meets (wall/CPU) | MACs M (÷ dense) | params K | trials / ORT meas. "
+             "| select s | fine-tune s |",
+             "|" + "---|" * 14]
+    dense_macs = {f.subject: f.macs for f in finals if f.method == "dense"}
+    for f in finals:
+        lat = f.latency
+        if f.budget is None:
+            meets = "–"
+        elif not lat:
+            meets = "no model"
+        else:
+            meets = ("yes" if lat["ratio_wall"] <= f.budget else "NO") + " / " + \
+                    ("yes" if lat["ratio_cpu"] <= f.budget else "NO")
+        acc = "–" if f.accuracy is None else (
+            f"{_f(f.accuracy_calibrated, '.3f')} → {f.accuracy:.3f}" if f.accuracy_calibrated is not None
+            else f"{f.accuracy:.3f}")
+        lat_txt = f"{lat['wall_ms']:.3f} ({lat['dense_wall_ms']:.3f})" if lat else "–"
+        cost = "–" if f.method == "dense" else (f"{f.trials} / {f.measurements}" if f.trials is not None
+                                                else f"– / {f.measurements}")
+        macs = f"{f.macs / 1e6:.2f} ({f.macs / max(dense_macs.get(f.subject, 1), 1):.2f})" if f.macs else "–"
+        lines.append(
+            f"| {f.subject} | {'–' if f.budget is None else f'{f.budget:g}x'} | {f.method} | {f.setting} | {acc} "
+            f"| {lat_txt} | {_f(lat.get('ratio_wall'), '.3f')} | {_f(lat.get('ratio_cpu'), '.3f')} | {meets} "
+            f"| {macs} | {f.params / 1e3:.1f} | {cost} | {'–' if f.method == 'dense' else f'{f.select_seconds:.0f}'} "
+            f"| {'–' if f.method == 'dense' else f'{f.finetune_seconds:.0f}'} |")
+    return "\n".join(lines)
+
+
+def overhead_table(rows: list[dict[str, Any]]) -> str:
+    """hwprune's per-trial overhead split by stage."""
+    lines = ["| model | budget | trials (cached) | prune | export | session | timing | evaluate | calibrate "
+             "| finetune | whole search ÷ trials |", "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['budget']:g}x | {r['trials']} ({r['cached']}) | {r['prune']:.2f} "
+                     f"| {r['export']:.2f} | {r['session']:.2f} | {r['timing']:.2f} | {r['evaluate']:.2f} "
+                     f"| {r['calibrate']:.2f} | {r['finetune']:.2f} | {r['search_wall']:.2f} |")
+    return "\n".join(lines)
+
+
+def front_lines(checks: list[dict[str, Any]]) -> list[str]:
+    """One line per search and latency source: does 'no smaller-but-not-faster model' hold on the Pareto front?"""
+    out = []
+    for c in checks:
+        for source in ("search", "remeasured_cpu"):
+            r = c.get(source)
+            if r is None:
+                continue
+            label = "latencies recorded by the search" if source == "search" else \
+                f"re-measured interleaved ({r['rounds']} rounds, CPU time)"
+            out.append(
+                f"- {c['model']} {c['budget']:g}x, {c['models']} Pareto models, {label}: "
+                f"{'HOLDS' if r['holds'] else 'VIOLATED'} — not faster than dense: {len(r['not_faster_than_dense'])}"
+                f"{' ' + str(r['not_faster_than_dense']) if r['not_faster_than_dense'] else ''}; fewer-MACs-but-slower "
+                f"pairs: {r['violations']} of {r['pairs']} ({r['violations_beyond_noise']} beyond {NOISE_TOL:.0%} "
+                f"noise){'; e.g. ' + '; '.join(r['examples']) if r['examples'] else ''}")
+        if c["models"] == 0:
+            out.append(f"- {c['model']} {c['budget']:g}x: no Pareto model (nothing met the budget)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# driver
+
+
+def subject_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Trials and fine-tune steps for one subject: the flag if given, else the subject's (quick) default."""
+    d = DEFAULTS[name]
+    return {
+        "trials": args.trials or d["quick_trials" if args.quick else "trials"],
+        "finetune_steps": args.finetune_steps if args.finetune_steps is not None
+        else d["quick_finetune_steps" if args.quick else "finetune_steps"],
+        "trial_finetune_steps": args.trial_finetune_steps if args.trial_finetune_steps is not None
+        else d["trial_finetune_steps"],
+    }
+
+
+def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out: Path) -> dict[str, Any]:
+    """Every method at every budget on one subject, fine-tuned alike and re-measured interleaved."""
+    conf = subject_config(name, args)
+    subject, note = build_subject(name, args.seed)
+    say(f"{subject.name}: {note}")
+    say(f"{subject.name}: trials {conf['trials']}, fine-tune steps {conf['finetune_steps']} for every final model, "
+        f"hwprune trial fine-tune steps {conf['trial_finetune_steps']}")
+    workdir = out / "runs" / f"{subject.name}-candidates"
+    workdir.mkdir(parents=True, exist_ok=True)
+    dense_onnx = export_onnx(subject.model, subject.example_inputs, workdir / "dense.onnx")
+    macs, params = count_macs_params(subject.model, subject.example_inputs)
+    dense = Final(subject.name, None, "dense", "–", subject.model, macs, params, onnx=dense_onnx)
+    dense.accuracy = float(subject.evaluate(subject.model))
+    probe = LatencyProbe(backend, dense_onnx, args.select_stat)
+    grid = [float(x) for x in args.grid.split(",")]
+    refine = 2 if args.quick else 3
+    curves = {
+        "uniform-16": RatioCurve("uniform-16", uniform_builder(subject, 16), subject, probe, workdir),
+        "uniform-1": RatioCurve("uniform-1", uniform_builder(subject, 1), subject, probe, workdir),
+        "tp-global-mag": RatioCurve("tp-global-mag", tp_global_magnitude_builder(subject), subject, probe, workdir),
+    }
+    finals: list[Final] = [dense]
+    overhead: list[dict[str, Any]] = []
+    checks: list[dict[str, Any]] = []
+    for budget in args.budgets:
+        say(f"{subject.name} {budget:g}x: hwprune search ({conf['trials']} trials)...")
+        hw, summary, run_dir = run_hwprune(subject, budget, args, conf, out / "runs")
+        finals.append(hw)
+        if summary is not None:
+            overhead.append(overhead_row(subject.name, budget, summary))
+            say(f"{subject.name} {budget:g}x: checking hwprune's Pareto front ({len(summary['pareto'])} models)...")
+            check = check_front(summary, run_dir, backend, args.front_rounds)
+            checks.append({"model": subject.name, "budget": budget, "run_dir": str(run_dir), **check})
+        for method in ("uniform-16", "uniform-1"):
+            say(f"{subject.name} {budget:g}x: {method} bisection...")
+            finals.append(run_uniform(subject, curves[method], budget, grid, refine, method))
+        say(f"{subject.name} {budget:g}x: tp-global-mag bisection...")
+        finals.append(run_tp(subject, curves["tp-global-mag"], budget, grid, refine))
+
+    for f in finals[1:]:
+        if f.module is None:
+            continue
+        say(f"{subject.name} {f.budget:g}x {f.method}: BN re-calibration + {conf['finetune_steps']} fine-tune steps")
+        finetune_final(f, subject, conf["finetune_steps"], args.seed)
+        f.onnx = export_onnx(f.module, subject.example_inputs,
+                             workdir / f"final-{f.budget:g}x-{f.method}.onnx")
+    say(f"{subject.name}: re-measuring {sum(f.onnx is not None for f in finals)} models interleaved, "
+        f"{args.rounds} rounds...")
+    remeasure_interleaved(finals, backend, args.rounds, dense.key)
+    return {
+        "subject": subject.name, "note": note, "config": conf, "finals": finals, "overhead": overhead,
+        "checks": checks,
+        "curves": {k: [{"ratio": p.ratio, "latency_ratio": p.latency_ratio, "macs": p.macs, "params": p.params,
+                        "measured": p.measured, "seconds": p.seconds} for p in sorted(c.points.values(),
+                                                                                        key=lambda p: p.ratio)]
+                   for k, c in curves.items()},
+    }
+
+
+def final_record(f: Final) -> dict[str, Any]:
+    """A flat CSV/JSON row for one final model."""
+    lat = f.latency
+    return {
+        "model": f.subject, "budget": f.budget, "method": f.method, "setting": f.setting,
+        "accuracy": f.accuracy, "accuracy_bn_calibrated": f.accuracy_calibrated,
+        "latency_wall_ms": lat.get("wall_ms"), "latency_cpu_ms": lat.get("cpu_ms"), "latency_min_ms": lat.get("min_ms"),
+        "dense_wall_ms": lat.get("dense_wall_ms"), "dense_cpu_ms": lat.get("dense_cpu_ms"),
+        "ratio_wall": lat.get("ratio_wall"), "ratio_cpu": lat.get("ratio_cpu"),
+        "meets_wall": None if f.budget is None or not lat else lat["ratio_wall"] <= f.budget,
+        "meets_cpu": None if f.budget is None or not lat else lat["ratio_cpu"] <= f.budget,
+        "macs": f.macs, "params": f.params, "trials": f.trials, "measurements": f.measurements,
+        "select_seconds": round(f.select_seconds, 2), "select_latency_ratio": f.select_latency_ratio,
+        "budget_met_at_selection": f.budget_met_at_selection, "finetune_seconds": round(f.finetune_seconds, 2),
+        "rounds": len(f.rounds), "note": f.note,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="demo subject only, fewer trials and fine-tune steps")
+    p.add_argument("--models", default=None, help="comma-separated: demo,mobilenetv2 (default: both; demo with --quick)")
+    p.add_argument("--budgets", default="0.6,0.4", help="latency budgets as fractions of dense (default 0.6,0.4)")
+    p.add_argument("--trials", type=int, default=None, help="hwprune trials per search (default: demo 30, "
+                   "mobilenetv2 16; --quick: 12 and 8)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tune steps of every final model (default: "
+                   "demo 150, mobilenetv2 20; --quick: 40 and 10)")
+    p.add_argument("--trial-finetune-steps", type=int, default=None,
+                   help="hwprune's per-trial fine-tune steps (default: demo 20 = hwprune's default, mobilenetv2 0)")
+    p.add_argument("--sampler", default="tpe", help="hwprune's sampler (default tpe)")
+    p.add_argument("--max-ratio", type=float, default=0.75, help="hwprune's per-group max ratio (default 0.75)")
+    p.add_argument("--grid", default="0.15,0.3,0.45,0.6,0.75,0.9",
+                   help="ratios scanned before bisecting, for the uniform and Torch-Pruning baselines")
+    p.add_argument("--select-stat", choices=("cpu", "median"), default="cpu",
+                   help="statistic the baselines' bisection compares with the budget: thread CPU time (stable under "
+                        "load, default) or wall median")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved re-measurement rounds (default 5; quick 3)")
+    p.add_argument("--front-rounds", type=int, default=None,
+                   help="rounds re-measuring hwprune's Pareto front for the check (default 3; quick 2; 0 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    args.models = (args.models or ("demo" if args.quick else "demo,mobilenetv2")).split(",")
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
+    args.front_rounds = args.front_rounds if args.front_rounds is not None else (2 if args.quick else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()
+    backend = OrtBackend(PROFILE)
+    results = [bench_subject(name, args, backend, out) for name in args.models]
+    finals = [f for r in results for f in r["finals"]]
+    overhead = [o for r in results for o in r["overhead"]]
+    checks = [c for r in results for c in r["checks"]]
+    wall = time.perf_counter() - t0
+    command = "python bench/bench_search.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    text = [f"## bench_search: hwprune vs. baselines at equal measured latency ({PROFILE}, ONNX Runtime, 1 thread)",
+            "", f"`{command}` — {dt.datetime.now().isoformat(timespec='minutes')}, {wall / 60:.1f} min, load average "
+            f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end", ""]
+    for r in results:
+        c = r["config"]
+        text.append(f"- **{r['subject']}**: {r['note']}. hwprune: {c['trials']} trials, {c['trial_finetune_steps']} "
+                    f"fine-tune steps per trial. Every final model: BN re-calibration + {c['finetune_steps']} "
+                    f"fine-tune steps distilled from the dense model.")
+    text += ["", results_table(finals), "",
+             "Latency: median over interleaved rounds, with the dense model's in the same rounds in brackets; the "
+             "ratios are medians over rounds of (model ÷ dense of that round). Baselines chose their ratio by "
+             f"measured {'thread CPU time' if args.select_stat == 'cpu' else 'wall median'}; hwprune chose by its "
+             "own search (wall median). 'BN-cal' = accuracy after BN re-calibration only.", "",
+             "### hwprune per-trial overhead (seconds per trial, from summary.json `search.stage_seconds`)", "",
+             overhead_table(overhead), "", "### No 'smaller but not faster' model on hwprune's Pareto front", ""]
+    text += front_lines(checks)
+    report = "\n".join(text)
+    print(report)
+
+    rows = [final_record(f) for f in finals]
+    with open(out / "bench_search.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    payload = {
+        "command": command, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": round(wall, 1), "load_avg_start": load0, "load_avg_end": os.getloadavg(),
+        "host": platform.platform(), "args": {k: v for k, v in vars(args).items()},
+        "versions": {"hwprune": hwprune.__version__, "torch": torch.__version__, "torch_pruning": tp.__version__,
+                     "onnxruntime": __import__("onnxruntime").__version__, "optuna": __import__("optuna").__version__},
+        "subjects": [{"subject": r["subject"], "note": r["note"], "config": r["config"], "curves": r["curves"]}
+                     for r in results],
+        "results": [{**final_record(f), "latency_rounds": f.rounds} for f in finals],
+        "hwprune_overhead_per_trial_s": overhead, "pareto_checks": checks, "markdown": report,
+    }
+    (out / "bench_search.json").write_text(json.dumps(payload, indent=2, default=str))
+    say(f"wrote {out / 'bench_search.csv'} and {out / 'bench_search.json'} ({wall / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
