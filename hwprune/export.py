@@ -48,6 +48,10 @@ def _tmp_path(path: Path) -> Path:
     # Same folder as the target so os.replace is a rename on one filesystem (atomic), never a copy.
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); artifacts are meant to be read like any file the user writes
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     return Path(name)
 
 

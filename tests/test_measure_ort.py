@@ -192,8 +192,8 @@ def test_node_profile_reports_graph_nodes(cnn: tuple[nn.Module, Path]) -> None:
     convs = [n for n in nodes if n["op_type"] == "Conv"]
     assert len(convs) == 3
     assert all(n["name"] in names_in_graph for n in convs)
-    assert all(n["mean_us"] > 0 for n in convs)
-    times = [n["mean_us"] for n in nodes]
+    assert all(n["median_us"] > 0 for n in convs)
+    times = [n["median_us"] for n in nodes]
     assert times == sorted(times, reverse=True)
     # the trace file and its temporary folder are gone, and nothing was written to the working directory
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "hwprune-ort-prof-*"))) == before
@@ -219,5 +219,5 @@ def test_parse_node_trace_drops_warmup_runs() -> None:
     events = [{"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 5}]
     events += run(0) + run(100) + run(200)  # the first run (slow conv) is the warm-up
     nodes = parse_node_trace(events, runs=2, warmup=1)
-    assert nodes == [{"name": "conv", "op_type": "Conv", "mean_us": 10.0},
-                     {"name": "relu", "op_type": "Relu", "mean_us": 2.0}]
+    assert nodes == [{"name": "conv", "op_type": "Conv", "median_us": 10.0},
+                     {"name": "relu", "op_type": "Relu", "median_us": 2.0}]

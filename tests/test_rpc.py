@@ -195,3 +195,19 @@ def test_hung_board_is_bounded(tiny_onnx: Path) -> None:
         finally:
             freeze.join()
             os.killpg(pgid, signal.SIGCONT)
+
+
+@pytest.mark.slow
+def test_tuning_measures_candidates_on_the_board(rpc: LocalRpc, tmp_path: Path) -> None:
+    """With tuning_trials > 0 over tvm-rpc, MetaSchedule's candidates are timed on the board (RPC runner) and the
+    records go to a database kept per profile, target and device key."""
+    from hwprune.doctor import write_tiny_model
+    from hwprune.measure.tvm import TvmRpcBackend, tuning_db_dir
+
+    model = write_tiny_model(tmp_path / "t.onnx")
+    profile = _profile(rpc.tracker, tvm__tuning_trials=8, rpc__session_timeout_s=60.0)
+    m = TvmRpcBackend(profile).measure(model)
+    assert m.tuned is True and m.stage_seconds["tune"] > 0
+    db = tuning_db_dir(profile)
+    assert db.name.endswith(f"-{KEY}") and str(db).startswith(str(tmp_path))
+    assert len((db / "database_tuning_record.json").read_text().splitlines()) >= m.extra["tuning"]["tasks"]

@@ -163,10 +163,10 @@ def test_bad_flags_fail_clearly(tmp_path: Path) -> None:
 
 
 def test_untraceable_model_names_the_problem(tmp_path: Path) -> None:
-    proc = run_cli("search", "--model", "bad_models:data_dependent", "--latency-budget-ms", "1", "--trials", "1",
+    proc = run_cli("search", "--model", "bad_models:unexportable", "--latency-budget-ms", "1", "--trials", "1",
                    "--out", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "hwprune: error:" in proc.stderr
+    assert "hwprune: error:" in proc.stderr and "fft" in proc.stderr
 
 
 def test_remote_profile_without_board_fails_clearly(tmp_path: Path) -> None:

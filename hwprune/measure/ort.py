@@ -251,40 +251,49 @@ def _trace_events(path: str) -> list[dict[str, Any]]:
 
 
 def parse_node_trace(events: list[dict[str, Any]], runs: int, warmup: int) -> list[dict[str, Any]]:
-    """Mean per-run kernel time of each node from ORT profiler events, warm-up runs dropped, slowest first.
+    """Per-run kernel time of each node from ORT profiler events (median over runs), warm-up runs dropped.
 
     Node events (``cat == "Node"``, name ``<node>_kernel_time``) are attributed to runs by the ``model_run`` session
-    events: only kernels that started at or after the first of the last ``runs`` model runs count. Names are those of
-    ONNX Runtime's optimized graph (fused nodes get new names, e.g. ``..._nchwc``).
+    events: only kernels that started at or after the first of the last ``runs`` model runs count. The median over
+    runs, not the mean, because on a shared host one preempted run would otherwise dominate a node's figure. Names
+    are those of ONNX Runtime's optimized graph (fused nodes get new names, e.g. ``..._nchwc``).
     """
+    import bisect
+    import statistics
+
     suffix = "_kernel_time"
-    kernels = [e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith(suffix)]
+    kernels = sorted((e for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith(suffix)),
+                     key=lambda e: e.get("ts", 0))
     model_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                         key=lambda e: e.get("ts", 0))
-    totals: dict[tuple[str, str], float] = {}
+    per_run: dict[tuple[str, str], dict[int, float]] = {}
     order: dict[tuple[str, str], int] = {}
-    if len(model_runs) >= runs > 0:
-        start = model_runs[-runs]["ts"]
-        counted = [e for e in kernels if e.get("ts", 0) >= start]
-    else:
-        # No run markers: each node runs once per run, so drop its first `warmup` occurrences.
-        seen: dict[tuple[str, str], int] = {}
-        counted = []
-        for e in sorted(kernels, key=lambda e: e.get("ts", 0)):
-            key = (e["name"], str(e.get("args", {}).get("node_index", "")))
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] > warmup:
-                counted.append(e)
-    for e in counted:
+    seen: dict[tuple[str, str], int] = {}
+    use_markers = len(model_runs) >= runs > 0
+    starts = [e["ts"] for e in model_runs[-runs:]] if use_markers else []
+    for e in kernels:
         args = e.get("args", {}) or {}
         op = str(args.get("op_name", ""))
         name = e["name"][: -len(suffix)] or f"{op}_{args.get('node_index', '')}"
         key = (name, op)
-        totals[key] = totals.get(key, 0.0) + float(e.get("dur", 0))
+        if use_markers:
+            if e.get("ts", 0) < starts[0]:
+                continue
+            run = bisect.bisect_right(starts, e.get("ts", 0)) - 1
+        else:
+            # no run markers: each node runs once per run, so its k-th occurrence belongs to run k
+            seen[key] = seen.get(key, 0) + 1
+            if seen[key] <= warmup:
+                continue
+            run = seen[key] - warmup - 1
+        runs_of_key = per_run.setdefault(key, {})
+        runs_of_key[run] = runs_of_key.get(run, 0.0) + float(e.get("dur", 0))
         order.setdefault(key, len(order))
     n = max(runs, 1)
-    nodes = [{"name": name, "op_type": op, "mean_us": total / n} for (name, op), total in totals.items()]
-    nodes.sort(key=lambda d: (-d["mean_us"], order[(d["name"], d["op_type"])]))
+    nodes = [{"name": name, "op_type": op,
+              "median_us": statistics.median([by_run.get(r, 0.0) for r in range(n)])}
+             for (name, op), by_run in per_run.items()]
+    nodes.sort(key=lambda d: (-d["median_us"], order[(d["name"], d["op_type"])]))
     return nodes
 
 
@@ -292,8 +301,8 @@ def node_profile(onnx_path: OnnxSource, profile: DeviceProfile | str, runs: int 
                  inputs: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Per-node latency from ONNX Runtime's built-in profiler, in the ``node_latency.json`` format.
 
-    Returns ``{"backend": "ort", "runs": runs, "nodes": [{"name", "op_type", "mean_us"}, ...]}`` sorted by
-    ``mean_us`` descending, averaged over ``runs`` profiled runs after the profile's warm-up runs. The trace file is
+    Returns ``{"backend": "ort", "runs": runs, "nodes": [{"name", "op_type", "median_us"}, ...]}`` sorted by
+    ``median_us`` descending, the median over ``runs`` profiled runs after the profile's warm-up runs. The trace file is
     written to a temporary folder and deleted after reading.
     """
     profile = load_profile(profile)

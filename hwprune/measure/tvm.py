@@ -130,11 +130,16 @@ def target_signature(profile: DeviceProfile) -> str:
 def tuning_db_dir(profile: DeviceProfile) -> Path:
     """Where the profile's MetaSchedule database lives.
 
-    ``profile.tvm.tuning_db`` when set (used as given), else ``<cache_root>/tvm/<profile>/tuning/<target hash>/``.
+    ``profile.tvm.tuning_db`` when set (used as given), else ``<cache_root>/tvm/<profile>/tuning/<target hash>/``,
+    with ``-<rpc key>`` appended for ``tvm-rpc``: tuning records are timings of one kind of device, and a profile
+    pointed at another board with ``--key`` must not mix its records with this machine's.
     """
     if profile.tvm.tuning_db:
         return Path(profile.tvm.tuning_db).expanduser()
-    return profile_cache_dir(profile) / "tuning" / target_signature(profile)
+    leaf = target_signature(profile)
+    if profile.backend == "tvm-rpc" and profile.rpc.key:
+        leaf += "-" + _safe(profile.rpc.key)
+    return profile_cache_dir(profile) / "tuning" / leaf
 
 
 def make_target(profile: DeviceProfile) -> Any:

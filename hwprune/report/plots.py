@@ -161,7 +161,7 @@ def op_type_totals(profile: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for node in profile.get("nodes", []):
         op = str(node.get("op_type") or "?")
-        out[op] = out.get(op, 0.0) + float(node.get("mean_us") or 0.0)
+        out[op] = out.get(op, 0.0) + float(node.get("median_us") or 0.0)
     return out
 
 

@@ -630,12 +630,11 @@ def _request_section(run: RunData) -> Section:
                  or DASH])
     s.blocks.append(Table(["Setting", "Value"], rows, align="ll"))
     command = str(req.get("command") or "")
-    s.blocks.append(Text("The command that started this search; run it again to reproduce the search (with the same "
-                         "storage it resumes the study instead of starting over):"))
-    s.blocks.append(Code(command or "(not recorded)", "bash"))
-    if command and not command.startswith("hwprune"):
-        s.blocks.append(Text("This search was started from Python (`hwprune.search(...)`), so the line above is the "
-                             "command of that Python process, not a `hwprune` command line.", "note"))
+    from_python = command.startswith("hwprune.search(")
+    s.blocks.append(Text("The " + ("Python call" if from_python else "command") + " that started this search; run "
+                         "it again to reproduce the search (with the same storage it resumes the study instead of "
+                         "starting over):"))
+    s.blocks.append(Code(command or "(not recorded)", "python" if from_python else "bash"))
     return s
 
 
@@ -731,7 +730,7 @@ def _node_section(run: RunData) -> Section | None:
     for prof, record in ((dense_prof, run.dense), (rec_prof, rec)):
         if not prof or record is None:
             continue
-        total_us = sum(float(n.get("mean_us") or 0) for n in prof.get("nodes", []))
+        total_us = sum(float(n.get("median_us") or 0) for n in prof.get("nodes", []))
         median_us = 1000.0 * float((record.get("latency_ms") or {}).get("median") or 0)
         if median_us and total_us > 2 * median_us:
             s.blocks.append(Text(
@@ -752,11 +751,11 @@ def _node_section(run: RunData) -> Section | None:
     label = f"trial {rec['trial']} (recommended), µs" if rec is not None else "recommended, µs"
     s.blocks.append(Table(["Op type", "dense, µs", label], rows, caption="Mean time per inference by op type"))
     prof, who = (rec_prof, model_label(rec)) if rec_prof else (dense_prof, "dense")
-    nodes = sorted(prof.get("nodes", []), key=lambda n: -float(n.get("mean_us") or 0))[:10]
-    total = sum(float(n.get("mean_us") or 0) for n in prof.get("nodes", [])) or 1.0
+    nodes = sorted(prof.get("nodes", []), key=lambda n: -float(n.get("median_us") or 0))[:10]
+    total = sum(float(n.get("median_us") or 0) for n in prof.get("nodes", [])) or 1.0
     s.blocks.append(Table(["Node", "Op type", "Mean µs", "Share"],
-                          [[code(n.get("name")), code(n.get("op_type")), f"{float(n.get('mean_us') or 0):.1f}",
-                            fmt_pct(100 * float(n.get("mean_us") or 0) / total)] for n in nodes],
+                          [[code(n.get("name")), code(n.get("op_type")), f"{float(n.get('median_us') or 0):.1f}",
+                            fmt_pct(100 * float(n.get("median_us") or 0) / total)] for n in nodes],
                           align="llrr", caption=f"The slowest nodes of the {who} model"))
     return s
 

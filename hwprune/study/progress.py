@@ -47,5 +47,12 @@ class SearchProgress:
                     self.best = f"best feasible: acc {acc:.3f} @ {lat:.3f} ms, {mem:.2f} MB (trial {trial.number})"
         status = self.best + (f" | {self.failed} failed" if self.failed else "")
         self._progress.update(self._task, advance=1, status=status)
+        if not self.enabled and self.log is not None and trial.state == TrialState.COMPLETE:
+            # no terminal (CI, nightly logs): one line per trial instead of a bar
+            task = self._progress.tasks[0]
+            eta = f", ETA {task.time_remaining:.0f} s" if task.time_remaining else ""
+            acc, lat, mem = trial.values
+            self.log(f"trial {trial.number} ({task.completed:.0f}/{task.total or '?'}{eta}): {acc:.4f}, "
+                     f"{lat:.3f} ms, {mem:.2f} MB | {status}")
 
     _best_acc: float = float("-inf")

@@ -465,7 +465,11 @@ def search(model: str | Subject | Callable[[], Any] = "mobilenet-tiny", device: 
         subject = load_subject(model, seed=seed)
         spec = subject.name
     device_name = device.source or device.name if isinstance(device, DeviceProfile) else device
+    shown = {"latency_budget_ms": latency_budget_ms, "memory_budget_mb": memory_budget_mb, "trials": trials,
+             "timeout": timeout, "storage": storage, "study": study, "out": str(out), "seed": seed, **options}
+    command = options.pop("command", None) or "hwprune.search({}, {}{})".format(
+        repr(spec), repr(device_name), "".join(f", {k}={v!r}" for k, v in shown.items() if v is not None))
     config = SearchConfig(model=spec, device=device_name, latency_budget_ms=latency_budget_ms,
                           memory_budget_mb=memory_budget_mb, trials=trials, timeout_s=timeout, storage=storage,
-                          study=study, out=Path(out), seed=seed, progress=progress, **options)
+                          study=study, out=Path(out), seed=seed, progress=progress, command=command, **options)
     return Search(config, subject=subject).run()
