@@ -247,7 +247,8 @@ def test_request_and_health_numbers(run_dir: Path, summary: dict[str, Any], md: 
     assert _unmark(settings["Hardware (from the profile)"]).startswith(req["profile"]["hardware"]["cpu"] + ";")
     for package in ("hwprune", "torch", "onnxruntime", "optuna"):
         assert f"{package} {req['versions'][package]}" in _unmark(settings["Software"])
-    assert f"```bash\n{req['command']}\n```" in md
+    lang = "python" if req["command"].startswith("hwprune.search(") else "bash"
+    assert f"```{lang}\n{req['command']}\n```" in md
     counts = {r["Trials"]: r["Count"] for r in find_table(md_tables(md), "Trials", "Count")}
     assert counts["Completed trials"] == str(srch["trials_complete"])
     assert counts["Failed trials"] == str(srch["trials_failed"])
