@@ -307,7 +307,7 @@ def test_onnx_snippet_runs_and_matches_the_model(run_dir: Path, summary: dict[st
                                                  tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    snippets = re.findall(r"```python\n(.*?)```", md, flags=re.S)
+    snippets = [b for b in re.findall(r"```python\n(.*?)```", md, flags=re.S) if "import onnxruntime" in b]
     assert len(snippets) == 1
     snippet = snippets[0]
     out = tmp_path / "out.npy"
@@ -423,7 +423,7 @@ def test_report_when_nothing_met_the_budgets(run_dir: Path, tmp_path: Path) -> N
     md = (copy / "report.md").read_text()
     assert "> **Warning:** **No model met the budgets**" in md
     assert f"reached was {fmt_ms(0.5)} latency and {fmt_mb(1.25)} memory" in md
-    assert "```python" not in md and "## What was pruned" not in md
+    assert "import onnxruntime" not in md and "## What was pruned" not in md
     speed = find_table(md_tables(md), "Model", "accuracy", "accuracy (search proxy)", "Latency median")
     assert [r["Model"] for r in speed] == ["dense"]
     assert not (copy / "report_files" / "widths.png").exists()  # an image of an earlier build is removed
