@@ -1,0 +1,90 @@
+"""Small pieces with exact answers: budgets, Pareto fronts, recommendation, hypervolume, generated data, BN recal."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from hwprune.config import Budget, SearchConfig
+from hwprune.errors import HwpruneError
+from hwprune.study.pareto import hypervolume_history, pareto_front, pareto_mask, recommend
+from hwprune.subjects.shapes import CLASSES, make_shapes
+from hwprune.train import recalibrate_batchnorm
+
+
+def test_budget_parsing() -> None:
+    assert Budget.parse("20", "x") == Budget(20.0, False)
+    assert Budget.parse("0.6x", "x") == Budget(0.6, True)
+    assert Budget.parse(5, "x").resolve(100.0) == 5.0
+    assert Budget.parse("0.5x", "x").resolve(8.0) == 4.0
+    assert Budget.parse(None, "x") is None
+    for bad in ("fast", "-3", "0", "1.2.3x"):
+        with pytest.raises(HwpruneError):
+            Budget.parse(bad, "latency budget")
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(HwpruneError, match="trials"):
+        SearchConfig(trials=0)
+    with pytest.raises(HwpruneError, match="max ratio"):
+        SearchConfig(max_ratio=1.0)
+    with pytest.raises(HwpruneError, match="--trials N or --timeout"):
+        SearchConfig(trials=None, timeout_s=None)
+    assert SearchConfig(model="pkg.mod:make", device="device_profiles/host-cpu.toml").study_name == \
+        "pkg.mod-make-host-cpu"
+
+
+def _trials(rows):
+    return pd.DataFrame(rows, columns=["trial", "accuracy", "latency_ms", "memory_mb", "feasible", "signature"])
+
+
+def test_pareto_front_by_hand() -> None:
+    df = _trials([
+        (0, 0.90, 10.0, 5.0, True, "a"),   # front: most accurate
+        (1, 0.80, 5.0, 5.0, True, "b"),    # front: fastest
+        (2, 0.79, 6.0, 5.0, True, "c"),    # dominated by 1
+        (3, 0.95, 1.0, 1.0, False, "d"),   # infeasible: never on the front
+        (4, 0.80, 5.0, 5.0, True, "b"),    # same architecture as 1: dropped
+        (5, 0.70, 7.0, 2.0, True, "e"),    # front: least memory
+    ])
+    assert list(pareto_mask(df)) == [False, False, False, True, False, False]  # trial 3 dominates everything
+    assert list(pareto_mask(df[df["feasible"]])) == [True, True, False, True, True]
+    front = pareto_front(df)
+    assert list(front["trial"]) == [1, 5, 0]  # sorted by latency
+    assert recommend(front) == 0
+    assert recommend(front, accuracy_tolerance=0.15) == 1
+    assert recommend(front.iloc[:0]) is None
+
+
+def test_hypervolume_grows_monotonically_and_ignores_infeasible() -> None:
+    df = _trials([
+        (0, 0.5, 1.0, 1.0, True, "a"),
+        (1, 0.9, 0.1, 0.1, False, "b"),
+        (2, 0.8, 0.8, 0.8, True, "c"),
+    ])
+    hv = hypervolume_history(df, (1.0, 1.0, 1.0))
+    # ref point (1, 2, 2) on (1 - acc, lat, mem): trial 0 alone -> 0.5 * 1 * 1
+    assert hv[0] == (0, pytest.approx(0.5))
+    assert hv[1] == (1, pytest.approx(0.5))
+    assert hv[2][1] > hv[1][1]
+
+
+def test_generated_shapes_are_deterministic_and_balanced() -> None:
+    x1, y1 = make_shapes(500, seed=3)
+    x2, y2 = make_shapes(500, seed=3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert x1.shape == (500, 3, 32, 32) and x1.dtype == torch.float32
+    assert set(y1.tolist()) == set(range(len(CLASSES)))
+    assert not torch.equal(make_shapes(10, seed=4)[0], x1[:10])
+
+
+def test_batchnorm_recalibration_matches_data_statistics() -> None:
+    bn = nn.BatchNorm2d(4)
+    data = [torch.randn(64, 4, 8, 8) * 3 + 2 for _ in range(4)]
+    used = recalibrate_batchnorm(nn.Sequential(bn), data, batches=4)
+    assert used == 4
+    all_x = torch.cat(data)
+    assert torch.allclose(bn.running_mean, all_x.mean((0, 2, 3)), atol=1e-4)
+    assert not bn.training
