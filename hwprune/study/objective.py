@@ -6,9 +6,9 @@ The study never imports a backend; it gets a ``measure(onnx_path) -> Measurement
 from __future__ import annotations
 
 import json
-import re
 import logging
 import math
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
@@ -111,6 +112,9 @@ class TrialRunner:
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         ratios = {k.name: trial.suggest_float(k.name, 0.0, k.max_ratio) for k in self.space.knobs}
         stages: dict[str, float] = {}
+        # pruning, calibration and evaluation are torch work too: size its thread pool to the free cores, or a
+        # busy host makes OpenMP workers wait on each other (measured: 14x slower BN re-calibration)
+        torch.set_num_threads(train.training_threads())
         try:
             t = time.perf_counter()
             # the signature is known before calibration, so a cached architecture skips all the expensive work

@@ -225,6 +225,7 @@ class Search:
     def _run(self, subject: Subject, request: dict[str, Any], t_start: float) -> SearchResult:
         c = self.config
         torch.manual_seed(c.seed)
+        torch.set_num_threads(train.training_threads())
         dense_info, dense_m = self._dense(subject)
         budgets = Budgets(
             latency_ms=c.latency_budget_ms.resolve(dense_m.latency.median_ms) if c.latency_budget_ms else None,
