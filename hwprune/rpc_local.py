@@ -93,11 +93,13 @@ class LocalRpc:
     """
 
     def __init__(self, key: str = "local", servers: int = 1, *, python: str | None = None,
-                 log_dir: str | os.PathLike[str] | None = None, start_timeout: float = 60.0) -> None:
+                 log_dir: str | os.PathLike[str] | None = None, start_timeout: float = 60.0,
+                 port: int = 0) -> None:
         self.key = key
         self.n_servers = servers
         self.python = python or sys.executable
         self.host = "127.0.0.1"
+        self.requested_port = port  # 0: a free port chosen at start
         self.port = 0
         self.start_timeout = start_timeout
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="hwprune-rpc-")
@@ -122,7 +124,7 @@ class LocalRpc:
 
     def start_tracker(self) -> None:
         """Start the tracker on a free port and wait until it answers."""
-        self.port = free_port(self.host)
+        self.port = self.requested_port or free_port(self.host)
         # --port-end = port + 1: the tracker must bind exactly this port, not search for another one.
         self.tracker_proc = self._spawn(["tvm.exec.rpc_tracker", "--host", self.host, "--port", str(self.port),
                                          "--port-end", str(self.port + 1), "--silent"], "tracker.log")
@@ -189,6 +191,10 @@ class LocalRpc:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        # TVM runs the tracker and server loops in a popen_worker child that ignores SIGTERM; the group was created
+        # for this process alone (start_new_session), so whatever is left of it goes too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
     def kill_servers(self, sig: int = signal.SIGKILL) -> None:
         """Kill every server (a board vanishing); the tracker notices the closed connection."""
@@ -222,14 +228,22 @@ class LocalRpc:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m hwprune.rpc_local [--key K] [--servers N]``: run a loopback tracker + servers until Ctrl-C."""
+    """``python -m hwprune.rpc_local [--key K] [--servers N] [--port P]``: loopback tracker + servers until Ctrl-C."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Start a TVM RPC tracker and server(s) on 127.0.0.1 (loopback board).")
     ap.add_argument("--key", default="local")
     ap.add_argument("--servers", type=int, default=1)
+    ap.add_argument("--port", type=int, default=0, help="tracker port (default: a free one)")
     args = ap.parse_args(argv)
-    rpc = LocalRpc(args.key, args.servers, log_dir=None)
+
+    def _stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and `kill` both stop the tracker and servers (a shell's background job otherwise ignores SIGINT).
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    rpc = LocalRpc(args.key, args.servers, log_dir=None, port=args.port)
     try:
         rpc.start()
         print(f"tracker {rpc.tracker}, {args.servers} server(s) under key {args.key!r}; Ctrl-C to stop", flush=True)

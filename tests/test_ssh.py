@@ -199,3 +199,17 @@ def test_ssh_board_vanishing_mid_run_is_measurement_error(tmp_path: Path, tiny_o
         backend.close()
     finally:
         server.stop()
+
+
+def test_doctor_ssh_ort(sshd: LocalSshd) -> None:
+    from hwprune.doctor import doctor, format_checks
+
+    checks = doctor(sshd.profile(), ssh_options=sshd.options())
+    assert all(c.ok for c in checks), format_checks(checks)
+    assert [c.name for c in checks] == ["profile", "ssh login", "board python + onnxruntime",
+                                        "tiny model runs on the board"]
+
+    bad = doctor(sshd.profile(ssh__providers=("CUDAExecutionProvider",)), ssh_options=sshd.options())
+    failed = [c for c in bad if not c.ok]
+    assert [c.name for c in failed] == ["board python + onnxruntime"]
+    assert "lacks CUDAExecutionProvider" in failed[0].detail and "pip install" in failed[0].fix

@@ -249,7 +249,9 @@ class SshOrtBackend:
 
     def _open(self) -> None:
         """Start the master connection (ControlMaster) and make the board-side work folder."""
-        cmd = ["ssh", *self._ssh_opts, "-o", "ControlMaster=yes", "-o", "ControlPersist=yes", "-f", "-N",
+        # ControlPersist with an idle limit: if this process dies without close(), the master exits by itself.
+        # (Commands after an idle expiry simply connect directly: ControlMaster=no falls back to a new connection.)
+        cmd = ["ssh", *self._ssh_opts, "-o", "ControlMaster=yes", "-o", "ControlPersist=900", "-f", "-N",
                self.destination]
         try:
             # -f: ssh forks into the background after authenticating; output goes to files, not to pipes, so this
@@ -313,7 +315,7 @@ class SshOrtBackend:
         name = f"m-{digest[:24]}.onnx"
         t0 = time.perf_counter()
         if digest not in self._uploaded:
-            if Path(f"{path}.data").exists() or any(path.parent.glob(f"{path.name}.data")):
+            if path.with_name(f"{path.name}.data").exists():
                 raise MeasurementError(f"ssh-ort: {path.name} keeps its weights in an external file; models over "
                                        "2 GB are not supported over ssh")
             self._scp(str(path), f"{self.destination}:{self._remote(name)}")

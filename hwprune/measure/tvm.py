@@ -35,7 +35,6 @@ import re
 import shutil
 import socket
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -385,17 +384,21 @@ def _in_process_builder(fcompile: Any) -> Any:
 
             results = []
             for bi in build_inputs:
+                folder = None
                 try:
                     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(bi.mod)
                     rt_mod = tvm_build(mod, target=bi.target)
-                    # The runner removes the artifact's folder after running it.
-                    path = os.path.join(tempfile.mkdtemp(prefix="hwprune-ms-"), "candidate.so")
+                    # MetaSchedule's default RemoveBuildArtifact callback deletes this folder once it is measured.
+                    folder = tempfile.mkdtemp(prefix="hwprune-ms-")
+                    path = os.path.join(folder, "candidate.so")
                     if fcompile is None:
                         rt_mod.export_library(path)
                     else:
                         rt_mod.export_library(path, fcompile=fcompile)
                     results.append(BuilderResult(path, None))
                 except Exception as exc:  # noqa: BLE001 - a bad candidate is a failed sample, not a failed tuning
+                    if folder is not None:
+                        shutil.rmtree(folder, ignore_errors=True)
                     results.append(BuilderResult(None, f"hwprune in-process builder: {_first_line(exc)}"))
             return results
 
@@ -429,17 +432,33 @@ def tune_module(mod: Any, profile: DeviceProfile, *, trials: int | None = None,
     """
     _tvm()
     from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig
 
     trials = profile.tvm.tuning_trials if trials is None else trials
     target = make_target(profile)
+    # MetaSchedule logs every round at INFO on stdout; keep the console for hwprune (its files still get DEBUG).
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    if not os.environ.get("HWPRUNE_DEBUG"):
+        ms_logger.setLevel(logging.WARNING)
+    # MetaSchedule rebuilds its logging config from the names of the handlers on its logger and fails on an unnamed
+    # one (as added by pytest's log capture or an application's own logging setup): set those aside while tuning.
+    unnamed = [h for h in ms_logger.handlers if not h.get_name()]
+    for h in unnamed:
+        ms_logger.removeHandler(h)
+    try:
+        return _tune_module(mod, profile, ms, target, trials, rpc, session_timeout_s)
+    finally:
+        for h in unnamed:
+            ms_logger.addHandler(h)
+
+
+def _tune_module(mod: Any, profile: DeviceProfile, ms: Any, target: Any, trials: int,
+                 rpc: tuple[str, int, str] | None, session_timeout_s: float) -> TuningReport:
+    from tvm.s_tir.meta_schedule.runner.config import EvaluatorConfig
+
     db_dir = tuning_db_dir(profile)
     db_dir.mkdir(parents=True, exist_ok=True)
     report = TuningReport(database=str(db_dir), cost_model=cost_model_name())
     t0 = time.perf_counter()
-    # MetaSchedule logs every round at INFO on stdout; keep the console for hwprune (its files still get DEBUG).
-    if not os.environ.get("HWPRUNE_DEBUG"):
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     fused = _fuse_for_tasks(mod, target)
     tasks = ms.relax_integration.extract_tasks(fused, target)
     report.tasks = len(tasks)
@@ -561,7 +580,8 @@ class TvmCompiler:
             except (BackendUnavailable, MeasurementError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a tuning crash fails this model, not the study
-                raise MeasurementError(f"MetaSchedule tuning failed for {path.name}: {_first_line(exc)}") from None
+                err = MeasurementError(f"MetaSchedule tuning failed for {path.name}: {_first_line(exc)}")
+                raise err from (exc if os.environ.get("HWPRUNE_DEBUG") else None)
             stages["tune"] = report.seconds
             info["tuning"] = report.to_dict()
             tuned = True
@@ -600,7 +620,12 @@ class TvmCompiler:
         tmp_meta = meta.with_suffix(f".{os.getpid()}.tmp")
         tmp_meta.write_text(json.dumps(info, indent=1, default=str))
         os.replace(tmp_meta, meta)
-        return CompiledModel(lib, key, tuned, False, stages, info, specs)
+        # Measurements report one "compile" figure (import + build + link: the time to get a library) and "tune";
+        # the split stays in the library's metadata (extra["compile_detail"]).
+        summary = {"compile": stages["import"] + stages["compile"] + stages["export"]}
+        if "tune" in stages:
+            summary["tune"] = stages["tune"]
+        return CompiledModel(lib, key, tuned, False, summary, info, specs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -764,6 +789,7 @@ def _extra(built: CompiledModel) -> dict[str, Any]:
     extra: dict[str, Any] = {
         "tvm": built.info.get("tvm"), "tvm_ffi": built.info.get("tvm_ffi"), "target": built.info.get("target"),
         "compile_cached": built.cached, "library_key": built.key,
+        "compile_detail": built.info.get("stage_seconds"),
     }
     if built.info.get("tuning"):
         extra["tuning"] = built.info["tuning"]
