@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from hwprune.measure.ort import OrtBackend
-    from hwprune.measure.tvm import TvmBackend, TvmRpcBackend, tvm_versions
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.backends.tvm import TvmBackend, TvmRpcBackend, tvm_versions
     from hwprune.profiles import load_profile
     from hwprune.rpc_local import LocalRpc
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"tuning_trials": args.tuning_trials, "repeats": args.repeats, "warmup": args.warmup,
                      "min_repeat_ms": args.min_repeat_ms, "ort_threads": 1,
                      "tvm_target": tvm_tuned.tvm.target, "cost_model": __import__(
-                         "hwprune.measure.tvm", fromlist=["cost_model_name"]).cost_model_name()},
+                         "hwprune.backends.tvm", fromlist=["cost_model_name"]).cost_model_name()},
         "note": "latency = median ms over the repeats; loopback RPC runs on this same CPU (its latency checks the "
                 "path, the overhead split is what a real board adds per measurement besides network transfer)",
     }

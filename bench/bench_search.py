@@ -60,8 +60,8 @@ import hwprune  # noqa: E402
 from hwprune import train  # noqa: E402
 from hwprune.errors import BudgetUnreachable  # noqa: E402
 from hwprune.export import export_onnx  # noqa: E402
-from hwprune.measure.base import Measurement  # noqa: E402
-from hwprune.measure.ort import OrtBackend  # noqa: E402
+from hwprune.backends.base import Measurement  # noqa: E402
+from hwprune.backends.ort import OrtBackend  # noqa: E402
 from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, prune, read_widths  # noqa: E402
 from hwprune.subjects import build_demo, models  # noqa: E402
 from hwprune.subjects.base import Subject  # noqa: E402
@@ -72,6 +72,7 @@ PROFILE = "host-cpu"
 METHODS = ("hwprune", "uniform-16", "uniform-1", "tp-global-mag")
 FINAL_LR = 0.02  # hwprune's final fine-tune learning rate (hwprune/study/run.py, finalize)
 NOISE_TOL = 0.05  # latency differences below 5% are treated as measurement noise in the Pareto check
+STAT_NAMES = {"min": "fastest sample", "cpu": "median thread CPU time", "median": "wall median"}
 
 # per-subject defaults (full mode / quick mode); any flag given on the command line overrides them
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -145,9 +146,11 @@ def build_mobilenetv2(seed: int = 0, stage1_steps: int = 240, stage2_steps: int 
         note = f"trained in {time.perf_counter() - t0:.0f} s and cached at {path}"
     model.eval()
     dense_acc = train.accuracy(model, val)
+    verdict = ("ACCURACY IS MEANINGLESS for this subject (near the 0.10 of chance): read only its latency, MACs and "
+               "params" if dense_acc < 0.5 else "its accuracies are only comparable with each other, not with any "
+               "published MobileNetV2 figure; latency is the point of this subject")
     note = (f"MobileNetV2 at 224x224 trained only {stage1_steps}+{stage2_steps} steps on upsampled 32x32 'shapes' "
-            f"images (dense accuracy {dense_acc:.3f} on 256 held-out images); its accuracies are only comparable "
-            f"with each other, not with any published MobileNetV2 figure; latency is the point of this subject ({note})")
+            f"images (dense accuracy {dense_acc:.3f} on 256 held-out images); {verdict} ({note})")
     subject = Subject(
         model=model,
         example_inputs=(torch.zeros(1, 3, 224, 224),),
@@ -189,23 +192,30 @@ def classifier_of(model: nn.Module) -> nn.Module:
 
 
 def stat(m: Measurement, which: str) -> float:
-    """The latency statistic used to decide a budget: ``median`` (wall clock) or ``cpu`` (thread CPU time)."""
+    """The latency statistic used to decide a budget: ``median`` (wall clock), ``cpu`` (median thread CPU time) or
+    ``min`` (fastest timed sample)."""
     if which == "cpu" and m.latency.cpu_median_ms is not None:
         return m.latency.cpu_median_ms
+    if which == "min":
+        return m.latency.min_ms
     return m.latency.median_ms
 
 
 class LatencyProbe:
-    """Measures a candidate right after the dense model, so slow drift in the host's load cancels in the ratio."""
+    """Measures a candidate between two measurements of the dense model (dense, candidate, dense), so drift in the
+    host's load mostly cancels in the ratio."""
+
+    MEASUREMENTS = 3
 
     def __init__(self, backend: OrtBackend, dense_onnx: Path, which: str) -> None:
         self.backend, self.dense_onnx, self.which = backend, dense_onnx, which
 
     def ratio(self, onnx_path: Path) -> float:
-        """Candidate latency / dense latency (two ORT measurements)."""
-        dense = self.backend.measure(self.dense_onnx)
-        cand = self.backend.measure(onnx_path)
-        return stat(cand, self.which) / stat(dense, self.which)
+        """Candidate latency / mean of the two dense latencies around it."""
+        before = stat(self.backend.measure(self.dense_onnx), self.which)
+        cand = stat(self.backend.measure(onnx_path), self.which)
+        after = stat(self.backend.measure(self.dense_onnx), self.which)
+        return cand / ((before + after) / 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,6 +352,7 @@ class Final:
     onnx: Path | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)  # interleaved re-measurements
     latency: dict[str, float] = field(default_factory=dict)  # medians and ratios over the rounds
+    extra: dict[str, Any] = field(default_factory=dict)  # hwprune: the dense latency and budget its search resolved
     note: str = ""
 
     @property
@@ -355,7 +366,8 @@ def run_uniform(subject: Subject, curve: RatioCurve, budget: float, grid: list[f
     choice, used, met = curve.select(budget, grid, refine)
     distinct = {id(p): p for p in used}.values()
     return Final(subject.name, budget, method, f"ratio {choice.ratio:.3f}", copy.deepcopy(choice.module),
-                 choice.macs, choice.params, measurements=2 * sum(p.measured for p in distinct),
+                 choice.macs, choice.params,
+                 measurements=LatencyProbe.MEASUREMENTS * sum(p.measured for p in distinct),
                  select_seconds=sum(p.seconds for p in distinct), select_latency_ratio=choice.latency_ratio,
                  budget_met_at_selection=met, note="" if met else "no ratio on the grid met the budget")
 
@@ -388,6 +400,8 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
         final.note = note or "hwprune wrote no summary.json"
         return final, None, run_dir
     s = summary["search"]
+    final.extra = {"search_dense_ms": summary["dense"]["latency_ms"]["median"],
+                   "search_budget_ms": summary["request"]["latency_budget_ms"], "run_dir": str(run_dir)}
     final.trials = int(s["trials_complete"])
     final.measurements = int(s["trials_complete"]) - int(s["trials_cached"]) + 1  # + the dense model
     rec = next((m for m in summary["pareto"] if m["recommended"]), None)
@@ -449,14 +463,16 @@ def remeasure_interleaved(finals: list[Final], backend: OrtBackend, rounds: int,
             "dense_cpu_ms": statistics.median(x["cpu_ms"] for x in dense.rounds),
             "ratio_wall": statistics.median(a["wall_ms"] / b["wall_ms"] for a, b in zip(f.rounds, dense.rounds)),
             "ratio_cpu": statistics.median(a["cpu_ms"] / b["cpu_ms"] for a, b in zip(f.rounds, dense.rounds)),
+            "ratio_min": min(x["min_ms"] for x in f.rounds) / min(x["min_ms"] for x in dense.rounds),
         }
 
 
-def check_front(summary: dict[str, Any], run_dir: Path, backend: OrtBackend, rounds: int) -> dict[str, Any]:
+def check_front(summary: dict[str, Any], run_dir: Path, backend: OrtBackend, rounds: int,
+                which: str) -> dict[str, Any]:
     """hwprune's promise: no 'smaller but not faster' model on its Pareto front. Every front model must be faster
     than dense, and along the front sorted by latency, a model with fewer MACs must never be slower than one with
     more MACs. Checked on the latencies the search recorded and, with ``rounds`` > 0, on interleaved re-measurements
-    (thread CPU time) of the exported front models and the dense model."""
+    (statistic ``which``, median over rounds) of the exported front models and the dense model."""
     front = summary["pareto"]
     result: dict[str, Any] = {"models": len(front)}
     if not front:
@@ -471,11 +487,10 @@ def check_front(summary: dict[str, Any], run_dir: Path, backend: OrtBackend, rou
         keys = list(paths)
         for r in range(rounds):
             for k in keys[r % len(keys):] + keys[: r % len(keys)]:
-                m = backend.measure(paths[k])
-                samples[k].append(m.latency.cpu_median_ms or m.latency.median_ms)
+                samples[k].append(stat(backend.measure(paths[k]), which))
         re_lat = {k: statistics.median(v) for k, v in samples.items() if k is not None}
-        result["remeasured_cpu"] = _front_order(front, re_lat, statistics.median(samples[None]))
-        result["remeasured_cpu"]["rounds"] = rounds
+        result["remeasured"] = _front_order(front, re_lat, statistics.median(samples[None]))
+        result["remeasured"].update(rounds=rounds, statistic=which)
     return result
 
 
@@ -524,10 +539,10 @@ def _f(x: float | None, fmt: str) -> str:
 
 def results_table(finals: list[Final]) -> str:
     """The main Markdown table: one row per model."""
-    lines = ["| model | budget | method | chose | accuracy (BN-cal → fine-tuned) | latency ms, median (dense) "
-             "| ÷ dense, wall | ÷ dense, CPU | meets (wall/CPU) | MACs M (÷ dense) | params K | trials / ORT meas. "
-             "| select s | fine-tune s |",
-             "|" + "---|" * 14]
+    lines = ["| model | budget | method | chose (its own latency ratio) | accuracy (BN-cal → fine-tuned) "
+             "| latency ms, median (dense) | ÷ dense: wall median / CPU median / min | meets budget (wall/CPU/min) "
+             "| MACs M (÷ dense) | params K | trials / ORT meas. | select s | fine-tune s |",
+             "|" + "---|" * 13]
     dense_macs = {f.subject: f.macs for f in finals if f.method == "dense"}
     for f in finals:
         lat = f.latency
@@ -536,8 +551,7 @@ def results_table(finals: list[Final]) -> str:
         elif not lat:
             meets = "no model"
         else:
-            meets = ("yes" if lat["ratio_wall"] <= f.budget else "NO") + " / " + \
-                    ("yes" if lat["ratio_cpu"] <= f.budget else "NO")
+            meets = "/".join("yes" if lat[k] <= f.budget else "NO" for k in ("ratio_wall", "ratio_cpu", "ratio_min"))
         acc = "–" if f.accuracy is None else (
             f"{_f(f.accuracy_calibrated, '.3f')} → {f.accuracy:.3f}" if f.accuracy_calibrated is not None
             else f"{f.accuracy:.3f}")
@@ -545,9 +559,11 @@ def results_table(finals: list[Final]) -> str:
         cost = "–" if f.method == "dense" else (f"{f.trials} / {f.measurements}" if f.trials is not None
                                                 else f"– / {f.measurements}")
         macs = f"{f.macs / 1e6:.2f} ({f.macs / max(dense_macs.get(f.subject, 1), 1):.2f})" if f.macs else "–"
+        chose = f.setting if f.select_latency_ratio is None else f"{f.setting} ({f.select_latency_ratio:.2f}x)"
+        ratios = " / ".join(_f(lat.get(k), ".3f") for k in ("ratio_wall", "ratio_cpu", "ratio_min")) if lat else "–"
         lines.append(
-            f"| {f.subject} | {'–' if f.budget is None else f'{f.budget:g}x'} | {f.method} | {f.setting} | {acc} "
-            f"| {lat_txt} | {_f(lat.get('ratio_wall'), '.3f')} | {_f(lat.get('ratio_cpu'), '.3f')} | {meets} "
+            f"| {f.subject} | {'–' if f.budget is None else f'{f.budget:g}x'} | {f.method} | {chose} | {acc} "
+            f"| {lat_txt} | {ratios} | {meets} "
             f"| {macs} | {f.params / 1e3:.1f} | {cost} | {'–' if f.method == 'dense' else f'{f.select_seconds:.0f}'} "
             f"| {'–' if f.method == 'dense' else f'{f.finetune_seconds:.0f}'} |")
     return "\n".join(lines)
@@ -564,16 +580,30 @@ def overhead_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def budget_lines(finals: list[Final]) -> list[str]:
+    """How each hwprune search resolved its relative budget, against the interleaved dense median of this run."""
+    out = []
+    for f in finals:
+        if f.method != "hwprune" or not f.extra or not f.latency:
+            continue
+        ref, seen = f.latency["dense_wall_ms"], f.extra["search_dense_ms"]
+        out.append(f"- {f.subject} {f.budget:g}x: the search measured the dense model at {seen:.4f} ms"
+                   f" ({seen / ref:.2f}x this run's interleaved dense median {ref:.4f} ms), "
+                   f"so its budget was {f.extra['search_budget_ms']:.4f} ms = {f.extra['search_budget_ms'] / ref:.2f}x"
+                   f" of the interleaved dense median ({f.extra['run_dir']})")
+    return out
+
+
 def front_lines(checks: list[dict[str, Any]]) -> list[str]:
     """One line per search and latency source: does 'no smaller-but-not-faster model' hold on the Pareto front?"""
     out = []
     for c in checks:
-        for source in ("search", "remeasured_cpu"):
+        for source in ("search", "remeasured"):
             r = c.get(source)
             if r is None:
                 continue
-            label = "latencies recorded by the search" if source == "search" else \
-                f"re-measured interleaved ({r['rounds']} rounds, CPU time)"
+            label = "latencies recorded by the search (wall median)" if source == "search" else \
+                f"re-measured interleaved ({r['rounds']} rounds, {STAT_NAMES[r['statistic']]})"
             out.append(
                 f"- {c['model']} {c['budget']:g}x, {c['models']} Pareto models, {label}: "
                 f"{'HOLDS' if r['holds'] else 'VIOLATED'} — not faster than dense: {len(r['not_faster_than_dense'])}"
@@ -632,7 +662,7 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
         if summary is not None:
             overhead.append(overhead_row(subject.name, budget, summary))
             say(f"{subject.name} {budget:g}x: checking hwprune's Pareto front ({len(summary['pareto'])} models)...")
-            check = check_front(summary, run_dir, backend, args.front_rounds)
+            check = check_front(summary, run_dir, backend, args.front_rounds, args.select_stat)
             checks.append({"model": subject.name, "budget": budget, "run_dir": str(run_dir), **check})
         for method in ("uniform-16", "uniform-1"):
             say(f"{subject.name} {budget:g}x: {method} bisection...")
@@ -668,13 +698,14 @@ def final_record(f: Final) -> dict[str, Any]:
         "accuracy": f.accuracy, "accuracy_bn_calibrated": f.accuracy_calibrated,
         "latency_wall_ms": lat.get("wall_ms"), "latency_cpu_ms": lat.get("cpu_ms"), "latency_min_ms": lat.get("min_ms"),
         "dense_wall_ms": lat.get("dense_wall_ms"), "dense_cpu_ms": lat.get("dense_cpu_ms"),
-        "ratio_wall": lat.get("ratio_wall"), "ratio_cpu": lat.get("ratio_cpu"),
+        "ratio_wall": lat.get("ratio_wall"), "ratio_cpu": lat.get("ratio_cpu"), "ratio_min": lat.get("ratio_min"),
         "meets_wall": None if f.budget is None or not lat else lat["ratio_wall"] <= f.budget,
         "meets_cpu": None if f.budget is None or not lat else lat["ratio_cpu"] <= f.budget,
+        "meets_min": None if f.budget is None or not lat else lat["ratio_min"] <= f.budget,
         "macs": f.macs, "params": f.params, "trials": f.trials, "measurements": f.measurements,
         "select_seconds": round(f.select_seconds, 2), "select_latency_ratio": f.select_latency_ratio,
         "budget_met_at_selection": f.budget_met_at_selection, "finetune_seconds": round(f.finetune_seconds, 2),
-        "rounds": len(f.rounds), "note": f.note,
+        "rounds": len(f.rounds), "note": f.note, **{f"hwprune_{k}": v for k, v in f.extra.items()},
     }
 
 
@@ -682,7 +713,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="demo subject only, fewer trials and fine-tune steps")
-    p.add_argument("--models", default=None, help="comma-separated: demo,mobilenetv2 (default: both; demo with --quick)")
+    p.add_argument("--models", default=None,
+                   help="comma-separated: demo,mobilenetv2 (default: both; demo with --quick)")
     p.add_argument("--budgets", default="0.6,0.4", help="latency budgets as fractions of dense (default 0.6,0.4)")
     p.add_argument("--trials", type=int, default=None, help="hwprune trials per search (default: demo 30, "
                    "mobilenetv2 16; --quick: 12 and 8)")
@@ -694,18 +726,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-ratio", type=float, default=0.75, help="hwprune's per-group max ratio (default 0.75)")
     p.add_argument("--grid", default="0.15,0.3,0.45,0.6,0.75,0.9",
                    help="ratios scanned before bisecting, for the uniform and Torch-Pruning baselines")
-    p.add_argument("--select-stat", choices=("cpu", "median"), default="cpu",
-                   help="statistic the baselines' bisection compares with the budget: thread CPU time (stable under "
-                        "load, default) or wall median")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved re-measurement rounds (default 5; quick 3)")
+    p.add_argument("--select-stat", choices=("min", "cpu", "median"), default="min",
+                   help="statistic the baselines' bisection compares with the budget: fastest sample (the most stable "
+                        "on a busy host, default), median thread CPU time, or wall median")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved re-measurement rounds (default 7; quick 5)")
     p.add_argument("--front-rounds", type=int, default=None,
                    help="rounds re-measuring hwprune's Pareto front for the check (default 3; quick 2; 0 = off)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for BN re-calibration and evaluation (default 1: on a busy 2-core host, 2 "
+                        "threads made them 4-10x slower; fine-tuning picks its own count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     args.models = (args.models or ("demo" if args.quick else "demo,mobilenetv2")).split(",")
     args.budgets = [float(b) for b in args.budgets.split(",")]
-    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
+    args.rounds = args.rounds if args.rounds is not None else (5 if args.quick else 7)
     args.front_rounds = args.front_rounds if args.front_rounds is not None else (2 if args.quick else 3)
     return args
 
@@ -716,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     load0 = os.getloadavg()
+    torch.set_num_threads(args.torch_threads)
     backend = OrtBackend(PROFILE)
     results = [bench_subject(name, args, backend, out) for name in args.models]
     finals = [f for r in results for f in r["finals"]]
@@ -734,18 +770,23 @@ def main(argv: list[str] | None = None) -> int:
                     f"fine-tune steps distilled from the dense model.")
     text += ["", results_table(finals), "",
              "Latency: median over interleaved rounds, with the dense model's in the same rounds in brackets; the "
-             "ratios are medians over rounds of (model ÷ dense of that round). Baselines chose their ratio by "
-             f"measured {'thread CPU time' if args.select_stat == 'cpu' else 'wall median'}; hwprune chose by its "
-             "own search (wall median). 'BN-cal' = accuracy after BN re-calibration only.", "",
+             "ratios are medians over rounds of (model ÷ dense of that round). 'chose' gives the latency ratio the "
+             "method saw when it chose (baselines: "
+             f"{STAT_NAMES[args.select_stat]}"
+             " between two measurements of the dense model; "
+             "hwprune: its search's wall median ÷ its dense measurement). 'BN-cal' = accuracy after BN "
+             "re-calibration only, before the common fine-tune.", "",
              "### hwprune per-trial overhead (seconds per trial, from summary.json `search.stage_seconds`)", "",
-             overhead_table(overhead), "", "### No 'smaller but not faster' model on hwprune's Pareto front", ""]
+             overhead_table(overhead), "", "### The budgets hwprune's searches worked to", ""]
+    text += budget_lines(finals)
+    text += ["", "### No 'smaller but not faster' model on hwprune's Pareto front", ""]
     text += front_lines(checks)
     report = "\n".join(text)
     print(report)
 
     rows = [final_record(f) for f in finals]
     with open(out / "bench_search.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     payload = {

@@ -22,7 +22,7 @@ _EXPORTS = {
     "DeviceProfile": "hwprune.profiles",
     "measure": "hwprune.api",
     "prune": "hwprune.api",
-    "Measurement": "hwprune.measure.base",
+    "Measurement": "hwprune.backends.base",
     "PruningSpace": "hwprune.pruning",
     "PrunedModel": "hwprune.pruning",
     "HwpruneError": "hwprune.errors",
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hwprune.api import measure, prune
     from hwprune.config import SearchConfig
     from hwprune.errors import HwpruneError
-    from hwprune.measure.base import Measurement
+    from hwprune.backends.base import Measurement
     from hwprune.profiles import DeviceProfile, available_profiles, load_profile
     from hwprune.pruning import PrunedModel, PruningSpace
     from hwprune.study.run import ParetoModel, SearchResult, search

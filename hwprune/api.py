@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from hwprune.measure import create_backend
-from hwprune.measure.base import Measurement
+from hwprune.backends import create_backend
+from hwprune.backends.base import Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.pruning import PrunedModel, PruningSpace
 from hwprune.pruning import prune as _prune

@@ -184,7 +184,7 @@ def measure(
     tuning_trials: TuningOpt = None,
 ) -> None:
     """Latency (median, p90, spread) and memory of an ONNX model on a device."""
-    from hwprune.measure import create_backend
+    from hwprune.backends import create_backend
 
     if not model.is_file():
         raise HwpruneError(f"{model}: no such ONNX file")

@@ -112,7 +112,7 @@ def _compare(out: list[np.ndarray], ref: list[np.ndarray]) -> float:
 
 def _tvm_import_check(checks: list[Check]) -> bool:
     def go() -> str:
-        from hwprune.measure.tvm import tvm_versions
+        from hwprune.backends.tvm import tvm_versions
 
         v = tvm_versions()
         detail = f"apache-tvm {v.get('tvm')}, apache-tvm-ffi {v.get('tvm_ffi', '?')}"
@@ -125,7 +125,7 @@ def _tvm_import_check(checks: list[Check]) -> bool:
 
 
 def _tuning_check(checks: list[Check], profile: DeviceProfile) -> None:
-    from hwprune.measure.tvm import cost_model_name, tuning_db_dir
+    from hwprune.backends.tvm import cost_model_name, tuning_db_dir
 
     trials = profile.tvm.tuning_trials
     if trials > 0:
@@ -155,7 +155,7 @@ def _doctor_ort(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray]
         return
 
     def run() -> str:
-        from hwprune.measure.ort import OrtBackend
+        from hwprune.backends.ort import OrtBackend
 
         m = OrtBackend(profile).measure(model)
         return f"tiny model: median {m.latency.median_ms:.3f} ms over {m.latency.repeats} runs"
@@ -170,7 +170,7 @@ def _doctor_tvm(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray]
     untuned = profile.with_overrides(tvm__tuning_trials=0)  # a doctor must not spend minutes tuning
 
     def run() -> str:
-        from hwprune.measure.tvm import TvmBackend
+        from hwprune.backends.tvm import TvmBackend
 
         backend = TvmBackend(untuned)
         err = _compare(backend.run(model, feed), _ort_reference(model, feed))
@@ -184,7 +184,7 @@ def _doctor_tvm(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray]
 
 
 def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray], checks: list[Check]) -> None:
-    from hwprune.measure.tvm import SERVER_FIX, TRACKER_FIX
+    from hwprune.backends.tvm import SERVER_FIX, TRACKER_FIX
 
     if not _tvm_import_check(checks):
         return
@@ -204,7 +204,7 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
     fix_tracker = TRACKER_FIX.format(host=host, port=port, key=r.key)
 
     def cc() -> str:
-        from hwprune.measure.tvm import cross_compiler_path
+        from hwprune.backends.tvm import cross_compiler_path
 
         path = cross_compiler_path(profile)
         return f"{path} for {profile.tvm.target.get('mtriple', 'the host')}" if path else \
@@ -238,7 +238,7 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
                                      measure__min_repeat_ms=0.0)
 
     def run() -> str:
-        from hwprune.measure.tvm import TvmRpcBackend
+        from hwprune.backends.tvm import TvmRpcBackend
 
         backend = TvmRpcBackend(untuned)
         t0 = time.perf_counter()
@@ -256,7 +256,7 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
 
 def _doctor_ssh(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray], checks: list[Check],
                 ssh_options: list[str] | None) -> None:
-    from hwprune.measure.ssh import SshOrtBackend
+    from hwprune.backends.ssh import SshOrtBackend
 
     s = profile.ssh
     if not s.host:

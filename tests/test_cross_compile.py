@@ -51,7 +51,7 @@ def _elf_header(path: Path) -> tuple[bytes, int, int, int]:
 @needs_cross
 @pytest.mark.parametrize("name", ["raspberry-pi-4", "raspberry-pi-5"])
 def test_raspberry_pi_target_gives_aarch64_shared_object(name: str, tiny_onnx: Path) -> None:
-    from hwprune.measure.tvm import TvmCompiler
+    from hwprune.backends.tvm import TvmCompiler
 
     profile = load_profile(name)
     built = TvmCompiler(profile).build(tiny_onnx)
@@ -70,7 +70,7 @@ def test_raspberry_pi_target_gives_aarch64_shared_object(name: str, tiny_onnx: P
 def test_jetson_cuda_target_compiles_with_aarch64_host(name: str, tiny_onnx: Path) -> None:
     """CUDA kernels plus AArch64 host code. The apache-tvm wheel has no CUDA runtime: it embeds the kernels' CUDA
     source, which the board's CUDA-enabled TVM runtime compiles when it loads the library."""
-    from hwprune.measure.tvm import TvmCompiler
+    from hwprune.backends.tvm import TvmCompiler
 
     built = TvmCompiler(load_profile(name)).build(tiny_onnx)
     _, ei_class, _, machine = _elf_header(built.path)
@@ -79,7 +79,7 @@ def test_jetson_cuda_target_compiles_with_aarch64_host(name: str, tiny_onnx: Pat
 
 
 def test_android_needs_the_ndk_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hwprune.measure.tvm import TvmCompiler
+    from hwprune.backends.tvm import TvmCompiler
 
     monkeypatch.delenv("TVM_NDK_CC", raising=False)
     with pytest.raises(BackendUnavailable, match="export TVM_NDK_CC="):
@@ -87,7 +87,7 @@ def test_android_needs_the_ndk_compiler(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_missing_cross_compiler_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hwprune.measure.tvm import TvmCompiler
+    from hwprune.backends.tvm import TvmCompiler
 
     profile = load_profile("raspberry-pi-4").with_overrides(tvm__cross_compiler="aarch64-no-such-g++")
     with pytest.raises(BackendUnavailable, match="apt-get install"):
@@ -107,8 +107,8 @@ def test_raspberry_pi_path_end_to_end_under_qemu(tiny_onnx: Path) -> None:
     Correctness only: emulated timing means nothing and is not asserted or reported.
     """
     from hwprune.export import input_feed
-    from hwprune.measure.ort import OrtBackend
-    from hwprune.measure.tvm import TvmRpcBackend
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.backends.tvm import TvmRpcBackend
     from hwprune.rpc_local import LocalRpc
 
     import numpy as np

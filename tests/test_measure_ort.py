@@ -18,10 +18,10 @@ from torch import nn
 
 from hwprune.errors import BackendUnavailable, MeasurementError, ProfileError
 from hwprune.export import export_onnx, input_feed
-from hwprune.measure import Backend, Latency, Measurement, create_backend
-from hwprune.measure.memory import graph_memory
-from hwprune.measure.ort import OrtBackend, node_profile, parse_node_trace, session_options
-from hwprune.measure.timing import timed_runs
+from hwprune.backends import Backend, Latency, Measurement, create_backend
+from hwprune.backends.memory import graph_memory
+from hwprune.backends.ort import OrtBackend, node_profile, parse_node_trace, session_options
+from hwprune.backends.timing import timed_runs
 from hwprune.profiles import DeviceProfile, load_profile
 
 

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from hwprune.export import export_onnx
-from hwprune.measure.estimate import EstimateBackend, node_macs, roofline
-from hwprune.measure.memory import activation_timeline, graph_memory, tensor_infos
+from hwprune.backends.estimate import EstimateBackend, node_macs, roofline
+from hwprune.backends.memory import activation_timeline, graph_memory, tensor_infos
 from hwprune.profiles import load_profile
 
 

@@ -53,9 +53,9 @@ def _profile(tracker: str, key: str = KEY, **over: object):
 
 def test_measure_through_tracker_and_server(rpc: LocalRpc, tiny_onnx: Path) -> None:
     from hwprune.export import input_feed
-    from hwprune.measure import create_backend
-    from hwprune.measure.ort import OrtBackend
-    from hwprune.measure.tvm import TvmRpcBackend
+    from hwprune.backends import create_backend
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.backends.tvm import TvmRpcBackend
 
     backend = create_backend(_profile(rpc.tracker))
     assert isinstance(backend, TvmRpcBackend)
@@ -77,7 +77,7 @@ def test_measure_through_tracker_and_server(rpc: LocalRpc, tiny_onnx: Path) -> N
 
 
 def test_unreachable_tracker_is_backend_unavailable_with_fix() -> None:
-    from hwprune.measure.tvm import TvmRpcBackend
+    from hwprune.backends.tvm import TvmRpcBackend
 
     port = free_port()
     t0 = time.monotonic()
@@ -91,14 +91,14 @@ def test_unreachable_tracker_is_backend_unavailable_with_fix() -> None:
 
 
 def test_key_without_board_is_backend_unavailable(rpc: LocalRpc) -> None:
-    from hwprune.measure.tvm import TvmRpcBackend
+    from hwprune.backends.tvm import TvmRpcBackend
 
     with pytest.raises(BackendUnavailable, match=f"--tracker {rpc.tracker} --key no-such-board"):
         TvmRpcBackend(_profile(rpc.tracker, key="no-such-board"))
 
 
 def test_missing_tracker_setting_says_how_to_set_it() -> None:
-    from hwprune.measure.tvm import TvmRpcBackend
+    from hwprune.backends.tvm import TvmRpcBackend
 
     with pytest.raises(BackendUnavailable, match="--tracker HOST:PORT"):
         TvmRpcBackend(load_profile("host-cpu").with_overrides(backend="tvm-rpc"))
@@ -106,7 +106,7 @@ def test_missing_tracker_setting_says_how_to_set_it() -> None:
 
 def test_board_killed_mid_measurement_then_tracker_killed(tiny_onnx: Path) -> None:
     """A board vanishing during timing fails that measurement quickly; later ones fail fast with the reason."""
-    from hwprune.measure.tvm import TvmRpcBackend
+    from hwprune.backends.tvm import TvmRpcBackend
 
     with LocalRpc(key=KEY) as rpc:
         # Long enough on the board (30 samples of >= 200 ms) that the kill lands during timing.
@@ -139,7 +139,7 @@ def test_board_killed_mid_measurement_then_tracker_killed(tiny_onnx: Path) -> No
 
 def test_board_comes_back_between_measurements(tiny_onnx: Path) -> None:
     """Retries with backoff cover a board that restarts: the measurement after it re-registers succeeds."""
-    from hwprune.measure.tvm import TvmRpcBackend
+    from hwprune.backends.tvm import TvmRpcBackend
 
     with LocalRpc(key=KEY) as rpc:
         backend = TvmRpcBackend(_profile(rpc.tracker, rpc__retries=4))
@@ -178,7 +178,7 @@ def test_hung_board_is_bounded(tiny_onnx: Path) -> None:
     import os
     import signal
 
-    from hwprune.measure.tvm import TvmRpcBackend
+    from hwprune.backends.tvm import TvmRpcBackend
 
     with LocalRpc(key=KEY) as rpc:
         backend = TvmRpcBackend(_profile(rpc.tracker, rpc__session_timeout_s=5.0, rpc__retries=0,
@@ -202,7 +202,7 @@ def test_tuning_measures_candidates_on_the_board(rpc: LocalRpc, tmp_path: Path) 
     """With tuning_trials > 0 over tvm-rpc, MetaSchedule's candidates are timed on the board (RPC runner) and the
     records go to a database kept per profile, target and device key."""
     from hwprune.doctor import write_tiny_model
-    from hwprune.measure.tvm import TvmRpcBackend, tuning_db_dir
+    from hwprune.backends.tvm import TvmRpcBackend, tuning_db_dir
 
     model = write_tiny_model(tmp_path / "t.onnx")
     profile = _profile(rpc.tracker, tvm__tuning_trials=8, rpc__session_timeout_s=60.0)

@@ -131,8 +131,8 @@ def sshd(tmp_path_factory: pytest.TempPathFactory):
 
 def test_ssh_ort_measures_and_matches_local_ort(sshd: LocalSshd, tiny_onnx: Path) -> None:
     from hwprune.export import input_feed
-    from hwprune.measure.ort import OrtBackend
-    from hwprune.measure.ssh import SshOrtBackend
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.backends.ssh import SshOrtBackend
 
     profile = sshd.profile()
     with SshOrtBackend(profile, ssh_options=sshd.options()) as backend:
@@ -154,7 +154,7 @@ def test_ssh_ort_measures_and_matches_local_ort(sshd: LocalSshd, tiny_onnx: Path
 
 
 def test_ssh_missing_provider_is_a_clear_error(sshd: LocalSshd, tiny_onnx: Path) -> None:
-    from hwprune.measure.ssh import SshOrtBackend
+    from hwprune.backends.ssh import SshOrtBackend
 
     profile = sshd.profile(ssh__providers=("TensorrtExecutionProvider",))
     with SshOrtBackend(profile, ssh_options=sshd.options()) as backend:
@@ -163,7 +163,7 @@ def test_ssh_missing_provider_is_a_clear_error(sshd: LocalSshd, tiny_onnx: Path)
 
 
 def test_ssh_wrong_key_is_backend_unavailable_with_fix(sshd: LocalSshd, tmp_path: Path) -> None:
-    from hwprune.measure.ssh import SshOrtBackend
+    from hwprune.backends.ssh import SshOrtBackend
 
     other = tmp_path / "other_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
@@ -176,7 +176,7 @@ def test_ssh_wrong_key_is_backend_unavailable_with_fix(sshd: LocalSshd, tmp_path
 
 
 def test_ssh_unreachable_board_is_backend_unavailable(tiny_onnx: Path, tmp_path: Path) -> None:
-    from hwprune.measure.ssh import SshOrtBackend
+    from hwprune.backends.ssh import SshOrtBackend
 
     profile = load_profile("host-cpu").with_overrides(backend="ssh-ort", ssh__host="127.0.0.1",
                                                       ssh__port=_free_port(), ssh__user="nobody")
@@ -185,7 +185,7 @@ def test_ssh_unreachable_board_is_backend_unavailable(tiny_onnx: Path, tmp_path:
 
 
 def test_ssh_board_vanishing_mid_run_is_measurement_error(tmp_path: Path, tiny_onnx: Path) -> None:
-    from hwprune.measure.ssh import SshOrtBackend
+    from hwprune.backends.ssh import SshOrtBackend
 
     server = LocalSshd(tmp_path).start()
     try:

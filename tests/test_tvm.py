@@ -79,9 +79,9 @@ def _profile():
 
 def test_tvm_matches_onnxruntime_and_is_labelled_untuned(convnet_onnx: Path) -> None:
     from hwprune.export import input_feed
-    from hwprune.measure import create_backend
-    from hwprune.measure.ort import OrtBackend
-    from hwprune.measure.tvm import TvmBackend
+    from hwprune.backends import create_backend
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.backends.tvm import TvmBackend
 
     profile = _profile()
     backend = create_backend(profile)
@@ -105,7 +105,7 @@ def test_tvm_matches_onnxruntime_and_is_labelled_untuned(convnet_onnx: Path) -> 
 
 
 def test_compile_cache_skips_recompilation(convnet_onnx: Path, tmp_path: Path) -> None:
-    from hwprune.measure.tvm import TvmBackend, profile_cache_dir
+    from hwprune.backends.tvm import TvmBackend, profile_cache_dir
 
     profile = _profile()
     first = TvmBackend(profile).measure(convnet_onnx)
@@ -125,8 +125,8 @@ def test_compile_cache_skips_recompilation(convnet_onnx: Path, tmp_path: Path) -
 def test_torchscript_dynamic_pads_are_folded_for_tvm(tmp_path: Path) -> None:
     """The legacy exporter's runtime-computed Pad amounts import after constant folding with static shapes."""
     from hwprune.export import input_feed
-    from hwprune.measure.ort import OrtBackend
-    from hwprune.measure.tvm import TvmBackend
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.backends.tvm import TvmBackend
 
     path = tmp_path / "same.onnx"
     with warnings.catch_warnings():  # the tracer's and the legacy exporter's warnings are expected here
@@ -147,7 +147,7 @@ def test_torchscript_dynamic_pads_are_folded_for_tvm(tmp_path: Path) -> None:
 
 
 def test_local_tvm_refuses_a_board_target() -> None:
-    from hwprune.measure.tvm import TvmBackend
+    from hwprune.backends.tvm import TvmBackend
 
     with pytest.raises(BackendUnavailable, match="tvm-rpc"):
         TvmBackend(load_profile("raspberry-pi-4").with_overrides(backend="tvm"))
@@ -170,8 +170,8 @@ def test_metaschedule_database_persists_and_is_reused(tmp_path: Path) -> None:
     layer shapes) reuses every record instead of tuning again."""
     from hwprune.doctor import write_tiny_model
     from hwprune.export import input_feed
-    from hwprune.measure.ort import OrtBackend
-    from hwprune.measure.tvm import TvmBackend, TvmCompiler, tuning_db_dir
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.backends.tvm import TvmBackend, TvmCompiler, tuning_db_dir
 
     model = write_tiny_model(tmp_path / "a.onnx", channels=8, size=16, seed=0)
     profile = load_profile("host-cpu-tvm").with_overrides(tvm__tuning_trials=8, measure__repeats=10,

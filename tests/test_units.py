@@ -88,3 +88,14 @@ def test_batchnorm_recalibration_matches_data_statistics() -> None:
     all_x = torch.cat(data)
     assert torch.allclose(bn.running_mean, all_x.mean((0, 2, 3)), atol=1e-4)
     assert not bn.training
+
+
+def test_public_api_names_stay_functions_after_submodule_imports() -> None:
+    # hwprune.search and hwprune.measure are functions; no subpackage of the same name may shadow them
+    import hwprune
+    import hwprune.backends.ort  # noqa: F401
+    import hwprune.study.run  # noqa: F401
+
+    assert callable(hwprune.search) and hwprune.search.__module__ == "hwprune.study.run"
+    assert callable(hwprune.measure) and hwprune.measure.__module__ == "hwprune.api"
+    assert callable(hwprune.load_profile) and callable(hwprune.prune)

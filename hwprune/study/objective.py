@@ -21,7 +21,7 @@ import torch
 from optuna.trial import TrialState
 
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
-from hwprune.measure.base import Measurement
+from hwprune.backends.base import Measurement
 from hwprune.pruning import PrunedModel, PruningSpace, prune
 from hwprune.subjects.base import Subject
 from hwprune import train

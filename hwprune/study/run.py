@@ -25,8 +25,8 @@ from optuna.trial import TrialState
 from hwprune import __version__, train
 from hwprune.config import SearchConfig
 from hwprune.errors import BudgetUnreachable, HwpruneError
-from hwprune.measure import create_backend
-from hwprune.measure.base import Measurement
+from hwprune.backends import create_backend
+from hwprune.backends.base import Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.pruning import PruningSpace, count_macs_params, read_widths
 from hwprune.study import pareto as pareto_mod
@@ -401,7 +401,7 @@ class Search:
         if self.profile.backend != "ort":
             return
         from hwprune.export import atomic_write_text, file_record
-        from hwprune.measure.ort import node_profile
+        from hwprune.backends.ort import node_profile
 
         try:
             prof = node_profile(onnx_path, self.profile, runs=10)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import BackendUnavailable, MeasurementError
-from hwprune.measure.base import Latency, Measurement
+from hwprune.backends.base import Latency, Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 
 # The timing script that runs on the board. Only the standard library, numpy and onnxruntime: nothing of hwprune has
@@ -357,7 +357,7 @@ class SshOrtBackend:
 
     def measure(self, onnx_path: str | os.PathLike[str], inputs: dict[str, np.ndarray] | None = None) -> Measurement:
         """Copy the model (once), time it on the board with ORT, and parse the result."""
-        from hwprune.measure.memory import graph_memory
+        from hwprune.backends.memory import graph_memory
 
         path = Path(onnx_path)
         if not path.is_file():

@@ -18,9 +18,9 @@ import numpy as np
 
 from hwprune.errors import BackendUnavailable, MeasurementError, ProfileError
 from hwprune.export import input_feed
-from hwprune.measure.base import Measurement
-from hwprune.measure.memory import MB, graph_memory, load_model
-from hwprune.measure.timing import timed_runs
+from hwprune.backends.base import Measurement
+from hwprune.backends.memory import MB, graph_memory, load_model
+from hwprune.backends.timing import timed_runs
 from hwprune.profiles import DeviceProfile, load_profile
 
 _OPT_LEVELS = {

@@ -8,16 +8,16 @@ from __future__ import annotations
 import importlib
 
 from hwprune.errors import BackendUnavailable
-from hwprune.measure.base import Backend, Latency, Measurement, Memory
+from hwprune.backends.base import Backend, Latency, Measurement, Memory
 from hwprune.profiles import DeviceProfile
 
 # backend name -> (module, class); each class is constructed as cls(profile)
 _REGISTRY: dict[str, tuple[str, str]] = {
-    "ort": ("hwprune.measure.ort", "OrtBackend"),
-    "tvm": ("hwprune.measure.tvm", "TvmBackend"),
-    "tvm-rpc": ("hwprune.measure.tvm", "TvmRpcBackend"),
-    "ssh-ort": ("hwprune.measure.ssh", "SshOrtBackend"),
-    "estimate": ("hwprune.measure.estimate", "EstimateBackend"),
+    "ort": ("hwprune.backends.ort", "OrtBackend"),
+    "tvm": ("hwprune.backends.tvm", "TvmBackend"),
+    "tvm-rpc": ("hwprune.backends.tvm", "TvmRpcBackend"),
+    "ssh-ort": ("hwprune.backends.ssh", "SshOrtBackend"),
+    "estimate": ("hwprune.backends.estimate", "EstimateBackend"),
 }
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hwprune.measure.base import Latency
+from hwprune.backends.base import Latency
 
 
 def _samples(fn: Callable[[], Any], repeats: int, number: int,

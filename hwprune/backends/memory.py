@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from hwprune.measure.base import Memory
+from hwprune.backends.base import Memory
 
 MB = 1e6
 

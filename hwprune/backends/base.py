@@ -1,6 +1,6 @@
 """What every measurement backend returns, and the small protocol each one implements.
 
-The search never imports a backend: it receives a measuring function built by :func:`hwprune.measure.create_backend`.
+The search never imports a backend: it receives a measuring function built by :func:`hwprune.backends.create_backend`.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import BackendUnavailable
-from hwprune.measure.base import Latency, Measurement
-from hwprune.measure.memory import TensorInfo, graph_memory, load_model, tensor_infos
+from hwprune.backends.base import Latency, Measurement
+from hwprune.backends.memory import TensorInfo, graph_memory, load_model, tensor_infos
 from hwprune.profiles import DeviceProfile, load_profile
 
 

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import BackendUnavailable, MeasurementError
-from hwprune.measure.base import Latency, Measurement, Memory
+from hwprune.backends.base import Latency, Measurement, Memory
 from hwprune.profiles import DeviceProfile, load_profile
 
 log = logging.getLogger(__name__)
@@ -697,7 +697,7 @@ def _time_vm(vm: Any, dev: Any, args: list[Any], profile: DeviceProfile,
 
 
 def _graph_memory(onnx_path: Path) -> Memory:
-    from hwprune.measure.memory import graph_memory
+    from hwprune.backends.memory import graph_memory
 
     return graph_memory(str(onnx_path))
 

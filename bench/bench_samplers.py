@@ -1,0 +1,211 @@
+"""Benchmark: which Optuna sampler should hwprune's search use by default? Chosen by measurement, not by habit.
+
+On the demo subject (``mobilenet-tiny``, ``host-cpu``, latency budget 0.6x dense), it runs one complete
+``hwprune.search(...)`` per sampler and seed, each into its own run folder, with the same trial count, the same
+per-trial fine-tune and no final fine-tune:
+
+  tpe     multivariate TPE (hwprune's current default in ``make_sampler``)
+  nsga2   NSGA-II (population 16)
+  gp      Gaussian-process sampler
+  random  random search (the floor every sampler must beat)
+
+and reports, as the median over seeds: the hypervolume of the feasible front after N trials (summary.json
+``search.hypervolume``: accuracy, latency and memory normalised by the dense model of the same run, reference point
+(1, 2, 2), so runs are comparable), the hypervolume halfway, how many trials were feasible, the first feasible
+trial, the best feasible accuracy (the search's accuracy proxy) and the wall time.
+
+All runs share one dense model and data (the subject is built once; a search's ``seed`` only drives its sampler).
+The first two trials of every run are the same uniform warm-start candidates (ratios 0.25 and 0.5).
+
+Outputs: a Markdown table on stdout, ``<out>/bench_samplers.csv`` (one row per run) and ``<out>/bench_samplers.json``
+(runs and medians). Run folders go to ``<out>/runs-samplers/``.
+
+    python bench/bench_samplers.py --quick      # 1 seed x 12 trials per sampler: a smoke test, ~10 min
+    python bench/bench_samplers.py              # 3 seeds x 30 trials per sampler, ~1.5 h on a busy 2-core host
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime as dt
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+import hwprune  # noqa: E402
+from hwprune.errors import BudgetUnreachable  # noqa: E402
+from hwprune.subjects import build_demo  # noqa: E402
+from hwprune.subjects.base import Subject  # noqa: E402
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+PROFILE = "host-cpu"
+
+
+def say(msg: str) -> None:
+    """Progress line on stderr (stdout carries only the tables)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def fresh_subject(base: Subject) -> Subject:
+    """The same subject with its training batches restarted at epoch 0, so every run fine-tunes on the same data."""
+    subject = copy.copy(base)
+    data = copy.copy(base.train_data)
+    if hasattr(data, "_epoch"):
+        data._epoch = 0
+    subject.train_data = data
+    return subject
+
+
+def _hv_at(history: list[list[float]], trials: int) -> float:
+    """Hypervolume after the first ``trials`` complete trials (0 when none)."""
+    values = [hv for _, hv in history[:trials]]
+    return float(values[-1]) if values else 0.0
+
+
+def run_one(base: Subject, sampler: str, seed: int, args: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
+    """One search; what it found, read back from its run folder."""
+    study = f"{sampler}-s{seed}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    note = ""
+    try:
+        hwprune.search(fresh_subject(base), PROFILE, latency_budget_ms=f"{args.budget}x", trials=args.trials,
+                       sampler=sampler, seed=seed, out=runs_dir, study=study, final_finetune_steps=0,
+                       trial_finetune_steps=args.trial_finetune_steps, progress=False)
+    except BudgetUnreachable as exc:
+        note = str(exc)
+    wall = time.perf_counter() - t0
+    run_dir = runs_dir / study
+    summary = json.loads((run_dir / "summary.json").read_text())
+    s = summary["search"]
+    trials = pd.read_csv(run_dir / "trials.csv")
+    complete = trials[trials["state"] == "COMPLETE"]
+    feasible = complete[complete["feasible"].astype(bool)]
+    first_feasible = int(feasible["trial"].min()) if not feasible.empty else None
+    best = max((m["accuracy_proxy"] for m in summary["pareto"]), default=None)
+    return {
+        "sampler": sampler, "seed": seed, "trials_complete": int(s["trials_complete"]),
+        "trials_failed": int(s["trials_failed"]), "trials_cached": int(s["trials_cached"]),
+        "hypervolume": _hv_at(s["hypervolume"], args.trials),
+        "hypervolume_half": _hv_at(s["hypervolume"], args.trials // 2),
+        "feasible_trials": int(len(feasible)), "first_feasible_trial": first_feasible,
+        "best_feasible_accuracy": best, "pareto_models": len(summary["pareto"]),
+        "dense_accuracy": summary["dense"]["accuracy"], "dense_latency_ms": summary["dense"]["latency_ms"]["median"],
+        "budget_ms": summary["request"].get("latency_budget_ms"), "wall_seconds": round(wall, 1),
+        "search_wall_seconds": s["wall_seconds"], "sampler_repr": summary["request"].get("sampler_repr"),
+        "run_dir": str(run_dir), "note": note,
+    }
+
+
+def _median(values: list[Any]) -> float | None:
+    clean = [v for v in values if v is not None]
+    return statistics.median(clean) if clean else None
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median (and range) over seeds, per sampler, best hypervolume first."""
+    rows = []
+    for sampler in dict.fromkeys(r["sampler"] for r in runs):
+        mine = [r for r in runs if r["sampler"] == sampler]
+        row: dict[str, Any] = {"sampler": sampler, "seeds": len(mine)}
+        for key in ("hypervolume", "hypervolume_half", "feasible_trials", "first_feasible_trial",
+                    "best_feasible_accuracy", "wall_seconds"):
+            vals = [r[key] for r in mine if r[key] is not None]
+            row[key] = _median(vals)
+            row[key + "_range"] = (min(vals), max(vals)) if vals else None
+        row["failed"] = sum(r["trials_failed"] for r in mine)
+        rows.append(row)
+    return sorted(rows, key=lambda r: -(r["hypervolume"] or 0.0))
+
+
+def table(rows: list[dict[str, Any]], trials: int) -> str:
+    """Markdown table of the medians over seeds (range in brackets when there are several seeds)."""
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        v, rng = row[key], row[key + "_range"]
+        if v is None:
+            return "–"
+        text = format(v, fmt)
+        if row["seeds"] > 1 and rng is not None:
+            text += f" ({format(rng[0], fmt)}–{format(rng[1], fmt)})"
+        return text
+
+    lines = [f"| sampler | seeds | hypervolume @ {trials} | hypervolume @ {trials // 2} | feasible trials "
+             "| first feasible trial | best feasible accuracy | wall s | failed trials |", "|" + "---|" * 9]
+    for r in rows:
+        lines.append(f"| {r['sampler']} | {r['seeds']} | {cell(r, 'hypervolume', '.4f')} "
+                     f"| {cell(r, 'hypervolume_half', '.4f')} | {cell(r, 'feasible_trials', 'g')} "
+                     f"| {cell(r, 'first_feasible_trial', 'g')} | {cell(r, 'best_feasible_accuracy', '.3f')} "
+                     f"| {cell(r, 'wall_seconds', '.0f')} | {r['failed']} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed x 12 trials per sampler (a smoke test)")
+    p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated subset of tpe,nsga2,gp,random")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per sampler (default 3; quick 1)")
+    p.add_argument("--trials", type=int, default=None, help="trials per search (default 30; quick 12)")
+    p.add_argument("--trial-finetune-steps", type=int, default=5, help="per-trial fine-tune steps (default 5)")
+    p.add_argument("--budget", type=float, default=0.6, help="latency budget as a fraction of dense (default 0.6)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads for BN re-calibration and evaluation (default 1; see bench/README.md)")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = p.parse_args(argv)
+    args.samplers = args.samplers.split(",")
+    args.seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    args.trials = args.trials if args.trials is not None else (12 if args.quick else 30)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.torch_threads)
+    t0 = time.perf_counter()
+    load0 = os.getloadavg()
+    base = build_demo("mobilenet-tiny", seed=0, log=say)
+    runs: list[dict[str, Any]] = []
+    # seeds in the outer loop: a drift in the host's load then spreads over every sampler instead of one
+    for seed in range(args.seeds):
+        for sampler in args.samplers:
+            say(f"{sampler}, seed {seed}: {args.trials} trials...")
+            r = run_one(base, sampler, seed, args, out / "runs-samplers")
+            say(f"  hypervolume {r['hypervolume']:.4f}, {r['feasible_trials']} feasible, best accuracy "
+                f"{r['best_feasible_accuracy']}, {r['wall_seconds']:.0f} s")
+            runs.append(r)
+    rows = aggregate(runs)
+    wall = time.perf_counter() - t0
+    command = "python bench/bench_samplers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = "\n".join([
+        f"## bench_samplers: hwprune's search per Optuna sampler (mobilenet-tiny, {PROFILE}, budget {args.budget:g}x)",
+        "", f"`{command}` — {dt.datetime.now().isoformat(timespec='minutes')}, {wall / 60:.1f} min, load average "
+        f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; {args.trials} trials per run, "
+        f"{args.trial_finetune_steps} fine-tune steps per trial, medians over {args.seeds} seed(s)"
+        + (" (range in brackets)" if args.seeds > 1 else ""), "", table(rows, args.trials), ""])
+    print(report)
+    with open(out / "bench_samplers.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(runs[0]))
+        writer.writeheader()
+        writer.writerows(runs)
+    (out / "bench_samplers.json").write_text(json.dumps(
+        {"command": command, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+         "wall_seconds": round(wall, 1), "load_avg_start": load0, "load_avg_end": os.getloadavg(),
+         "args": vars(args), "medians": rows, "runs": runs, "markdown": report}, indent=2, default=str))
+    say(f"wrote {out / 'bench_samplers.csv'} and {out / 'bench_samplers.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
