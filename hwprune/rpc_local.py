@@ -107,6 +107,7 @@ class LocalRpc:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.tracker_proc: subprocess.Popen[bytes] | None = None
         self.server_procs: list[subprocess.Popen[bytes]] = []
+        self._killed: set[int] = set()  # pids of servers killed on purpose
 
     @property
     def tracker(self) -> str:
@@ -172,7 +173,8 @@ class LocalRpc:
                 last = self.status()
                 if last["total"] >= count and last["free"] >= count:
                     return
-            dead = [p for p in self.server_procs if p.poll() is not None]
+            # a server that died by itself will never register (one killed on purpose is not waited for)
+            dead = [p for p in self.server_procs if p.poll() is not None and p.pid not in self._killed]
             if dead:
                 break
             time.sleep(0.2)
@@ -199,6 +201,7 @@ class LocalRpc:
     def kill_servers(self, sig: int = signal.SIGKILL) -> None:
         """Kill every server (a board vanishing); the tracker notices the closed connection."""
         for p in self.server_procs:
+            self._killed.add(p.pid)
             self._kill(p, sig)
 
     def kill_tracker(self, sig: int = signal.SIGKILL) -> None:

@@ -372,7 +372,7 @@ class SshOrtBackend:
         m = self.profile.measure
         lat = Latency.from_samples(data["samples_ms"], warmup=m.warmup, cpu_samples_ms=data.get("cpu_ms"))
         lat.remeasured = int(data.get("remeasured", 0))
-        lat.noisy = lat.cv > m.max_cv
+        lat.noisy = lat.robust_cv > m.max_cv
         memory = graph_memory(str(path))
         memory.process_peak_mb = data.get("process_peak_mb")
         load_avg = tuple(data["load_avg"]) if data.get("load_avg") else None

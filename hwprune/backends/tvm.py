@@ -686,13 +686,13 @@ def _time_vm(vm: Any, dev: Any, args: list[Any], profile: DeviceProfile,
     while True:
         res = evaluator(*args)
         lat = Latency.from_samples([r * 1e3 for r in res.results], warmup=m.warmup)
-        if best is None or lat.cv < best.cv:
+        if best is None or lat.robust_cv < best.robust_cv:
             best = lat
-        if best.cv <= m.max_cv or attempts >= m.remeasure:
+        if best.robust_cv <= m.max_cv or attempts >= m.remeasure:
             break
         attempts += 1
     best.remeasured = attempts
-    best.noisy = best.cv > m.max_cv
+    best.noisy = best.robust_cv > m.max_cv
     return best
 
 

@@ -324,12 +324,21 @@ class Search:
             onnx_path = export_onnx(pruned.module, subject.example_inputs, folder / "model.onnx",
                                     exporter=self.exporter)
             # the exported file is what a user deploys: measure that file, not the trial's temporary copy
-            m = self.measure(onnx_path) if is_rec else stored
+            m, remeasure_error = stored, None
+            if is_rec:
+                try:
+                    m = self.measure(onnx_path)
+                except HwpruneError as exc:  # a board that vanished must not cost the search its answer
+                    remeasure_error = str(exc)
+                    self.log(f"re-measuring the recommended model failed ({exc}); reporting its trial measurement")
             record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m,
                                    params=pruned.params, macs=pruned.macs, widths=pruned.widths, ratios=ratios,
                                    budgets=budgets, dense=dense_record, example=subject.example_inputs[0])
             record["recommended"] = is_rec
-            if is_rec and not (record["meets"]["latency"] and record["meets"]["memory"]):
+            if remeasure_error:
+                record["remeasure_note"] = (f"re-measuring the exported file failed ({remeasure_error}); the "
+                                            "figures are the trial's measurement of the same architecture")
+            elif is_rec and not (record["meets"]["latency"] and record["meets"]["memory"]):
                 record["remeasure_note"] = ("the re-measured exported model exceeds a budget although the trial "
                                             "met it; the difference is measurement noise on this host")
             torch.save(pruned.module.state_dict(), folder / "weights.pt")
