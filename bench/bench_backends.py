@@ -32,23 +32,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Variants: the demo subject's ResNet ("resnet-tiny": stage widths 16-32-64) and two narrower copies at channel
-# multiples of 16, i.e. what uniform structured pruning of it gives. Latency depends on shapes only, so random
-# weights serve. (When the pruning package exports real pruned demo models, swap them in here.)
-VARIANTS: list[tuple[str, tuple[int, ...]]] = [
-    ("dense (16-32-64)", (16, 32, 64)),
-    ("pruned-25% (16-32-48)", (16, 32, 48)),
-    ("pruned-50% (16-16-32)", (16, 16, 32)),
+# Variants: the demo subject "resnet-tiny" (trained on first use, then cached) and two physically pruned copies of it,
+# every channel group pruned uniformly with widths rounded to multiples of 16 (host-cpu's channel multiple).
+VARIANTS: list[tuple[str, float]] = [
+    ("dense", 0.0),
+    ("pruned-25%", 0.25),
+    ("pruned-50%", 0.5),
 ]
 
 
-def _build(widths: tuple[int, ...]):
-    import torch
+def _build(ratio: float):
+    """The demo subject's model, pruned by ``ratio`` in every channel group; returns (model, widths by layer)."""
+    from hwprune.api import prune
+    from hwprune.subjects.demo import build_demo
 
-    from hwprune.subjects.models import ResNet
-
-    torch.manual_seed(0)
-    return ResNet(10, widths=widths, blocks=2, stem_stride=2).eval()
+    subject = build_demo("resnet-tiny")
+    pruned = prune(subject.model, subject.example_inputs, ratio, channel_multiple=16, max_ratio=0.9)
+    return pruned.module.eval(), sorted({kept for _, kept in pruned.widths.values()})
 
 
 def _export(model: Any, path: Path) -> Path:
@@ -107,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     models = []
-    for label, widths in VARIANTS:
-        model = _build(widths)
+    for label, ratio in VARIANTS:
+        model, widths = _build(ratio)
+        label = f"{label} (widths {'-'.join(map(str, widths))})"
         macs, params = _count(model)
         path = _export(model, Path(tmp.name) / f"{label.split()[0]}.onnx")
         models.append({"label": label, "widths": list(widths), "path": path, "macs": macs, "params": params})
