@@ -11,6 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hwprune.errors import BudgetUnreachable, HwpruneError
@@ -126,7 +127,7 @@ def search(
     )
     result = None
     try:
-        result = Search(config, log_fn=lambda m: err.print(f"[dim]hwprune:[/] {m}", highlight=False)).run()
+        result = Search(config, log_fn=lambda m: err.print(f"[dim]hwprune:[/] {escape(m)}", highlight=False)).run()
     except BudgetUnreachable:
         _print_summary_file(config.run_dir)
         raise
@@ -143,7 +144,7 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
     dense = summary["dense"]
     metric = summary.get("metric", "accuracy")
     req = summary["request"]
-    table = Table(title=f"Pareto front: {req['model']} on {req['device']} ({summary['measurement']['backend']})")
+    table = Table(title=escape(f"Pareto front: {req['model']} on {req['device']} ({summary['measurement']['backend']})"))
     for col in ("trial", metric, "latency ms (p90)", "memory MB", "params", "MMACs", "speedup", "budgets"):
         table.add_column(col, justify="right")
     est = " (estimated)" if summary["measurement"].get("estimated") else ""
@@ -292,7 +293,7 @@ def doctor(
         raise HwpruneError(f"doctor is not available in this installation: {exc}") from None
     profile = _profile(device, _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port))
     checks = run_doctor(profile)
-    out.print(format_checks(checks), highlight=False)
+    out.print(format_checks(checks), highlight=False, markup=False)
     if not all(c.ok for c in checks):
         raise typer.Exit(1)
 
@@ -314,10 +315,10 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except BudgetUnreachable as exc:
-        err.print(f"[bold red]hwprune: no model met the budgets:[/] {exc}", highlight=False)
+        err.print(f"[bold red]hwprune: no model met the budgets:[/] {escape(str(exc))}", highlight=False)
         sys.exit(EXIT_BUDGET)
     except HwpruneError as exc:
-        err.print(f"[bold red]hwprune: error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]hwprune: error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         err.print("hwprune: interrupted; completed trials are saved, run the same command to resume")
