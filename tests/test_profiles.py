@@ -80,3 +80,12 @@ def test_profiles_from_env_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HWPRUNE_PROFILES", str(tmp_path))
     assert "my-box" in available_profiles()
     assert load_profile("my-box").name == "my-box"
+
+
+def test_doctor_cli_says_what_is_wrong_and_how_to_fix_it() -> None:
+    ok = run_cli("doctor", "--device", "host-cpu")
+    assert ok.returncode == 0 and "[ok]" in ok.stdout and "all checks passed" in ok.stdout
+    pytest.importorskip("tvm")
+    bad = run_cli("doctor", "--device", "raspberry-pi-4", "--tracker", "127.0.0.1:9", timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "[FAIL] tracker reachable" in bad.stdout and "python -m tvm.exec.rpc_server --tracker" in bad.stdout
