@@ -163,7 +163,13 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
                       style="bold green" if r["recommended"] else None)
     out.print(table)
     s = summary["search"]
-    out.print(f"budgets: latency {req.get('latency_budget_ms')} ms, memory {req.get('memory_budget_mb')} MB | "
+    def budget(value: Any, unit: str, typed: Any) -> str:
+        if value is None:
+            return "none"
+        return f"{value:.3f} {unit}" + (f" ({typed} dense)" if typed and str(typed).endswith("x") else "")
+
+    out.print(f"budgets: latency {budget(req.get('latency_budget_ms'), 'ms', req.get('latency_budget'))}, memory "
+              f"{budget(req.get('memory_budget_mb'), 'MB', req.get('memory_budget'))} | "
               f"trials: {s['trials_complete']} complete ({s['trials_cached']} reused a measured architecture), "
               f"{s['trials_failed']} failed, {s['trials_feasible']} feasible | {s['wall_seconds']:.0f} s")
     rec = next((r for r in summary["pareto"] if r["recommended"]), None)
