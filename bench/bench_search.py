@@ -564,7 +564,7 @@ def results_table(finals: list[Final]) -> str:
         lines.append(
             f"| {f.subject} | {'–' if f.budget is None else f'{f.budget:g}x'} | {f.method} | {chose} | {acc} "
             f"| {lat_txt} | {ratios} | {meets} "
-            f"| {macs} | {f.params / 1e3:.1f} | {cost} | {'–' if f.method == 'dense' else f'{f.select_seconds:.0f}'} "
+            f"| {macs} | {f'{f.params / 1e3:.1f}' if f.params else '–'} | {cost} | {'–' if f.method == 'dense' else f'{f.select_seconds:.0f}'} "
             f"| {'–' if f.method == 'dense' else f'{f.finetune_seconds:.0f}'} |")
     return "\n".join(lines)
 
@@ -583,10 +583,11 @@ def overhead_table(rows: list[dict[str, Any]]) -> str:
 def budget_lines(finals: list[Final]) -> list[str]:
     """How each hwprune search resolved its relative budget, against the interleaved dense median of this run."""
     out = []
+    dense = {f.subject: f.latency.get("wall_ms") for f in finals if f.method == "dense"}
     for f in finals:
-        if f.method != "hwprune" or not f.extra or not f.latency:
+        if f.method != "hwprune" or not f.extra or not dense.get(f.subject):
             continue
-        ref, seen = f.latency["dense_wall_ms"], f.extra["search_dense_ms"]
+        ref, seen = dense[f.subject], f.extra["search_dense_ms"]
         out.append(f"- {f.subject} {f.budget:g}x: the search measured the dense model at {seen:.4f} ms"
                    f" ({seen / ref:.2f}x this run's interleaved dense median {ref:.4f} ms), "
                    f"so its budget was {f.extra['search_budget_ms']:.4f} ms = {f.extra['search_budget_ms'] / ref:.2f}x"
@@ -726,9 +727,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-ratio", type=float, default=0.75, help="hwprune's per-group max ratio (default 0.75)")
     p.add_argument("--grid", default="0.15,0.3,0.45,0.6,0.75,0.9",
                    help="ratios scanned before bisecting, for the uniform and Torch-Pruning baselines")
-    p.add_argument("--select-stat", choices=("min", "cpu", "median"), default="min",
-                   help="statistic the baselines' bisection compares with the budget: fastest sample (the most stable "
-                        "on a busy host, default), median thread CPU time, or wall median")
+    p.add_argument("--select-stat", choices=("cpu", "min", "median"), default="cpu",
+                   help="statistic the baselines' bisection compares with the budget: median thread CPU time (equals "
+                        "the wall median on a quiet host, drifts less on a busy one; default), fastest sample, or wall "
+                        "median")
     p.add_argument("--rounds", type=int, default=None, help="interleaved re-measurement rounds (default 7; quick 5)")
     p.add_argument("--front-rounds", type=int, default=None,
                    help="rounds re-measuring hwprune's Pareto front for the check (default 3; quick 2; 0 = off)")
