@@ -21,6 +21,20 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     yield
 
 
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache folder of the test's own (TVM compile caches and tuning databases start empty)."""
+    monkeypatch.setenv("HWPRUNE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 16-channel 32x32 CNN written directly with onnx.helper (no torch export)."""
+    from hwprune.doctor import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.onnx", channels=16, size=32)
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict[str, str] | None = None,
             check: bool = False) -> subprocess.CompletedProcess[str]:
     """Run `python -m hwprune.cli ARGS` in a fresh process, with tests/ importable for the test factories."""

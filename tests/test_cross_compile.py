@@ -29,16 +29,7 @@ needs_cross = pytest.mark.skipif(
 EM_AARCH64 = 183
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HWPRUNE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hwprune.doctor import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.onnx", channels=16, size=32)
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _elf_header(path: Path) -> tuple[bytes, int, int, int]:

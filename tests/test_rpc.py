@@ -25,16 +25,7 @@ from hwprune.rpc_local import LocalRpc, free_port  # noqa: E402
 KEY = "hwprune-test"
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HWPRUNE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from hwprune.doctor import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.onnx", channels=16, size=32)
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,7 @@ def widths_plot(run: RunData) -> bytes | None:
 
 
 def op_type_totals(profile: dict[str, Any]) -> dict[str, float]:
-    """Mean microseconds per inference summed by ONNX op type."""
+    """Median microseconds per inference (per node, over the profiled runs) summed by ONNX op type."""
     out: dict[str, float] = {}
     for node in profile.get("nodes", []):
         op = str(node.get("op_type") or "?")
@@ -190,7 +190,7 @@ def node_latency_plot(run: RunData) -> bytes | None:
             ax.text(v, y, f" {v:.1f}", va="center", fontsize=7)
     ax.set_yticks(range(n), ops, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("mean time per inference (µs), summed over the nodes of each op type")
+    ax.set_xlabel("median time per inference (µs), summed over the nodes of each op type")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     ax.set_title("Where the time goes: per-op-type latency, dense vs recommended", fontsize=11, loc="left", pad=22)

@@ -749,11 +749,11 @@ def _node_section(run: RunData) -> Section | None:
     rows.append(["**all nodes**", f"{sum(dense_t.values()):.1f}" if dense_t else DASH,
                  f"{sum(rec_t.values()):.1f}" if rec_t else DASH])
     label = f"trial {rec['trial']} (recommended), µs" if rec is not None else "recommended, µs"
-    s.blocks.append(Table(["Op type", "dense, µs", label], rows, caption="Mean time per inference by op type"))
+    s.blocks.append(Table(["Op type", "dense, µs", label], rows, caption="Median time per inference by op type"))
     prof, who = (rec_prof, model_label(rec)) if rec_prof else (dense_prof, "dense")
     nodes = sorted(prof.get("nodes", []), key=lambda n: -float(n.get("median_us") or 0))[:10]
     total = sum(float(n.get("median_us") or 0) for n in prof.get("nodes", [])) or 1.0
-    s.blocks.append(Table(["Node", "Op type", "Mean µs", "Share"],
+    s.blocks.append(Table(["Node", "Op type", "Median µs", "Share"],
                           [[code(n.get("name")), code(n.get("op_type")), f"{float(n.get('median_us') or 0):.1f}",
                             fmt_pct(100 * float(n.get("median_us") or 0) / total)] for n in nodes],
                           align="llrr", caption=f"The slowest nodes of the {who} model"))
