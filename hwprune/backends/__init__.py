@@ -35,7 +35,7 @@ def create_backend(profile: DeviceProfile) -> Backend:
     except (ImportError, AttributeError) as exc:
         raise BackendUnavailable(
             f"backend {profile.backend!r} (profile {profile.name}) is not available in this installation: {exc}. "
-            "Install the extras with `pip install -e '.[tvm,ssh]'`."
+            "Install the extras with `pip install -e '.[tvm]'`."
         ) from None
     return cls(profile)
 
