@@ -9,10 +9,17 @@ per-trial fine-tune and no final fine-tune:
   gp      Gaussian-process sampler
   random  random search (the floor every sampler must beat)
 
-and reports, as the median over seeds: the hypervolume of the feasible front after N trials (summary.json
-``search.hypervolume``: accuracy, latency and memory normalised by the dense model of the same run, reference point
-(1, 2, 2), so runs are comparable), the hypervolume halfway, how many trials were feasible, the first feasible
-trial, the best feasible accuracy (the search's accuracy proxy) and the wall time.
+and reports, as the median over seeds: the hypervolume of the feasible front after N trials and halfway, how many
+trials were feasible, the first feasible trial, the best feasible accuracy (the search's accuracy proxy) and the
+wall time.
+
+One budget and one normalisation for every run. A search given a relative budget ("0.6x") resolves it from the one
+dense measurement it makes at its start, and normalises its hypervolume (summary.json ``search.hypervolume``) by that
+measurement too; on a busy host that measurement varied 1.7x between runs, and the hypervolume followed it
+(correlation 0.81), not the sampler. So the dense model is measured here first (``--dense-rounds`` measurements, the
+median), every search gets the same absolute budget (``--budget`` x that), and the hypervolume is recomputed from each
+run's trials.csv with the same reference (hwprune's own ``hypervolume_history``: accuracy, latency, memory divided by
+the dense model's, reference point (1, 2, 2)). summary.json's own hypervolume is reported beside it.
 
 All runs share one dense model and data (the subject is built once; a search's ``seed`` only drives its sampler).
 The first two trials of every run are the same uniform warm-start candidates (ratios 0.25 and 0.5).
@@ -46,6 +53,9 @@ import torch  # noqa: E402
 
 import hwprune  # noqa: E402
 from hwprune.errors import BudgetUnreachable  # noqa: E402
+from hwprune.export import export_onnx  # noqa: E402
+from hwprune.measure.ort import OrtBackend  # noqa: E402
+from hwprune.study.pareto import hypervolume_history  # noqa: E402
 from hwprune.subjects import build_demo  # noqa: E402
 from hwprune.subjects.base import Subject  # noqa: E402
 
@@ -68,19 +78,32 @@ def fresh_subject(base: Subject) -> Subject:
     return subject
 
 
-def _hv_at(history: list[list[float]], trials: int) -> float:
+def _hv_at(history: list[Any], trials: int) -> float:
     """Hypervolume after the first ``trials`` complete trials (0 when none)."""
     values = [hv for _, hv in history[:trials]]
     return float(values[-1]) if values else 0.0
 
 
-def run_one(base: Subject, sampler: str, seed: int, args: argparse.Namespace, runs_dir: Path) -> dict[str, Any]:
-    """One search; what it found, read back from its run folder."""
+def dense_reference(subject: Subject, rounds: int, workdir: Path) -> dict[str, float]:
+    """The dense model's accuracy, latency (median over ``rounds`` measurements of the wall median) and memory."""
+    path = export_onnx(subject.model, subject.example_inputs, workdir / "dense.onnx")
+    backend = OrtBackend(PROFILE)
+    ms = [backend.measure(path) for _ in range(rounds)]
+    return {"accuracy": float(subject.evaluate(subject.model)),
+            "latency_ms": statistics.median(m.latency.median_ms for m in ms),
+            "latency_ms_each": [m.latency.median_ms for m in ms],
+            "memory_mb": ms[0].memory.total_mb}
+
+
+def run_one(base: Subject, sampler: str, seed: int, args: argparse.Namespace, runs_dir: Path,
+            dense: dict[str, float]) -> dict[str, Any]:
+    """One search with the common absolute budget; what it found, read back from its run folder."""
     study = f"{sampler}-s{seed}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
     note = ""
     try:
-        hwprune.search(fresh_subject(base), PROFILE, latency_budget_ms=f"{args.budget}x", trials=args.trials,
+        hwprune.search(fresh_subject(base), PROFILE, latency_budget_ms=args.budget * dense["latency_ms"],
+                       trials=args.trials,
                        sampler=sampler, seed=seed, out=runs_dir, study=study, final_finetune_steps=0,
                        trial_finetune_steps=args.trial_finetune_steps, progress=False)
     except BudgetUnreachable as exc:
@@ -94,11 +117,14 @@ def run_one(base: Subject, sampler: str, seed: int, args: argparse.Namespace, ru
     feasible = complete[complete["feasible"].astype(bool)]
     first_feasible = int(feasible["trial"].min()) if not feasible.empty else None
     best = max((m["accuracy_proxy"] for m in summary["pareto"]), default=None)
+    common = hypervolume_history(complete, (dense["accuracy"], dense["latency_ms"], dense["memory_mb"])) \
+        if not complete.empty else []
     return {
         "sampler": sampler, "seed": seed, "trials_complete": int(s["trials_complete"]),
         "trials_failed": int(s["trials_failed"]), "trials_cached": int(s["trials_cached"]),
-        "hypervolume": _hv_at(s["hypervolume"], args.trials),
-        "hypervolume_half": _hv_at(s["hypervolume"], args.trials // 2),
+        "hypervolume": _hv_at(common, args.trials),
+        "hypervolume_half": _hv_at(common, args.trials // 2),
+        "summary_hypervolume": _hv_at(s["hypervolume"], args.trials),
         "feasible_trials": int(len(feasible)), "first_feasible_trial": first_feasible,
         "best_feasible_accuracy": best, "pareto_models": len(summary["pareto"]),
         "dense_accuracy": summary["dense"]["accuracy"], "dense_latency_ms": summary["dense"]["latency_ms"]["median"],
@@ -119,8 +145,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for sampler in dict.fromkeys(r["sampler"] for r in runs):
         mine = [r for r in runs if r["sampler"] == sampler]
         row: dict[str, Any] = {"sampler": sampler, "seeds": len(mine)}
-        for key in ("hypervolume", "hypervolume_half", "feasible_trials", "first_feasible_trial",
-                    "best_feasible_accuracy", "wall_seconds"):
+        for key in ("hypervolume", "hypervolume_half", "summary_hypervolume", "feasible_trials",
+                    "first_feasible_trial", "best_feasible_accuracy", "wall_seconds"):
             vals = [r[key] for r in mine if r[key] is not None]
             row[key] = _median(vals)
             row[key + "_range"] = (min(vals), max(vals)) if vals else None
@@ -140,11 +166,13 @@ def table(rows: list[dict[str, Any]], trials: int) -> str:
             text += f" ({format(rng[0], fmt)}–{format(rng[1], fmt)})"
         return text
 
-    lines = [f"| sampler | seeds | hypervolume @ {trials} | hypervolume @ {trials // 2} | feasible trials "
-             "| first feasible trial | best feasible accuracy | wall s | failed trials |", "|" + "---|" * 9]
+    lines = [f"| sampler | seeds | hypervolume @ {trials} | hypervolume @ {trials // 2} "
+             f"| summary.json hypervolume @ {trials} | feasible trials | first feasible trial "
+             "| best feasible accuracy | wall s | failed trials |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['sampler']} | {r['seeds']} | {cell(r, 'hypervolume', '.4f')} "
-                     f"| {cell(r, 'hypervolume_half', '.4f')} | {cell(r, 'feasible_trials', 'g')} "
+                     f"| {cell(r, 'hypervolume_half', '.4f')} | {cell(r, 'summary_hypervolume', '.4f')} "
+                     f"| {cell(r, 'feasible_trials', 'g')} "
                      f"| {cell(r, 'first_feasible_trial', 'g')} | {cell(r, 'best_feasible_accuracy', '.3f')} "
                      f"| {cell(r, 'wall_seconds', '.0f')} | {r['failed']} |")
     return "\n".join(lines)
@@ -158,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=None, help="trials per search (default 30; quick 12)")
     p.add_argument("--trial-finetune-steps", type=int, default=5, help="per-trial fine-tune steps (default 5)")
     p.add_argument("--budget", type=float, default=0.6, help="latency budget as a fraction of dense (default 0.6)")
+    p.add_argument("--dense-rounds", type=int, default=7,
+                   help="measurements of the dense model behind the common budget and reference (default 7)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads for BN re-calibration and evaluation (default 1; see bench/README.md)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -176,12 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     base = build_demo("mobilenet-tiny", seed=0, log=say)
+    runs_dir = out / "runs-samplers"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    dense = dense_reference(base, args.dense_rounds, runs_dir)
+    say(f"dense: accuracy {dense['accuracy']:.4f}, latency {dense['latency_ms']:.4f} ms (median of "
+        f"{args.dense_rounds}: {', '.join(f'{x:.4f}' for x in dense['latency_ms_each'])}); every search gets the "
+        f"budget {args.budget * dense['latency_ms']:.4f} ms")
     runs: list[dict[str, Any]] = []
     # seeds in the outer loop: a drift in the host's load then spreads over every sampler instead of one
     for seed in range(args.seeds):
         for sampler in args.samplers:
             say(f"{sampler}, seed {seed}: {args.trials} trials...")
-            r = run_one(base, sampler, seed, args, out / "runs-samplers")
+            r = run_one(base, sampler, seed, args, runs_dir, dense)
             say(f"  hypervolume {r['hypervolume']:.4f}, {r['feasible_trials']} feasible, best accuracy "
                 f"{r['best_feasible_accuracy']}, {r['wall_seconds']:.0f} s")
             runs.append(r)
@@ -193,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         "", f"`{command}` — {dt.datetime.now().isoformat(timespec='minutes')}, {wall / 60:.1f} min, load average "
         f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; {args.trials} trials per run, "
         f"{args.trial_finetune_steps} fine-tune steps per trial, medians over {args.seeds} seed(s)"
-        + (" (range in brackets)" if args.seeds > 1 else ""), "", table(rows, args.trials), ""])
+        + (" (range in brackets)" if args.seeds > 1 else "")
+        + f"; dense model {dense['latency_ms']:.4f} ms (median of {args.dense_rounds} measurements), common budget "
+        f"{args.budget * dense['latency_ms']:.4f} ms; hypervolumes normalised by that dense model", "",
+        table(rows, args.trials), ""])
     print(report)
     with open(out / "bench_samplers.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(runs[0]))
@@ -202,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench_samplers.json").write_text(json.dumps(
         {"command": command, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
          "wall_seconds": round(wall, 1), "load_avg_start": load0, "load_avg_end": os.getloadavg(),
-         "args": vars(args), "medians": rows, "runs": runs, "markdown": report}, indent=2, default=str))
+         "args": vars(args), "dense": dense, "medians": rows, "runs": runs, "markdown": report}, indent=2,
+        default=str))
     say(f"wrote {out / 'bench_samplers.csv'} and {out / 'bench_samplers.json'}")
     return 0
 
