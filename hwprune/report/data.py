@@ -86,6 +86,12 @@ class RunData:
         return list(self.summary.get("pareto") or [])
 
     @property
+    def node_profiles(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The per-node latency profiles of the dense and the recommended model (None where not recorded)."""
+        rec = self.recommended
+        return self.node_latency.get(None), (self.node_latency.get(rec["trial"]) if rec is not None else None)
+
+    @property
     def recommended(self) -> dict[str, Any] | None:
         rec = self.summary.get("recommended")
         return next((m for m in self.pareto if m.get("trial") == rec), None) if rec is not None else None

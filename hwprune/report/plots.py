@@ -168,8 +168,7 @@ def op_type_totals(profile: dict[str, Any]) -> dict[str, float]:
 def node_latency_plot(run: RunData) -> bytes | None:
     """Per-op-type time, dense vs recommended, from the per-node profiles."""
     rec = run.recommended
-    dense_prof = run.node_latency.get(None)
-    rec_prof = run.node_latency.get(rec["trial"]) if rec is not None else None
+    dense_prof, rec_prof = run.node_profiles
     if dense_prof is None and rec_prof is None:
         return None
     series = [("dense", dense_prof, DENSE)]

@@ -715,8 +715,7 @@ def _node_section(run: RunData) -> Section | None:
     from hwprune.report import plots
 
     rec = run.recommended
-    dense_prof = run.node_latency.get(None)
-    rec_prof = run.node_latency.get(rec["trial"]) if rec is not None else None
+    dense_prof, rec_prof = run.node_profiles
     if dense_prof is None and rec_prof is None:
         return None
     s = Section("Where the time goes")
