@@ -125,6 +125,7 @@ def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float |
         "accuracy_proxy": accuracy_proxy,
         "latency_ms": {"median": lat["median_ms"], "p90": lat["p90_ms"], "min": lat["min_ms"],
                        "mean": lat["mean_ms"], "std": lat["std_ms"], "cv": lat["cv"],
+                       "robust_cv": lat["robust_cv"], "mad": lat["mad_ms"],
                        "cpu_median": lat["cpu_median_ms"], "repeats": lat["repeats"], "warmup": lat["warmup"],
                        "noisy": lat["noisy"], "remeasured": lat["remeasured"]},
         "memory_mb": {"weights": m.memory.weights_mb, "peak_activations": m.memory.peak_activations_mb,
