@@ -4,7 +4,7 @@ On the demo subject (``mobilenet-tiny``, ``host-cpu``, latency budget 0.6x dense
 ``hwprune.search(...)`` per sampler and seed, each into its own run folder, with the same trial count, the same
 per-trial fine-tune and no final fine-tune:
 
-  tpe     multivariate TPE (hwprune's current default in ``make_sampler``)
+  tpe     multivariate TPE (n_startup_trials = max(8, min(16, knobs)))
   nsga2   NSGA-II (population 16)
   gp      Gaussian-process sampler
   random  random search (the floor every sampler must beat)
@@ -54,7 +54,7 @@ import torch  # noqa: E402
 import hwprune  # noqa: E402
 from hwprune.errors import BudgetUnreachable  # noqa: E402
 from hwprune.export import export_onnx  # noqa: E402
-from hwprune.measure.ort import OrtBackend  # noqa: E402
+from hwprune.backends.ort import OrtBackend  # noqa: E402
 from hwprune.study.pareto import hypervolume_history  # noqa: E402
 from hwprune.subjects import build_demo  # noqa: E402
 from hwprune.subjects.base import Subject  # noqa: E402

@@ -387,7 +387,8 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
     note = ""
     try:
         hwprune.search(subject, PROFILE, latency_budget_ms=f"{budget}x", trials=conf["trials"], out=runs_dir,
-                       study=study, seed=args.seed, sampler=args.sampler, max_ratio=args.max_ratio,
+                       study=study, seed=args.seed, max_ratio=args.max_ratio,
+                       **({"sampler": args.sampler} if args.sampler else {}),
                        trial_finetune_steps=conf["trial_finetune_steps"], final_finetune_steps=0, progress=False)
     except BudgetUnreachable as exc:
         note = f"hwprune: {exc}"
@@ -723,7 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "demo 150, mobilenetv2 20; --quick: 40 and 10)")
     p.add_argument("--trial-finetune-steps", type=int, default=None,
                    help="hwprune's per-trial fine-tune steps (default: demo 20 = hwprune's default, mobilenetv2 0)")
-    p.add_argument("--sampler", default="tpe", help="hwprune's sampler (default tpe)")
+    p.add_argument("--sampler", default=None, help="hwprune's sampler (default: hwprune's own default)")
     p.add_argument("--max-ratio", type=float, default=0.75, help="hwprune's per-group max ratio (default 0.75)")
     p.add_argument("--grid", default="0.15,0.3,0.45,0.6,0.75,0.9",
                    help="ratios scanned before bisecting, for the uniform and Torch-Pruning baselines")
