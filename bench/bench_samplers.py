@@ -27,8 +27,8 @@ The first two trials of every run are the same uniform warm-start candidates (ra
 Outputs: a Markdown table on stdout, ``<out>/bench_samplers.csv`` (one row per run) and ``<out>/bench_samplers.json``
 (runs and medians). Run folders go to ``<out>/runs-samplers/``.
 
-    python bench/bench_samplers.py --quick      # 1 seed x 12 trials per sampler: a smoke test, ~10 min
-    python bench/bench_samplers.py              # 3 seeds x 30 trials per sampler, ~1.5 h on a busy 2-core host
+    python bench/bench_samplers.py --quick      # 1 seed x 12 trials per sampler: a smoke test, ~3 min
+    python bench/bench_samplers.py              # 3 seeds x 30 trials per sampler, ~17 min on 2 cores
 """
 
 from __future__ import annotations

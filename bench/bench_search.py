@@ -26,7 +26,7 @@ Outputs: Markdown tables on stdout, ``<out>/bench_search.csv`` (one row per mode
 hwprune's run folders go to ``<out>/runs/``.
 
     python bench/bench_search.py --quick            # demo subject only, ~10 min on 2 cores
-    python bench/bench_search.py                    # demo + MobileNetV2 at 224, ~40 min on 2 cores
+    python bench/bench_search.py                    # demo + MobileNetV2 at 224, ~25 min on 2 cores (+13 min once)
 """
 
 from __future__ import annotations
@@ -402,7 +402,8 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
         return final, None, run_dir
     s = summary["search"]
     final.extra = {"search_dense_ms": summary["dense"]["latency_ms"]["median"],
-                   "search_budget_ms": summary["request"]["latency_budget_ms"], "run_dir": str(run_dir)}
+                   "search_budget_ms": summary["request"]["latency_budget_ms"], "run_dir": str(run_dir),
+                   "sampler": summary["request"].get("sampler")}
     final.trials = int(s["trials_complete"])
     final.measurements = int(s["trials_complete"]) - int(s["trials_cached"]) + 1  # + the dense model
     rec = next((m for m in summary["pareto"] if m["recommended"]), None)
@@ -562,11 +563,11 @@ def results_table(finals: list[Final]) -> str:
         macs = f"{f.macs / 1e6:.2f} ({f.macs / max(dense_macs.get(f.subject, 1), 1):.2f})" if f.macs else "–"
         chose = f.setting if f.select_latency_ratio is None else f"{f.setting} ({f.select_latency_ratio:.2f}x)"
         ratios = " / ".join(_f(lat.get(k), ".3f") for k in ("ratio_wall", "ratio_cpu", "ratio_min")) if lat else "–"
+        params = f"{f.params / 1e3:.1f}" if f.params else "–"
+        seconds = "– | –" if f.method == "dense" else f"{f.select_seconds:.0f} | {f.finetune_seconds:.0f}"
         lines.append(
             f"| {f.subject} | {'–' if f.budget is None else f'{f.budget:g}x'} | {f.method} | {chose} | {acc} "
-            f"| {lat_txt} | {ratios} | {meets} "
-            f"| {macs} | {f'{f.params / 1e3:.1f}' if f.params else '–'} | {cost} | {'–' if f.method == 'dense' else f'{f.select_seconds:.0f}'} "
-            f"| {'–' if f.method == 'dense' else f'{f.finetune_seconds:.0f}'} |")
+            f"| {lat_txt} | {ratios} | {meets} | {macs} | {params} | {cost} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -592,7 +593,7 @@ def budget_lines(finals: list[Final]) -> list[str]:
         out.append(f"- {f.subject} {f.budget:g}x: the search measured the dense model at {seen:.4f} ms"
                    f" ({seen / ref:.2f}x this run's interleaved dense median {ref:.4f} ms), "
                    f"so its budget was {f.extra['search_budget_ms']:.4f} ms = {f.extra['search_budget_ms'] / ref:.2f}x"
-                   f" of the interleaved dense median ({f.extra['run_dir']})")
+                   f" of the interleaved dense median ({os.path.relpath(f.extra['run_dir'], ROOT)})")
     return out
 
 
@@ -683,7 +684,9 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
         f"{args.rounds} rounds...")
     remeasure_interleaved(finals, backend, args.rounds, dense.key)
     return {
-        "subject": subject.name, "note": note, "config": conf, "finals": finals, "overhead": overhead,
+        "subject": subject.name, "note": note, "finals": finals, "overhead": overhead,
+        "config": {**conf, "sampler": ", ".join(sorted({str(f.extra["sampler"]) for f in finals
+                                                         if f.extra.get("sampler")})) or "?"},
         "checks": checks,
         "curves": {k: [{"ratio": p.ratio, "latency_ratio": p.latency_ratio, "macs": p.macs, "params": p.params,
                         "measured": p.measured, "seconds": p.seconds} for p in sorted(c.points.values(),
@@ -768,9 +771,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{load0[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end", ""]
     for r in results:
         c = r["config"]
-        text.append(f"- **{r['subject']}**: {r['note']}. hwprune: {c['trials']} trials, {c['trial_finetune_steps']} "
-                    f"fine-tune steps per trial. Every final model: BN re-calibration + {c['finetune_steps']} "
-                    f"fine-tune steps distilled from the dense model.")
+        text.append(f"- **{r['subject']}**: {r['note']}. hwprune: {c['trials']} trials, sampler {c['sampler']}, "
+                    f"{c['trial_finetune_steps']} fine-tune steps per trial. Every final model: BN re-calibration + "
+                    f"{c['finetune_steps']} fine-tune steps distilled from the dense model.")
     text += ["", results_table(finals), "",
              "Latency: median over interleaved rounds, with the dense model's in the same rounds in brackets; the "
              "ratios are medians over rounds of (model ÷ dense of that round). 'chose' gives the latency ratio the "
