@@ -76,7 +76,12 @@ class TrialRunner:
         stages = stages if stages is not None else {}
         t = time.perf_counter()
         pruned = prune(self.subject.model, self.subject.example_inputs, ratios, self.space)
-        t = self._tick("prune", t, stages)
+        self._tick("prune", t, stages)
+        return self.prepare(pruned, stages)
+
+    def prepare(self, pruned: PrunedModel, stages: dict[str, float]) -> PrunedModel:
+        """BN re-calibration (and the optional short fine-tune) of an already pruned candidate."""
+        t = time.perf_counter()
         if self.subject.calibration_data is not None and self.calibration_batches:
             train.recalibrate_batchnorm(pruned.module, self.subject.calibration_data, self.calibration_batches)
             t = self._tick("calibrate", t, stages)
@@ -129,8 +134,7 @@ class TrialRunner:
                 acc, lat, mem = cached["values"]
                 self._constrain(trial, lat, mem)
                 return acc, lat, mem
-            del pruned
-            pruned = self.build(ratios, stages)
+            pruned = self.prepare(pruned, stages)  # the copy pruned for the signature; no second prune
             trial.set_user_attr("widths", {k: list(v) for k, v in pruned.widths.items()})
             trial.set_user_attr("macs", int(pruned.macs))
             trial.set_user_attr("params", int(pruned.params))
