@@ -45,7 +45,11 @@ def test_search_writes_machine_readable_outputs(cli_run) -> None:
         assert any(kept < orig for orig, kept in r["widths"].values())
         for key in ("onnx", "weights", "module"):
             assert (run_dir / r["files"][key]["path"]).is_file()
-        assert r["latency_ms"]["median"] <= summary["request"]["latency_budget_ms"] or r["recommended"]
+        # the front is confirmed on the exported files: every model met the budget when re-measured
+        assert r["latency_ms"]["median"] <= summary["request"]["latency_budget_ms"]
+        if not r["recommended"]:
+            # the exported weights are the trial's own (replayed calibration and fine-tune), re-evaluated
+            assert r["accuracy"] == pytest.approx(r["accuracy_proxy"], abs=0.02)
     req = summary["request"]
     assert req["latency_budget"] == "0.95x"
     assert req["latency_budget_ms"] == pytest.approx(0.95 * dense["latency_ms"]["median"])

@@ -55,6 +55,7 @@ class TrialRunner:
     exporter: str = "torchscript"
     calibration_batches: int = 8
     finetune_steps: int = 0
+    seed: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -80,7 +81,13 @@ class TrialRunner:
         return self.prepare(pruned, stages)
 
     def prepare(self, pruned: PrunedModel, stages: dict[str, float]) -> PrunedModel:
-        """BN re-calibration (and the optional short fine-tune) of an already pruned candidate."""
+        """BN re-calibration (and the optional short fine-tune) of an already pruned candidate.
+
+        Torch's RNG is seeded from the search seed and the architecture, so that re-iterable data shuffled by torch
+        (a ``DataLoader``, the demo's batches) replays the same batches: finalize rebuilds the weights a trial
+        evaluated instead of training new ones.
+        """
+        torch.manual_seed(replay_seed(self.seed, pruned.signature))
         t = time.perf_counter()
         if self.subject.calibration_data is not None and self.calibration_batches:
             train.recalibrate_batchnorm(pruned.module, self.subject.calibration_data, self.calibration_batches)
@@ -165,12 +172,17 @@ class TrialRunner:
         trial.set_constraint("memory", mem_v)
 
 
+def replay_seed(seed: int, signature: str) -> int:
+    """The torch seed for preparing the candidate with architecture ``signature`` in a search seeded ``seed``."""
+    return (int(signature[:15], 16) ^ (seed * 0x9E3779B1)) % (2**63 - 1)
+
+
 def make_sampler(name: str, seed: int, n_knobs: int) -> optuna.samplers.BaseSampler:
     """The sampler for ``name``.
 
-    The default ("random") was picked by bench/bench_samplers.py: on the demo at 30 trials, no model-based sampler
-    beat random search on hypervolume or best feasible accuracy (medians over 3 seeds; see README). With 18+ knobs,
-    TPE and GP spend most of a short search on their start-up phase; choose them for long searches.
+    The default ("tpe") was picked by bench/bench_samplers.py: on the demo at 30 trials under one common latency
+    budget, multivariate TPE ranked first on hypervolume and best feasible accuracy across 3 seeds (see
+    bench/README.md). "random", "nsga2" and "gp" stay available for comparison.
     """
     if name == "tpe":
         # multivariate TPE models the coupling between layers' widths; startup trials scale with the space size
@@ -213,12 +225,48 @@ def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
-def warm_start(study: optuna.Study, space: PruningSpace, ratios: tuple[float, ...] = (0.25, 0.5)) -> None:
-    """Enqueue uniform-ratio candidates (the baseline a user would try first) when the study is new."""
+WARM_START = (1 / 3, 2 / 3, 1.0)  # fractions of the space's max ratio
+
+
+def warm_start(study: optuna.Study, space: PruningSpace, fractions: tuple[float, ...] = WARM_START) -> None:
+    """Enqueue uniform-ratio candidates (the baseline a user would try first) when the study is new.
+
+    They span the space up to its smallest model, which tells the search (and the user, when nothing fits) the
+    fastest latency reachable; :func:`bracket_budget` then aims uniform candidates at the budget itself.
+    """
     if study.get_trials(deepcopy=False):
         return
-    for r in ratios:
-        study.enqueue_trial(space.uniform(r), skip_if_exists=True)
+    top = max((k.max_ratio for k in space.knobs), default=0.0)
+    for f in fractions:
+        r = round(f * top, 4)
+        study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
+
+
+def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: float,
+                   budget_ms: float | None) -> list[float]:
+    """Uniform ratios aimed at the latency budget, interpolated from the uniform trials measured so far.
+
+    Returns the ratios enqueued (none when no measured pair straddles the budget, or once done): the interpolated
+    ratio and one a step deeper, so that the search always holds the best uniform model that meets the budget,
+    the baseline it must beat, and the sampler starts its search next to the budget.
+    """
+    if budget_ms is None or study.user_attrs.get("bracketed"):
+        return []
+    points = [(0.0, dense_latency_ms)]
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        r = t.user_attrs.get("uniform_ratio")
+        if r is not None and t.values:
+            points.append((r, t.values[1]))
+    points.sort()
+    for (r0, l0), (r1, l1) in zip(points, points[1:]):
+        if l0 > budget_ms >= l1:
+            target = r0 + (r1 - r0) * (l0 - budget_ms) / max(l0 - l1, 1e-12)
+            ratios = sorted({round(min(target, r1), 4), round(min(target + 0.5 * (r1 - target), r1), 4)})
+            study.set_user_attr("bracketed", ratios)
+            for r in ratios:
+                study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
+            return ratios
+    return []
 
 
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:

@@ -43,18 +43,26 @@ DEMOS: dict[str, DemoSpec] = {
 
 
 class _Batches:
-    """Re-iterable mini-batches over in-memory tensors; shuffled with a per-epoch seed for reproducibility."""
+    """Re-iterable mini-batches over in-memory tensors.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    With ``seed``, epoch ``k`` is shuffled by ``seed * 1000 + k`` (the dense training, reproducible on its own).
+    Without, each epoch's order is drawn from torch's global RNG, as ``DataLoader(shuffle=True)`` does, so a caller
+    that seeds torch replays the same batches (the search rebuilds its Pareto models this way).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
+                 seed: int | None = None) -> None:
         self.x, self.y, self.batch_size, self.shuffle, self.seed = x, y, batch_size, shuffle, seed
         self._epoch = 0
 
     def __iter__(self):
         n = self.x.shape[0]
-        if self.shuffle:
+        if self.shuffle and self.seed is not None:
             g = torch.Generator().manual_seed(self.seed * 1000 + self._epoch)
             order = torch.randperm(n, generator=g)
             self._epoch += 1
+        elif self.shuffle:
+            order = torch.randperm(n)
         else:
             order = torch.arange(n)
         for i in range(0, n, self.batch_size):
@@ -116,7 +124,7 @@ def build_demo(name: str, *, seed: int = 0, log: Callable[[str], None] | None = 
         evaluate=lambda m: train.accuracy(m, val_batches),
         name=name,
         calibration_data=calib,
-        train_data=train_batches,
+        train_data=_Batches(x_train, y_train, 128, shuffle=True),
         loss_fn=nn.functional.cross_entropy,
         metric="accuracy",
         description=spec.description,
