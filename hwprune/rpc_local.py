@@ -154,10 +154,18 @@ class LocalRpc:
         return proc
 
     def start(self) -> "LocalRpc":
-        """Start the tracker and the servers; returns when all servers are registered."""
+        """Start the tracker and the servers; returns when all servers are registered.
+
+        A server that does not register stops everything started so far (its log stays for the error message):
+        ``with LocalRpc(...)`` never reaches ``__exit__`` when ``__enter__`` raises.
+        """
         self.start_tracker()
-        for _ in range(self.n_servers):
-            self.start_server()
+        try:
+            for _ in range(self.n_servers):
+                self.start_server()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def status(self) -> dict[str, int]:

@@ -2,13 +2,16 @@
 EM_AARCH64, NEON code in it), an AArch64 host library with CUDA kernels for the Jetson profiles, and a clear error
 when the Android NDK compiler is not named.
 
-Not done here: running the AArch64 library under ``qemu-aarch64``. That needs an AArch64 Python with numpy and the
-apache-tvm wheel plus an arm64 sysroot (hundreds of MB), which this suite does not download; the loopback RPC tests
-cover the same upload -> load -> run path with a host-architecture library.
+The Raspberry Pi 4 path also runs end to end on an emulated board: the AArch64 library is uploaded through a real
+tracker to an AArch64 ``rpc_server`` under ``qemu-aarch64``, run there, and its outputs are compared with ONNX
+Runtime's. That test needs ``HWPRUNE_AARCH64_PYTHON`` (``scripts/test.sh`` sets it from
+``scripts/setup-aarch64-emulator.sh``, which builds an arm64 sysroot and the AArch64 wheels once, about 130 MB of
+downloads, and needs root); without it the test is skipped. Emulated timing is never asserted or reported.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 import subprocess
@@ -85,29 +88,53 @@ def test_missing_cross_compiler_says_what_to_install(monkeypatch: pytest.MonkeyP
         TvmCompiler(profile)
 
 
-QEMU_PYTHON = __import__("os").environ.get("HWPRUNE_AARCH64_PYTHON", "")
+QEMU_PYTHON = os.environ.get("HWPRUNE_AARCH64_PYTHON", "")
+
+
+def _logs(log_dir: Path) -> str:
+    """The RPC server's and tracker's logs, for a failure message (the server is the emulated board)."""
+    parts = []
+    for name in ("server-0.log", "tracker.log"):
+        path = log_dir / name
+        text = path.read_text(errors="replace")[-6000:] if path.exists() else "(no log written)"
+        parts.append(f"--- {name} ---\n{text.rstrip() or '(empty)'}")
+    return "\n".join(parts)
 
 
 @needs_cross
 @pytest.mark.skipif(not QEMU_PYTHON, reason="set HWPRUNE_AARCH64_PYTHON to an AArch64 python (e.g. a wrapper running "
                     "qemu-aarch64 -L SYSROOT python3) that has apache-tvm, numpy, tornado, cloudpickle and psutil; "
-                    "see docs/real-boards.md, 'Emulated board'")
-def test_raspberry_pi_path_end_to_end_under_qemu(tiny_onnx: Path) -> None:
+                    "scripts/setup-aarch64-emulator.sh builds one (scripts/test.sh runs it as root); see "
+                    "docs/real-boards.md, 'Emulated board'")
+@pytest.mark.timeout(1500)  # over the bounds below: server start 300 s + 2 attempts x (240 s wait + 240 s session)
+def test_raspberry_pi_path_end_to_end_under_qemu(tiny_onnx: Path, tmp_path: Path) -> None:
     """Cross-compile for the Pi 4, upload to an AArch64 rpc_server running under qemu, run, compare with ORT.
 
-    Correctness only: emulated timing means nothing and is not asserted or reported.
+    Correctness only: emulated timing means nothing and is not asserted or reported. Takes about 30 s here (each
+    start of the emulated python imports tvm in about 8 s); the timeouts are many times that.
     """
     from hwprune.export import input_feed
     from hwprune.backends.ort import OrtBackend
-    from hwprune.backends.tvm import TvmRpcBackend
+    from hwprune.backends.tvm import TvmCompiler, TvmRpcBackend
     from hwprune.rpc_local import LocalRpc
 
     import numpy as np
 
-    with LocalRpc(key="rpi4", python=QEMU_PYTHON, start_timeout=300.0) as rpc:
-        profile = load_profile("raspberry-pi-4").with_overrides(rpc__tracker=rpc.tracker, rpc__key="rpi4",
-                                                               rpc__session_timeout_s=300.0)
-        feed = input_feed(tiny_onnx)
-        out = TvmRpcBackend(profile).run(tiny_onnx, feed)
+    logs = tmp_path / "rpc-logs"  # kept after the servers stop, for the failure message
+    feed = input_feed(tiny_onnx)
+    failure = ""
+    try:
+        with LocalRpc(key="rpi4", python=QEMU_PYTHON, start_timeout=300.0, log_dir=logs) as rpc:
+            profile = load_profile("raspberry-pi-4").with_overrides(rpc__tracker=rpc.tracker, rpc__key="rpi4",
+                                                                   rpc__session_timeout_s=240.0, rpc__retries=1)
+            out = TvmRpcBackend(profile).run(tiny_onnx, feed)
+    except Exception as exc:  # noqa: BLE001 - the emulated board's log says why
+        failure = f"{type(exc).__name__}: {exc}"
+    if failure:
+        pytest.fail(f"{failure}\n{_logs(logs)}", pytrace=False)
+    # what ran on the board is the cross-compiled AArch64 library (taken from the compile cache run() filled)
+    built = TvmCompiler(profile).build(tiny_onnx)
+    assert _elf_header(built.path)[3] == EM_AARCH64 and built.info["cross_compiler"] == AARCH64_GXX
     ref = OrtBackend(load_profile("host-cpu")).run(tiny_onnx, feed)
+    assert len(out) == len(ref)
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-4, atol=1e-5)
