@@ -497,10 +497,12 @@ def check_front(summary: dict[str, Any], run_dir: Path, backend: OrtBackend, rou
 
 
 def _front_order(front: list[dict[str, Any]], lat: dict[Any, float], dense_lat: float) -> dict[str, Any]:
-    """Counts of front models not faster than dense and of (fewer MACs, slower) pairs, raw and beyond noise."""
+    """Counts of front models not faster than dense and of (fewer MACs, slower) pairs: raw, beyond noise, and beyond
+    noise with nothing bought for it (the slower, smaller model is neither more accurate nor smaller in memory by
+    more than the noise margin: a model that gave up accuracy and got nothing back)."""
     ordered = sorted(front, key=lambda m: lat[m["trial"]])
     not_faster = [m["trial"] for m in ordered if lat[m["trial"]] >= dense_lat]
-    pairs = violations = beyond_noise = 0
+    pairs = violations = beyond_noise = unexplained = 0
     examples: list[str] = []
     for i, a in enumerate(ordered):
         for b in ordered[i + 1:]:  # lat[a] <= lat[b]
@@ -509,12 +511,17 @@ def _front_order(front: list[dict[str, Any]], lat: dict[Any, float], dense_lat: 
                 violations += 1
                 if lat[b["trial"]] > lat[a["trial"]] * (1 + NOISE_TOL):
                     beyond_noise += 1
+                    bought = (b["accuracy"] > a["accuracy"]
+                              or b["memory_mb"]["total"] * (1 + NOISE_TOL) < a["memory_mb"]["total"])
+                    unexplained += not bought
                     if len(examples) < 3:
                         examples.append(f"trial {b['trial']} ({b['macs'] / 1e6:.2f} M MACs, "
-                                        f"{lat[b['trial']]:.4f} ms) slower than trial {a['trial']} "
-                                        f"({a['macs'] / 1e6:.2f} M MACs, {lat[a['trial']]:.4f} ms)")
+                                        f"{lat[b['trial']]:.4f} ms, acc {b['accuracy']:.3f}, "
+                                        f"{b['memory_mb']['total']:.2f} MB) slower than trial {a['trial']} "
+                                        f"({a['macs'] / 1e6:.2f} M MACs, {lat[a['trial']]:.4f} ms, acc "
+                                        f"{a['accuracy']:.3f}, {a['memory_mb']['total']:.2f} MB)")
     return {"dense_ms": dense_lat, "not_faster_than_dense": not_faster, "pairs": pairs, "violations": violations,
-            "violations_beyond_noise": beyond_noise, "examples": examples,
+            "violations_beyond_noise": beyond_noise, "unexplained_beyond_noise": unexplained, "examples": examples,
             "holds": not not_faster and beyond_noise == 0}
 
 

@@ -58,6 +58,22 @@ def test_pareto_front_by_hand() -> None:
     assert recommend(front.iloc[:0]) is None
 
 
+def test_front_drops_smaller_but_not_faster_models() -> None:
+    """A less accurate model stays on the front only if it buys speed or memory beyond measurement noise."""
+    df = _trials([
+        (0, 0.90, 10.0, 5.0, True, "a"),
+        (1, 0.85, 9.8, 4.9, True, "b"),    # 2% faster, 2% smaller, 5 points less accurate: noise, dropped
+        (2, 0.85, 9.0, 5.0, True, "c"),    # 10% faster: kept
+        (3, 0.80, 10.2, 4.0, True, "d"),   # slower, but 20% less memory: kept
+        (4, 0.90, 9.9, 5.0, True, "e"),    # equally accurate, faster at all: dominates 0 exactly
+    ])
+    assert list(pareto_mask(df)) == [False, True, True, True, True]  # exact dominance keeps trial 1
+    assert list(pareto_front(df)["trial"]) == [2, 4, 3]
+    # never empty: equal accuracies compare exactly, so no two models drop each other
+    ties = _trials([(0, 0.9, 10.0, 5.0, True, "a"), (1, 0.9, 9.9, 5.1, True, "b")])
+    assert list(pareto_front(ties)["trial"]) == [1, 0]
+
+
 def test_hypervolume_grows_monotonically_and_ignores_infeasible() -> None:
     df = _trials([
         (0, 0.5, 1.0, 1.0, True, "a"),

@@ -8,6 +8,9 @@ import numpy as np
 import pandas as pd
 
 OBJECTIVES = ("accuracy", "latency_ms", "memory_mb")
+# Relative latency/memory differences a less accurate model must beat to stay on the front: below this a model
+# gave up accuracy for no speed or memory a measurement can tell apart (a "smaller but not faster" model).
+TIE_TOLERANCE = 0.05
 
 
 def _losses(df: pd.DataFrame) -> np.ndarray:
@@ -16,29 +19,39 @@ def _losses(df: pd.DataFrame) -> np.ndarray:
                             df["memory_mb"].to_numpy(float)])
 
 
-def pareto_mask(df: pd.DataFrame) -> np.ndarray:
-    """True for rows no other row dominates (at least as good in all objectives, better in one)."""
+def pareto_mask(df: pd.DataFrame, tolerance: float = 0.0) -> np.ndarray:
+    """True for rows no other row dominates (at least as good in all objectives, better in one).
+
+    With ``tolerance`` > 0, a *more accurate* row also dominates one whose latency and memory are within that
+    relative margin of its own (faster or smaller by less than the margin). Rows of equal accuracy compare exactly,
+    so the relation has no cycles and the front is never empty.
+    """
     losses = _losses(df)
     n = len(losses)
     mask = np.ones(n, dtype=bool)
     for i in range(n):
         le = np.all(losses <= losses[i], axis=1)
         lt = np.any(losses < losses[i], axis=1)
-        if np.any(le & lt):
+        dominated = le & lt
+        if tolerance > 0:
+            more_accurate = losses[:, 0] < losses[i, 0]
+            close = np.all(losses[:, 1:] <= losses[i, 1:] * (1.0 + tolerance), axis=1)
+            dominated |= more_accurate & close
+        if np.any(dominated):
             mask[i] = False
     return mask
 
 
-def pareto_front(trials: pd.DataFrame) -> pd.DataFrame:
+def pareto_front(trials: pd.DataFrame, tolerance: float = TIE_TOLERANCE) -> pd.DataFrame:
     """Feasible, non-dominated rows of ``trials`` (columns: accuracy, latency_ms, memory_mb, feasible, signature),
-    one per architecture signature, sorted by latency."""
+    one per architecture signature, sorted by latency. See :func:`pareto_mask` for ``tolerance``."""
     feasible = trials[trials["feasible"]].copy()
     if feasible.empty:
         return feasible
     # one row per architecture: identical widths are the same model (the first trial that built it wins)
     if "signature" in feasible.columns:
         feasible = feasible.sort_values("trial").drop_duplicates("signature", keep="first")
-    front = feasible[pareto_mask(feasible)]
+    front = feasible[pareto_mask(feasible, tolerance)]
     return front.sort_values(["latency_ms", "accuracy"], ascending=[True, False]).reset_index(drop=True)
 
 

@@ -419,7 +419,7 @@ class Search:
         table = pd.DataFrame({"accuracy": [c.accuracy for c in candidates],
                               "latency_ms": [c.latency_ms for c in candidates],
                               "memory_mb": [c.memory_mb for c in candidates]})
-        keep = pareto_mod.pareto_mask(table)
+        keep = pareto_mod.pareto_mask(table, pareto_mod.TIE_TOLERANCE)
         models = []
         for pm, kept in zip(candidates, keep, strict=True):
             if kept:
