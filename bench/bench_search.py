@@ -405,13 +405,12 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
                    "search_budget_ms": summary["request"]["latency_budget_ms"], "run_dir": str(run_dir),
                    "sampler": summary["request"].get("sampler")}
     final.trials = int(s["trials_complete"])
-    final.measurements = int(s["trials_complete"]) - int(s["trials_cached"]) + 1  # + the dense model
+    final.measurements = int(s["measurements"])  # dense sets, trials, and the confirmation of the front
     rec = next((m for m in summary["pareto"] if m["recommended"]), None)
     if rec is None:
         final.budget_met_at_selection = False
         final.note = final.note or "no feasible model"
         return final, summary, run_dir
-    final.measurements += 1  # finalize re-measures the exported recommended model
     final.setting = f"trial {rec['trial']}"
     final.select_latency_ratio = rec["latency_ms"]["median"] / summary["dense"]["latency_ms"]["median"]
     final.budget_met_at_selection = bool(rec["meets"]["latency"])

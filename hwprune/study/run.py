@@ -172,10 +172,12 @@ class Search:
         self.exporter = config.exporter or ("dynamo" if self.profile.backend in ("tvm", "tvm-rpc") else "torchscript")
         self._subject = subject
         self.backend = None
+        self.measurements = 0  # calls to the backend in this run (dense sets, trials, front confirmation)
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def measure(self, onnx_path: Path) -> Measurement:
         assert self.backend is not None
+        self.measurements += 1
         return self.backend.measure(onnx_path)
 
     def _write_request(self) -> dict[str, Any]:
@@ -345,6 +347,7 @@ class Search:
                 "trials_failed": int(len(failed)),
                 "trials_pruned": int((trials_df["state"] == "PRUNED").sum()) if not trials_df.empty else 0,
                 "trials_cached": int(complete["cached_from"].notna().sum()) if not complete.empty else 0,
+                "measurements": self.measurements,
                 "trials_feasible": int(complete["feasible"].sum()) if not complete.empty else 0,
                 "failures": [{"trial": int(r["trial"]), "reason": r["fail_reason"] or "unknown"}
                              for _, r in failed.iterrows()],
