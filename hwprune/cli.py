@@ -99,6 +99,7 @@ def search(
     trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only); used when the model source provides training data.")] = 20,
     final_finetune: Annotated[int, typer.Option("--final-finetune-steps", help="Fine-tune steps for the recommended model (distilled from the dense model).")] = 300,
     allow_untuned: Annotated[bool, typer.Option("--allow-untuned", help="Let untuned TVM latencies drive the search.")] = False,
+    tune_final: Annotated[int, typer.Option("--tune-final", help="TVM backends: after the search, MetaSchedule-tune the recommended model with N trials on the device and report its tuned latency (0 = off).")] = 0,
     allow_estimate: Annotated[bool, typer.Option("--allow-estimate", help="Let roofline estimates drive the search.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
@@ -122,6 +123,7 @@ def search(
         trials=trials, timeout_s=timeout, storage=storage, study=study, out=out_dir, seed=seed, sampler=sampler,
         max_ratio=max_ratio, channel_multiple=channel_multiple, trial_finetune_steps=trial_finetune,
         final_finetune_steps=final_finetune, allow_untuned=allow_untuned, allow_estimate=allow_estimate,
+        tune_final_trials=tune_final,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
@@ -177,6 +179,12 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
         out.print(f"[bold]recommended:[/] trial {rec['trial']}: {metric} {rec['accuracy']:.4f} (dense "
                   f"{dense['accuracy']:.4f}), {rec['latency_ms']['median']:.3f} ms ({rec.get('speedup', 1):.2f}x faster), "
                   f"{rec['memory_mb']['total']:.2f} MB -> {run_dir / rec['files']['onnx']['path']}")
+        tuned = rec.get("final_tuned")
+        if tuned and "latency_ms" in tuned:
+            out.print(f"tuned on the device ({tuned['tuning_trials']} MetaSchedule trials, {tuned['seconds']:.0f} s): "
+                      f"{tuned['latency_ms']['median']:.3f} ms (p90 {tuned['latency_ms']['p90']:.3f})")
+        elif tuned:
+            out.print(f"tuning the recommended model failed: {escape(tuned['error'])}")
     out.print(f"run folder: {run_dir} (summary.json, pareto.csv{', report.html' if (run_dir / 'report.html').exists() else ''})")
 
 

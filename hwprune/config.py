@@ -64,6 +64,7 @@ class SearchConfig:
     calibration_batches: int = 8
     exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise
     allow_untuned: bool = False  # let untuned TVM latencies drive a search
+    tune_final_trials: int = 0  # TVM: MetaSchedule trials for the recommended model only, after the search
     allow_estimate: bool = False  # let roofline estimates drive a search
     profile_overrides: dict[str, Any] = field(default_factory=dict)  # backend, rpc__tracker, rpc__key, ssh__host...
     progress: bool = True
@@ -89,7 +90,7 @@ class SearchConfig:
             raise HwpruneError(f"channel multiple: must be at least 1, got {self.channel_multiple}")
         if self.exporter not in (None, "torchscript", "dynamo"):
             raise HwpruneError(f"exporter: {self.exporter!r} is not 'torchscript' or 'dynamo'")
-        for name in ("trial_finetune_steps", "final_finetune_steps", "calibration_batches"):
+        for name in ("trial_finetune_steps", "final_finetune_steps", "calibration_batches", "tune_final_trials"):
             if getattr(self, name) < 0:
                 raise HwpruneError(f"{name.replace('_', ' ')}: must not be negative")
 

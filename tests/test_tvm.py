@@ -199,3 +199,32 @@ def test_metaschedule_database_persists_and_is_reused(tmp_path: Path) -> None:
     np.testing.assert_allclose(TvmBackend(profile).run(twin, feed)[0],
                                OrtBackend(load_profile("host-cpu")).run(twin, feed)[0], rtol=1e-4, atol=1e-5)
     assert len((db / "database_tuning_record.json").read_text().splitlines()) == len(records)
+
+
+def test_tune_final_needs_a_tvm_backend(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--device", "host-cpu", "--latency-budget-ms", "2x",
+                   "--trials", "1", "--tune-final", "4", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--tune-final" in proc.stderr and "--backend tvm" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tune_final_tunes_only_the_recommended_model(tmp_path: Path) -> None:
+    """An untuned search ranks candidates; --tune-final then tunes the recommended one and reports both numbers."""
+    from conftest import load_summary, run_cli
+
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--device", "host-cpu-tvm", "--allow-untuned",
+                   "--latency-budget-ms", "2x", "--trials", "2", "--final-finetune-steps", "0", "--tune-final", "4",
+                   "--out", str(tmp_path), "--study", "tf", env={"HWPRUNE_CACHE": str(tmp_path / "cache")},
+                   timeout=1500, check=True)
+    summary = load_summary(tmp_path / "tf")
+    rec = next(r for r in summary["pareto"] if r["recommended"])
+    assert rec["tuned"] is False  # the search itself ranked on untuned numbers, labelled so
+    tuned = rec["final_tuned"]
+    assert tuned["tuned"] is True and tuned["tuning_trials"] == 4 and tuned["latency_ms"]["median"] > 0
+    assert tuned["tuning"]["tasks"] > 0
+    assert all("final_tuned" not in r for r in summary["pareto"] if not r["recommended"])
+    assert "tuned on the device (4 MetaSchedule trials" in proc.stdout
+    assert "was tuned on the device after the search" in (tmp_path / "tf" / "report.md").read_text()

@@ -563,6 +563,13 @@ def _warnings(run: RunData) -> list[str]:
     for r in run.pareto:
         if r.get("remeasure_note"):
             out.append(f"{model_label(r)}: {esc(r['remeasure_note'])}.")
+        tuned = r.get("final_tuned")
+        if tuned and "latency_ms" in tuned:
+            out.append(f"{model_label(r)} was tuned on the device after the search ({tuned['tuning_trials']} "
+                       f"MetaSchedule trials, {tuned['seconds']:.0f} s): {tuned['latency_ms']['median']:.3f} ms median "
+                       f"(p90 {tuned['latency_ms']['p90']:.3f}); the tables show the search's measurement.")
+        elif tuned:
+            out.append(f"Tuning {model_label(r)} on the device after the search failed: {esc(tuned['error'])}.")
     srch = run.summary.get("search", {})
     if srch.get("interrupted"):
         out.append("The search was interrupted; this report covers the trials completed before that.")

@@ -166,6 +166,9 @@ class Search:
         self.log = log_fn or (lambda msg: log.info(msg))
         self.profile = resolve_profile(config)
         check_rankable(self.profile, config)
+        if config.tune_final_trials and self.profile.backend not in ("tvm", "tvm-rpc"):
+            raise HwpruneError(f"--tune-final tunes TVM kernels, but profile {self.profile.name} measures with "
+                               f"{self.profile.backend}; add --backend tvm or --backend tvm-rpc")
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.storage = config.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
@@ -197,6 +200,7 @@ class Search:
             "exporter": self.exporter,
             "finetune": {"trial_steps": c.trial_finetune_steps, "final_steps": c.final_finetune_steps},
             "calibration_batches": c.calibration_batches,
+            "tune_final_trials": c.tune_final_trials,
             "command": c.command or " ".join(shlex.quote(a) for a in sys.argv),
             "versions": versions(),
             "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -479,7 +483,34 @@ class Search:
             pm.record["accuracy"] = runner.evaluate(pm.module, {})
             # same architecture, new weights: the measured latency and memory still hold
             export_onnx(pm.module, subject.example_inputs, pm.onnx_path, exporter=self.exporter)
+        if c.tune_final_trials:
+            self._tune_final(pm, c.tune_final_trials)
         return number
+
+    def _tune_final(self, pm: ParetoModel, trials: int) -> None:
+        """MetaSchedule-tune the recommended model on the device and record its tuned latency beside the search's
+        (which stays the figure the front was ranked on). A failure is recorded, never fatal."""
+        tuned_profile = self.profile.with_overrides(tvm__tuning_trials=trials)
+        self.log(f"tuning the recommended model (trial {pm.trial}) with {trials} MetaSchedule trials on "
+                 f"{self.profile.name}...")
+        t0 = time.perf_counter()
+        backend = None
+        try:
+            backend = create_backend(tuned_profile)
+            m = backend.measure(pm.onnx_path)
+        except HwpruneError as exc:
+            self.log(f"tuning the recommended model failed: {exc}")
+            pm.record["final_tuned"] = {"tuning_trials": trials, "error": str(exc)}
+            return
+        finally:
+            if backend is not None:
+                backend.close()
+        pm.record["final_tuned"] = {
+            "tuning_trials": trials, "tuned": m.tuned, "seconds": round(time.perf_counter() - t0, 2),
+            "latency_ms": {"median": m.latency.median_ms, "p90": m.latency.p90_ms, "min": m.latency.min_ms},
+            "tuning": m.extra.get("tuning"),
+        }
+        self.log(f"tuned: {m.latency.median_ms:.3f} ms (search measurement {pm.latency_ms:.3f} ms)")
 
     def _write_model_files(self, pm: ParetoModel) -> None:
         from hwprune.export import atomic_write_text, file_record
