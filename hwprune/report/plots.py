@@ -147,13 +147,7 @@ def widths_plot(run: RunData) -> bytes | None:
     ax.set_yticks(ys, [name for name, _ in layers], fontsize=8 if n < 40 else 6)
     ax.invert_yaxis()
     ax.set_xlim(0, max(orig) * 1.15)
-    ax.set_xlabel("output channels")
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    ax.set_title("Per-layer widths: original vs recommended", fontsize=11, loc="left", pad=22)
-    # above the axes, so it never hides a bar
-    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
-    return _png(fig)
+    return _finish_bars(fig, ax, "output channels", "Per-layer widths: original vs recommended")
 
 
 def op_type_totals(profile: dict[str, Any]) -> dict[str, float]:
@@ -189,10 +183,16 @@ def node_latency_plot(run: RunData) -> bytes | None:
             ax.text(v, y, f" {v:.1f}", va="center", fontsize=7)
     ax.set_yticks(range(n), ops, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel("median time per inference (µs), summed over the nodes of each op type")
+    return _finish_bars(fig, ax, "median time per inference (µs), summed over the nodes of each op type",
+                        "Where the time goes: per-op-type latency, dense vs recommended")
+
+
+def _finish_bars(fig: Any, ax: Any, xlabel: str, title: str) -> bytes:
+    """Label, frame and title a horizontal bar chart; the legend sits above the axes, so it never hides a bar."""
+    ax.set_xlabel(xlabel)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    ax.set_title("Where the time goes: per-op-type latency, dense vs recommended", fontsize=11, loc="left", pad=22)
+    ax.set_title(title, fontsize=11, loc="left", pad=22)
     ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
     return _png(fig)
 
