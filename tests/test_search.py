@@ -219,3 +219,27 @@ def test_ctrl_c_keeps_completed_trials_and_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     st = optuna.load_study(study_name="intr", storage=f"sqlite:///{db}")
     assert len([t for t in st.trials if t.state.name == "COMPLETE"]) == len(completed) + 1
+
+
+def test_measurements_are_reused_only_in_the_same_measurement_context(tmp_path: Path) -> None:
+    """A resumed (or nightly) search after the device settings or runtime changed measures again."""
+    from hwprune.pruning import PruningSpace
+    from tiny_subject import tiny_cnn
+
+    model, x, _ = tiny_cnn()
+    space = PruningSpace.build(model, (x,), channel_multiple=16, max_ratio=0.75)
+    storage = f"sqlite:///{tmp_path / 'ctx.db'}"
+    study = optuna.create_study(storage=storage, study_name="ctx", directions=["maximize", "minimize", "minimize"])
+
+    def run(trials: int, **overrides: object) -> pd.DataFrame:
+        study.enqueue_trial(space.uniform(0.5))
+        result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", latency_budget_ms="2x", trials=trials,
+                                out=tmp_path, study="ctx", storage=storage, final_finetune_steps=0,
+                                profile_overrides=dict(overrides))
+        return pd.read_csv(result.run_dir / "trials.csv").set_index("trial")
+
+    run(1)
+    changed = run(2, measure__repeats=7)  # other measurement settings: same architecture, measured again
+    assert pd.isna(changed.loc[1, "cached_from"])
+    back = run(3)  # the first settings again: trial 0's measurement is reused
+    assert back.loc[2, "cached_from"] == 0

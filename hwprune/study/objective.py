@@ -56,6 +56,7 @@ class TrialRunner:
     calibration_batches: int = 8
     finetune_steps: int = 0
     seed: int = 0
+    context: str = ""  # measurement context (device, runtime, versions): cached measurements must share it
     stage_seconds: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -66,9 +67,12 @@ class TrialRunner:
         return now
 
     def load_cache(self, study: optuna.Study) -> None:
-        """Reuse the results of architectures an earlier run (or another worker) already measured."""
+        """Reuse the results of architectures an earlier run (or another worker) already measured in the same
+        measurement context."""
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             sig = t.user_attrs.get("signature")
+            if t.user_attrs.get("measure_context", "") != self.context:
+                continue
             if sig and sig not in self._cache and "measurement" in t.user_attrs:
                 self._cache[sig] = {"trial": t.number, "values": list(t.values), "attrs": dict(t.user_attrs)}
 
@@ -134,7 +138,8 @@ class TrialRunner:
             self._tick("prune", t, stages)
             cached = self._cache.get(pruned.signature)
             if cached is not None:
-                for key in ("widths", "macs", "params", "signature", "measurement", "accuracy_proxy"):
+                for key in ("widths", "macs", "params", "signature", "measurement", "accuracy_proxy",
+                            "measure_context"):
                     trial.set_user_attr(key, cached["attrs"][key])
                 trial.set_user_attr("cached_from", cached["trial"])
                 trial.set_user_attr("stage_seconds", stages)
@@ -159,6 +164,7 @@ class TrialRunner:
             raise HwpruneError(reason) from exc
         lat, mem = m.latency.median_ms, m.memory.total_mb
         trial.set_user_attr("measurement", m.to_dict())
+        trial.set_user_attr("measure_context", self.context)
         trial.set_user_attr("accuracy_proxy", acc)
         trial.set_user_attr("stage_seconds", stages)
         self._constrain(trial, lat, mem)

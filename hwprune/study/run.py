@@ -105,6 +105,22 @@ def resolve_profile(config: SearchConfig) -> DeviceProfile:
     return profile
 
 
+def measurement_context(profile: DeviceProfile, exporter: str) -> str:
+    """A short hash of what a latency depends on besides the architecture: the device and how it is measured (backend,
+    hardware, runtime settings, board key or host), the runtime versions and the exporter. Cached measurements are
+    reused only under the same context, so a resumed or nightly search after an upgrade measures again."""
+    import hashlib
+
+    p = profile.to_dict()
+    key = {k: p[k] for k in ("backend", "hardware", "ort", "tvm", "measure")}
+    key["rpc_key"], key["ssh_host"] = p["rpc"].get("key"), p["ssh"].get("host")
+    key["tvm"] = {k: v for k, v in key["tvm"].items() if k != "tuning_db"}
+    v = versions()
+    key["versions"] = {m: v.get(m) for m in ("onnxruntime", "tvm", "onnx", "torch")}
+    key["exporter"] = exporter
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def check_rankable(profile: DeviceProfile, config: SearchConfig) -> None:
     """Refuse latencies that rank nothing a user would deploy, unless asked for explicitly."""
     if profile.backend == "estimate" and not config.allow_estimate:
@@ -263,7 +279,8 @@ class Search:
         warm_start(study, space)
         runner = TrialRunner(subject=subject, space=space, measure=self.measure, budgets=budgets,
                              exporter=self.exporter, calibration_batches=c.calibration_batches,
-                             finetune_steps=c.trial_finetune_steps, seed=c.seed)
+                             finetune_steps=c.trial_finetune_steps, seed=c.seed,
+                             context=measurement_context(self.profile, self.exporter))
         runner.load_cache(study)
 
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
