@@ -32,6 +32,7 @@ err = Console(stderr=True)
 
 EXIT_ERROR = 2
 EXIT_BUDGET = 3
+EXIT_REGRESSION = 4
 EXIT_INTERRUPTED = 130
 
 def _version(value: bool) -> None:
@@ -291,6 +292,39 @@ def report(
         paths = report_mod.build_report(run_dir)
     for p in paths:
         out.print(f"wrote {p}")
+
+
+# -- nightly ------------------------------------------------------------------------------------------------------
+@app.command()
+def nightly(
+    job_file: Annotated[Path, typer.Argument(help="A nightly job file (TOML; see README, 'Nightly jobs').")],
+    night: Annotated[Optional[str], typer.Option("--night", help="Which night to run or resume (YYYY-MM-DD; default: today, UTC).")] = None,
+) -> None:
+    """Run tonight's search of a job: resume its study, compare with the previous night, flag regressions.
+
+    Exit status: 0 no regression; 4 regressions (listed, and in compare.json); 3 nothing met the budgets tonight (nor
+    the night before); 2 bad input; 130 interrupted (run the same command again to resume the night).
+    """
+    from hwprune.nightly import load_job, run_night
+
+    job = load_job(job_file)
+    result = run_night(job, night, log=lambda m: err.print(f"[dim]hwprune:[/] {escape(m)}", highlight=False))
+    _print_summary_file(result.run_dir)
+    if result.previous is None:
+        out.print(f"night {result.night}: first night of job {job.name}; nothing to compare with yet")
+    else:
+        cmp = result.comparison or {}
+        out.print(f"night {result.night} vs {result.previous.name}: {len(result.regressions)} regression(s) "
+                  f"-> {result.run_dir / 'compare.html'}")
+        for r in result.regressions:
+            out.print(f"  [bold red]regression[/] ({r['kind']}): {escape(r['message'])}")
+        for note in cmp.get("notes", []):
+            out.print(f"  note: {escape(note)}")
+    out.print(f"history: {job.folder / 'history.csv'}")
+    if result.regressions:
+        raise typer.Exit(EXIT_REGRESSION)
+    if result.budget_unreachable:
+        raise BudgetUnreachable(result.budget_unreachable)
 
 
 # -- doctor -------------------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ class SearchConfig:
     allow_estimate: bool = False  # let roofline estimates drive a search
     profile_overrides: dict[str, Any] = field(default_factory=dict)  # backend, rpc__tracker, rpc__key, ssh__host...
     progress: bool = True
+    run_folder: Path | None = None  # default <out>/<study>; nightly jobs put each night in a folder of its own
     command: str = ""  # the command line that started it, for the report
 
     def __post_init__(self) -> None:
@@ -104,11 +105,12 @@ class SearchConfig:
 
     @property
     def run_dir(self) -> Path:
-        return self.out / self.study_name
+        return Path(self.run_folder) if self.run_folder else self.out / self.study_name
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["out"] = str(self.out)
+        d["run_folder"] = str(self.run_folder) if self.run_folder else None
         d["latency_budget_ms"] = str(self.latency_budget_ms) if self.latency_budget_ms else None
         d["memory_budget_mb"] = str(self.memory_budget_mb) if self.memory_budget_mb else None
         return d

@@ -84,3 +84,16 @@ def tiny_cnn_slow():
         return evaluate(m)
 
     return model, inputs, slow
+
+
+def tiny_cnn_checkpoint() -> Subject:
+    """tiny_cnn_trained, with its weights replaced by the checkpoint at $TINY_CHECKPOINT when set (a nightly job's
+    factory loading whatever model was trained that day)."""
+    import os
+
+    subject = tiny_cnn_trained()
+    path = os.environ.get("TINY_CHECKPOINT")
+    if path:
+        subject.model.load_state_dict(torch.load(path, weights_only=True))
+    subject.name = "tiny-cnn-checkpoint"
+    return subject

@@ -26,13 +26,13 @@ def build_report(run_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def build_comparison(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str],
-                     out_dir: str | os.PathLike[str]) -> list[Path]:
+                     out_dir: str | os.PathLike[str], **tolerances: float) -> list[Path]:
     """Write ``compare.html``, ``compare.md`` (+ ``compare_files/``) and ``compare.json`` (the data of
-    :func:`compare_runs`) into ``out_dir``, comparing ``run_b`` with the baseline ``run_a``."""
+    :func:`compare_runs`, given ``tolerances``) into ``out_dir``, comparing ``run_b`` with the baseline ``run_a``."""
     from hwprune.export import atomic_write_text
 
     ra, rb = load_run(run_a), load_run(run_b)
-    result = compare_runs(ra, rb)
+    result = compare_runs(ra, rb, **tolerances)
     out = Path(out_dir)
     paths = write_document(comparison_document(ra, rb, result), out, "compare")
     paths.insert(2, atomic_write_text(out / "compare.json", json.dumps(result, indent=2, default=str) + "\n"))

@@ -86,13 +86,14 @@ _REQUEST_KEYS = ("model", "device", "backend", "latency_budget", "latency_budget
 
 
 def compare_runs(a: str | Path | RunData, b: str | Path | RunData, *, accuracy_tolerance: float = 0.0,
-                 memory_tolerance: float = 0.0) -> dict[str, Any]:
+                 memory_tolerance: float = 0.0, latency_tolerance: float = 0.0) -> dict[str, Any]:
     """Compare run ``b`` (new) with run ``a`` (baseline).
 
     Returns ``{"a", "b", "recommended", "dense", "pareto", "differences", "regressions", "notes"}``: per-model
     deltas (``{"a", "b", "delta", "delta_pct"}`` per number), the fronts and how many points of each the other
     dominates, the settings that differ, and ``regressions``, a list of ``{"kind", "message", "a", "b"}``:
-    the recommended model's latency up by more than the larger of the two runs' standard deviations, its
+    the recommended model's latency up by more than the larger of the two runs' standard deviations (and more than
+    ``latency_tolerance``, a fraction of run A's, which a shared host needs), its
     ``accuracy`` down by more than ``accuracy_tolerance``, its memory up by more than ``memory_tolerance``
     (a fraction), a budget it no longer meets, no recommended model any more, or artifacts failing their checksums.
     """
@@ -145,11 +146,12 @@ def compare_runs(a: str | Path | RunData, b: str | Path | RunData, *, accuracy_t
         d = out["recommended"]
         lat = d["latency_ms_median"]
         spread = max(_get(lambda m: m["latency_ms"].get("std"), rec_a) or 0.0,
-                     _get(lambda m: m["latency_ms"].get("std"), rec_b) or 0.0)
+                     _get(lambda m: m["latency_ms"].get("std"), rec_b) or 0.0,
+                     latency_tolerance * (lat["a"] or 0.0))
         if lat["delta"] is not None and lat["delta"] > spread:
             regressions.append({"kind": "latency", "a": lat["a"], "b": lat["b"], "message": (
                 f"recommended model's median latency rose {fmt_ms(lat['delta'])} ({fmt_pct(lat['delta_pct'], True)}), "
-                f"more than the larger run spread (std {fmt_ms(spread)})")})
+                f"more than the allowed spread ({fmt_ms(spread)}: the larger run std or the tolerance)")})
         acc = d["accuracy"]
         if acc["delta"] is not None and acc["delta"] < -accuracy_tolerance:
             regressions.append({"kind": "accuracy", "a": acc["a"], "b": acc["b"], "message": (

@@ -323,6 +323,12 @@ class Search:
 
         rows = trials_table(study)
         trials_df = pd.DataFrame(rows)
+        if not trials_df.empty:
+            # feasibility against this run's budgets: a resumed or nightly run may have other ones (a relative
+            # budget follows the dense model's latency of the night) than the run that stored a trial's constraints
+            trials_df["feasible"] = [
+                state == "COMPLETE" and max(budgets.violations(lat, mem)) <= 0
+                for state, lat, mem in zip(trials_df["state"], trials_df["latency_ms"], trials_df["memory_mb"])]
         atomic_write_text(self.run_dir / "trials.csv", trials_df.to_csv(index=False))
         complete = trials_df[trials_df["state"] == "COMPLETE"] if not trials_df.empty else trials_df
         front = pareto_mod.pareto_front(complete) if not complete.empty else complete
