@@ -93,7 +93,7 @@ def search(
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...). Default: study.db in the run folder.")] = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Study name. Default: <model>-<device>.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Parent folder of the run folder.")] = Path("reports"),
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the sampler and data order.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the sampler and the per-trial calibration and fine-tune (not for the demo model itself).")] = 0,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe (default), random, gp or nsga2; see bench/README.md.")] = "tpe",
     max_ratio: Annotated[float, typer.Option("--max-ratio", help="Largest fraction of a group's channels to remove.")] = 0.75,
     channel_multiple: Annotated[Optional[int], typer.Option("--channel-multiple", help="Round kept widths to this multiple (default: the profile's).")] = None,
