@@ -76,3 +76,21 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
     warm_start(fresh, space)
     fresh.optimize(objective, n_trials=3)
     assert bracket_budget(fresh, space, 10.0, 3.0) == []
+
+
+def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_path: Path) -> None:
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.export import export_onnx
+    from hwprune.profiles import load_profile
+    from hwprune.study.reference import DenseReference
+
+    subject = load_subject("tiny_subject:tiny_cnn_trained")
+    path = export_onnx(subject.model, subject.example_inputs, tmp_path / "dense.onnx")
+    backend = OrtBackend(load_profile("host-cpu").with_overrides(measure__repeats=5, measure__warmup=1))
+    ref = DenseReference(path, backend.measure, every=4)
+    ref.start()
+    assert len(ref.sets) == 3
+    assert [ref.after_trial(n) for n in range(1, 9)] == [False, False, False, True, False, False, False, True]
+    assert len(ref.sets) == 5
+    medians = sorted(ref.medians_ms)
+    assert ref.measurement.latency.median_ms == medians[2]  # the middle set, whatever the order they came in

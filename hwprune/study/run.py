@@ -32,6 +32,7 @@ from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.pruning import PruningSpace, count_macs_params, read_widths
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
+from hwprune.study.reference import START_SETS, DenseReference
 from hwprune.study.objective import (Budgets, TrialRunner, bracket_budget, make_sampler, open_study, trials_table,
                                      warm_start)
 from hwprune.subjects.base import Subject
@@ -39,7 +40,6 @@ from hwprune.subjects.loader import check_evaluate, load_subject
 
 log = logging.getLogger("hwprune")
 SCHEMA = 1
-DENSE_SETS = 3  # measurement sets of the dense model; the middle one is its latency
 
 
 @dataclass
@@ -224,19 +224,18 @@ class Search:
         atomic_write_text(self.run_dir / "request.json", json.dumps(request, indent=2))
         return request
 
-    def _dense(self, subject: Subject) -> tuple[dict[str, Any], Measurement]:
+    def _dense(self, subject: Subject) -> tuple[dict[str, Any], DenseReference]:
         from hwprune.export import export_onnx
 
         path = export_onnx(subject.model, subject.example_inputs, self.run_dir / "dense" / "model.onnx",
                            exporter=self.exporter)
-        # a relative budget is a fraction of this number: take the middle of three sets, so one set slowed by
-        # another process on the host does not move every budget of the search
-        m = sorted((self.measure(path) for _ in range(DENSE_SETS)), key=lambda x: x.latency.median_ms)[DENSE_SETS // 2]
+        reference = DenseReference(path, self.measure)
+        reference.start()
         acc = check_evaluate(subject)
         macs, params = count_macs_params(subject.model, subject.example_inputs)
         widths = read_widths(subject.model)
         return {"path": path, "accuracy": acc, "macs": macs, "params": params,
-                "widths": {k: (v, v) for k, v in widths.items()}}, m
+                "widths": {k: (v, v) for k, v in widths.items()}}, reference
 
     def run(self) -> SearchResult:
         c = self.config
@@ -256,7 +255,8 @@ class Search:
         c = self.config
         torch.manual_seed(c.seed)
         torch.set_num_threads(train.training_threads())
-        dense_info, dense_m = self._dense(subject)
+        dense_info, reference = self._dense(subject)
+        dense_m = reference.measurement
         budgets = Budgets(
             latency_ms=c.latency_budget_ms.resolve(dense_m.latency.median_ms) if c.latency_budget_ms else None,
             memory_mb=c.memory_budget_mb.resolve(dense_m.memory.total_mb) if c.memory_budget_mb else None,
@@ -290,14 +290,25 @@ class Search:
         interrupted = False
         if remaining != 0:
             progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets, log=self.log)
+            completed = [0]
+
+            def follow_reference(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                if trial.state != TrialState.COMPLETE:
+                    return
+                completed[0] += 1
+                if reference.after_trial(completed[0]) and c.latency_budget_ms and c.latency_budget_ms.relative:
+                    # the runner holds this same Budgets object: later trials are constrained by the new value
+                    budgets.latency_ms = c.latency_budget_ms.resolve(reference.measurement.latency.median_ms)
+
             def aim_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 if trial.state == TrialState.COMPLETE and "uniform_ratio" in trial.user_attrs:
-                    ratios = bracket_budget(study, space, dense_m.latency.median_ms, budgets.latency_ms)
+                    ratios = bracket_budget(study, space, reference.measurement.latency.median_ms,
+                                            budgets.latency_ms)
                     if ratios:
                         self.log(f"uniform ratios {', '.join(f'{r:.3f}' for r in ratios)} queued: they bracket "
                                  "the latency budget")
 
-            callbacks: list[Any] = [progress.callback, aim_at_budget]
+            callbacks: list[Any] = [follow_reference, progress.callback, aim_at_budget]
             if c.trials is not None:
                 callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))
             try:
@@ -309,6 +320,15 @@ class Search:
                 interrupted = True
                 self.log("interrupted: completed trials are saved; run the same command again to resume")
 
+        dense_m = reference.measurement
+        if c.latency_budget_ms:
+            budgets.latency_ms = c.latency_budget_ms.resolve(dense_m.latency.median_ms)
+            request["latency_budget_ms"] = budgets.latency_ms
+        if len(reference.sets) > START_SETS:
+            self.log(f"dense latency over {len(reference.sets)} sets spread over the search: "
+                     f"{dense_m.latency.median_ms:.3f} ms (sets {min(reference.medians_ms):.3f}-"
+                     f"{max(reference.medians_ms):.3f}); latency budget {_fmt(budgets.latency_ms, 'ms')}")
+        request["dense_latency_sets_ms"] = reference.medians_ms
         result = self.finalize(study, subject, space, runner, dense_info, dense_m, budgets, request, t_start,
                                interrupted)
         if interrupted:
