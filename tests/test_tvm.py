@@ -215,7 +215,8 @@ def test_tune_final_tunes_only_the_recommended_model(tmp_path: Path) -> None:
     """An untuned search ranks candidates; --tune-final then tunes the recommended one and reports both numbers."""
     from conftest import load_summary, run_cli
 
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--device", "host-cpu-tvm", "--allow-untuned",
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--device", "host-cpu-tvm", "--tuning-trials", "0",
+                   "--allow-untuned",
                    "--latency-budget-ms", "2x", "--trials", "2", "--final-finetune-steps", "0", "--tune-final", "4",
                    "--out", str(tmp_path), "--study", "tf", env={"HWPRUNE_CACHE": str(tmp_path / "cache")},
                    timeout=1500, check=True)
