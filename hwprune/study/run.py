@@ -362,7 +362,11 @@ class Search:
         study.set_user_attr("dense", {k: v for k, v in dense_record.items() if k != "files"})
         dense_model = ParetoModel(None, dense_record, self.run_dir, subject.model)
 
+        # per-trial stage times must stay per trial: the front's rebuilds are booked as one stage of their own
+        trial_stages = dict(runner.stage_seconds)
+        t_confirm = time.perf_counter()
         models, rejected = self._confirm_front(front, study, subject, runner, budgets, dense_record)
+        runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
         rec_trial = self._recommend(models, subject, runner, budgets, dense_record)
         for pm in models:
             self._write_model_files(pm)
