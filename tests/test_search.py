@@ -243,3 +243,24 @@ def test_measurements_are_reused_only_in_the_same_measurement_context(tmp_path: 
     assert pd.isna(changed.loc[1, "cached_from"])
     back = run(3)  # the first settings again: trial 0's measurement is reused
     assert back.loc[2, "cached_from"] == 0
+
+
+def test_a_candidate_that_prunes_nothing_is_the_dense_model(tmp_path: Path) -> None:
+    """Ratios that all round back to the dense widths get the dense measurement, never a lucky one of their own."""
+    from hwprune.pruning import PruningSpace
+    from tiny_subject import tiny_cnn
+
+    model, x, _ = tiny_cnn()
+    space = PruningSpace.build(model, (x,), channel_multiple=16, max_ratio=0.75)
+    storage = f"sqlite:///{tmp_path / 'd.db'}"
+    study = optuna.create_study(storage=storage, study_name="d", directions=["maximize", "minimize", "minimize"])
+    study.enqueue_trial(space.uniform(0.1))  # 48 * 0.9 = 43.2 -> 48 kept: nothing removed
+    study.enqueue_trial(space.uniform(0.5))
+    result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", latency_budget_ms="0.99x", trials=2,
+                            out=tmp_path, study="d", storage=storage, final_finetune_steps=0)
+    trials = pd.read_csv(result.run_dir / "trials.csv").set_index("trial")
+    dense = result.summary["dense"]
+    assert trials.loc[0, "cached_from"] == -1 and not trials.loc[0, "feasible"]
+    assert trials.loc[0, "latency_ms"] == pytest.approx(dense["latency_ms"]["median"])
+    assert trials.loc[0, "params"] == dense["params"]
+    assert all(r["trial"] != 0 for r in result.summary["pareto"])

@@ -911,7 +911,9 @@ def _health_section(run: RunData) -> Section:
                 notes.append("**recommended**")
             elif n in pareto_trials:
                 notes.append("Pareto front")
-            if _num(t.get("cached_from")) is not None:
+            if _num(t.get("cached_from")) == -1:
+                notes.append("no channel removed: the dense model, with its measurement")
+            elif _num(t.get("cached_from")) is not None:
                 notes.append(f"reused trial {int(t['cached_from'])}'s measurement")
             if t.get("fail_reason"):
                 notes.append(f"failed: {esc(t['fail_reason'])}")

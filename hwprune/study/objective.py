@@ -30,6 +30,7 @@ log = logging.getLogger("hwprune")
 
 MeasureFn = Callable[[Path], Measurement]
 DIRECTIONS = ("maximize", "minimize", "minimize")  # accuracy, latency ms, memory MB
+DENSE_TRIAL = -1  # ``cached_from`` of a candidate that is the dense architecture
 
 
 @dataclass
@@ -75,6 +76,12 @@ class TrialRunner:
                 continue
             if sig and sig not in self._cache and "measurement" in t.user_attrs:
                 self._cache[sig] = {"trial": t.number, "values": list(t.values), "attrs": dict(t.user_attrs)}
+
+    def add_dense(self, signature: str, values: list[float], attrs: dict[str, Any]) -> None:
+        """Register the dense model: a candidate whose ratios all round to no pruning *is* the dense model, and gets
+        its measurement instead of one of its own (which, on a noisy host, could come out under a tight budget)."""
+        self._cache[signature] = {"trial": DENSE_TRIAL, "values": list(values),
+                                  "attrs": {**attrs, "measure_context": self.context}}
 
     def build(self, ratios: dict[str, float], stages: dict[str, float] | None = None) -> PrunedModel:
         """The pruned, BN-re-calibrated (and optionally fine-tuned) candidate for ``ratios``."""

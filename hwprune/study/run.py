@@ -29,7 +29,7 @@ from hwprune.errors import BudgetUnreachable, HwpruneError
 from hwprune.backends import create_backend
 from hwprune.backends.base import Measurement
 from hwprune.profiles import DeviceProfile, load_profile
-from hwprune.pruning import PruningSpace, count_macs_params, read_widths
+from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, read_widths
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
 from hwprune.study.reference import START_SETS, DenseReference
@@ -282,6 +282,11 @@ class Search:
                              finetune_steps=c.trial_finetune_steps, seed=c.seed,
                              context=measurement_context(self.profile, self.exporter))
         runner.load_cache(study)
+        runner.add_dense(architecture_signature(read_widths(subject.model)),
+                         [dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb],
+                         {"widths": {k: list(v) for k, v in dense_info["widths"].items()}, "macs": dense_info["macs"],
+                          "params": dense_info["params"], "signature": architecture_signature(read_widths(subject.model)),
+                          "measurement": dense_m.to_dict(), "accuracy_proxy": dense_info["accuracy"]})
 
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         remaining = None if c.trials is None else max(0, c.trials - done)
