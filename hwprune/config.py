@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,16 @@ from typing import Any
 from hwprune.errors import HwpruneError
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
+
+
+def read_toml(path: Path, what: str, error: type[HwpruneError] = HwpruneError) -> dict[str, Any]:
+    """The TOML file ``path`` as a dict; a missing or malformed file is one ``error`` line naming it."""
+    if not path.is_file():
+        raise error(f"{what} file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from None
 
 
 @dataclass

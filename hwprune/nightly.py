@@ -18,13 +18,12 @@ import dataclasses
 import datetime as dt
 import json
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwprune.config import SearchConfig
+from hwprune.config import SearchConfig, read_toml
 from hwprune.errors import BudgetUnreachable, HwpruneError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -64,12 +63,7 @@ class NightlyJob:
 def load_job(path: str | Path) -> NightlyJob:
     """Read and validate a job file; errors name the file and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise HwpruneError(f"nightly job file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise HwpruneError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "nightly job")
     known = {"name", "out", "storage", "trials_per_night", "timeout_s", "search", "regressions"}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hwprune.config import read_toml
 from hwprune.errors import ProfileError
 
 BACKENDS = ("ort", "tvm", "tvm-rpc", "ssh-ort", "estimate")
@@ -160,12 +160,7 @@ def load_profile(name_or_path: str | os.PathLike[str] | DeviceProfile) -> Device
                 " (or pass a path to a .toml file)"
             )
         path = known[text]
-    if not path.is_file():
-        raise ProfileError(f"device profile file {path} does not exist")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ProfileError(f"{path}: not valid TOML: {exc}") from None
+    data = read_toml(path, "device profile", ProfileError)
     return profile_from_dict(data, source=str(path), default_name=path.stem)
 
 
