@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,11 +29,42 @@ def training_threads() -> int:
     one thread, because OpenMP workers wait on a preempted sibling. One thread never collapses like that.
     """
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
+    busy = _busy_cores_elsewhere()
     return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+_BUSY_CACHE: list[float] = []  # [monotonic time, busy cores]
+
+
+def _busy_cores_elsewhere(window_s: float = 0.1, reuse_s: float = 5.0) -> float:
+    """Cores kept busy by other processes: /proc/stat's non-idle time over a short window while this process waits.
+
+    Not the load average: it counts this process's own work, so a search that trained on one thread would go on
+    seeing one busy core and never use the second. Falls back to the load average where /proc/stat is missing.
+    """
+    now = time.monotonic()
+    if _BUSY_CACHE and now - _BUSY_CACHE[0] < reuse_s:
+        return _BUSY_CACHE[1]
+    try:
+        a = _cpu_jiffies()
+        time.sleep(window_s)  # this process does nothing meanwhile: what is busy is someone else
+        b = _cpu_jiffies()
+        total, idle = b[0] - a[0], b[1] - a[1]
+        busy = (os.cpu_count() or 1) * (1.0 - idle / total) if total > 0 else 0.0
+    except (OSError, ValueError, IndexError):
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+    _BUSY_CACHE[:] = [now, busy]
+    return busy
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(total, idle + iowait) jiffies over all CPUs, from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]
 
 
 def _cycle(data: Iterable[Any]):

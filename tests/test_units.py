@@ -115,3 +115,25 @@ def test_public_api_names_stay_functions_after_submodule_imports() -> None:
     assert callable(hwprune.search) and hwprune.search.__module__ == "hwprune.study.run"
     assert callable(hwprune.measure) and hwprune.measure.__module__ == "hwprune.api"
     assert callable(hwprune.load_profile) and callable(hwprune.prune)
+
+
+def test_busy_cores_elsewhere_sees_another_process() -> None:
+    """Training threads follow the cores other processes keep busy, read from /proc/stat (not the load average,
+    which counts this process's own work)."""
+    import subprocess
+    import sys
+    import time
+
+    from hwprune import train
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)
+        train._BUSY_CACHE.clear()
+        busy = train._busy_cores_elsewhere(window_s=0.5)
+        assert busy >= 0.6, busy  # one core spinning in another process
+        assert train._busy_cores_elsewhere() == busy  # reused for a few seconds, not re-measured every call
+    finally:
+        child.kill()
+        child.wait()
+        train._BUSY_CACHE.clear()
