@@ -103,3 +103,15 @@ def test_bad_job_files_name_the_field(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
     missing = run_cli("nightly", str(tmp_path / "nope.toml"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_a_night_where_nothing_fits_exits_3_and_keeps_its_history(tmp_path: Path) -> None:
+    job = tmp_path / "tight.toml"
+    job.write_text('name = "tight"\ntrials_per_night = 2\n[search]\nmodel = "tiny_subject:tiny_cnn"\n'
+                   'device = "host-cpu"\nlatency_budget_ms = "0.01x"\nfinal_finetune_steps = 0\n')
+    proc = run_cli("nightly", str(job), "--night", "2026-11-20", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "no model met the budgets" in proc.stderr and "Traceback" not in proc.stderr
+    job_dir = tmp_path / "reports" / "nightly" / "tight"  # `out` defaults to reports/nightly under the cwd
+    rows = _history(job_dir)
+    assert [r["night"] for r in rows] == ["2026-11-20"] and rows[0]["recommended"] == ""
