@@ -47,20 +47,12 @@ try:
 except Exception as exc:
     fail("onnxruntime is not installed on the board (%s): pip install onnxruntime" % exc)
 
-def rss_kb():
+def status_kb(field):
+    """A /proc/self/status figure in kB (VmRSS: resident now, VmHWM: peak), or None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-
-def hwm_kb():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
@@ -82,7 +74,7 @@ so.intra_op_num_threads = cfg["intra_op_threads"]
 so.inter_op_num_threads = cfg["inter_op_threads"]
 so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels.get(cfg["opt_level"], "ORT_ENABLE_ALL"))
 so.log_severity_level = 3
-rss0 = rss_kb()
+rss0 = status_kb("VmRSS")
 t0 = time.perf_counter()
 try:
     sess = ort.InferenceSession(cfg["model"], so, providers=cfg["providers"])
@@ -156,7 +148,7 @@ while True:
         break
     attempts += 1
 timing_s = time.perf_counter() - t1
-hwm = hwm_kb()
+hwm = status_kb("VmHWM")
 print(json.dumps({
     "samples_ms": best[0], "cpu_ms": best[1], "number": number, "remeasured": attempts,
     "providers": sess.get_providers(), "onnxruntime": ort.__version__, "python": sys.version.split()[0],
