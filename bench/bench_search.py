@@ -80,7 +80,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "trial_finetune_steps": 20},
     "mobilenetv2": {"trials": 16, "quick_trials": 8, "finetune_steps": 20, "quick_finetune_steps": 10,
                     "trial_finetune_steps": 0},
+    "cifar": {"trials": 20, "quick_trials": 10, "finetune_steps": 150, "quick_finetune_steps": 40,
+              "trial_finetune_steps": 20},
 }
+# the lossy JPEG copy of CIFAR-10 in the workplace's shared datasets; pass --cifar-zip elsewhere
+CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10_jpeg_lossy" / "cifar10_jpeg_yoongikim.zip"
+CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 
 
 def say(msg: str) -> None:
@@ -164,14 +169,74 @@ def build_mobilenetv2(seed: int = 0, stage1_steps: int = 240, stage2_steps: int 
     return subject, note
 
 
-def build_subject(name: str, seed: int) -> tuple[Subject, str]:
+def load_cifar(zip_path: Path, per_class_train: int, per_class_test: int) -> tuple[torch.Tensor, ...]:
+    """The first images of each class from the CIFAR-10 JPEG zip (``train/<class>/NNNN.jpg``), normalised."""
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    if not zip_path.is_file():
+        raise SystemExit(f"no CIFAR-10 zip at {zip_path}; pass --cifar-zip PATH (train/<class>/NNNN.jpg inside)")
+    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    out = []
+    with zipfile.ZipFile(zip_path) as zf:
+        names = zf.namelist()
+        classes = sorted({n.split("/")[1] for n in names if n.startswith("train/") and n.count("/") == 2})
+        for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+            xs, ys = [], []
+            for label, cls in enumerate(classes):
+                files = sorted(n for n in names if n.startswith(f"{split}/{cls}/") and n.endswith(".jpg"))[:per_class]
+                for n in files:
+                    with zf.open(n) as f:
+                        xs.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8))
+                    ys.append(label)
+            x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div(255.0)
+            out += [(x - mean) / std, torch.tensor(ys)]
+    return tuple(out)
+
+
+def build_cifar(seed: int, zip_path: Path, steps: int = 500) -> tuple[Subject, str]:
+    """A ResNet (widths 32/64/128, ~4x the demo's MACs) trained on 10,000 CIFAR-10 images; 2,000 held out."""
+    from hwprune.subjects.demo import _Batches
+
+    x_train, y_train, x_val, y_val = load_cifar(zip_path, 1000, 200)
+    torch.manual_seed(seed)
+    model = models.ResNet(10, widths=(32, 64, 128), blocks=2, stem_stride=2)
+    key = hashlib.sha256(f"cifar-resnet|{zip_path.name}|{steps}|{seed}|{torch.__version__}".encode()).hexdigest()[:12]
+    path = cache_dir() / "subjects" / f"bench-cifar-resnet-{key}.pt"
+    val = [(x_val[i:i + 500], y_val[i:i + 500]) for i in range(0, len(x_val), 500)]
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        say(f"training the CIFAR-10 ResNet ({steps} steps, first run only)...")
+        train.finetune(model, _Batches(x_train, y_train, 128, shuffle=True, seed=seed), steps, lr=0.1,
+                       progress=lambda step, loss: step % 100 == 0 and say(f"  step {step}/{steps}, loss {loss:.3f}"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    model.eval()
+    subject = Subject(
+        model=model, example_inputs=(torch.zeros(1, 3, 32, 32),), evaluate=lambda m: train.accuracy(m, val),
+        name="cifar-resnet", calibration_data=_Batches(x_train[:1024], y_train[:1024], 128, shuffle=False),
+        train_data=_Batches(x_train, y_train, 128, shuffle=True), loss_fn=nn.functional.cross_entropy,
+        description="ResNet 32/64/128 on CIFAR-10 (lossy JPEG copy)")
+    acc = train.accuracy(model, val)
+    return subject, (f"ResNet (widths 32/64/128) trained {steps} steps on 10,000 CIFAR-10 images from the lossy JPEG "
+                     f"copy (dense accuracy {acc:.3f} on 2,000 held-out test images; real data, relative comparisons "
+                     "only)")
+
+
+def build_subject(name: str, seed: int, cifar_zip: Path = CIFAR_ZIP) -> tuple[Subject, str]:
     """The subject for a ``--models`` entry and a note on what its accuracy means."""
     if name == "demo":
         subject = build_demo("mobilenet-tiny", seed=seed, log=say)
         return subject, "mobilenet-tiny, the built-in demo subject (32x32 generated 'shapes' images, 2,000 held out)"
     if name == "mobilenetv2":
         return build_mobilenetv2(seed)
-    raise SystemExit(f"unknown model {name!r}; choose from demo, mobilenetv2")
+    if name == "cifar":
+        return build_cifar(seed, cifar_zip)
+    raise SystemExit(f"unknown model {name!r}; choose from demo, mobilenetv2, cifar")
 
 
 def fresh_data(data: Any) -> Any:
@@ -643,7 +708,7 @@ def subject_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out: Path) -> dict[str, Any]:
     """Every method at every budget on one subject, fine-tuned alike and re-measured interleaved."""
     conf = subject_config(name, args)
-    subject, note = build_subject(name, args.seed)
+    subject, note = build_subject(name, args.seed, Path(args.cifar_zip))
     say(f"{subject.name}: {note}")
     say(f"{subject.name}: trials {conf['trials']}, fine-tune steps {conf['finetune_steps']} for every final model, "
         f"hwprune trial fine-tune steps {conf['trial_finetune_steps']}")
@@ -724,8 +789,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="demo subject only, fewer trials and fine-tune steps")
+    p.add_argument("--cifar-zip", default=str(CIFAR_ZIP),
+                   help="the CIFAR-10 JPEG zip for --models cifar (train/<class>/NNNN.jpg, test/<class>/NNNN.jpg)")
     p.add_argument("--models", default=None,
-                   help="comma-separated: demo,mobilenetv2 (default: both; demo with --quick)")
+                   help="comma-separated: demo,mobilenetv2,cifar (default: demo,mobilenetv2; demo with --quick; cifar "
+                        "needs the CIFAR-10 JPEG zip, see --cifar-zip)")
     p.add_argument("--budgets", default="0.6,0.4", help="latency budgets as fractions of dense (default 0.6,0.4)")
     p.add_argument("--trials", type=int, default=None, help="hwprune trials per search (default: demo 30, "
                    "mobilenetv2 16; --quick: 12 and 8)")
