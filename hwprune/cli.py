@@ -130,11 +130,16 @@ def search(
     )
     result = None
     try:
-        result = Search(config, log_fn=lambda m: err.print(f"[dim]hwprune:[/] {escape(m)}", highlight=False)).run()
+        result = Search(config, log_fn=_log).run()
     except BudgetUnreachable:
         _print_summary_file(config.run_dir)
         raise
     _print_result(result.summary, result.run_dir)
+
+
+def _log(message: str) -> None:
+    """A progress line of a search on stderr (its text is data, never markup)."""
+    err.print(f"[dim]hwprune:[/] {escape(message)}", highlight=False)
 
 
 def _print_summary_file(run_dir: Path) -> None:
@@ -308,7 +313,7 @@ def nightly(
     from hwprune.nightly import load_job, run_night
 
     job = load_job(job_file)
-    result = run_night(job, night, log=lambda m: err.print(f"[dim]hwprune:[/] {escape(m)}", highlight=False))
+    result = run_night(job, night, log=_log)
     _print_summary_file(result.run_dir)
     if result.previous is None:
         out.print(f"night {result.night}: first night of job {job.name}; nothing to compare with yet")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import io
 import json
 import re
 from collections.abc import Callable
@@ -221,8 +222,6 @@ def _append_history(job: NightlyJob, result: NightResult, state: dict[str, Any])
             rows = [r for r in csv.DictReader(f) if r.get("night") != result.night]
     rows.append(row)
     rows.sort(key=lambda r: str(r["night"]))
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS)
     writer.writeheader()

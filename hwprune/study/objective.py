@@ -38,6 +38,11 @@ class Budgets:
     latency_ms: float | None
     memory_mb: float | None
 
+    def meets(self, latency_ms: float, memory_mb: float) -> tuple[bool, bool]:
+        """Whether the latency and the memory are within their budgets (a missing budget is always met)."""
+        lat_v, mem_v = self.violations(latency_ms, memory_mb)
+        return lat_v <= 0, mem_v <= 0
+
     def violations(self, latency_ms: float, memory_mb: float) -> tuple[float, float]:
         """Optuna constraint values: <= 0 means the budget is met."""
         lat = latency_ms - self.latency_ms if self.latency_ms is not None else -1.0

@@ -154,8 +154,7 @@ def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float |
         "macs": int(macs),
         "widths": {k: list(v) for k, v in widths.items()},
         "ratios": ratios,
-        "meets": {"latency": budgets.latency_ms is None or m.latency.median_ms <= budgets.latency_ms,
-                  "memory": budgets.memory_mb is None or m.memory.total_mb <= budgets.memory_mb},
+        "meets": dict(zip(("latency", "memory"), budgets.meets(m.latency.median_ms, m.memory.total_mb))),
         "estimated": m.estimated,
         "tuned": m.tuned,
         "backend": m.backend,
@@ -234,7 +233,7 @@ class Search:
         acc = check_evaluate(subject)
         macs, params = count_macs_params(subject.model, subject.example_inputs)
         widths = read_widths(subject.model)
-        return {"path": path, "accuracy": acc, "macs": macs, "params": params,
+        return {"path": path, "accuracy": acc, "macs": macs, "params": params, "signature": architecture_signature(widths),
                 "widths": {k: (v, v) for k, v in widths.items()}}, reference
 
     def run(self) -> SearchResult:
@@ -282,10 +281,10 @@ class Search:
                              finetune_steps=c.trial_finetune_steps, seed=c.seed,
                              context=measurement_context(self.profile, self.exporter))
         runner.load_cache(study)
-        runner.add_dense(architecture_signature(read_widths(subject.model)),
+        runner.add_dense(dense_info["signature"],
                          [dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb],
                          {"widths": {k: list(v) for k, v in dense_info["widths"].items()}, "macs": dense_info["macs"],
-                          "params": dense_info["params"], "signature": architecture_signature(read_widths(subject.model)),
+                          "params": dense_info["params"], "signature": dense_info["signature"],
                           "measurement": dense_m.to_dict(), "accuracy_proxy": dense_info["accuracy"]})
 
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -352,7 +351,7 @@ class Search:
             # feasibility against this run's budgets: a resumed or nightly run may have other ones (a relative
             # budget follows the dense model's latency of the night) than the run that stored a trial's constraints
             trials_df["feasible"] = [
-                state == "COMPLETE" and max(budgets.violations(lat, mem)) <= 0
+                state == "COMPLETE" and all(budgets.meets(lat, mem))
                 for state, lat, mem in zip(trials_df["state"], trials_df["latency_ms"], trials_df["memory_mb"])]
         atomic_write_text(self.run_dir / "trials.csv", trials_df.to_csv(index=False))
         complete = trials_df[trials_df["state"] == "COMPLETE"] if not trials_df.empty else trials_df
@@ -372,7 +371,7 @@ class Search:
         t_confirm = time.perf_counter()
         models, rejected = self._confirm_front(front, study, subject, runner, budgets, dense_record)
         runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
-        rec_trial = self._recommend(models, subject, runner, budgets, dense_record)
+        rec_trial = self._recommend(models, subject, runner)
         for pm in models:
             self._write_model_files(pm)
         dense_record["file_bytes"] = dense_record["files"]["onnx"]["bytes"]
@@ -475,10 +474,7 @@ class Search:
             candidates.append(ParetoModel(number, record, self.run_dir, pruned.module, m))
         if not candidates:
             return [], rejected
-        table = pd.DataFrame({"accuracy": [c.accuracy for c in candidates],
-                              "latency_ms": [c.latency_ms for c in candidates],
-                              "memory_mb": [c.memory_mb for c in candidates]})
-        keep = pareto_mod.pareto_mask(table, pareto_mod.TIE_TOLERANCE)
+        keep = pareto_mod.pareto_mask(_objectives(candidates), pareto_mod.TIE_TOLERANCE)
         models = []
         for pm, kept in zip(candidates, keep, strict=True):
             if kept:
@@ -495,7 +491,7 @@ class Search:
                          budgets: Budgets) -> tuple[Measurement, str | None]:
         """The measurement to report for an exported front model, and a note when it is not a fresh one."""
         def meets(m: Measurement) -> bool:
-            return budgets.latency_ms is None or m.latency.median_ms <= budgets.latency_ms
+            return budgets.meets(m.latency.median_ms, m.memory.total_mb)[0]
 
         try:
             fresh = self.measure(onnx_path)
@@ -510,18 +506,14 @@ class Search:
         return trio[1], ("the trial and the first re-measure disagreed about the latency budget; the figures are "
                          "the median of three measurements")
 
-    def _recommend(self, models: list[ParetoModel], subject: Subject, runner: TrialRunner, budgets: Budgets,
-                   dense_record: dict[str, Any]) -> int | None:
+    def _recommend(self, models: list[ParetoModel], subject: Subject, runner: TrialRunner) -> int | None:
         """Pick the recommended model and give it the long distilled fine-tune before it is reported."""
         from hwprune.export import export_onnx
 
         c = self.config
         if not models:
             return None
-        table = pd.DataFrame({"trial": [pm.trial for pm in models], "accuracy": [pm.accuracy for pm in models],
-                              "latency_ms": [pm.latency_ms for pm in models],
-                              "memory_mb": [pm.memory_mb for pm in models]})
-        number = pareto_mod.recommend(table)
+        number = pareto_mod.recommend(_objectives(models))
         pm = next(p for p in models if p.trial == number)
         pm.record["recommended"] = True
         if c.final_finetune_steps and subject.train_data is not None and pm.module is not None:
@@ -604,6 +596,12 @@ class Search:
             build_report(self.run_dir)
         except Exception as exc:  # noqa: BLE001 - the search result is already saved
             self.log(f"report failed ({type(exc).__name__}: {exc}); rebuild it with `hwprune report {self.run_dir}`")
+
+
+def _objectives(models: list[ParetoModel]) -> pd.DataFrame:
+    """trial, accuracy, latency_ms and memory_mb of confirmed models, the columns the Pareto helpers read."""
+    return pd.DataFrame({"trial": [pm.trial for pm in models], "accuracy": [pm.accuracy for pm in models],
+                         "latency_ms": [pm.latency_ms for pm in models], "memory_mb": [pm.memory_mb for pm in models]})
 
 
 def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
