@@ -72,6 +72,7 @@ class SearchConfig:
     channel_multiple: int | None = None  # default from the device profile
     trial_finetune_steps: int = 20
     final_finetune_steps: int = 300
+    final_candidates: int = 3  # front models given the final fine-tune; the best afterwards is recommended
     calibration_batches: int = 8
     exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise
     allow_untuned: bool = False  # let untuned TVM latencies drive a search
@@ -102,6 +103,8 @@ class SearchConfig:
             raise HwpruneError(f"channel multiple: must be at least 1, got {self.channel_multiple}")
         if self.exporter not in (None, "torchscript", "dynamo"):
             raise HwpruneError(f"exporter: {self.exporter!r} is not 'torchscript' or 'dynamo'")
+        if self.final_candidates < 1:
+            raise HwpruneError(f"final candidates: must be at least 1, got {self.final_candidates}")
         for name in ("trial_finetune_steps", "final_finetune_steps", "calibration_batches", "tune_final_trials"):
             if getattr(self, name) < 0:
                 raise HwpruneError(f"{name.replace('_', ' ')}: must not be negative")

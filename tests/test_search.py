@@ -47,9 +47,15 @@ def test_search_writes_machine_readable_outputs(cli_run) -> None:
             assert (run_dir / r["files"][key]["path"]).is_file()
         # the front is confirmed on the exported files: every model met the budget when re-measured
         assert r["latency_ms"]["median"] <= summary["request"]["latency_budget_ms"]
-        if not r["recommended"]:
+        if not r["final_finetune_steps"]:
             # the exported weights are the trial's own (replayed calibration and fine-tune), re-evaluated
             assert r["accuracy"] == pytest.approx(r["accuracy_proxy"], abs=0.02)
+    # the final candidates (up to 3, the default) got the final fine-tune; the best of them after it is recommended
+    finalists = [r for r in summary["pareto"] if r["final_finetune_steps"]]
+    assert len(finalists) == min(3, len(summary["pareto"]))
+    assert all(r["final_finetune_steps"] == 5 for r in finalists)
+    assert rec[0] in finalists and rec[0]["accuracy"] == max(r["accuracy"] for r in finalists)
+    assert summary["request"]["finetune"] == {"trial_steps": 2, "final_steps": 5, "final_candidates": 3}
     req = summary["request"]
     assert req["latency_budget"] == "0.95x"
     assert req["latency_budget_ms"] == pytest.approx(0.95 * dense["latency_ms"]["median"])

@@ -405,7 +405,7 @@ STAGES = {
     "timing": "the timed runs themselves (part of measure)",
     "measure": "the whole measurement of each candidate",
     "evaluate": "scoring each candidate with the evaluator",
-    "final_finetune": "fine-tuning the recommended model after the search",
+    "final_finetune": "the final fine-tune of the front's most accurate models, before the recommendation",
 }
 
 
@@ -441,8 +441,10 @@ def metric_cell(run: RunData, record: dict[str, Any]) -> str:
     value = fmt_metric(record.get("accuracy"))
     if record.get("trial") is None:
         return f"{value} (unpruned)"
-    if record.get("recommended") and _final_finetuned(run):
+    steps = record.get("final_finetune_steps")
+    if steps is None and record.get("recommended") and _final_finetuned(run):  # summaries before final candidates
         steps = (run.request.get("finetune") or {}).get("final_steps")
+    if steps:
         return f"{value} (fine-tuned, {steps} steps)"
     return f"{value} (search proxy)"
 
@@ -656,8 +658,10 @@ def _answer_section(run: RunData) -> Section:
         f"candidate beats on {metric}, latency and memory at once. The recommended model is the most accurate model "
         f"that meets every budget. {metric.capitalize()} during the search is a quick proxy (after BatchNorm "
         f"re-calibration" + (" and a short fine-tune" if (req.get("finetune") or {}).get("trial_steps") else "")
-        + "); only the recommended model gets the final fine-tune"
-        + (" (it did here)" if _final_finetuned(run) else " (it did not here: no training data or 0 steps)") + ". "
+        + "); the most accurate front models by that proxy (up to "
+        + str((req.get("finetune") or {}).get("final_candidates", 1)) + ") get the final fine-tune, and the most "
+        "accurate after it is recommended"
+        + ("" if _final_finetuned(run) else " (no final fine-tune here: no training data or 0 steps)") + ". "
         f"Latency is the median of {m.get('repeats')} timed runs after {m.get('warmup')} untimed warm-up runs; p90 is "
         f"the 90th percentile. Speedup = dense latency / model latency."))
     models = run.models()

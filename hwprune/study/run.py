@@ -143,6 +143,7 @@ def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float |
         "recommended": False,
         "accuracy": accuracy,
         "accuracy_proxy": accuracy_proxy,
+        "final_finetune_steps": 0,  # set when the model was one of the final candidates
         "latency_ms": {"median": lat["median_ms"], "p90": lat["p90_ms"], "min": lat["min_ms"],
                        "mean": lat["mean_ms"], "std": lat["std_ms"], "cv": lat["cv"],
                        "robust_cv": lat["robust_cv"], "mad": lat["mad_ms"],
@@ -213,7 +214,8 @@ class Search:
             "study": c.study_name, "storage": self.storage,
             "sampler": c.sampler, "max_ratio": c.max_ratio, "channel_multiple": self.profile.channel_multiple,
             "exporter": self.exporter,
-            "finetune": {"trial_steps": c.trial_finetune_steps, "final_steps": c.final_finetune_steps},
+            "finetune": {"trial_steps": c.trial_finetune_steps, "final_steps": c.final_finetune_steps,
+                         "final_candidates": c.final_candidates},
             "calibration_batches": c.calibration_batches,
             "tune_final_trials": c.tune_final_trials,
             "command": c.command or " ".join(shlex.quote(a) for a in sys.argv),
@@ -507,29 +509,45 @@ class Search:
                          "the median of three measurements")
 
     def _recommend(self, models: list[ParetoModel], subject: Subject, runner: TrialRunner) -> int | None:
-        """Pick the recommended model and give it the long distilled fine-tune before it is reported."""
-        from hwprune.export import export_onnx
-
+        """Pick the recommended model. With a final fine-tune, the ``final_candidates`` most accurate front models
+        (by the search's proxy) each get it and the most accurate afterwards is recommended: a 20-step proxy cannot
+        rank models whose accuracies differ by a point, and the final fine-tune is what the user deploys."""
         c = self.config
         if not models:
             return None
-        number = pareto_mod.recommend(_objectives(models))
+        finalists = [pm for pm in models if pm.module is not None]
+        if not (c.final_finetune_steps and subject.train_data is not None and finalists):
+            number = pareto_mod.recommend(_objectives(models))
+        else:
+            finalists = sorted(finalists, key=lambda pm: (-pm.accuracy, pm.latency_ms))[:max(1, c.final_candidates)]
+            t0 = time.perf_counter()
+            for i, pm in enumerate(finalists, 1):
+                self.log(f"final fine-tune {i}/{len(finalists)}: trial {pm.trial} ({subject.metric} "
+                         f"{pm.accuracy:.4f} before), {c.final_finetune_steps} steps distilled from the dense model...")
+                self._final_finetune(pm, subject, runner)
+            runner.stage_seconds["final_finetune"] = time.perf_counter() - t0
+            number = pareto_mod.recommend(_objectives(finalists))
+            if len(finalists) > 1:
+                self.log("after the final fine-tune: " + ", ".join(
+                    f"trial {pm.trial} {pm.accuracy:.4f}" for pm in finalists) + f"; recommending trial {number}")
         pm = next(p for p in models if p.trial == number)
         pm.record["recommended"] = True
-        if c.final_finetune_steps and subject.train_data is not None and pm.module is not None:
-            self.log(f"fine-tuning the recommended model (trial {number}) for {c.final_finetune_steps} steps, "
-                     "distilled from the dense model...")
-            t0 = time.perf_counter()
-            torch.manual_seed(c.seed)
-            train.finetune(pm.module, subject.train_data, c.final_finetune_steps, loss_fn=subject.loss_fn,
-                           lr=0.02, teacher=subject.teacher or subject.model)
-            runner.stage_seconds["final_finetune"] = time.perf_counter() - t0
-            pm.record["accuracy"] = runner.evaluate(pm.module, {})
-            # same architecture, new weights: the measured latency and memory still hold
-            export_onnx(pm.module, subject.example_inputs, pm.onnx_path, exporter=self.exporter)
         if c.tune_final_trials:
             self._tune_final(pm, c.tune_final_trials)
         return number
+
+    def _final_finetune(self, pm: ParetoModel, subject: Subject, runner: TrialRunner) -> None:
+        """The long distilled fine-tune, seeded alike for every finalist; the exported file gets the new weights."""
+        from hwprune.export import export_onnx
+
+        assert subject.train_data is not None and pm.module is not None
+        torch.manual_seed(self.config.seed)
+        train.finetune(pm.module, subject.train_data, self.config.final_finetune_steps, loss_fn=subject.loss_fn,
+                       lr=0.02, teacher=subject.teacher or subject.model)
+        pm.record["accuracy"] = runner.evaluate(pm.module, {})
+        pm.record["final_finetune_steps"] = self.config.final_finetune_steps
+        # same architecture, new weights: the measured latency and memory still hold
+        export_onnx(pm.module, subject.example_inputs, pm.onnx_path, exporter=self.exporter)
 
     def _tune_final(self, pm: ParetoModel, trials: int) -> None:
         """MetaSchedule-tune the recommended model on the device and record its tuned latency beside the search's
@@ -610,7 +628,8 @@ def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
     for r in summary["pareto"]:
         rows.append({
             "trial": r["trial"], "recommended": r["recommended"], "accuracy": r["accuracy"],
-            "accuracy_proxy": r["accuracy_proxy"], "latency_ms_median": r["latency_ms"]["median"],
+            "accuracy_proxy": r["accuracy_proxy"], "final_finetune_steps": r.get("final_finetune_steps", 0),
+            "latency_ms_median": r["latency_ms"]["median"],
             "latency_ms_p90": r["latency_ms"]["p90"], "latency_ms_std": r["latency_ms"]["std"],
             "latency_noisy": r["latency_ms"]["noisy"], "memory_mb_total": r["memory_mb"]["total"],
             "weights_mb": r["memory_mb"]["weights"], "peak_activations_mb": r["memory_mb"]["peak_activations"],
@@ -619,7 +638,8 @@ def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
             "estimated": r["estimated"], "onnx_path": r["files"]["onnx"]["path"],
             "weights_path": r["files"]["weights"]["path"], "widths": json.dumps(r["widths"]),
         })
-    columns = ["trial", "recommended", "accuracy", "accuracy_proxy", "latency_ms_median", "latency_ms_p90",
+    columns = ["trial", "recommended", "accuracy", "accuracy_proxy", "final_finetune_steps", "latency_ms_median",
+               "latency_ms_p90",
                "latency_ms_std", "latency_noisy", "memory_mb_total", "weights_mb", "peak_activations_mb", "params",
                "macs", "speedup", "meets_latency", "meets_memory", "estimated", "onnx_path", "weights_path", "widths"]
     return pd.DataFrame(rows, columns=columns)
