@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hwprune.backends.base import Latency, Measurement, Memory
 from hwprune.pruning import PruningSpace
-from hwprune.study.objective import Budgets, TrialRunner, bracket_budget, warm_start
+from hwprune.study.objective import (BRACKET_STEPS, BRACKET_TOLERANCE, Budgets, TrialRunner, bracket_budget,
+                                     warm_start)
 from hwprune.subjects.loader import load_subject
 from hwprune.subjects.shapes import make_shapes
 
@@ -46,8 +47,9 @@ def _measured(latency_ms: float) -> Measurement:
 
 
 def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Path) -> None:
-    runner = _runner()
-    space = runner.space
+    subject = _runner().subject
+    # channel multiple 1: every ratio step is a new architecture (48 channels a group)
+    space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=1, max_ratio=0.75)
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize", "minimize",
                                                                                      "minimize"])
     warm_start(study, space)
@@ -65,12 +67,42 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
     study.optimize(objective, n_trials=3)
     assert bracket_budget(study, space, 10.0, None) == []  # no latency budget: nothing to aim at
     ratios = bracket_budget(study, space, 10.0, 5.0)
-    # 5 ms lies halfway between the 0.5 (6 ms) and 0.75 (4 ms) uniform models: aim at 0.625, and a step deeper
-    assert ratios == [0.625, 0.6875]
+    # 5 ms lies halfway between the 0.5 (6 ms) and 0.75 (4 ms) uniform models: aim at 0.625
+    assert ratios == [0.625]
     waiting = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.WAITING]
-    assert sorted(t.user_attrs["uniform_ratio"] for t in waiting) == ratios
-    assert all(set(t.system_attrs["fixed_params"].values()) == {t.user_attrs["uniform_ratio"]} for t in waiting)
-    assert bracket_budget(study, space, 10.0, 5.0) == []  # once per study, also for resumed runs and other workers
+    assert [t.user_attrs["uniform_ratio"] for t in waiting] == ratios
+    assert set(waiting[0].system_attrs["fixed_params"].values()) == {0.625}
+    assert bracket_budget(study, space, 10.0, 5.0) == []  # one at a time: a uniform trial is still queued
+
+    # bisection goes on as the queued trials are measured; a cliff (5.5 ms just above the budget, 4 ms below)
+    # must not stop it short of the least pruning that meets the budget
+    def cliff(r: float) -> float:
+        return 5.5 if r < 0.7 else 4.0
+
+    fake[0.625] = cliff(0.625)
+    steps = [0.625]
+    while True:
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+            fake.setdefault(t.user_attrs["uniform_ratio"], cliff(t.user_attrs["uniform_ratio"]))
+        study.optimize(objective, n_trials=1)
+        queued = bracket_budget(study, space, 10.0, 5.0)
+        if not queued:
+            break
+        fake[queued[0]] = cliff(queued[0])
+        steps += queued
+    assert steps == study.user_attrs["bracketed"] and len(steps) <= BRACKET_STEPS
+    assert all(0.625 <= r < 0.75 for r in steps) and steps == sorted(steps)
+    best = min(r for r, lat in fake.items() if lat <= 5.0)
+    # within the tolerance of the cliff, or as close as the step budget allowed
+    assert best - 0.7 <= BRACKET_TOLERANCE or len(steps) == BRACKET_STEPS
+    assert bracket_budget(study, space, 10.0, 5.0) == []  # done, also for resumed runs and other workers
+    # ratios that round to the widths already measured at an end of the interval are skipped without a trial
+    coarse = _runner().space  # multiple 8: uniform 0.5 keeps 24 channels, 0.625 and 0.75 keep 16
+    twin = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    warm_start(twin, coarse)
+    fake.update({0.25: 8.0, 0.5: 6.0, 0.75: 4.0})
+    twin.optimize(objective, n_trials=3)
+    assert bracket_budget(twin, coarse, 10.0, 5.0) == []
     # a budget no uniform model reaches queues nothing
     fresh = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     warm_start(fresh, space)
@@ -94,3 +126,74 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     assert len(ref.sets) == 5
     medians = sorted(ref.medians_ms)
     assert ref.measurement.latency.median_ms == medians[2]  # the middle set, whatever the order they came in
+
+
+def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_fit_the_budget(tmp_path: Path) -> None:
+    import random
+
+    from hwprune.pruning import prune
+    from hwprune.study.refine import REFINE_FROM, EdgeRefiner, neighbour
+
+    runner = _runner()
+    space, subject = runner.space, runner.subject
+
+    def macs_of(ratios: dict[str, float]) -> int:
+        return prune(subject.model, subject.example_inputs, ratios, space).macs
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}",
+                                directions=["maximize", "minimize", "minimize"])
+    assert neighbour(study, space, random.Random(0), macs_of, 5.5) is None  # nothing feasible yet
+    dist = {k.name: optuna.distributions.FloatDistribution(0.0, k.max_ratio) for k in space.knobs}
+    best = space.uniform(0.5)
+    best_macs = macs_of(best)
+    # the most accurate trial is over budget; the best feasible one is the uniform 0.5 model, at 5 ms
+    study.add_trial(optuna.trial.create_trial(values=[0.9, 9.0, 1.0], params=space.uniform(0.0), distributions=dist,
+                                              constraints={"latency": 1.0}))
+    study.add_trial(optuna.trial.create_trial(values=[0.8, 5.0, 1.0], params=best, distributions=dist,
+                                              constraints={"latency": -1.0}, user_attrs={"macs": best_macs}))
+    study.add_trial(optuna.trial.create_trial(values=[0.7, 4.0, 1.0], params=space.uniform(0.75), distributions=dist,
+                                              constraints={"latency": -2.0}))
+    base = [k.kept(best[k.name]) for k in space.knobs]
+    rng = random.Random(0)
+    seen = {tuple(base)}
+    for budget in (5.5, 5.0, 5.0):
+        found = neighbour(study, space, rng, macs_of, budget)
+        assert found is not None
+        ratios, of = found
+        assert of == 1
+        widths = [k.kept(ratios[k.name]) for k in space.knobs]
+        assert all(0.0 <= ratios[k.name] <= k.max_ratio for k in space.knobs)
+        changed = [(k, b, w) for k, b, w in zip(space.knobs, base, widths) if b != w]
+        # one group one allowed step wider, others unchanged or one step narrower
+        assert len([1 for _, b, w in changed if w > b]) == 1
+        for k, b, w in changed:
+            assert not [c for c in k.widths() if min(b, w) < c < max(b, w)], "one allowed step, not more"
+        # the estimated latency (5 ms scaled by MACs) fits the budget
+        assert 5.0 * macs_of(ratios) / best_macs <= budget
+        assert tuple(widths) not in seen, "an architecture already tried or queued is not proposed again"
+        seen.add(tuple(widths))
+        study.enqueue_trial(ratios)
+
+    # as a callback in a real optimize loop: quiet before REFINE_FROM of the trial target, then a neighbour of the
+    # best feasible model after every other completed trial
+    target = 20
+    log: list[str] = []
+    fresh = optuna.create_study(directions=["maximize", "minimize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    fresh.add_trial(optuna.trial.create_trial(values=[0.8, 5.0, 1.0], params=best, distributions=dist,
+                                              constraints={"latency": -1.0}, user_attrs={"macs": best_macs}))
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        for k in space.knobs:
+            trial.suggest_float(k.name, 0.0, k.max_ratio)
+        trial.set_constraint("latency", 1.0)  # the sampler's own trials miss the budget; trial 0 stays the best
+        return 0.5, 6.0, 1.0
+
+    fresh.optimize(objective, n_trials=target - 1,
+                   callbacks=[EdgeRefiner(space, target, None, seed=0, macs_of=macs_of, budget_ms=lambda: 6.0,
+                                          log=log.append)])
+    refined = [t.number for t in fresh.get_trials() if "neighbour_of" in t.user_attrs]
+    assert refined and min(refined) >= REFINE_FROM * target
+    assert all(b - a == 2 for a, b in zip(refined, refined[1:]))
+    assert all(fresh.trials[n].user_attrs["neighbour_of"] == 0 for n in refined)
+    assert len(fresh.trials) == target and log and "refining" in log[0]

@@ -260,30 +260,58 @@ def warm_start(study: optuna.Study, space: PruningSpace, fractions: tuple[float,
         study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
 
 
+BRACKET_STEPS = 4  # uniform trials spent at most on aiming at the latency budget
+BRACKET_TOLERANCE = 0.02  # ratio interval below which the best uniform model is considered found
+
+
 def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: float,
                    budget_ms: float | None) -> list[float]:
-    """Uniform ratios aimed at the latency budget, interpolated from the uniform trials measured so far.
+    """The next uniform ratio aimed at the latency budget, enqueued, by bisection over the uniform trials measured
+    so far, so that the search always holds the best uniform model that meets the budget: the baseline it must beat.
 
-    Returns the ratios enqueued (none when no measured pair straddles the budget, or once done): the interpolated
-    ratio and one a step deeper, so that the search always holds the best uniform model that meets the budget,
-    the baseline it must beat, and the sampler starts its search next to the budget.
+    A safeguarded regula falsi between the least-pruned uniform trial that meets the budget and the most-pruned one
+    below it that misses: latency falls off cliffs where a group's rounded width drops a whole channel multiple, so
+    each step keeps to the middle half of the interval. Ratios that round to the widths of an end of the interval are
+    skipped without a trial. Returns the ratio enqueued, or nothing when no measured pair straddles the budget, the
+    interval is below ``BRACKET_TOLERANCE``, a uniform trial is still queued, or ``BRACKET_STEPS`` were spent.
     """
-    if budget_ms is None or study.user_attrs.get("bracketed"):
+    queued = list(study.user_attrs.get("bracketed") or [])
+    if budget_ms is None or len(queued) >= BRACKET_STEPS:
         return []
-    points = [(0.0, dense_latency_ms)]
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        r = t.user_attrs.get("uniform_ratio")
-        if r is not None and t.values:
-            points.append((r, t.values[1]))
-    points.sort()
-    for (r0, l0), (r1, l1) in zip(points, points[1:]):
-        if l0 > budget_ms >= l1:
-            target = r0 + (r1 - r0) * (l0 - budget_ms) / max(l0 - l1, 1e-12)
-            ratios = sorted({round(min(target, r1), 4), round(min(target + 0.5 * (r1 - target), r1), 4)})
-            study.set_user_attr("bracketed", ratios)
-            for r in ratios:
-                study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
-            return ratios
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING and "uniform_ratio" in t.user_attrs for t in trials):
+        return []
+    points = [(0.0, dense_latency_ms)] + [(float(t.user_attrs["uniform_ratio"]), t.values[1]) for t in trials
+                                          if t.state == TrialState.COMPLETE and "uniform_ratio" in t.user_attrs
+                                          and t.values]
+    meets = [p for p in points if p[1] <= budget_ms]
+    if not meets:
+        return []
+    hi = min(meets)
+    misses = [p for p in points if p[1] > budget_ms and p[0] < hi[0]]
+    if not misses:
+        return []
+    lo = max(misses)
+
+    def widths(ratio: float) -> tuple[int, ...]:
+        uniform = space.uniform(ratio)
+        return tuple(k.kept(uniform[k.name]) for k in space.knobs)
+
+    for _ in range(16):
+        if hi[0] - lo[0] <= BRACKET_TOLERANCE:
+            return []
+        span = hi[0] - lo[0]
+        target = lo[0] + span * (lo[1] - budget_ms) / max(lo[1] - hi[1], 1e-12)
+        target = min(max(target, lo[0] + 0.25 * span), hi[0] - 0.25 * span)
+        if widths(target) == widths(hi[0]):
+            hi = (target, hi[1])
+        elif widths(target) == widths(lo[0]):
+            lo = (target, lo[1])
+        else:
+            r = round(target, 4)
+            study.set_user_attr("bracketed", queued + [r])
+            study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
+            return [r]
     return []
 
 

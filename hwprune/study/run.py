@@ -29,9 +29,10 @@ from hwprune.errors import BudgetUnreachable, HwpruneError
 from hwprune.backends import create_backend
 from hwprune.backends.base import Measurement
 from hwprune.profiles import DeviceProfile, load_profile
-from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, read_widths
+from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, prune, read_widths
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
+from hwprune.study.refine import EdgeRefiner
 from hwprune.study.reference import START_SETS, DenseReference
 from hwprune.study.objective import (Budgets, TrialRunner, bracket_budget, make_sampler, open_study, trials_table,
                                      warm_start)
@@ -311,10 +312,14 @@ class Search:
                     ratios = bracket_budget(study, space, reference.measurement.latency.median_ms,
                                             budgets.latency_ms)
                     if ratios:
-                        self.log(f"uniform ratios {', '.join(f'{r:.3f}' for r in ratios)} queued: they bracket "
-                                 "the latency budget")
+                        self.log(f"uniform ratio {ratios[0]:.3f} queued: bisecting for the least uniform pruning "
+                                 "that meets the latency budget")
 
-            callbacks: list[Any] = [follow_reference, progress.callback, aim_at_budget]
+            callbacks: list[Any] = [follow_reference, progress.callback, aim_at_budget,
+                                    EdgeRefiner(space, c.trials, c.timeout_s, c.seed,
+                                                macs_of=lambda r: prune(subject.model, subject.example_inputs, r,
+                                                                        space).macs,
+                                                budget_ms=lambda: budgets.latency_ms, log=self.log)]
             if c.trials is not None:
                 callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))
             try:
