@@ -13,8 +13,14 @@ budget (a fraction of the dense model's latency on the ``host-cpu`` profile), it
 
 Every final model gets the same fine-tune: BatchNorm re-calibration, then ``--finetune-steps`` SGD steps distilled
 from the dense model (lr 0.02, the recipe of hwprune's own final fine-tune), from the same data order. hwprune's
-recommended model is rebuilt from its ratios and fine-tuned here like the others (so it gets neither its search-time
-fine-tune steps nor an extra fine-tune).
+search runs with that same final fine-tune for its ``--final-candidates`` (its default: 3) and recommends the best of
+them, as it does for a user; its recommended model is then rebuilt from its ratios and fine-tuned here like the
+others (so it gets neither its search-time fine-tune steps nor an extra fine-tune). The time hwprune spends choosing,
+its candidates' fine-tunes included, is its "select s".
+
+The search evaluates on the subject's validation data; the table's accuracy is measured on test data that nothing
+chose on (demo: 5,000 other generated images; cifar: the 10,000 test images, the search seeing 5,000 held-out
+training images), so picking the best of several candidates earns no selection bias.
 
 All final models of a subject, and the dense model, are then re-measured interleaved (round-robin, ``--rounds``
 rounds) and each model's median taken, so load drift from other processes hits every method alike. Latencies are
@@ -169,8 +175,9 @@ def build_mobilenetv2(seed: int = 0, stage1_steps: int = 240, stage2_steps: int 
     return subject, note
 
 
-def load_cifar(zip_path: Path, per_class_train: int, per_class_test: int) -> tuple[torch.Tensor, ...]:
-    """The first images of each class from the CIFAR-10 JPEG zip (``train/<class>/NNNN.jpg``), normalised."""
+def load_cifar(zip_path: Path, per_class: dict[str, tuple[str, int, int]]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Named splits of the CIFAR-10 JPEG zip (``train/<class>/NNNN.jpg``, ``test/...``), normalised: ``per_class``
+    maps a split name to (folder, first index, count) taken from each class, in file-name order."""
     import zipfile
 
     import numpy as np
@@ -180,41 +187,72 @@ def load_cifar(zip_path: Path, per_class_train: int, per_class_test: int) -> tup
         raise SystemExit(f"no CIFAR-10 zip at {zip_path}; pass --cifar-zip PATH (train/<class>/NNNN.jpg inside)")
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
-    out = []
+    out: dict[str, tuple[torch.Tensor, ...]] = {}
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
         classes = sorted({n.split("/")[1] for n in names if n.startswith("train/") and n.count("/") == 2})
-        for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        for split, (folder, start, count) in per_class.items():
             xs, ys = [], []
             for label, cls in enumerate(classes):
-                files = sorted(n for n in names if n.startswith(f"{split}/{cls}/") and n.endswith(".jpg"))[:per_class]
-                for n in files:
+                files = sorted(n for n in names if n.startswith(f"{folder}/{cls}/") and n.endswith(".jpg"))
+                for n in files[start:start + count]:
                     with zf.open(n) as f:
                         xs.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8))
                     ys.append(label)
             x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float().div(255.0)
-            out += [(x - mean) / std, torch.tensor(ys)]
-    return tuple(out)
+            out[split] = ((x - mean) / std, torch.tensor(ys))
+    return out
 
 
-def build_cifar(seed: int, zip_path: Path, steps: int = 500) -> tuple[Subject, str]:
-    """A ResNet (widths 32/64/128, ~4x the demo's MACs) trained on 10,000 CIFAR-10 images; the 10,000 test images
-    held out."""
+class AugmentedBatches:
+    """Shuffled mini-batches with the standard CIFAR augmentation (random 32x32 crop of the 4-pixel zero-padded
+    image, random horizontal flip), reproducible per epoch from ``seed``: the dense model's training data."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self._epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(self.seed * 1000 + self._epoch)
+        self._epoch += 1
+        n = self.x.shape[0]
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, self.batch_size):
+            idx = order[i: i + self.batch_size]
+            xb = F.pad(self.x[idx], (4, 4, 4, 4))
+            dx, dy = (int(v) for v in torch.randint(0, 9, (2,), generator=g))
+            xb = xb[:, :, dy:dy + 32, dx:dx + 32]
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(3), xb)
+            yield xb.contiguous(), self.y[idx]
+
+    def __len__(self) -> int:
+        return -(-self.x.shape[0] // self.batch_size)
+
+
+def build_cifar(seed: int, zip_path: Path, steps: int = 3000) -> tuple[Subject, str, Callable[[nn.Module], float]]:
+    """A ResNet (widths 32/64/128, ~5x the demo's MACs) trained on 40,000 CIFAR-10 images with augmentation.
+
+    The search sees only a validation split (5,000 other training images); the table's accuracy is measured on the
+    10,000 test images, which nothing chose on.
+    """
     from hwprune.subjects.demo import _Batches
 
-    # the whole test split: 10,000 images keep the standard error of an accuracy near 0.005
-    x_train, y_train, x_val, y_val = load_cifar(zip_path, 1000, 1000)
+    splits = load_cifar(zip_path, {"train": ("train", 0, 4000), "val": ("train", 4000, 500),
+                                   "test": ("test", 0, 1000)})
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits["train"], splits["val"], splits["test"]
     torch.manual_seed(seed)
     model = models.ResNet(10, widths=(32, 64, 128), blocks=2, stem_stride=2)
-    key = hashlib.sha256(f"cifar-resnet|{zip_path.name}|{steps}|{seed}|{torch.__version__}".encode()).hexdigest()[:12]
-    path = cache_dir() / "subjects" / f"bench-cifar-resnet-{key}.pt"
-    val = [(x_val[i:i + 1000], y_val[i:i + 1000]) for i in range(0, len(x_val), 1000)]
+    key = hashlib.sha256(f"cifar-resnet|{zip_path.name}|40k-aug|{steps}|{seed}|{torch.__version__}".encode())
+    path = cache_dir() / "subjects" / f"bench-cifar-resnet-{key.hexdigest()[:12]}.pt"
+    val = _Batches(x_val, y_val, 1000, shuffle=False)
+    test = _Batches(x_test, y_test, 1000, shuffle=False)
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
-        say(f"training the CIFAR-10 ResNet ({steps} steps, first run only)...")
-        train.finetune(model, _Batches(x_train, y_train, 128, shuffle=True, seed=seed), steps, lr=0.1,
-                       progress=lambda step, loss: step % 100 == 0 and say(f"  step {step}/{steps}, loss {loss:.3f}"))
+        say(f"training the CIFAR-10 ResNet ({steps} steps on 40,000 augmented images, first run only)...")
+        train.finetune(model, AugmentedBatches(x_train, y_train, 128, seed=seed), steps, lr=0.1,
+                       progress=lambda step, loss: step % 250 == 0 and say(f"  step {step}/{steps}, loss {loss:.3f}"))
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
     model.eval()
@@ -223,19 +261,28 @@ def build_cifar(seed: int, zip_path: Path, steps: int = 500) -> tuple[Subject, s
         name="cifar-resnet", calibration_data=_Batches(x_train[:1024], y_train[:1024], 128, shuffle=False),
         train_data=_Batches(x_train, y_train, 128, shuffle=True), loss_fn=nn.functional.cross_entropy,
         description="ResNet 32/64/128 on CIFAR-10 (lossy JPEG copy)")
-    acc = train.accuracy(model, val)
-    return subject, (f"ResNet (widths 32/64/128) trained {steps} steps on 10,000 CIFAR-10 images from the lossy JPEG "
-                     f"copy (dense accuracy {acc:.3f} on the 10,000 test images; real data, relative comparisons "
-                     "only)")
+    acc_val, acc_test = train.accuracy(model, val), train.accuracy(model, test)
+    return subject, (f"ResNet (widths 32/64/128) trained {steps} steps on 40,000 augmented CIFAR-10 images from the "
+                     f"lossy JPEG copy (dense accuracy {acc_test:.3f} on the 10,000 test images, {acc_val:.3f} on the "
+                     "5,000 validation images the search evaluates on; real data, relative comparisons only)"), \
+        lambda m: train.accuracy(m, test)
 
 
-def build_subject(name: str, seed: int, cifar_zip: Path = CIFAR_ZIP) -> tuple[Subject, str]:
-    """The subject for a ``--models`` entry and a note on what its accuracy means."""
+def build_subject(name: str, seed: int,
+                  cifar_zip: Path = CIFAR_ZIP) -> tuple[Subject, str, Callable[[nn.Module], float]]:
+    """The subject for a ``--models`` entry, a note on what its accuracy means, and the test evaluation the table
+    reports: data no method selected on (hwprune's search evaluates with ``subject.evaluate``)."""
     if name == "demo":
+        from hwprune.subjects.demo import _Batches
+
         subject = build_demo("mobilenet-tiny", seed=seed, log=say)
-        return subject, "mobilenet-tiny, the built-in demo subject (32x32 generated 'shapes' images, 2,000 held out)"
+        test = _Batches(*make_shapes(5000, seed=3000 + seed), 500, shuffle=False)
+        return subject, ("mobilenet-tiny, the built-in demo subject (32x32 generated 'shapes' images; the search "
+                         "evaluates on its 2,000 held-out images, the table on 5,000 other generated ones)"), \
+            lambda m: train.accuracy(m, test)
     if name == "mobilenetv2":
-        return build_mobilenetv2(seed)
+        subject, note = build_mobilenetv2(seed)
+        return subject, note, subject.evaluate
     if name == "cifar":
         return build_cifar(seed, cifar_zip)
     raise SystemExit(f"unknown model {name!r}; choose from demo, mobilenetv2, cifar")
@@ -456,7 +503,8 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
         hwprune.search(subject, PROFILE, latency_budget_ms=f"{budget}x", trials=conf["trials"], out=runs_dir,
                        study=study, seed=args.seed, max_ratio=args.max_ratio,
                        **({"sampler": args.sampler} if args.sampler else {}),
-                       trial_finetune_steps=conf["trial_finetune_steps"], final_finetune_steps=0, progress=False)
+                       trial_finetune_steps=conf["trial_finetune_steps"], final_finetune_steps=conf["finetune_steps"],
+                       final_candidates=args.final_candidates, progress=False)
     except BudgetUnreachable as exc:
         note = f"hwprune: {exc}"
     seconds = time.perf_counter() - t0
@@ -491,7 +539,8 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
     return final, summary, run_dir
 
 
-def finetune_final(final: Final, subject: Subject, steps: int, seed: int) -> None:
+def finetune_final(final: Final, subject: Subject, steps: int, seed: int,
+                   test: Callable[[nn.Module], float]) -> None:
     """The fine-tune every final model gets: BN re-calibration, then ``steps`` steps distilled from the dense model,
     from the same data order and seed."""
     if final.module is None:
@@ -500,11 +549,11 @@ def finetune_final(final: Final, subject: Subject, steps: int, seed: int) -> Non
     torch.manual_seed(seed)
     if subject.calibration_data is not None:
         train.recalibrate_batchnorm(final.module, subject.calibration_data, 8)
-    final.accuracy_calibrated = float(subject.evaluate(final.module))
+    final.accuracy_calibrated = float(test(final.module))
     if steps and subject.train_data is not None:
         train.finetune(final.module, fresh_data(subject.train_data), steps, loss_fn=subject.loss_fn, lr=FINAL_LR,
                        teacher=subject.teacher or subject.model)
-    final.accuracy = float(subject.evaluate(final.module))
+    final.accuracy = float(test(final.module))
     final.finetune_seconds = time.perf_counter() - t0
 
 
@@ -710,7 +759,7 @@ def subject_config(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out: Path) -> dict[str, Any]:
     """Every method at every budget on one subject, fine-tuned alike and re-measured interleaved."""
     conf = subject_config(name, args)
-    subject, note = build_subject(name, args.seed, Path(args.cifar_zip))
+    subject, note, test = build_subject(name, args.seed, Path(args.cifar_zip))
     say(f"{subject.name}: {note}")
     say(f"{subject.name}: trials {conf['trials']}, fine-tune steps {conf['finetune_steps']} for every final model, "
         f"hwprune trial fine-tune steps {conf['trial_finetune_steps']}")
@@ -719,7 +768,7 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
     dense_onnx = export_onnx(subject.model, subject.example_inputs, workdir / "dense.onnx")
     macs, params = count_macs_params(subject.model, subject.example_inputs)
     dense = Final(subject.name, None, "dense", "–", subject.model, macs, params, onnx=dense_onnx)
-    dense.accuracy = float(subject.evaluate(subject.model))
+    dense.accuracy = float(test(subject.model))
     probe = LatencyProbe(backend, dense_onnx, args.select_stat)
     grid = [float(x) for x in args.grid.split(",")]
     refine = 2 if args.quick else 3
@@ -750,7 +799,7 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
         if f.module is None:
             continue
         say(f"{subject.name} {f.budget:g}x {f.method}: BN re-calibration + {conf['finetune_steps']} fine-tune steps")
-        finetune_final(f, subject, conf["finetune_steps"], args.seed)
+        finetune_final(f, subject, conf["finetune_steps"], args.seed, test)
         f.onnx = export_onnx(f.module, subject.example_inputs,
                              workdir / f"final-{f.budget:g}x-{f.method}.onnx")
     say(f"{subject.name}: re-measuring {sum(f.onnx is not None for f in finals)} models interleaved, "
@@ -801,6 +850,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "mobilenetv2 16; --quick: 12 and 8)")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tune steps of every final model (default: "
                    "demo 150, mobilenetv2 20; --quick: 40 and 10)")
+    p.add_argument("--final-candidates", type=int, default=hwprune.SearchConfig.final_candidates,
+                   help="hwprune's final candidates: front models it fine-tunes (--finetune-steps) before it "
+                        "recommends one (default: hwprune's default)")
     p.add_argument("--trial-finetune-steps", type=int, default=None,
                    help="hwprune's per-trial fine-tune steps (default: demo 20 = hwprune's default, mobilenetv2 0)")
     p.add_argument("--sampler", default=None, help="hwprune's sampler (default: hwprune's own default)")
