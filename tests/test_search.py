@@ -50,11 +50,18 @@ def test_search_writes_machine_readable_outputs(cli_run) -> None:
         if not r["final_finetune_steps"]:
             # the exported weights are the trial's own (replayed calibration and fine-tune), re-evaluated
             assert r["accuracy"] == pytest.approx(r["accuracy_proxy"], abs=0.02)
-    # the final candidates (up to 3, the default) got the final fine-tune; the best of them after it is recommended
+    # the final candidates (up to 3, the default) got the final fine-tune; one that another dominates afterwards left
+    # the front; the best of the rest is recommended
     finalists = [r for r in summary["pareto"] if r["final_finetune_steps"]]
-    assert len(finalists) == min(3, len(summary["pareto"]))
+    dropped = [r for r in summary["search"]["rejected_on_remeasure"]
+               if r["reason"] == "dominated after the final fine-tune"]
+    assert finalists and len(finalists) + len(dropped) == min(3, len(summary["pareto"]) + len(dropped))
     assert all(r["final_finetune_steps"] == 5 for r in finalists)
     assert rec[0] in finalists and rec[0]["accuracy"] == max(r["accuracy"] for r in finalists)
+    for a in finalists:  # same footing after the same fine-tune: none dominates another
+        assert not any(b is not a and b["accuracy"] >= a["accuracy"]
+                       and b["latency_ms"]["median"] <= a["latency_ms"]["median"]
+                       and b["memory_mb"]["total"] <= a["memory_mb"]["total"] for b in finalists)
     assert summary["request"]["finetune"] == {"trial_steps": 2, "final_steps": 5, "final_candidates": 3}
     req = summary["request"]
     assert req["latency_budget"] == "0.95x"

@@ -378,7 +378,9 @@ class Search:
         t_confirm = time.perf_counter()
         models, rejected = self._confirm_front(front, study, subject, runner, budgets, dense_record)
         runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
-        rec_trial = self._recommend(models, subject, runner)
+        models, dropped = self._final_candidates(models, subject, runner)
+        rejected += dropped
+        rec_trial = self._recommend(models)
         for pm in models:
             self._write_model_files(pm)
         dense_record["file_bytes"] = dense_record["files"]["onnx"]["bytes"]
@@ -513,32 +515,49 @@ class Search:
         return trio[1], ("the trial and the first re-measure disagreed about the latency budget; the figures are "
                          "the median of three measurements")
 
-    def _recommend(self, models: list[ParetoModel], subject: Subject, runner: TrialRunner) -> int | None:
-        """Pick the recommended model. With a final fine-tune, the ``final_candidates`` most accurate front models
-        (by the search's proxy) each get it and the most accurate afterwards is recommended: a 20-step proxy cannot
-        rank models whose accuracies differ by a point, and the final fine-tune is what the user deploys."""
+    def _final_candidates(self, models: list[ParetoModel], subject: Subject,
+                          runner: TrialRunner) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
+        """Give the ``final_candidates`` most accurate front models (by the search's proxy) the final fine-tune: a
+        20-step proxy cannot rank models whose accuracies differ by a point, and the final fine-tune is what the user
+        deploys. A candidate that another one dominates once both are fine-tuned leaves the front. Returns the front
+        and the models left out."""
         c = self.config
-        if not models:
-            return None
         finalists = [pm for pm in models if pm.module is not None]
         if not (c.final_finetune_steps and subject.train_data is not None and finalists):
-            number = pareto_mod.recommend(_objectives(models))
-        else:
-            finalists = sorted(finalists, key=lambda pm: (-pm.accuracy, pm.latency_ms))[:max(1, c.final_candidates)]
-            t0 = time.perf_counter()
-            for i, pm in enumerate(finalists, 1):
-                self.log(f"final fine-tune {i}/{len(finalists)}: trial {pm.trial} ({subject.metric} "
-                         f"{pm.accuracy:.4f} before), {c.final_finetune_steps} steps distilled from the dense model...")
-                self._final_finetune(pm, subject, runner)
-            runner.stage_seconds["final_finetune"] = time.perf_counter() - t0
-            number = pareto_mod.recommend(_objectives(finalists))
-            if len(finalists) > 1:
-                self.log("after the final fine-tune: " + ", ".join(
-                    f"trial {pm.trial} {pm.accuracy:.4f}" for pm in finalists) + f"; recommending trial {number}")
+            return models, []
+        finalists = sorted(finalists, key=lambda pm: (-pm.accuracy, pm.latency_ms))[:max(1, c.final_candidates)]
+        t0 = time.perf_counter()
+        for i, pm in enumerate(finalists, 1):
+            self.log(f"final fine-tune {i}/{len(finalists)}: trial {pm.trial} ({subject.metric} "
+                     f"{pm.accuracy:.4f} before), {c.final_finetune_steps} steps distilled from the dense model...")
+            self._final_finetune(pm, subject, runner)
+        runner.stage_seconds["final_finetune"] = time.perf_counter() - t0
+        if len(finalists) > 1:
+            self.log("after the final fine-tune: " + ", ".join(f"trial {pm.trial} {pm.accuracy:.4f}"
+                                                              for pm in finalists))
+        keep = pareto_mod.pareto_mask(_objectives(finalists), pareto_mod.TIE_TOLERANCE)
+        dropped = [pm for pm, kept in zip(finalists, keep, strict=True) if not kept]
+        rejected = []
+        for pm in dropped:
+            self.log(f"trial {pm.trial} left out: dominated by another final candidate after the final fine-tune")
+            rejected.append({"trial": pm.trial, "latency_ms": pm.latency_ms, "memory_mb": pm.memory_mb,
+                             "reason": "dominated after the final fine-tune"})
+            shutil.rmtree(self.run_dir / "models" / f"trial-{pm.trial:04d}", ignore_errors=True)
+        gone = {pm.trial for pm in dropped}
+        return [pm for pm in models if pm.trial not in gone], rejected
+
+    def _recommend(self, models: list[ParetoModel]) -> int | None:
+        """The most accurate model that meets the budgets; among the final candidates when there were some (their
+        accuracy, after the final fine-tune, is not comparable with the others' proxy)."""
+        if not models:
+            return None
+        pool = [pm for pm in models if pm.record.get("final_finetune_steps")] or models
+        number = pareto_mod.recommend(_objectives(pool))
         pm = next(p for p in models if p.trial == number)
         pm.record["recommended"] = True
-        if c.tune_final_trials:
-            self._tune_final(pm, c.tune_final_trials)
+        self.log(f"recommending trial {number}")
+        if self.config.tune_final_trials:
+            self._tune_final(pm, self.config.tune_final_trials)
         return number
 
     def _final_finetune(self, pm: ParetoModel, subject: Subject, runner: TrialRunner) -> None:
