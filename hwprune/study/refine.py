@@ -22,6 +22,9 @@ from hwprune.pruning import PruningSpace
 REFINE_FROM = 0.6  # the share of the search (trials, or time) after which refinement starts
 REFINE_EVERY = 2  # then one neighbour per this many completed trials
 MAX_BUILDS = 16  # MACs counts (pruned copies) one neighbour may cost
+# aim this far inside the latency budget: a neighbour estimated right at the edge measures over it about half the time,
+# and the front is judged on the final budget and a re-measurement
+BUDGET_MARGIN = 0.03
 
 MacsFn = Callable[[dict[str, float]], int]
 
@@ -36,7 +39,8 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     is feasible yet or no untried neighbour fits.
 
     The neighbour widens one group by a step; while its estimated latency (the incumbent's, scaled by MACs) is over
-    ``budget_ms`` (or over the incumbent's latency, without a budget), other groups are narrowed a step each.
+    ``budget_ms`` less ``BUDGET_MARGIN`` (or over the incumbent's latency, without a budget), other groups are narrowed
+    a step each.
     """
     trials = study.get_trials(deepcopy=False)
     feasible = [t for t in trials if t.state == TrialState.COMPLETE and _feasible(t)]
@@ -58,7 +62,7 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     wider = {i: min(c for c in a if c > w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c > w for c in a)}
     narrower = {i: max(c for c in a if c < w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c < w for c in a)}
     base_macs = best.user_attrs.get("macs") or macs_of(ratios_of(base))
-    target = budget_ms if budget_ms is not None else best.values[1]
+    target = budget_ms * (1.0 - BUDGET_MARGIN) if budget_ms is not None else best.values[1]
     builds = 0
     ups = list(wider)
     rng.shuffle(ups)
