@@ -43,6 +43,7 @@ import csv
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -230,7 +231,8 @@ class AugmentedBatches:
         return -(-self.x.shape[0] // self.batch_size)
 
 
-def build_cifar(seed: int, zip_path: Path, steps: int = 3000) -> tuple[Subject, str, Callable[[nn.Module], float]]:
+def build_cifar(seed: int, zip_path: Path,
+                steps: int = 3000) -> tuple[Subject, str, Callable[[nn.Module], torch.Tensor]]:
     """A ResNet (widths 32/64/128, ~5x the demo's MACs) trained on 40,000 CIFAR-10 images with augmentation.
 
     The search sees only a validation split (5,000 other training images); the table's accuracy is measured on the
@@ -265,13 +267,21 @@ def build_cifar(seed: int, zip_path: Path, steps: int = 3000) -> tuple[Subject, 
     return subject, (f"ResNet (widths 32/64/128) trained {steps} steps on 40,000 augmented CIFAR-10 images from the "
                      f"lossy JPEG copy (dense accuracy {acc_test:.3f} on the 10,000 test images, {acc_val:.3f} on the "
                      "5,000 validation images the search evaluates on; real data, relative comparisons only)"), \
-        lambda m: train.accuracy(m, test)
+        lambda m: correct_per_image(m, test)
+
+
+def correct_per_image(model: nn.Module, data: Any) -> torch.Tensor:
+    """Whether each test image is classified right (bool, in data order): the raw material of a paired comparison."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x).argmax(-1) == y for x, y in data])
 
 
 def build_subject(name: str, seed: int,
-                  cifar_zip: Path = CIFAR_ZIP) -> tuple[Subject, str, Callable[[nn.Module], float]]:
+                  cifar_zip: Path = CIFAR_ZIP) -> tuple[Subject, str, Callable[[nn.Module], torch.Tensor]]:
     """The subject for a ``--models`` entry, a note on what its accuracy means, and the test evaluation the table
-    reports: data no method selected on (hwprune's search evaluates with ``subject.evaluate``)."""
+    reports (per-image correctness): data no method selected on (hwprune's search evaluates with
+    ``subject.evaluate``)."""
     if name == "demo":
         from hwprune.subjects.demo import _Batches
 
@@ -279,10 +289,11 @@ def build_subject(name: str, seed: int,
         test = _Batches(*make_shapes(5000, seed=3000 + seed), 500, shuffle=False)
         return subject, ("mobilenet-tiny, the built-in demo subject (32x32 generated 'shapes' images; the search "
                          "evaluates on its 2,000 held-out images, the table on 5,000 other generated ones)"), \
-            lambda m: train.accuracy(m, test)
+            lambda m: correct_per_image(m, test)
     if name == "mobilenetv2":
         subject, note = build_mobilenetv2(seed)
-        return subject, note, subject.evaluate
+        val = UpsampledBatches(*make_shapes(256, seed=2000 + seed), 32, 224, shuffle=False)  # the subject's own
+        return subject, note, lambda m: correct_per_image(m, val)
     if name == "cifar":
         return build_cifar(seed, cifar_zip)
     raise SystemExit(f"unknown model {name!r}; choose from demo, mobilenetv2, cifar")
@@ -468,6 +479,7 @@ class Final:
     latency: dict[str, float] = field(default_factory=dict)  # medians and ratios over the rounds
     extra: dict[str, Any] = field(default_factory=dict)  # hwprune: the dense latency and budget its search resolved
     note: str = ""
+    correct: torch.Tensor | None = None  # per test image, after the common fine-tune
 
     @property
     def key(self) -> str:
@@ -540,7 +552,7 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
 
 
 def finetune_final(final: Final, subject: Subject, steps: int, seed: int,
-                   test: Callable[[nn.Module], float]) -> None:
+                   test: Callable[[nn.Module], torch.Tensor]) -> None:
     """The fine-tune every final model gets: BN re-calibration, then ``steps`` steps distilled from the dense model,
     from the same data order and seed."""
     if final.module is None:
@@ -549,11 +561,12 @@ def finetune_final(final: Final, subject: Subject, steps: int, seed: int,
     torch.manual_seed(seed)
     if subject.calibration_data is not None:
         train.recalibrate_batchnorm(final.module, subject.calibration_data, 8)
-    final.accuracy_calibrated = float(test(final.module))
+    final.accuracy_calibrated = float(test(final.module).float().mean())
     if steps and subject.train_data is not None:
         train.finetune(final.module, fresh_data(subject.train_data), steps, loss_fn=subject.loss_fn, lr=FINAL_LR,
                        teacher=subject.teacher or subject.model)
-    final.accuracy = float(test(final.module))
+    final.correct = test(final.module)
+    final.accuracy = float(final.correct.float().mean())
     final.finetune_seconds = time.perf_counter() - t0
 
 
@@ -721,6 +734,34 @@ def budget_lines(finals: list[Final]) -> list[str]:
     return out
 
 
+def paired_comparisons(finals: list[Final]) -> list[dict[str, Any]]:
+    """hwprune against each baseline at each budget, on the same test images: the accuracy difference, its paired
+    standard error, and McNemar's test (normal approximation) on the images exactly one of the two gets right."""
+    out = []
+    for hw in (f for f in finals if f.method == "hwprune" and f.correct is not None):
+        for other in finals:
+            if other.method in ("hwprune", "dense") or other.budget != hw.budget or other.subject != hw.subject \
+                    or other.correct is None:
+                continue
+            only_hw = int((hw.correct & ~other.correct).sum())
+            only_other = int((other.correct & ~hw.correct).sum())
+            n = int(hw.correct.numel())
+            disc = only_hw + only_other
+            z = (only_hw - only_other) / math.sqrt(disc) if disc else 0.0
+            out.append({"model": hw.subject, "budget": hw.budget, "baseline": other.method, "images": n,
+                        "difference": (only_hw - only_other) / n, "paired_se": math.sqrt(disc) / n,
+                        "only_hwprune_right": only_hw, "only_baseline_right": only_other, "z": z,
+                        "p_two_sided": math.erfc(abs(z) / math.sqrt(2.0))})
+    return out
+
+
+def paired_lines(pairs: list[dict[str, Any]]) -> list[str]:
+    return [f"- {p['model']} {p['budget']:g}x, hwprune vs {p['baseline']}: {100 * p['difference']:+.2f} points "
+            f"(paired SE {100 * p['paired_se']:.2f}; {p['only_hwprune_right']} images only hwprune gets right, "
+            f"{p['only_baseline_right']} only {p['baseline']}, of {p['images']}; McNemar z {p['z']:+.2f}, "
+            f"p {p['p_two_sided']:.3f})" for p in pairs]
+
+
 def front_lines(checks: list[dict[str, Any]]) -> list[str]:
     """One line per search and latency source: does 'no smaller-but-not-faster model' hold on the Pareto front?"""
     out = []
@@ -771,7 +812,8 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
     dense_onnx = export_onnx(subject.model, subject.example_inputs, workdir / "dense.onnx")
     macs, params = count_macs_params(subject.model, subject.example_inputs)
     dense = Final(subject.name, None, "dense", "–", subject.model, macs, params, onnx=dense_onnx)
-    dense.accuracy = float(test(subject.model))
+    dense.correct = test(subject.model)
+    dense.accuracy = float(dense.correct.float().mean())
     probe = LatencyProbe(backend, dense_onnx, args.select_stat)
     grid = [float(x) for x in args.grid.split(",")]
     refine = 2 if args.quick else 3
@@ -914,7 +956,10 @@ def main(argv: list[str] | None = None) -> int:
              "hwprune: its search's wall median ÷ its dense measurement). 'BN-cal' = accuracy after BN "
              "re-calibration only, before the common fine-tune.", "",
              "### hwprune per-trial overhead (seconds per trial, from summary.json `search.stage_seconds`)", "",
-             overhead_table(overhead), "", "### The budgets hwprune's searches worked to", ""]
+             overhead_table(overhead), "", "### Paired accuracy differences on the same test images", ""]
+    pairs = paired_comparisons(finals)
+    text += paired_lines(pairs)
+    text += ["", "### The budgets hwprune's searches worked to", ""]
     text += budget_lines(finals)
     text += ["", "### No 'smaller but not faster' model on hwprune's Pareto front", ""]
     text += front_lines(checks)
@@ -935,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
         "subjects": [{"subject": r["subject"], "note": r["note"], "config": r["config"], "curves": r["curves"]}
                      for r in results],
         "results": [{**final_record(f), "latency_rounds": f.rounds} for f in finals],
-        "hwprune_overhead_per_trial_s": overhead, "pareto_checks": checks, "markdown": report,
+        "hwprune_overhead_per_trial_s": overhead, "paired": pairs, "pareto_checks": checks, "markdown": report,
     }
     (out / "bench_search.json").write_text(json.dumps(payload, indent=2, default=str))
     say(f"wrote {out / 'bench_search.csv'} and {out / 'bench_search.json'} ({wall / 60:.1f} min)")
