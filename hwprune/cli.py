@@ -124,8 +124,8 @@ def search(
         model=model, device=device, latency_budget_ms=latency_budget_ms, memory_budget_mb=memory_budget_mb,
         trials=trials, timeout_s=timeout, storage=storage, study=study, out=out_dir, seed=seed, sampler=sampler,
         max_ratio=max_ratio, channel_multiple=channel_multiple, trial_finetune_steps=trial_finetune,
-        final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned, allow_estimate=allow_estimate,
-        tune_final_trials=tune_final,
+        final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned,
+        allow_estimate=allow_estimate, tune_final_trials=tune_final,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

@@ -516,6 +516,11 @@ class PruningSpace:
             result[name] = min(r, knob.max_ratio)
         return result
 
+    def kept_widths(self, ratios: Mapping[str, float]) -> tuple[int, ...]:
+        """The width (or head count) each knob keeps for ``ratios``, in knob order; an omitted knob is not pruned.
+        Two ratio maps with the same kept widths build the same architecture."""
+        return tuple(k.kept(float(ratios.get(k.name, 0.0))) for k in self.knobs)
+
     def uniform(self, ratio: float) -> dict[str, float]:
         """The same ratio for every knob, clipped to each knob's ``max_ratio``."""
         r = float(ratio)

@@ -294,8 +294,7 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     lo = max(misses)
 
     def widths(ratio: float) -> tuple[int, ...]:
-        uniform = space.uniform(ratio)
-        return tuple(k.kept(uniform[k.name]) for k in space.knobs)
+        return space.kept_widths(space.uniform(ratio))
 
     for _ in range(16):
         if hi[0] - lo[0] <= BRACKET_TOLERANCE:
@@ -315,6 +314,11 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     return []
 
 
+def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial has values and met every constraint it stored (the budgets of the run that measured it)."""
+    return bool(trial.values) and all(v <= 0 for v in (trial.constraints or {}).values())
+
+
 def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
     """One plain record per trial (state, values, feasibility, user attributes) for tables and reports."""
     rows = []
@@ -326,7 +330,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "accuracy": t.values[0] if t.values else None,
             "latency_ms": t.values[1] if t.values else None,
             "memory_mb": t.values[2] if t.values else None,
-            "feasible": bool(t.values) and all(v <= 0 for v in constraints.values()),
+            "feasible": is_feasible(t),
             "constraint_latency": constraints.get("latency"),
             "constraint_memory": constraints.get("memory"),
             "signature": t.user_attrs.get("signature"),

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hwprune.pruning import PruningSpace
+from hwprune.study.objective import is_feasible
 
 REFINE_FROM = 0.6  # the share of the search (trials, or time) after which refinement starts
 REFINE_EVERY = 2  # then one neighbour per this many completed trials
@@ -27,10 +28,6 @@ MAX_BUILDS = 16  # MACs counts (pruned copies) one neighbour may cost
 BUDGET_MARGIN = 0.03
 
 MacsFn = Callable[[dict[str, float]], int]
-
-
-def _feasible(t: optuna.trial.FrozenTrial) -> bool:
-    return bool(t.values) and all(v <= 0 for v in (t.constraints or {}).values())
 
 
 def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs_of: MacsFn,
@@ -43,21 +40,18 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     a step each.
     """
     trials = study.get_trials(deepcopy=False)
-    feasible = [t for t in trials if t.state == TrialState.COMPLETE and _feasible(t)]
+    feasible = [t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]
     if not feasible:
         return None
     best = max(feasible, key=lambda t: (t.values[0], -t.values[1]))
     knobs = space.knobs
 
-    def widths_of(params: dict[str, float]) -> tuple[int, ...]:
-        return tuple(k.kept(float(params.get(k.name, 0.0))) for k in knobs)
-
     def ratios_of(widths: tuple[int, ...]) -> dict[str, float]:
         return {k.name: min(k.max_ratio, max(0.0, 1.0 - w / k.channels)) for k, w in zip(knobs, widths)}
 
-    seen = {widths_of(t.params) for t in trials if t.params}
-    seen |= {widths_of(t.system_attrs.get("fixed_params", {})) for t in trials if t.state == TrialState.WAITING}
-    base = widths_of(best.params)
+    seen = {space.kept_widths(t.params) for t in trials if t.params}
+    seen |= {space.kept_widths(t.system_attrs.get("fixed_params", {})) for t in trials if t.state == TrialState.WAITING}
+    base = space.kept_widths(best.params)
     allowed = [[c for c in k.widths() if c >= k.channels * (1.0 - k.max_ratio) - 1e-9] for k in knobs]
     wider = {i: min(c for c in a if c > w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c > w for c in a)}
     narrower = {i: max(c for c in a if c < w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c < w for c in a)}

@@ -483,18 +483,26 @@ class Search:
             candidates.append(ParetoModel(number, record, self.run_dir, pruned.module, m))
         if not candidates:
             return [], rejected
-        keep = pareto_mod.pareto_mask(_objectives(candidates), pareto_mod.TIE_TOLERANCE)
-        models = []
-        for pm, kept in zip(candidates, keep, strict=True):
-            if kept:
-                models.append(pm)
-                continue
-            self.log(f"trial {pm.trial} left out: dominated once re-measured and re-evaluated")
-            rejected.append({"trial": pm.trial, "latency_ms": pm.latency_ms, "memory_mb": pm.memory_mb,
-                             "reason": "dominated when re-measured"})
-            shutil.rmtree(self.run_dir / "models" / f"trial-{pm.trial:04d}", ignore_errors=True)
+        models, dominated = self._drop_dominated(candidates, "dominated when re-measured",
+                                                 "dominated once re-measured and re-evaluated")
         models.sort(key=lambda pm: (pm.latency_ms, -pm.accuracy))
-        return models, rejected
+        return models, rejected + dominated
+
+    def _drop_dominated(self, models: list[ParetoModel], reason: str,
+                        why: str) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
+        """Models no other of ``models`` dominates (with the front's tie tolerance), and a ``rejected_on_remeasure``
+        entry for each one left out, whose exported files are removed."""
+        keep = pareto_mod.pareto_mask(_objectives(models), pareto_mod.TIE_TOLERANCE)
+        kept_models, rejected = [], []
+        for pm, kept in zip(models, keep, strict=True):
+            if kept:
+                kept_models.append(pm)
+                continue
+            self.log(f"trial {pm.trial} left out: {why}")
+            rejected.append({"trial": pm.trial, "latency_ms": pm.latency_ms, "memory_mb": pm.memory_mb,
+                             "reason": reason})
+            shutil.rmtree(self.run_dir / "models" / f"trial-{pm.trial:04d}", ignore_errors=True)
+        return kept_models, rejected
 
     def _confirm_latency(self, trial_m: Measurement, onnx_path: Path,
                          budgets: Budgets) -> tuple[Measurement, str | None]:
@@ -535,15 +543,9 @@ class Search:
         if len(finalists) > 1:
             self.log("after the final fine-tune: " + ", ".join(f"trial {pm.trial} {pm.accuracy:.4f}"
                                                               for pm in finalists))
-        keep = pareto_mod.pareto_mask(_objectives(finalists), pareto_mod.TIE_TOLERANCE)
-        dropped = [pm for pm, kept in zip(finalists, keep, strict=True) if not kept]
-        rejected = []
-        for pm in dropped:
-            self.log(f"trial {pm.trial} left out: dominated by another final candidate after the final fine-tune")
-            rejected.append({"trial": pm.trial, "latency_ms": pm.latency_ms, "memory_mb": pm.memory_mb,
-                             "reason": "dominated after the final fine-tune"})
-            shutil.rmtree(self.run_dir / "models" / f"trial-{pm.trial:04d}", ignore_errors=True)
-        gone = {pm.trial for pm in dropped}
+        kept, rejected = self._drop_dominated(finalists, "dominated after the final fine-tune",
+                                              "dominated by another final candidate after the final fine-tune")
+        gone = {pm.trial for pm in finalists} - {pm.trial for pm in kept}
         return [pm for pm in models if pm.trial not in gone], rejected
 
     def _recommend(self, models: list[ParetoModel]) -> int | None:
@@ -663,9 +665,9 @@ def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
             "weights_path": r["files"]["weights"]["path"], "widths": json.dumps(r["widths"]),
         })
     columns = ["trial", "recommended", "accuracy", "accuracy_proxy", "final_finetune_steps", "latency_ms_median",
-               "latency_ms_p90",
-               "latency_ms_std", "latency_noisy", "memory_mb_total", "weights_mb", "peak_activations_mb", "params",
-               "macs", "speedup", "meets_latency", "meets_memory", "estimated", "onnx_path", "weights_path", "widths"]
+               "latency_ms_p90", "latency_ms_std", "latency_noisy", "memory_mb_total", "weights_mb",
+               "peak_activations_mb", "params", "macs", "speedup", "meets_latency", "meets_memory", "estimated",
+               "onnx_path", "weights_path", "widths"]
     return pd.DataFrame(rows, columns=columns)
 
 
