@@ -142,6 +142,22 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
     with torch.no_grad():
         np.testing.assert_allclose(reloaded(x).numpy(), torch_out, rtol=1e-5, atol=1e-5)
 
+    # a relative budget is judged on each model's latency over the dense model's measured beside it
+    trials = pd.read_csv(result.run_dir / "trials.csv")
+    measured = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
+    assert len(measured) and (measured["latency_ratio"] > 0).all()
+    assert result.summary["search"]["stage_seconds"]["dense_beside"] > 0
+    for r in result.summary["pareto"]:
+        assert r["meets"]["latency"] == (r["latency_ratio"] <= 0.95)
+        assert r["speedup"] == pytest.approx(1.0 / r["latency_ratio"])
+    assert list(result.pareto["latency_ratio"]) == [r["latency_ratio"] for r in result.summary["pareto"]]
+    # one dense measurement beside each measured trial, and interleaved rounds for each front model confirmed
+    from hwprune.study.run import CONFIRM_ROUNDS
+    from hwprune.study.reference import START_SETS
+
+    confirmed = len(result.summary["pareto"]) + len(result.summary["search"]["rejected_on_remeasure"])
+    assert result.summary["search"]["measurements"] == START_SETS + 2 * len(measured) + 2 * CONFIRM_ROUNDS * confirmed
+
 
 def test_unreachable_budget_says_best_reached_and_keeps_trials(tmp_path: Path) -> None:
     proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--latency-budget-ms", "0.0001", "--trials", "3",
@@ -152,6 +168,8 @@ def test_unreachable_budget_says_best_reached_and_keeps_trials(tmp_path: Path) -
     summary = load_summary(tmp_path / "tight")
     assert summary["pareto"] == [] and summary["search"]["best_infeasible"]["latency_ms"] > 0.0001
     assert summary["search"]["trials_complete"] == 3
+    # an absolute budget is judged on the latency as measured: no dense model measured beside the trials
+    assert pd.read_csv(tmp_path / "tight" / "trials.csv")["latency_ratio"].isna().all()
     with pytest.raises(BudgetUnreachable):
         hwprune.search("tiny_subject:tiny_cnn", latency_budget_ms=0.0001, trials=3, out=tmp_path, study="tight")
 

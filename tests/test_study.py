@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -65,14 +66,14 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
         return 0.5, fake[trial.user_attrs["uniform_ratio"]], 1.0
 
     study.optimize(objective, n_trials=3)
-    assert bracket_budget(study, space, 10.0, None) == []  # no latency budget: nothing to aim at
-    ratios = bracket_budget(study, space, 10.0, 5.0)
+    assert bracket_budget(study, space, 10.0, Budgets(None, None)) == []  # no latency budget: nothing to aim at
+    ratios = bracket_budget(study, space, 10.0, Budgets(5.0, None))
     # 5 ms lies halfway between the 0.5 (6 ms) and 0.75 (4 ms) uniform models: aim at 0.625
     assert ratios == [0.625]
     waiting = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.WAITING]
     assert [t.user_attrs["uniform_ratio"] for t in waiting] == ratios
     assert set(waiting[0].system_attrs["fixed_params"].values()) == {0.625}
-    assert bracket_budget(study, space, 10.0, 5.0) == []  # one at a time: a uniform trial is still queued
+    assert bracket_budget(study, space, 10.0, Budgets(5.0, None)) == []  # one at a time: a uniform trial is still queued
 
     # bisection goes on as the queued trials are measured; a cliff (5.5 ms just above the budget, 4 ms below)
     # must not stop it short of the least pruning that meets the budget
@@ -85,7 +86,7 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
             fake.setdefault(t.user_attrs["uniform_ratio"], cliff(t.user_attrs["uniform_ratio"]))
         study.optimize(objective, n_trials=1)
-        queued = bracket_budget(study, space, 10.0, 5.0)
+        queued = bracket_budget(study, space, 10.0, Budgets(5.0, None))
         if not queued:
             break
         fake[queued[0]] = cliff(queued[0])
@@ -95,19 +96,46 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
     best = min(r for r, lat in fake.items() if lat <= 5.0)
     # within the tolerance of the cliff, or as close as the step budget allowed
     assert best - 0.7 <= BRACKET_TOLERANCE or len(steps) == BRACKET_STEPS
-    assert bracket_budget(study, space, 10.0, 5.0) == []  # done, also for resumed runs and other workers
+    assert bracket_budget(study, space, 10.0, Budgets(5.0, None)) == []  # done, also for resumed runs and other workers
     # ratios that round to the widths already measured at an end of the interval are skipped without a trial
     coarse = _runner().space  # multiple 8: uniform 0.5 keeps 24 channels, 0.625 and 0.75 keep 16
     twin = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     warm_start(twin, coarse)
     fake.update({0.25: 8.0, 0.5: 6.0, 0.75: 4.0})
     twin.optimize(objective, n_trials=3)
-    assert bracket_budget(twin, coarse, 10.0, 5.0) == []
+    assert bracket_budget(twin, coarse, 10.0, Budgets(5.0, None)) == []
     # a budget no uniform model reaches queues nothing
     fresh = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     warm_start(fresh, space)
     fresh.optimize(objective, n_trials=3)
-    assert bracket_budget(fresh, space, 10.0, 3.0) == []
+    assert bracket_budget(fresh, space, 10.0, Budgets(3.0, None)) == []
+
+
+def test_relative_budgets_judge_the_ratio_to_the_dense_model_measured_beside(tmp_path: Path) -> None:
+    relative = Budgets(4.0, None, latency_factor=0.4)  # "0.4x" of a 10 ms dense reference
+    assert relative.judged_ms(3.5, 0.42) == pytest.approx(4.2)
+    assert relative.meets(3.5, 1.0, ratio=0.42) == (False, True)  # fast as measured, but the host was fast too
+    assert relative.meets(4.6, 1.0, ratio=0.38) == (True, True)  # slow as measured, during a slow spell
+    assert relative.meets(3.5, 1.0) == (True, True)  # no ratio (an older trial): the latency as measured
+    assert Budgets(4.0, None).meets(3.5, 1.0, ratio=0.42) == (True, True)  # absolute budgets ignore ratios
+
+    # the bisection aims with the ratios: here every uniform trial was measured during a 1.3x slow spell
+    subject = _runner().subject
+    space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=1, max_ratio=0.75)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    warm_start(study, space)
+    ratio = {0.25: 0.8, 0.5: 0.6, 0.75: 0.4}
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        for k in space.knobs:
+            trial.suggest_float(k.name, 0.0, k.max_ratio)
+        r = ratio[trial.user_attrs["uniform_ratio"]]
+        trial.set_user_attr("latency_ratio", r)
+        return 0.5, 13.0 * r, 1.0
+
+    study.optimize(objective, n_trials=3)
+    assert bracket_budget(study, space, 10.0, Budgets(5.0, None)) == []  # on raw latencies no uniform trial fits
+    assert bracket_budget(study, space, 10.0, Budgets(5.0, None, latency_factor=0.5)) == [0.625]
 
 
 def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_path: Path) -> None:
@@ -142,7 +170,7 @@ def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_f
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}",
                                 directions=["maximize", "minimize", "minimize"])
-    assert neighbour(study, space, random.Random(0), macs_of, 5.5) is None  # nothing feasible yet
+    assert neighbour(study, space, random.Random(0), macs_of, Budgets(5.5, None)) is None  # nothing feasible yet
     dist = {k.name: optuna.distributions.FloatDistribution(0.0, k.max_ratio) for k in space.knobs}
     best = space.uniform(0.5)
     best_macs = macs_of(best)
@@ -157,7 +185,7 @@ def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_f
     rng = random.Random(0)
     seen = {tuple(base)}
     for budget in (5.7, 5.2, 5.2):
-        found = neighbour(study, space, rng, macs_of, budget)
+        found = neighbour(study, space, rng, macs_of, Budgets(budget, None))
         assert found is not None
         ratios, of = found
         assert of == 1
@@ -190,7 +218,7 @@ def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_f
         return 0.5, 6.0, 1.0
 
     fresh.optimize(objective, n_trials=target - 1,
-                   callbacks=[EdgeRefiner(space, target, None, seed=0, macs_of=macs_of, budget_ms=lambda: 6.0,
+                   callbacks=[EdgeRefiner(space, target, None, seed=0, macs_of=macs_of, budgets=Budgets(6.0, None),
                                           log=log.append)])
     refined = [t.number for t in fresh.get_trials() if "neighbour_of" in t.user_attrs]
     assert refined and min(refined) >= REFINE_FROM * target

@@ -515,7 +515,8 @@ def _summary_section(run: RunData) -> Section:
         s.blocks.append(Tiles([
             ("Recommended", model_label(rec), f"deploy {code(rec['files']['onnx']['path'])}"),
             ("Latency (median)", latency_cell(rec), f"dense {latency_cell(dense)}"),
-            ("Speedup vs dense", fmt_x(rec.get("speedup")) + _flags(rec), "dense latency / this latency"),
+            ("Speedup vs dense", fmt_x(rec.get("speedup")) + _flags(rec),
+             "dense latency / this latency" + (", measured side by side" if rec.get("latency_ratio") else "")),
             ("Memory", fmt_mb(rec["memory_mb"]["total"]),
              f"{_pct_of(rec['memory_mb']['total'], dense['memory_mb']['total'])}; dense "
              f"{fmt_mb(dense['memory_mb']['total'])}"),
@@ -524,6 +525,9 @@ def _summary_section(run: RunData) -> Section:
         met = []
         if lat_b is not None:
             met.append(("meets" if rec["meets"]["latency"] else "DOES NOT meet") + " the latency budget")
+            if rec.get("latency_ratio"):
+                met[-1] += (f" (judged on its latency over the dense model's, measured side by side: "
+                            f"{rec['latency_ratio']:.3f}, budget {esc(req.get('latency_budget'))})")
         if mem_b is not None:
             met.append(("meets" if rec["meets"]["memory"] else "DOES NOT meet") + " the memory budget")
         s.blocks.append(Text(

@@ -35,19 +35,38 @@ DENSE_TRIAL = -1  # ``cached_from`` of a candidate that is the dense architectur
 
 @dataclass
 class Budgets:
+    """The budgets of a search. A relative latency budget ("0.4x") also keeps its factor: a candidate is then judged
+    on its latency divided by the dense model's measured right beside it (``ratio``), which a slow spell of a shared
+    host moves far less than either latency alone (bench/README.md: the search's dense reference drifted 5-17% from
+    side-by-side measurements, more than the margin between the best candidates and the budget)."""
+
     latency_ms: float | None
     memory_mb: float | None
+    latency_factor: float | None = None  # set for relative latency budgets: ``latency_ms`` = factor x dense reference
 
-    def meets(self, latency_ms: float, memory_mb: float) -> tuple[bool, bool]:
+    def judged_ms(self, latency_ms: float, ratio: float | None = None) -> float:
+        """The latency a budget is judged on: with a relative budget and a ``ratio`` to the dense model measured
+        beside the candidate, that ratio times the dense reference; else ``latency_ms`` as measured."""
+        if self.latency_factor and self.latency_ms is not None and ratio is not None:
+            return ratio * self.latency_ms / self.latency_factor
+        return latency_ms
+
+    def meets(self, latency_ms: float, memory_mb: float, ratio: float | None = None) -> tuple[bool, bool]:
         """Whether the latency and the memory are within their budgets (a missing budget is always met)."""
-        lat_v, mem_v = self.violations(latency_ms, memory_mb)
+        lat_v, mem_v = self.violations(latency_ms, memory_mb, ratio)
         return lat_v <= 0, mem_v <= 0
 
-    def violations(self, latency_ms: float, memory_mb: float) -> tuple[float, float]:
+    def violations(self, latency_ms: float, memory_mb: float, ratio: float | None = None) -> tuple[float, float]:
         """Optuna constraint values: <= 0 means the budget is met."""
-        lat = latency_ms - self.latency_ms if self.latency_ms is not None else -1.0
+        lat = self.judged_ms(latency_ms, ratio) - self.latency_ms if self.latency_ms is not None else -1.0
         mem = memory_mb - self.memory_mb if self.memory_mb is not None else -1.0
         return lat, mem
+
+
+def latency_ratio(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The trial's latency divided by the dense model's measured beside it (stored only under relative budgets)."""
+    value = trial.user_attrs.get("latency_ratio")
+    return float(value) if value is not None else None
 
 
 @dataclass
@@ -63,6 +82,7 @@ class TrialRunner:
     finetune_steps: int = 0
     seed: int = 0
     context: str = ""  # measurement context (device, runtime, versions): cached measurements must share it
+    beside: Path | None = None  # the dense model's ONNX, measured right after each candidate (relative budgets)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -115,7 +135,9 @@ class TrialRunner:
         pruned.module.eval()
         return pruned
 
-    def export_and_measure(self, module: Any, stages: dict[str, float]) -> Measurement:
+    def export_and_measure(self, module: Any, stages: dict[str, float]) -> tuple[Measurement, float | None]:
+        """The candidate's measurement, and its latency divided by the dense model's measured right after it (None
+        without ``beside``)."""
         from hwprune.export import export_onnx
 
         t = time.perf_counter()
@@ -123,11 +145,16 @@ class TrialRunner:
             path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx", exporter=self.exporter)
             t = self._tick("export", t, stages)
             m = self.measure(path)
+            dense = self.measure(self.beside) if self.beside is not None else None
         for k, v in m.stage_seconds.items():
             stages[k] = stages.get(k, 0.0) + v
             self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
+        if dense is not None:
+            beside_s = sum(dense.stage_seconds.values())
+            stages["dense_beside"] = stages.get("dense_beside", 0.0) + beside_s
+            self.stage_seconds["dense_beside"] = self.stage_seconds.get("dense_beside", 0.0) + beside_s
         self._tick("measure", t, {})
-        return m
+        return m, (m.latency.median_ms / dense.latency.median_ms if dense is not None else None)
 
     def evaluate(self, module: Any, stages: dict[str, float]) -> float:
         t = time.perf_counter()
@@ -151,19 +178,20 @@ class TrialRunner:
             cached = self._cache.get(pruned.signature)
             if cached is not None:
                 for key in ("widths", "macs", "params", "signature", "measurement", "accuracy_proxy",
-                            "measure_context"):
-                    trial.set_user_attr(key, cached["attrs"][key])
+                            "measure_context", "latency_ratio"):
+                    if key in cached["attrs"]:
+                        trial.set_user_attr(key, cached["attrs"][key])
                 trial.set_user_attr("cached_from", cached["trial"])
                 trial.set_user_attr("stage_seconds", stages)
                 acc, lat, mem = cached["values"]
-                self._constrain(trial, lat, mem)
+                self._constrain(trial, lat, mem, cached["attrs"].get("latency_ratio"))
                 return acc, lat, mem
             pruned = self.prepare(pruned, stages)  # the copy pruned for the signature; no second prune
             trial.set_user_attr("widths", {k: list(v) for k, v in pruned.widths.items()})
             trial.set_user_attr("macs", int(pruned.macs))
             trial.set_user_attr("params", int(pruned.params))
             trial.set_user_attr("signature", pruned.signature)
-            m = self.export_and_measure(pruned.module, stages)
+            m, ratio = self.export_and_measure(pruned.module, stages)
             acc = self.evaluate(pruned.module, stages)
         except (MeasurementError, ExportError, HwpruneError) as exc:
             trial.set_user_attr("fail_reason", str(exc))
@@ -176,16 +204,18 @@ class TrialRunner:
             raise HwpruneError(reason) from exc
         lat, mem = m.latency.median_ms, m.memory.total_mb
         trial.set_user_attr("measurement", m.to_dict())
+        if ratio is not None:
+            trial.set_user_attr("latency_ratio", ratio)
         trial.set_user_attr("measure_context", self.context)
         trial.set_user_attr("accuracy_proxy", acc)
         trial.set_user_attr("stage_seconds", stages)
-        self._constrain(trial, lat, mem)
+        self._constrain(trial, lat, mem, ratio)
         self._cache[pruned.signature] = {"trial": trial.number, "values": [acc, lat, mem],
                                          "attrs": dict(trial.user_attrs)}
         return acc, lat, mem
 
-    def _constrain(self, trial: optuna.Trial, lat: float, mem: float) -> None:
-        lat_v, mem_v = self.budgets.violations(lat, mem)
+    def _constrain(self, trial: optuna.Trial, lat: float, mem: float, ratio: float | None) -> None:
+        lat_v, mem_v = self.budgets.violations(lat, mem, ratio)
         trial.set_constraint("latency", lat_v)
         trial.set_constraint("memory", mem_v)
 
@@ -264,8 +294,7 @@ BRACKET_STEPS = 4  # uniform trials spent at most on aiming at the latency budge
 BRACKET_TOLERANCE = 0.02  # ratio interval below which the best uniform model is considered found
 
 
-def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: float,
-                   budget_ms: float | None) -> list[float]:
+def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: float, budgets: Budgets) -> list[float]:
     """The next uniform ratio aimed at the latency budget, enqueued, by bisection over the uniform trials measured
     so far, so that the search always holds the best uniform model that meets the budget: the baseline it must beat.
 
@@ -274,16 +303,18 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     each step keeps to the middle half of the interval. Ratios that round to the widths of an end of the interval are
     skipped without a trial. Returns the ratio enqueued, or nothing when no measured pair straddles the budget, the
     interval is below ``BRACKET_TOLERANCE``, a uniform trial is still queued, or ``BRACKET_STEPS`` were spent.
+    Latencies are the ones ``budgets`` judges (:meth:`Budgets.judged_ms`).
     """
     queued = list(study.user_attrs.get("bracketed") or [])
+    budget_ms = budgets.latency_ms
     if budget_ms is None or len(queued) >= BRACKET_STEPS:
         return []
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING and "uniform_ratio" in t.user_attrs for t in trials):
         return []
-    points = [(0.0, dense_latency_ms)] + [(float(t.user_attrs["uniform_ratio"]), t.values[1]) for t in trials
-                                          if t.state == TrialState.COMPLETE and "uniform_ratio" in t.user_attrs
-                                          and t.values]
+    points = [(0.0, budgets.judged_ms(dense_latency_ms, 1.0))]
+    points += [(float(t.user_attrs["uniform_ratio"]), budgets.judged_ms(t.values[1], latency_ratio(t)))
+               for t in trials if t.state == TrialState.COMPLETE and "uniform_ratio" in t.user_attrs and t.values]
     meets = [p for p in points if p[1] <= budget_ms]
     if not meets:
         return []
@@ -333,6 +364,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "feasible": is_feasible(t),
             "constraint_latency": constraints.get("latency"),
             "constraint_memory": constraints.get("memory"),
+            "latency_ratio": latency_ratio(t),
             "signature": t.user_attrs.get("signature"),
             "macs": t.user_attrs.get("macs"),
             "params": t.user_attrs.get("params"),

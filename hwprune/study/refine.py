@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hwprune.pruning import PruningSpace
-from hwprune.study.objective import is_feasible
+from hwprune.study.objective import Budgets, is_feasible, latency_ratio
 
 REFINE_FROM = 0.6  # the share of the search (trials, or time) after which refinement starts
 REFINE_EVERY = 2  # then one neighbour per this many completed trials
@@ -31,19 +31,22 @@ MacsFn = Callable[[dict[str, float]], int]
 
 
 def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs_of: MacsFn,
-              budget_ms: float | None) -> tuple[dict[str, float], int] | None:
+              budgets: Budgets) -> tuple[dict[str, float], int] | None:
     """Ratios of an untried neighbour of the most accurate feasible trial, and that trial's number; None when no trial
     is feasible yet or no untried neighbour fits.
 
     The neighbour widens one group by a step; while its estimated latency (the incumbent's, scaled by MACs) is over
-    ``budget_ms`` less ``BUDGET_MARGIN`` (or over the incumbent's latency, without a budget), other groups are narrowed
-    a step each.
+    the latency budget less ``BUDGET_MARGIN`` (or over the incumbent's latency, without a budget), other groups are
+    narrowed a step each. Latencies are the ones ``budgets`` judges (:meth:`Budgets.judged_ms`).
     """
     trials = study.get_trials(deepcopy=False)
     feasible = [t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]
     if not feasible:
         return None
-    best = max(feasible, key=lambda t: (t.values[0], -t.values[1]))
+    def judged(t: optuna.trial.FrozenTrial) -> float:
+        return budgets.judged_ms(t.values[1], latency_ratio(t))
+
+    best = max(feasible, key=lambda t: (t.values[0], -judged(t)))
     knobs = space.knobs
 
     def ratios_of(widths: tuple[int, ...]) -> dict[str, float]:
@@ -56,7 +59,8 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     wider = {i: min(c for c in a if c > w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c > w for c in a)}
     narrower = {i: max(c for c in a if c < w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c < w for c in a)}
     base_macs = best.user_attrs.get("macs") or macs_of(ratios_of(base))
-    target = budget_ms * (1.0 - BUDGET_MARGIN) if budget_ms is not None else best.values[1]
+    best_ms = judged(best)
+    target = budgets.latency_ms * (1.0 - BUDGET_MARGIN) if budgets.latency_ms is not None else best_ms
     builds = 0
     ups = list(wider)
     rng.shuffle(ups)
@@ -67,7 +71,7 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
         rng.shuffle(downs)
         while builds < MAX_BUILDS:
             builds += 1
-            estimate = best.values[1] * macs_of(ratios_of(tuple(widths))) / max(base_macs, 1)
+            estimate = best_ms * macs_of(ratios_of(tuple(widths))) / max(base_macs, 1)
             if estimate <= target or not downs:
                 break
             j = downs.pop()
@@ -82,13 +86,13 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
 class EdgeRefiner:
     """Optuna callback: past ``REFINE_FROM`` of the search (of ``target`` trials, or of ``timeout_s``), enqueue a
     :func:`neighbour` of the most accurate feasible trial after every ``REFINE_EVERY`` completed trials.
-    ``macs_of(ratios)`` counts a candidate's MACs; ``budget_ms()`` is the latency budget now (it follows the dense
-    reference)."""
+    ``macs_of(ratios)`` counts a candidate's MACs; ``budgets`` are the search's, read at each call (a relative
+    latency budget follows the dense reference)."""
 
     def __init__(self, space: PruningSpace, target: int | None, timeout_s: float | None, seed: int,
-                 macs_of: MacsFn, budget_ms: Callable[[], float | None], log: Callable[[str], None]) -> None:
+                 macs_of: MacsFn, budgets: Budgets, log: Callable[[str], None]) -> None:
         self.space, self.target, self.timeout_s, self.log = space, target, timeout_s, log
-        self.macs_of, self.budget_ms = macs_of, budget_ms
+        self.macs_of, self.budgets = macs_of, budgets
         self.rng = random.Random(seed)
         self.started = time.perf_counter()
         self.since = 0
@@ -105,7 +109,7 @@ class EdgeRefiner:
         self.since += 1
         if (self.since - 1) % REFINE_EVERY or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return
-        found = neighbour(study, self.space, self.rng, self.macs_of, self.budget_ms())
+        found = neighbour(study, self.space, self.rng, self.macs_of, self.budgets)
         if found is None:
             return
         ratios, of = found

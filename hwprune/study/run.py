@@ -11,6 +11,7 @@ import logging
 import platform
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -34,13 +35,14 @@ from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
 from hwprune.study.refine import EdgeRefiner
 from hwprune.study.reference import START_SETS, DenseReference
-from hwprune.study.objective import (Budgets, TrialRunner, bracket_budget, make_sampler, open_study, trials_table,
-                                     warm_start)
+from hwprune.study.objective import (Budgets, TrialRunner, bracket_budget, latency_ratio, make_sampler, open_study,
+                                     trials_table, warm_start)
 from hwprune.subjects.base import Subject
 from hwprune.subjects.loader import check_evaluate, load_subject
 
 log = logging.getLogger("hwprune")
 SCHEMA = 1
+CONFIRM_ROUNDS = 3  # interleaved rounds of a front model and the dense model, under a relative latency budget
 
 
 @dataclass
@@ -136,7 +138,10 @@ def check_rankable(profile: DeviceProfile, config: SearchConfig) -> None:
 
 def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float | None, m: Measurement,
                   params: int, macs: int, widths: dict[str, Any], ratios: dict[str, float] | None,
-                  budgets: Budgets, dense: dict[str, Any] | None, example: torch.Tensor) -> dict[str, Any]:
+                  budgets: Budgets, dense: dict[str, Any] | None, example: torch.Tensor,
+                  ratio: float | None = None) -> dict[str, Any]:
+    """The summary.json record of one model; ``ratio`` is its latency divided by the dense model's measured beside
+    it (relative budgets), which the latency budget and the speed-up are then judged on."""
     md = m.to_dict()
     lat = md["latency"]
     record: dict[str, Any] = {
@@ -156,7 +161,8 @@ def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float |
         "macs": int(macs),
         "widths": {k: list(v) for k, v in widths.items()},
         "ratios": ratios,
-        "meets": dict(zip(("latency", "memory"), budgets.meets(m.latency.median_ms, m.memory.total_mb))),
+        "latency_ratio": ratio,
+        "meets": dict(zip(("latency", "memory"), budgets.meets(m.latency.median_ms, m.memory.total_mb, ratio))),
         "estimated": m.estimated,
         "tuned": m.tuned,
         "backend": m.backend,
@@ -165,7 +171,7 @@ def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float |
         "input": {"name": "input", "shape": list(example.shape), "dtype": str(example.dtype).replace("torch.", "")},
     }
     if dense is not None:
-        record["speedup"] = dense["latency_ms"]["median"] / m.latency.median_ms
+        record["speedup"] = 1.0 / ratio if ratio else dense["latency_ms"]["median"] / m.latency.median_ms
         record["size_ratio"] = params / max(dense["params"], 1)
     else:
         record["speedup"], record["size_ratio"] = 1.0, 1.0
@@ -262,6 +268,7 @@ class Search:
         budgets = Budgets(
             latency_ms=c.latency_budget_ms.resolve(dense_m.latency.median_ms) if c.latency_budget_ms else None,
             memory_mb=c.memory_budget_mb.resolve(dense_m.memory.total_mb) if c.memory_budget_mb else None,
+            latency_factor=c.latency_budget_ms.value if c.latency_budget_ms and c.latency_budget_ms.relative else None,
         )
         request["latency_budget_ms"] = budgets.latency_ms
         request["memory_budget_mb"] = budgets.memory_mb
@@ -282,13 +289,15 @@ class Search:
         runner = TrialRunner(subject=subject, space=space, measure=self.measure, budgets=budgets,
                              exporter=self.exporter, calibration_batches=c.calibration_batches,
                              finetune_steps=c.trial_finetune_steps, seed=c.seed,
-                             context=measurement_context(self.profile, self.exporter))
+                             context=measurement_context(self.profile, self.exporter),
+                             beside=dense_info["path"] if budgets.latency_factor else None)
         runner.load_cache(study)
         runner.add_dense(dense_info["signature"],
                          [dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb],
                          {"widths": {k: list(v) for k, v in dense_info["widths"].items()}, "macs": dense_info["macs"],
                           "params": dense_info["params"], "signature": dense_info["signature"],
-                          "measurement": dense_m.to_dict(), "accuracy_proxy": dense_info["accuracy"]})
+                          "measurement": dense_m.to_dict(), "accuracy_proxy": dense_info["accuracy"],
+                          **({"latency_ratio": 1.0} if budgets.latency_factor else {})})
 
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         remaining = None if c.trials is None else max(0, c.trials - done)
@@ -309,8 +318,7 @@ class Search:
 
             def aim_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 if trial.state == TrialState.COMPLETE and "uniform_ratio" in trial.user_attrs:
-                    ratios = bracket_budget(study, space, reference.measurement.latency.median_ms,
-                                            budgets.latency_ms)
+                    ratios = bracket_budget(study, space, reference.measurement.latency.median_ms, budgets)
                     if ratios:
                         self.log(f"uniform ratio {ratios[0]:.3f} queued: bisecting for the least uniform pruning "
                                  "that meets the latency budget")
@@ -319,7 +327,7 @@ class Search:
                                     EdgeRefiner(space, c.trials, c.timeout_s, c.seed,
                                                 macs_of=lambda r: prune(subject.model, subject.example_inputs, r,
                                                                         space).macs,
-                                                budget_ms=lambda: budgets.latency_ms, log=self.log)]
+                                                budgets=budgets, log=self.log)]
             if c.trials is not None:
                 callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))
             try:
@@ -358,8 +366,9 @@ class Search:
             # feasibility against this run's budgets: a resumed or nightly run may have other ones (a relative
             # budget follows the dense model's latency of the night) than the run that stored a trial's constraints
             trials_df["feasible"] = [
-                state == "COMPLETE" and all(budgets.meets(lat, mem))
-                for state, lat, mem in zip(trials_df["state"], trials_df["latency_ms"], trials_df["memory_mb"])]
+                state == "COMPLETE" and all(budgets.meets(lat, mem, None if pd.isna(ratio) else ratio))
+                for state, lat, mem, ratio in zip(trials_df["state"], trials_df["latency_ms"], trials_df["memory_mb"],
+                                                  trials_df["latency_ratio"])]
         atomic_write_text(self.run_dir / "trials.csv", trials_df.to_csv(index=False))
         complete = trials_df[trials_df["state"] == "COMPLETE"] if not trials_df.empty else trials_df
         front = pareto_mod.pareto_front(complete) if not complete.empty else complete
@@ -466,14 +475,17 @@ class Search:
             folder.mkdir(parents=True, exist_ok=True)
             onnx_path = export_onnx(pruned.module, subject.example_inputs, folder / "model.onnx",
                                     exporter=self.exporter)
-            m, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]), onnx_path, budgets)
+            m, ratio, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]),
+                                                   latency_ratio(t), onnx_path, budgets, runner.beside)
             record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m,
                                    params=pruned.params, macs=pruned.macs, widths=pruned.widths, ratios=ratios,
-                                   budgets=budgets, dense=dense_record, example=subject.example_inputs[0])
+                                   budgets=budgets, dense=dense_record, example=subject.example_inputs[0],
+                                   ratio=ratio)
             if note:
                 record["remeasure_note"] = note
             if not (record["meets"]["latency"] and record["meets"]["memory"]):
-                self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms / "
+                beside = f" ({ratio:.3f}x the dense model beside it)" if ratio is not None else ""
+                self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms{beside} / "
                          f"{m.memory.total_mb:.2f} MB, over a budget it met during the search")
                 rejected.append({"trial": number, "latency_ms": m.latency.median_ms, "memory_mb": m.memory.total_mb,
                                  "reason": "over budget when re-measured"})
@@ -504,24 +516,43 @@ class Search:
             shutil.rmtree(self.run_dir / "models" / f"trial-{pm.trial:04d}", ignore_errors=True)
         return kept_models, rejected
 
-    def _confirm_latency(self, trial_m: Measurement, onnx_path: Path,
-                         budgets: Budgets) -> tuple[Measurement, str | None]:
-        """The measurement to report for an exported front model, and a note when it is not a fresh one."""
-        def meets(m: Measurement) -> bool:
-            return budgets.meets(m.latency.median_ms, m.memory.total_mb)[0]
+    def _confirm_latency(self, trial_m: Measurement, trial_ratio: float | None, onnx_path: Path, budgets: Budgets,
+                         beside: Path | None) -> tuple[Measurement, float | None, str | None]:
+        """The measurement to report for an exported front model, its latency ratio to the dense model (with
+        ``beside``, the dense model's ONNX, under a relative budget), and a note when it is not a fresh one.
+
+        Under a relative budget the model and the dense model are measured in ``CONFIRM_ROUNDS`` interleaved rounds
+        and the ratio is the median of the rounds' ratios: the most accurate trials at the budget's edge are also
+        the ones whose single measurement came out lucky, so one more single measurement is not enough.
+        """
+        def meets(m: Measurement, ratio: float | None) -> bool:
+            return budgets.meets(m.latency.median_ms, m.memory.total_mb, ratio)[0]
 
         try:
+            if beside is not None:
+                rounds: list[tuple[Measurement, float]] = []
+                for r in range(CONFIRM_ROUNDS):
+                    # alternate which goes first, so a drifting host favours neither
+                    if r % 2:
+                        dense = self.measure(beside)
+                        m = self.measure(onnx_path)
+                    else:
+                        m = self.measure(onnx_path)
+                        dense = self.measure(beside)
+                    rounds.append((m, m.latency.median_ms / dense.latency.median_ms))
+                ordered = sorted(rounds, key=lambda x: x[0].latency.median_ms)
+                return ordered[len(ordered) // 2][0], statistics.median(x[1] for x in rounds), None
             fresh = self.measure(onnx_path)
-            if meets(fresh) == meets(trial_m):
-                return fresh, None
+            if meets(fresh, None) == meets(trial_m, None):
+                return fresh, None, None
             third = self.measure(onnx_path)
         except HwpruneError as exc:  # a board that vanished must not cost the search its answer
             self.log(f"re-measuring {onnx_path.parent.name} failed ({exc}); reporting its trial measurement")
-            return trial_m, (f"re-measuring the exported file failed ({exc}); the figures are the trial's "
-                             "measurement of the same architecture")
+            return trial_m, trial_ratio, (f"re-measuring the exported file failed ({exc}); the figures are the "
+                                          "trial's measurement of the same architecture")
         trio = sorted([trial_m, fresh, third], key=lambda m: m.latency.median_ms)
-        return trio[1], ("the trial and the first re-measure disagreed about the latency budget; the figures are "
-                         "the median of three measurements")
+        return trio[1], None, ("the trial and the first re-measure disagreed about the latency budget; the figures "
+                               "are the median of three measurements")
 
     def _final_candidates(self, models: list[ParetoModel], subject: Subject,
                           runner: TrialRunner) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
@@ -657,6 +688,7 @@ def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
             "accuracy_proxy": r["accuracy_proxy"], "final_finetune_steps": r.get("final_finetune_steps", 0),
             "latency_ms_median": r["latency_ms"]["median"],
             "latency_ms_p90": r["latency_ms"]["p90"], "latency_ms_std": r["latency_ms"]["std"],
+            "latency_ratio": r.get("latency_ratio"),
             "latency_noisy": r["latency_ms"]["noisy"], "memory_mb_total": r["memory_mb"]["total"],
             "weights_mb": r["memory_mb"]["weights"], "peak_activations_mb": r["memory_mb"]["peak_activations"],
             "params": r["params"], "macs": r["macs"], "speedup": r["speedup"],
@@ -665,7 +697,7 @@ def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
             "weights_path": r["files"]["weights"]["path"], "widths": json.dumps(r["widths"]),
         })
     columns = ["trial", "recommended", "accuracy", "accuracy_proxy", "final_finetune_steps", "latency_ms_median",
-               "latency_ms_p90", "latency_ms_std", "latency_noisy", "memory_mb_total", "weights_mb",
+               "latency_ms_p90", "latency_ms_std", "latency_ratio", "latency_noisy", "memory_mb_total", "weights_mb",
                "peak_activations_mb", "params", "macs", "speedup", "meets_latency", "meets_memory", "estimated",
                "onnx_path", "weights_path", "widths"]
     return pd.DataFrame(rows, columns=columns)
