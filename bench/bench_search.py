@@ -267,14 +267,7 @@ def build_cifar(seed: int, zip_path: Path,
     return subject, (f"ResNet (widths 32/64/128) trained {steps} steps on 40,000 augmented CIFAR-10 images from the "
                      f"lossy JPEG copy (dense accuracy {acc_test:.3f} on the 10,000 test images, {acc_val:.3f} on the "
                      "5,000 validation images the search evaluates on; real data, relative comparisons only)"), \
-        lambda m: correct_per_image(m, test)
-
-
-def correct_per_image(model: nn.Module, data: Any) -> torch.Tensor:
-    """Whether each test image is classified right (bool, in data order): the raw material of a paired comparison."""
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(x).argmax(-1) == y for x, y in data])
+        lambda m: train.correct(m, test)
 
 
 def build_subject(name: str, seed: int,
@@ -289,11 +282,11 @@ def build_subject(name: str, seed: int,
         test = _Batches(*make_shapes(5000, seed=3000 + seed), 500, shuffle=False)
         return subject, ("mobilenet-tiny, the built-in demo subject (32x32 generated 'shapes' images; the search "
                          "evaluates on its 2,000 held-out images, the table on 5,000 other generated ones)"), \
-            lambda m: correct_per_image(m, test)
+            lambda m: train.correct(m, test)
     if name == "mobilenetv2":
         subject, note = build_mobilenetv2(seed)
         val = UpsampledBatches(*make_shapes(256, seed=2000 + seed), 32, 224, shuffle=False)  # the subject's own
-        return subject, note, lambda m: correct_per_image(m, val)
+        return subject, note, lambda m: train.correct(m, val)
     if name == "cifar":
         return build_cifar(seed, cifar_zip)
     raise SystemExit(f"unknown model {name!r}; choose from demo, mobilenetv2, cifar")
@@ -962,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
              "method saw when it chose (baselines: "
              f"{STAT_NAMES[args.select_stat]}"
              " between two measurements of the dense model; "
-             "hwprune: the median ratio of 3 interleaved rounds with the dense model that confirmed its pick). "
+             "hwprune: the median ratio of the interleaved rounds with the dense model that confirmed its pick). "
              "'BN-cal' = accuracy after BN "
              "re-calibration only, before the common fine-tune.", "",
              "### hwprune per-trial overhead (seconds per trial, from summary.json `search.stage_seconds`)", "",

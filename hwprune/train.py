@@ -156,12 +156,15 @@ def _train_loop(model, data, steps, loss_fn, opt, sched, teacher, distill_weight
 
 
 @torch.no_grad()
+def correct(model: nn.Module, data: Iterable[Any]) -> torch.Tensor:
+    """Whether each target is predicted right (top-1; bool, in data order): what a paired comparison of two models
+    on the same data needs."""
+    model.eval()
+    hits = [(_forward(model, inputs).argmax(-1) == targets).flatten() for inputs, targets in data]
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
 def accuracy(model: nn.Module, data: Iterable[Any]) -> float:
     """Top-1 accuracy over (inputs, targets) batches."""
-    model.eval()
-    correct = total = 0
-    for inputs, targets in data:
-        pred = _forward(model, inputs).argmax(-1)
-        correct += int((pred == targets).sum())
-        total += int(targets.numel())
-    return correct / max(total, 1)
+    hits = correct(model, data)
+    return int(hits.sum()) / max(hits.numel(), 1)

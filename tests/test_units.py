@@ -11,7 +11,7 @@ from hwprune.config import Budget, SearchConfig
 from hwprune.errors import HwpruneError
 from hwprune.study.pareto import hypervolume_history, pareto_front, pareto_mask, recommend
 from hwprune.subjects.shapes import CLASSES, make_shapes
-from hwprune.train import recalibrate_batchnorm
+from hwprune.train import accuracy, correct, recalibrate_batchnorm
 
 
 def test_budget_parsing() -> None:
@@ -104,6 +104,18 @@ def test_batchnorm_recalibration_matches_data_statistics() -> None:
     all_x = torch.cat(data)
     assert torch.allclose(bn.running_mean, all_x.mean((0, 2, 3)), atol=1e-4)
     assert not bn.training
+
+
+def test_per_sample_correctness_and_accuracy_agree() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(3)]
+    hits = correct(model, batches)
+    with torch.no_grad():
+        expected = torch.cat([model(x).argmax(-1) == y for x, y in batches])
+    assert hits.dtype == torch.bool and torch.equal(hits, expected)  # per sample, in data order
+    assert accuracy(model, batches) == int(expected.sum()) / 15
+    assert accuracy(model, []) == 0.0
 
 
 def test_public_api_names_stay_functions_after_submodule_imports() -> None:
