@@ -148,8 +148,7 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
     measured = trials[(trials["state"] == "COMPLETE") & trials["cached_from"].isna()]
     assert len(measured) and (measured["latency_ratio"] > 0).all()
     assert result.summary["search"]["stage_seconds"]["dense_beside"] > 0
-    from hwprune.study.run import CONFIRM_MAX_ROUNDS, CONFIRM_ROUNDS
-    from hwprune.study.reference import START_SETS
+    from hwprune.study.reference import MAX_ROUNDS as CONFIRM_MAX_ROUNDS, ROUNDS as CONFIRM_ROUNDS, START_SETS
 
     for r in result.summary["pareto"]:
         # confirmed on interleaved rounds with the dense model; more of them only while the median is near the budget
@@ -159,8 +158,11 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
         assert r["meets"]["latency"] == (r["latency_ratio"] <= 0.95)
         assert r["speedup"] == pytest.approx(1.0 / r["latency_ratio"])
     assert list(result.pareto["latency_ratio"]) == [r["latency_ratio"] for r in result.summary["pareto"]]
-    # one dense measurement beside each measured trial, and two measurements a confirmation round
-    confirmed = len(result.summary["pareto"]) + len(result.summary["search"]["rejected_on_remeasure"])
+    # the refinement (from the third of 4 trials) measured its incumbent again, beside the dense model
+    again = result.study.user_attrs["edge_confirmed"]
+    assert again and all(0 < a["latency_ratio"] < 2 and a["latency_ms"] > 0 for a in again.values())
+    # one dense measurement beside each measured trial, and two measurements a round for each model measured again
+    confirmed = len(result.summary["pareto"]) + len(result.summary["search"]["rejected_on_remeasure"]) + len(again)
     assert (START_SETS + 2 * len(measured) + 2 * CONFIRM_ROUNDS * confirmed <= result.summary["search"]["measurements"]
             <= START_SETS + 2 * len(measured) + 2 * CONFIRM_MAX_ROUNDS * confirmed)
 

@@ -225,3 +225,55 @@ def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_f
     assert all(b - a == 2 for a, b in zip(refined, refined[1:]))
     assert all(fresh.trials[n].user_attrs["neighbour_of"] == 0 for n in refined)
     assert len(fresh.trials) == target and log and "refining" in log[0]
+
+
+def test_refinement_measures_its_incumbent_again_and_drops_one_that_no_longer_fits(tmp_path: Path) -> None:
+    from hwprune.pruning import prune
+    from hwprune.study.refine import CONFIRMED_ATTR, EdgeRefiner, incumbent
+
+    runner = _runner()
+    space, subject = runner.space, runner.subject
+    dist = {k.name: optuna.distributions.FloatDistribution(0.0, k.max_ratio) for k in space.knobs}
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}",
+                                directions=["maximize", "minimize", "minimize"])
+    budgets = Budgets(5.0, None, latency_factor=0.5)  # "0.5x" of a 10 ms dense reference
+    # trial 0: the most accurate, feasible on a lucky measurement (ratio 0.48); trial 1: less accurate, well inside;
+    # trials 2 and 3: over the budget
+    for acc, ratio, r in ((0.9, 0.48, 0.3), (0.8, 0.40, 0.5), (0.95, 0.7, 0.1), (0.95, 0.7, 0.2)):
+        study.add_trial(optuna.trial.create_trial(values=[acc, 10 * ratio, 1.0], params=space.uniform(r),
+                                                  distributions=dist, constraints={"latency": ratio * 10 - 5.0},
+                                                  user_attrs={"latency_ratio": ratio}))
+    best, ms = incumbent(study, budgets)
+    assert best.number == 0 and ms == pytest.approx(4.8)
+    measured: list[dict[str, float]] = []
+    again = {0.3: 0.53, 0.5: 0.41}  # measured again: trial 0 is over the budget after all
+
+    def confirm(ratios: dict[str, float]) -> dict[str, float]:
+        measured.append(ratios)
+        return {"latency_ms": 99.0, "latency_ratio": again[next(iter(ratios.values()))]}
+
+    refiner = EdgeRefiner(space, target=6, timeout_s=None, seed=0, budgets=budgets, log=lambda _: None,
+                          macs_of=lambda r: prune(subject.model, subject.example_inputs, r, space).macs,
+                          confirm=confirm)
+    refiner(study, study.trials[3])  # 4 of 6 complete: past REFINE_FROM
+    assert [next(iter(r.values())) for r in measured] == [0.3, 0.5]  # trial 0 failed, so trial 1 was measured too
+    assert set(study.user_attrs[CONFIRMED_ATTR]) == {"0", "1"}
+    best, ms = incumbent(study, budgets)
+    assert best.number == 1 and ms == pytest.approx(4.1)  # the judged latency comes from the ratio measured again
+    neighbours = [t for t in study.get_trials(deepcopy=False) if "neighbour_of" in t.user_attrs]
+    assert [t.user_attrs["neighbour_of"] for t in neighbours] == [1]
+    # the neighbour runs (over the budget); the next refinement step builds on the same incumbent without
+    # measuring it again
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        for k in space.knobs:
+            trial.suggest_float(k.name, 0.0, k.max_ratio)
+        trial.set_user_attr("latency_ratio", 0.6)
+        trial.set_constraint("latency", 1.0)
+        return 0.85, 6.0, 1.0
+
+    study.optimize(objective, n_trials=1)
+    refiner.since = 0
+    refiner(study, study.trials[-1])
+    assert len(measured) == 2  # an incumbent is measured again once
+    neighbours = [t for t in study.get_trials(deepcopy=False) if "neighbour_of" in t.user_attrs]
+    assert [t.user_attrs["neighbour_of"] for t in neighbours] == [1, 1]

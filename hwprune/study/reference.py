@@ -1,12 +1,14 @@
-"""The dense model's latency as the reference of relative budgets, measured in sets spread over the whole search.
+"""The dense model's latency as the reference of relative budgets: measured in sets spread over the whole search,
+and beside a model in interleaved rounds.
 
 On a shared host a slow spell lasting a few seconds moved a single dense measurement by up to 1.5x, and with it every
 budget of the search (bench/README.md). Sets taken at the start and again every few trials, and their middle value,
-do not follow one spell.
+do not follow one spell; a model's ratio to the dense model measured right beside it follows it even less.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,12 @@ from hwprune.backends.base import Measurement
 
 START_SETS = 3  # sets measured before the first trial
 EVERY = 8  # trials completed in this run between two further sets
+# A model's ratio to the dense model is judged on interleaved rounds: at least ROUNDS, and up to MAX_ROUNDS while the
+# median ratio is within BAND of the budget. One round's ratio moved by +-15% on the shared build host
+# (bench/README.md), so three rounds cannot settle a model 2% inside the budget.
+ROUNDS = 3
+MAX_ROUNDS = 9
+BAND = 0.05
 
 
 @dataclass
@@ -46,3 +54,21 @@ class DenseReference:
     @property
     def medians_ms(self) -> list[float]:
         return [m.latency.median_ms for m in self.sets]
+
+
+def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense_path: Path,
+                       factor: float | None = None) -> list[tuple[Measurement, float]]:
+    """Measure the model at ``path`` and the dense model in alternating order, ``ROUNDS`` times, and up to
+    ``MAX_ROUNDS`` while the median ratio is within ``BAND`` of ``factor`` (a relative budget). Returns each round's
+    model measurement and latency ratio (model / dense)."""
+    rounds: list[tuple[Measurement, float]] = []
+    while len(rounds) < ROUNDS or (factor and len(rounds) < MAX_ROUNDS
+                                   and abs(statistics.median(r for _, r in rounds) / factor - 1.0) < BAND):
+        if len(rounds) % 2:  # alternate which goes first, so a drifting host favours neither
+            dense = measure(dense_path)
+            m = measure(path)
+        else:
+            m = measure(path)
+            dense = measure(dense_path)
+        rounds.append((m, m.latency.median_ms / dense.latency.median_ms))
+    return rounds

@@ -6,6 +6,10 @@ with neighbours of that model (NetAdapt-style moves over the widths the device a
 wider, and as many other groups a step narrower as it takes for the estimated latency to fit the budget again. The
 estimate scales the incumbent's measured latency by MACs, which tracks latency between architectures that differ by a
 few aligned channel steps; the measurement of the neighbour, an ordinary enqueued trial, then decides.
+
+The most accurate feasible trial is also the one most likely to owe its feasibility to a lucky measurement, and its
+latency scales every estimate. So each new incumbent is measured again (interleaved with the dense model under a
+relative budget) before neighbours are built on it; one that no longer fits stops being the incumbent.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Callable
 import optuna
 from optuna.trial import TrialState
 
+from hwprune.errors import HwpruneError
 from hwprune.pruning import PruningSpace
 from hwprune.study.objective import Budgets, is_feasible, latency_ratio
 
@@ -27,7 +32,30 @@ MAX_BUILDS = 16  # MACs counts (pruned copies) one neighbour may cost
 # and the front is judged on the final budget and a re-measurement
 BUDGET_MARGIN = 0.03
 
+CONFIRMED_ATTR = "edge_confirmed"  # study user attribute: trial number -> its latency measured again
+CONFIRM_TRIES = 3  # incumbents measured again at most per refinement step
+
 MacsFn = Callable[[dict[str, float]], int]
+ConfirmFn = Callable[[dict[str, float]], dict[str, float]]
+
+
+def incumbent(study: optuna.Study, budgets: Budgets) -> tuple[optuna.trial.FrozenTrial, float] | None:
+    """The most accurate feasible trial and its judged latency (:meth:`Budgets.judged_ms`), taken from its
+    measurement again (``CONFIRMED_ATTR``: ``latency_ms`` and, under a relative budget, ``latency_ratio``) where
+    there is one; a trial that no longer fits then is not feasible. None when no trial is."""
+    confirmed = study.user_attrs.get(CONFIRMED_ATTR) or {}
+
+    def judged(t: optuna.trial.FrozenTrial) -> float:
+        again = confirmed.get(str(t.number))
+        if again:
+            return budgets.judged_ms(again["latency_ms"], again.get("latency_ratio"))
+        return budgets.judged_ms(t.values[1], latency_ratio(t))
+
+    scored = [(t, judged(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if is_feasible(t)]
+    if budgets.latency_ms is not None:
+        scored = [(t, ms) for t, ms in scored if str(t.number) not in confirmed or ms <= budgets.latency_ms]
+    return max(scored, key=lambda x: (x[0].values[0], -x[1]), default=None)
 
 
 def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs_of: MacsFn,
@@ -35,18 +63,16 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     """Ratios of an untried neighbour of the most accurate feasible trial, and that trial's number; None when no trial
     is feasible yet or no untried neighbour fits.
 
-    The neighbour widens one group by a step; while its estimated latency (the incumbent's, scaled by MACs) is over
+    The incumbent is :func:`incumbent`'s. The neighbour widens one group by a step; while its estimated latency (the
+    incumbent's, scaled by MACs) is over
     the latency budget less ``BUDGET_MARGIN`` (or over the incumbent's latency, without a budget), other groups are
     narrowed a step each. Latencies are the ones ``budgets`` judges (:meth:`Budgets.judged_ms`).
     """
-    trials = study.get_trials(deepcopy=False)
-    feasible = [t for t in trials if t.state == TrialState.COMPLETE and is_feasible(t)]
-    if not feasible:
+    found = incumbent(study, budgets)
+    if found is None:
         return None
-    def judged(t: optuna.trial.FrozenTrial) -> float:
-        return budgets.judged_ms(t.values[1], latency_ratio(t))
-
-    best = max(feasible, key=lambda t: (t.values[0], -judged(t)))
+    best, best_ms = found
+    trials = study.get_trials(deepcopy=False)
     knobs = space.knobs
 
     def ratios_of(widths: tuple[int, ...]) -> dict[str, float]:
@@ -59,7 +85,6 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     wider = {i: min(c for c in a if c > w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c > w for c in a)}
     narrower = {i: max(c for c in a if c < w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c < w for c in a)}
     base_macs = best.user_attrs.get("macs") or macs_of(ratios_of(base))
-    best_ms = judged(best)
     target = budgets.latency_ms * (1.0 - BUDGET_MARGIN) if budgets.latency_ms is not None else best_ms
     builds = 0
     ups = list(wider)
@@ -87,12 +112,15 @@ class EdgeRefiner:
     """Optuna callback: past ``REFINE_FROM`` of the search (of ``target`` trials, or of ``timeout_s``), enqueue a
     :func:`neighbour` of the most accurate feasible trial after every ``REFINE_EVERY`` completed trials.
     ``macs_of(ratios)`` counts a candidate's MACs; ``budgets`` are the search's, read at each call (a relative
-    latency budget follows the dense reference)."""
+    latency budget follows the dense reference). ``confirm(ratios)``, when given, measures a model again and returns
+    ``{"latency_ms": .., "latency_ratio": ..}`` (the ratio under a relative budget); each new incumbent is measured
+    again with it before neighbours are built on it."""
 
     def __init__(self, space: PruningSpace, target: int | None, timeout_s: float | None, seed: int,
-                 macs_of: MacsFn, budgets: Budgets, log: Callable[[str], None]) -> None:
+                 macs_of: MacsFn, budgets: Budgets, log: Callable[[str], None],
+                 confirm: ConfirmFn | None = None) -> None:
         self.space, self.target, self.timeout_s, self.log = space, target, timeout_s, log
-        self.macs_of, self.budgets = macs_of, budgets
+        self.macs_of, self.budgets, self.confirm = macs_of, budgets, confirm
         self.rng = random.Random(seed)
         self.started = time.perf_counter()
         self.since = 0
@@ -109,6 +137,8 @@ class EdgeRefiner:
         self.since += 1
         if (self.since - 1) % REFINE_EVERY or study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return
+        if self.confirm is not None and self.budgets.latency_ms is not None:
+            self._confirm_incumbent(study)
         found = neighbour(study, self.space, self.rng, self.macs_of, self.budgets)
         if found is None:
             return
@@ -118,3 +148,19 @@ class EdgeRefiner:
                      "sampler's trials")
         self.enqueued += 1
         study.enqueue_trial(ratios, user_attrs={"neighbour_of": of})
+
+    def _confirm_incumbent(self, study: optuna.Study) -> None:
+        """Measure the incumbent again until one that was (or ``CONFIRM_TRIES`` were) holds."""
+        assert self.confirm is not None
+        for _ in range(CONFIRM_TRIES):
+            found = incumbent(study, self.budgets)
+            confirmed = dict(study.user_attrs.get(CONFIRMED_ATTR) or {})
+            if found is None or str(found[0].number) in confirmed:
+                return
+            try:
+                again = self.confirm(found[0].params)
+            except HwpruneError as exc:  # a refinement step is not worth a search
+                self.log(f"measuring trial {found[0].number} again failed ({exc}); refining without it")
+                return
+            confirmed[str(found[0].number)] = again
+            study.set_user_attr(CONFIRMED_ATTR, confirmed)

@@ -34,7 +34,7 @@ from hwprune.pruning import PruningSpace, architecture_signature, count_macs_par
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
 from hwprune.study.refine import EdgeRefiner
-from hwprune.study.reference import START_SETS, DenseReference
+from hwprune.study.reference import ROUNDS, START_SETS, DenseReference, interleaved_rounds
 from hwprune.study.objective import (Budgets, TrialRunner, bracket_budget, latency_ratio, make_sampler, open_study,
                                      trials_table, warm_start)
 from hwprune.subjects.base import Subject
@@ -42,12 +42,6 @@ from hwprune.subjects.loader import check_evaluate, load_subject
 
 log = logging.getLogger("hwprune")
 SCHEMA = 1
-# Under a relative latency budget a front model and the dense model are measured in interleaved rounds: at least
-# CONFIRM_ROUNDS, and up to CONFIRM_MAX_ROUNDS while the median ratio is within CONFIRM_BAND of the budget. One round's
-# ratio moved by +-15% on the shared build host (bench/README.md), so three rounds cannot settle a model 2% inside.
-CONFIRM_ROUNDS = 3
-CONFIRM_MAX_ROUNDS = 9
-CONFIRM_BAND = 0.05
 
 
 @dataclass
@@ -332,7 +326,8 @@ class Search:
                                     EdgeRefiner(space, c.trials, c.timeout_s, c.seed,
                                                 macs_of=lambda r: prune(subject.model, subject.example_inputs, r,
                                                                         space).macs,
-                                                budgets=budgets, log=self.log)]
+                                                budgets=budgets, log=self.log,
+                                                confirm=lambda r: self._measure_again(r, subject, space, runner))]
             if c.trials is not None:
                 callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))
             try:
@@ -524,14 +519,40 @@ class Search:
             shutil.rmtree(self.run_dir / "models" / f"trial-{pm.trial:04d}", ignore_errors=True)
         return kept_models, rejected
 
+    def _measure_again(self, ratios: dict[str, float], subject: Subject, space: PruningSpace,
+                       runner: TrialRunner) -> dict[str, float]:
+        """The latency of the model pruned to ``ratios``, measured again: interleaved with the dense model under a
+        relative budget (``latency_ratio`` is then the median ratio), else the median of ``ROUNDS`` measurements.
+        Latency does not depend on the weights, so the model is neither calibrated nor fine-tuned."""
+        import tempfile
+
+        from hwprune.export import export_onnx
+
+        t0 = time.perf_counter()
+        pruned = prune(subject.model, subject.example_inputs, ratios, space)
+        pruned.module.eval()
+        with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
+            path = export_onnx(pruned.module, subject.example_inputs, Path(tmp) / "incumbent.onnx",
+                               exporter=self.exporter)
+            if runner.beside is not None:
+                rounds = interleaved_rounds(self.measure, path, runner.beside, runner.budgets.latency_factor)
+                again = {"latency_ms": statistics.median(m.latency.median_ms for m, _ in rounds),
+                         "latency_ratio": statistics.median(r for _, r in rounds)}
+            else:
+                again = {"latency_ms": statistics.median(self.measure(path).latency.median_ms
+                                                         for _ in range(ROUNDS))}
+        runner.stage_seconds["measure_incumbent"] = (runner.stage_seconds.get("measure_incumbent", 0.0)
+                                                     + time.perf_counter() - t0)
+        return again
+
     def _confirm_latency(self, trial_m: Measurement, trial_ratio: float | None, onnx_path: Path, budgets: Budgets,
                          beside: Path | None) -> tuple[Measurement, list[float] | None, str | None]:
         """The measurement to report for an exported front model, its latency ratios to the dense model (with
         ``beside``, the dense model's ONNX, under a relative budget; their median is judged), and a note when the
         figures are not fresh ones.
 
-        Under a relative budget the model and the dense model are measured in interleaved rounds (see
-        ``CONFIRM_ROUNDS``): the most accurate trials at the budget's edge are also the ones whose single measurement
+        Under a relative budget the model and the dense model are measured in interleaved rounds
+        (:func:`~hwprune.study.reference.interleaved_rounds`): the most accurate trials at the budget's edge are also the ones whose single measurement
         came out lucky, so one more single measurement is not enough.
         """
         def meets(m: Measurement) -> bool:
@@ -539,19 +560,7 @@ class Search:
 
         try:
             if beside is not None:
-                rounds: list[tuple[Measurement, float]] = []
-                factor = budgets.latency_factor or 1.0
-                while len(rounds) < CONFIRM_ROUNDS or (
-                        len(rounds) < CONFIRM_MAX_ROUNDS
-                        and abs(statistics.median(r for _, r in rounds) / factor - 1.0) < CONFIRM_BAND):
-                    # alternate which goes first, so a drifting host favours neither
-                    if len(rounds) % 2:
-                        dense = self.measure(beside)
-                        m = self.measure(onnx_path)
-                    else:
-                        m = self.measure(onnx_path)
-                        dense = self.measure(beside)
-                    rounds.append((m, m.latency.median_ms / dense.latency.median_ms))
+                rounds = interleaved_rounds(self.measure, onnx_path, beside, budgets.latency_factor)
                 ordered = sorted(rounds, key=lambda x: x[0].latency.median_ms)
                 return ordered[len(ordered) // 2][0], [r for _, r in rounds], None
             fresh = self.measure(onnx_path)
