@@ -157,6 +157,7 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
         assert r["latency_ratio"] == pytest.approx(statistics.median(rounds))
         assert r["meets"]["latency"] == (r["latency_ratio"] <= 0.95)
         assert r["speedup"] == pytest.approx(1.0 / r["latency_ratio"])
+        assert r["ratios"] == result.study.trials[r["trial"]].params  # the pruning ratios, which rebuild the model
     assert list(result.pareto["latency_ratio"]) == [r["latency_ratio"] for r in result.summary["pareto"]]
     # the refinement (from the third of 4 trials) measured its incumbent again, beside the dense model
     again = result.study.user_attrs["edge_confirmed"]

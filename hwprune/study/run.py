@@ -475,17 +475,17 @@ class Search:
             folder.mkdir(parents=True, exist_ok=True)
             onnx_path = export_onnx(pruned.module, subject.example_inputs, folder / "model.onnx",
                                     exporter=self.exporter)
-            m, ratios, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]),
+            m, lat_rounds, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]),
                                                     latency_ratio(t), onnx_path, budgets, runner.beside)
-            ratio = statistics.median(ratios) if ratios else None
+            ratio = statistics.median(lat_rounds) if lat_rounds else None
             record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m,
                                    params=pruned.params, macs=pruned.macs, widths=pruned.widths, ratios=ratios,
                                    budgets=budgets, dense=dense_record, example=subject.example_inputs[0],
                                    ratio=ratio)
             if note:
                 record["remeasure_note"] = note
-            if ratios:
-                record["latency_ratio_rounds"] = ratios
+            if lat_rounds:
+                record["latency_ratio_rounds"] = lat_rounds
             if not (record["meets"]["latency"] and record["meets"]["memory"]):
                 beside = f" ({ratio:.3f}x the dense model beside it)" if ratio is not None else ""
                 self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms{beside} / "
