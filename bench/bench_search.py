@@ -603,8 +603,11 @@ def check_front(summary: dict[str, Any], run_dir: Path, backend: OrtBackend, rou
     result: dict[str, Any] = {"models": len(front)}
     if not front:
         return result
-    lat = {m["trial"]: m["latency_ms"]["median"] for m in front}
-    dense_lat = summary["dense"]["latency_ms"]["median"]
+    if all(m.get("latency_ratio") for m in front):  # a relative budget: what the search judged and ranked on
+        lat, dense_lat = {m["trial"]: m["latency_ratio"] for m in front}, 1.0
+    else:
+        lat = {m["trial"]: m["latency_ms"]["median"] for m in front}
+        dense_lat = summary["dense"]["latency_ms"]["median"]
     result["search"] = _front_order(front, lat, dense_lat)
     if rounds > 0:
         paths = {m["trial"]: run_dir / m["files"]["onnx"]["path"] for m in front}
@@ -767,7 +770,8 @@ def front_lines(checks: list[dict[str, Any]]) -> list[str]:
             r = c.get(source)
             if r is None:
                 continue
-            label = "latencies recorded by the search (wall median)" if source == "search" else \
+            label = "latencies recorded by the search (wall median, or its ratio to the dense model measured " \
+                    "beside it)" if source == "search" else \
                 f"re-measured interleaved ({r['rounds']} rounds, {STAT_NAMES[r['statistic']]})"
             out.append(
                 f"- {c['model']} {c['budget']:g}x, {c['models']} Pareto models, {label}: "

@@ -371,7 +371,13 @@ class Search:
                                                   trials_df["latency_ratio"])]
         atomic_write_text(self.run_dir / "trials.csv", trials_df.to_csv(index=False))
         complete = trials_df[trials_df["state"] == "COMPLETE"] if not trials_df.empty else trials_df
-        front = pareto_mod.pareto_front(complete) if not complete.empty else complete
+        # latency is ranked as the budget judges it: under a relative budget, by the ratio to the dense model
+        # measured beside each trial (a trial measured in a slow spell is not slower for it)
+        ranked = complete
+        if not complete.empty:
+            ranked = complete.assign(latency_ms=[budgets.judged_ms(lat, None if pd.isna(ratio) else ratio)
+                                                 for lat, ratio in zip(complete["latency_ms"], complete["latency_ratio"])])
+        front = pareto_mod.pareto_front(ranked) if not ranked.empty else ranked
 
         dense_record = _model_record(trial=None, accuracy=dense_info["accuracy"], accuracy_proxy=dense_info["accuracy"],
                                      m=dense_m, params=dense_info["params"], macs=dense_info["macs"],
@@ -389,7 +395,7 @@ class Search:
         runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
         models, dropped = self._final_candidates(models, subject, runner)
         rejected += dropped
-        rec_trial = self._recommend(models)
+        rec_trial = self._recommend(models, budgets)
         for pm in models:
             self._write_model_files(pm)
         dense_record["file_bytes"] = dense_record["files"]["onnx"]["bytes"]
@@ -400,7 +406,7 @@ class Search:
             best_infeasible = {"latency_ms": float(complete["latency_ms"].min()),
                                "memory_mb": float(complete["memory_mb"].min())}
         hv = pareto_mod.hypervolume_history(
-            complete, (dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb)
+            ranked, (dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb)
         ) if not complete.empty else []
         summary = {
             "schema": SCHEMA,
@@ -498,16 +504,16 @@ class Search:
             candidates.append(ParetoModel(number, record, self.run_dir, pruned.module, m))
         if not candidates:
             return [], rejected
-        models, dominated = self._drop_dominated(candidates, "dominated when re-measured",
+        models, dominated = self._drop_dominated(candidates, budgets, "dominated when re-measured",
                                                  "dominated once re-measured and re-evaluated")
-        models.sort(key=lambda pm: (pm.latency_ms, -pm.accuracy))
+        models.sort(key=lambda pm: (_judged_ms(pm, budgets), -pm.accuracy))
         return models, rejected + dominated
 
-    def _drop_dominated(self, models: list[ParetoModel], reason: str,
+    def _drop_dominated(self, models: list[ParetoModel], budgets: Budgets, reason: str,
                         why: str) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
         """Models no other of ``models`` dominates (with the front's tie tolerance), and a ``rejected_on_remeasure``
         entry for each one left out, whose exported files are removed."""
-        keep = pareto_mod.pareto_mask(_objectives(models), pareto_mod.TIE_TOLERANCE)
+        keep = pareto_mod.pareto_mask(_objectives(models, budgets), pareto_mod.TIE_TOLERANCE)
         kept_models, rejected = [], []
         for pm, kept in zip(models, keep, strict=True):
             if kept:
@@ -552,8 +558,8 @@ class Search:
         figures are not fresh ones.
 
         Under a relative budget the model and the dense model are measured in interleaved rounds
-        (:func:`~hwprune.study.reference.interleaved_rounds`): the most accurate trials at the budget's edge are also the ones whose single measurement
-        came out lucky, so one more single measurement is not enough.
+        (:func:`~hwprune.study.reference.interleaved_rounds`): the most accurate trials at the budget's edge are also
+        the ones whose single measurement came out lucky, so one more single measurement is not enough.
         """
         def meets(m: Measurement) -> bool:
             return budgets.meets(m.latency.median_ms, m.memory.total_mb)[0]
@@ -596,18 +602,18 @@ class Search:
         if len(finalists) > 1:
             self.log("after the final fine-tune: " + ", ".join(f"trial {pm.trial} {pm.accuracy:.4f}"
                                                               for pm in finalists))
-        kept, rejected = self._drop_dominated(finalists, "dominated after the final fine-tune",
+        kept, rejected = self._drop_dominated(finalists, runner.budgets, "dominated after the final fine-tune",
                                               "dominated by another final candidate after the final fine-tune")
         gone = {pm.trial for pm in finalists} - {pm.trial for pm in kept}
         return [pm for pm in models if pm.trial not in gone], rejected
 
-    def _recommend(self, models: list[ParetoModel]) -> int | None:
+    def _recommend(self, models: list[ParetoModel], budgets: Budgets) -> int | None:
         """The most accurate model that meets the budgets; among the final candidates when there were some (their
         accuracy, after the final fine-tune, is not comparable with the others' proxy)."""
         if not models:
             return None
         pool = [pm for pm in models if pm.record.get("final_finetune_steps")] or models
-        number = pareto_mod.recommend(_objectives(pool))
+        number = pareto_mod.recommend(_objectives(pool, budgets))
         pm = next(p for p in models if p.trial == number)
         pm.record["recommended"] = True
         self.log(f"recommending trial {number}")
@@ -695,10 +701,17 @@ class Search:
             self.log(f"report failed ({type(exc).__name__}: {exc}); rebuild it with `hwprune report {self.run_dir}`")
 
 
-def _objectives(models: list[ParetoModel]) -> pd.DataFrame:
-    """trial, accuracy, latency_ms and memory_mb of confirmed models, the columns the Pareto helpers read."""
+def _judged_ms(pm: ParetoModel, budgets: Budgets) -> float:
+    """A confirmed model's latency as ``budgets`` judge it (:meth:`Budgets.judged_ms`)."""
+    return budgets.judged_ms(pm.latency_ms, pm.record.get("latency_ratio"))
+
+
+def _objectives(models: list[ParetoModel], budgets: Budgets) -> pd.DataFrame:
+    """trial, accuracy, latency_ms (as ``budgets`` judge it) and memory_mb of confirmed models, the columns the
+    Pareto helpers read."""
     return pd.DataFrame({"trial": [pm.trial for pm in models], "accuracy": [pm.accuracy for pm in models],
-                         "latency_ms": [pm.latency_ms for pm in models], "memory_mb": [pm.memory_mb for pm in models]})
+                         "latency_ms": [_judged_ms(pm, budgets) for pm in models],
+                         "memory_mb": [pm.memory_mb for pm in models]})
 
 
 def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
