@@ -64,9 +64,9 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     is feasible yet or no untried neighbour fits.
 
     The incumbent is :func:`incumbent`'s. The neighbour widens one group by a step; while its estimated latency (the
-    incumbent's, scaled by MACs) is over
-    the latency budget less ``BUDGET_MARGIN`` (or over the incumbent's latency, without a budget), other groups are
-    narrowed a step each. Latencies are the ones ``budgets`` judges (:meth:`Budgets.judged_ms`).
+    incumbent's, scaled by MACs) is over the latency budget less ``BUDGET_MARGIN`` (or over the incumbent's latency,
+    without a budget), other groups are narrowed a step each. Latencies are the ones ``budgets`` judges
+    (:meth:`Budgets.judged_ms`).
     """
     found = incumbent(study, budgets)
     if found is None:
