@@ -155,7 +155,8 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
         rounds = r["latency_ratio_rounds"]
         assert CONFIRM_ROUNDS <= len(rounds) <= CONFIRM_MAX_ROUNDS
         assert r["latency_ratio"] == pytest.approx(statistics.median(rounds))
-        assert r["meets"]["latency"] == (r["latency_ratio"] <= 0.95)
+        # a listed model meets the budget with the median's standard error added
+        assert r["latency_ratio"] <= r["latency_ratio_upper"] <= 0.95 and r["meets"]["latency"]
         assert r["speedup"] == pytest.approx(1.0 / r["latency_ratio"])
         assert r["ratios"] == result.study.trials[r["trial"]].params  # the pruning ratios, which rebuild the model
     assert list(result.pareto["latency_ratio"]) == [r["latency_ratio"] for r in result.summary["pareto"]]

@@ -118,6 +118,12 @@ def test_relative_budgets_judge_the_ratio_to_the_dense_model_measured_beside(tmp
     assert relative.meets(4.6, 1.0, ratio=0.38) == (True, True)  # slow as measured, during a slow spell
     assert relative.meets(3.5, 1.0) == (True, True)  # no ratio (an older trial): the latency as measured
     assert Budgets(4.0, None).meets(3.5, 1.0, ratio=0.42) == (True, True)  # absolute budgets ignore ratios
+    # a front model is judged on its rounds' median plus the median's standard error
+    from hwprune.study.reference import upper_ratio
+
+    assert upper_ratio([0.4, 0.4, 0.4]) == pytest.approx(0.4)
+    assert upper_ratio([0.38, 0.40, 0.42]) == pytest.approx(0.40 + 1.253 * 1.4826 * 0.02 / 3 ** 0.5)
+    assert upper_ratio([0.38, 0.40, 0.42, 0.39, 0.41, 0.40, 0.60, 0.40, 0.39]) < 0.41  # one wild round barely counts
 
     # the bisection aims with the ratios: here every uniform trial was measured during a 1.3x slow spell
     subject = _runner().subject

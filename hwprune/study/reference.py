@@ -72,3 +72,12 @@ def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense
             dense = measure(dense_path)
         rounds.append((m, m.latency.median_ms / dense.latency.median_ms))
     return rounds
+
+
+def upper_ratio(ratios: list[float]) -> float:
+    """The median of the rounds' ratios plus its standard error (1.253 x the robust spread, 1.4826 MAD, over the
+    square root of the rounds): a front model must meet a relative budget by this much, so that one measured a hair
+    inside the budget, which a re-measurement puts over it about half the time, is not listed as meeting it."""
+    median = statistics.median(ratios)
+    mad = statistics.median(abs(r - median) for r in ratios)
+    return median + 1.253 * 1.4826 * mad / len(ratios) ** 0.5

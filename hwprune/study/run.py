@@ -34,7 +34,7 @@ from hwprune.pruning import PruningSpace, architecture_signature, count_macs_par
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
 from hwprune.study.refine import EdgeRefiner
-from hwprune.study.reference import ROUNDS, START_SETS, DenseReference, interleaved_rounds
+from hwprune.study.reference import ROUNDS, START_SETS, DenseReference, interleaved_rounds, upper_ratio
 from hwprune.study.objective import (Budgets, TrialRunner, bracket_budget, latency_ratio, make_sampler, open_study,
                                      trials_table, warm_start)
 from hwprune.subjects.base import Subject
@@ -492,8 +492,12 @@ class Search:
                 record["remeasure_note"] = note
             if lat_rounds:
                 record["latency_ratio_rounds"] = lat_rounds
+                record["latency_ratio_upper"] = upper_ratio(lat_rounds)
+                record["meets"]["latency"] = budgets.meets(m.latency.median_ms, m.memory.total_mb,
+                                                           record["latency_ratio_upper"])[0]
             if not (record["meets"]["latency"] and record["meets"]["memory"]):
-                beside = f" ({ratio:.3f}x the dense model beside it)" if ratio is not None else ""
+                beside = (f" ({ratio:.3f}x the dense model beside it, {record['latency_ratio_upper']:.3f}x with its "
+                          "standard error)") if lat_rounds else ""
                 self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms{beside} / "
                          f"{m.memory.total_mb:.2f} MB, over a budget it met during the search")
                 rejected.append({"trial": number, "latency_ms": m.latency.median_ms, "memory_mb": m.memory.total_mb,
