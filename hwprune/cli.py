@@ -181,6 +181,9 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
               f"{budget(req.get('memory_budget_mb'), 'MB', req.get('memory_budget'))} | "
               f"trials: {s['trials_complete']} complete ({s['trials_cached']} reused a measured architecture), "
               f"{s['trials_failed']} failed, {s['trials_feasible']} feasible | {s['wall_seconds']:.0f} s")
+    if any(r.get("latency_ratio") for r in summary["pareto"]):
+        out.print("speedup, order and the latency budget: measured side by side with the dense model (interleaved "
+                  "rounds), which a busy host slows alike; each ms figure is that model's own median")
     rec = next((r for r in summary["pareto"] if r["recommended"]), None)
     if rec:
         out.print(f"[bold]recommended:[/] trial {rec['trial']}: {metric} {rec['accuracy']:.4f} (dense "

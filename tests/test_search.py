@@ -33,6 +33,7 @@ def test_search_writes_machine_readable_outputs(cli_run) -> None:
     run_dir, proc = cli_run
     summary = load_summary(run_dir)
     assert "Pareto front" in proc.stdout and "recommended:" in proc.stdout
+    assert "measured side by side with the dense model" in proc.stdout  # a relative budget says what it judged
     assert summary["pareto"], "a 0.95x budget on a prunable net must be reachable"
     front = pd.read_csv(run_dir / "pareto.csv")
     assert list(front["trial"]) == [r["trial"] for r in summary["pareto"]]
