@@ -69,6 +69,11 @@ def latency_ratio(trial: optuna.trial.FrozenTrial) -> float | None:
     return float(value) if value is not None else None
 
 
+def judged_latency(trial: optuna.trial.FrozenTrial, budgets: Budgets) -> float:
+    """A complete trial's latency as ``budgets`` judge it (:meth:`Budgets.judged_ms`)."""
+    return budgets.judged_ms(trial.values[1], latency_ratio(trial))
+
+
 @dataclass
 class TrialRunner:
     """Everything an objective needs, fixed for the whole search."""
@@ -86,10 +91,14 @@ class TrialRunner:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def _book(self, stage: str, seconds: float, into: dict[str, float]) -> None:
+        """Add ``seconds`` to ``stage`` in this trial's stages (``into``) and in the whole search's."""
+        into[stage] = into.get(stage, 0.0) + seconds
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
     def _tick(self, stage: str, start: float, into: dict[str, float]) -> float:
         now = time.perf_counter()
-        into[stage] = into.get(stage, 0.0) + now - start
-        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + now - start
+        self._book(stage, now - start, into)
         return now
 
     def load_cache(self, study: optuna.Study) -> None:
@@ -147,12 +156,9 @@ class TrialRunner:
             m = self.measure(path)
             dense = self.measure(self.beside) if self.beside is not None else None
         for k, v in m.stage_seconds.items():
-            stages[k] = stages.get(k, 0.0) + v
-            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
+            self._book(k, v, stages)
         if dense is not None:
-            beside_s = sum(dense.stage_seconds.values())
-            stages["dense_beside"] = stages.get("dense_beside", 0.0) + beside_s
-            self.stage_seconds["dense_beside"] = self.stage_seconds.get("dense_beside", 0.0) + beside_s
+            self._book("dense_beside", sum(dense.stage_seconds.values()), stages)
         self._tick("measure", t, {})
         return m, (m.latency.median_ms / dense.latency.median_ms if dense is not None else None)
 
@@ -313,7 +319,7 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     if any(t.state == TrialState.WAITING and "uniform_ratio" in t.user_attrs for t in trials):
         return []
     points = [(0.0, budgets.judged_ms(dense_latency_ms, 1.0))]
-    points += [(float(t.user_attrs["uniform_ratio"]), budgets.judged_ms(t.values[1], latency_ratio(t)))
+    points += [(float(t.user_attrs["uniform_ratio"]), judged_latency(t, budgets))
                for t in trials if t.state == TrialState.COMPLETE and "uniform_ratio" in t.user_attrs and t.values]
     meets = [p for p in points if p[1] <= budget_ms]
     if not meets:

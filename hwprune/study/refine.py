@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from hwprune.errors import HwpruneError
 from hwprune.pruning import PruningSpace
-from hwprune.study.objective import Budgets, is_feasible, latency_ratio
+from hwprune.study.objective import Budgets, is_feasible, judged_latency
 
 REFINE_FROM = 0.6  # the share of the search (trials, or time) after which refinement starts
 REFINE_EVERY = 2  # then one neighbour per this many completed trials
@@ -49,7 +49,7 @@ def incumbent(study: optuna.Study, budgets: Budgets) -> tuple[optuna.trial.Froze
         again = confirmed.get(str(t.number))
         if again:
             return budgets.judged_ms(again["latency_ms"], again.get("latency_ratio"))
-        return budgets.judged_ms(t.values[1], latency_ratio(t))
+        return judged_latency(t, budgets)
 
     scored = [(t, judged(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if is_feasible(t)]

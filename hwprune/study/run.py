@@ -138,10 +138,13 @@ def check_rankable(profile: DeviceProfile, config: SearchConfig) -> None:
 def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float | None, m: Measurement,
                   params: int, macs: int, widths: dict[str, Any], ratios: dict[str, float] | None,
                   budgets: Budgets, dense: dict[str, Any] | None, example: torch.Tensor,
-                  ratio: float | None = None) -> dict[str, Any]:
-    """The summary.json record of one model; ``ratio`` is its latency divided by the dense model's measured beside
-    it (relative budgets), which the latency budget and the speed-up are then judged on."""
+                  ratio_rounds: list[float] | None = None) -> dict[str, Any]:
+    """The summary.json record of one model. ``ratio_rounds`` are its latencies divided by the dense model's measured
+    beside it (relative budgets): the speed-up is then their median's inverse, and the latency budget is judged on
+    that median plus its standard error (:func:`~hwprune.study.reference.upper_ratio`)."""
     md = m.to_dict()
+    ratio = statistics.median(ratio_rounds) if ratio_rounds else None
+    upper = upper_ratio(ratio_rounds) if ratio_rounds else None
     lat = md["latency"]
     record: dict[str, Any] = {
         "trial": trial,
@@ -161,7 +164,7 @@ def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float |
         "widths": {k: list(v) for k, v in widths.items()},
         "ratios": ratios,
         "latency_ratio": ratio,
-        "meets": dict(zip(("latency", "memory"), budgets.meets(m.latency.median_ms, m.memory.total_mb, ratio))),
+        "meets": dict(zip(("latency", "memory"), budgets.meets(m.latency.median_ms, m.memory.total_mb, upper))),
         "estimated": m.estimated,
         "tuned": m.tuned,
         "backend": m.backend,
@@ -169,6 +172,8 @@ def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float |
         "files": {},
         "input": {"name": "input", "shape": list(example.shape), "dtype": str(example.dtype).replace("torch.", "")},
     }
+    if ratio_rounds:
+        record["latency_ratio_rounds"], record["latency_ratio_upper"] = ratio_rounds, upper
     if dense is not None:
         record["speedup"] = 1.0 / ratio if ratio else dense["latency_ms"]["median"] / m.latency.median_ms
         record["size_ratio"] = params / max(dense["params"], 1)
@@ -483,21 +488,15 @@ class Search:
                                     exporter=self.exporter)
             m, lat_rounds, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]),
                                                     latency_ratio(t), onnx_path, budgets, runner.beside)
-            ratio = statistics.median(lat_rounds) if lat_rounds else None
             record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m,
                                    params=pruned.params, macs=pruned.macs, widths=pruned.widths, ratios=ratios,
                                    budgets=budgets, dense=dense_record, example=subject.example_inputs[0],
-                                   ratio=ratio)
+                                   ratio_rounds=lat_rounds)
             if note:
                 record["remeasure_note"] = note
-            if lat_rounds:
-                record["latency_ratio_rounds"] = lat_rounds
-                record["latency_ratio_upper"] = upper_ratio(lat_rounds)
-                record["meets"]["latency"] = budgets.meets(m.latency.median_ms, m.memory.total_mb,
-                                                           record["latency_ratio_upper"])[0]
             if not (record["meets"]["latency"] and record["meets"]["memory"]):
-                beside = (f" ({ratio:.3f}x the dense model beside it, {record['latency_ratio_upper']:.3f}x with its "
-                          "standard error)") if lat_rounds else ""
+                beside = (f" ({record['latency_ratio']:.3f}x the dense model beside it, "
+                          f"{record['latency_ratio_upper']:.3f}x with its standard error)") if lat_rounds else ""
                 self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms{beside} / "
                          f"{m.memory.total_mb:.2f} MB, over a budget it met during the search")
                 rejected.append({"trial": number, "latency_ms": m.latency.median_ms, "memory_mb": m.memory.total_mb,
