@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import optuna
@@ -160,6 +161,19 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     assert len(ref.sets) == 5
     medians = sorted(ref.medians_ms)
     assert ref.measurement.latency.median_ms == medians[2]  # the middle set, whatever the order they came in
+
+    # a model beside the dense model: ROUNDS rounds, more while the ratio is close to the budget's factor
+    from hwprune.study.reference import MAX_ROUNDS, ROUNDS, interleaved_rounds
+
+    rounds = interleaved_rounds(backend.measure, path, path)
+    assert len(rounds.ratios) == len(rounds.measurements) == ROUNDS
+    assert rounds.ratio == statistics.median(rounds.ratios) and rounds.upper >= rounds.ratio
+    lat = sorted(m.latency.median_ms for m in rounds.measurements)
+    assert rounds.middle.latency.median_ms == lat[len(lat) // 2]
+    far = interleaved_rounds(backend.measure, path, path, factor=0.1)  # a ratio near 1 is nowhere near 0.1x
+    assert len(far.ratios) == ROUNDS
+    near = interleaved_rounds(backend.measure, path, path, factor=statistics.median(rounds.ratios))
+    assert ROUNDS <= len(near.ratios) <= MAX_ROUNDS
 
 
 def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_fit_the_budget(tmp_path: Path) -> None:

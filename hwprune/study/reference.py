@@ -56,21 +56,45 @@ class DenseReference:
         return [m.latency.median_ms for m in self.sets]
 
 
+@dataclass
+class Rounds:
+    """A model measured in interleaved rounds with the dense model: each round's model measurement and latency ratio
+    (model / dense of that round)."""
+
+    measurements: list[Measurement]
+    ratios: list[float]
+
+    @property
+    def middle(self) -> Measurement:
+        """The round whose model latency is the middle one (the upper middle of an even count): a real measurement,
+        with its spread, to report."""
+        ordered = sorted(self.measurements, key=lambda m: m.latency.median_ms)
+        return ordered[len(ordered) // 2]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def upper(self) -> float:
+        return upper_ratio(self.ratios)
+
+
 def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense_path: Path,
-                       factor: float | None = None) -> list[tuple[Measurement, float]]:
+                       factor: float | None = None) -> Rounds:
     """Measure the model at ``path`` and the dense model in alternating order, ``ROUNDS`` times, and up to
-    ``MAX_ROUNDS`` while the median ratio is within ``BAND`` of ``factor`` (a relative budget). Returns each round's
-    model measurement and latency ratio (model / dense)."""
-    rounds: list[tuple[Measurement, float]] = []
-    while len(rounds) < ROUNDS or (factor and len(rounds) < MAX_ROUNDS
-                                   and abs(statistics.median(r for _, r in rounds) / factor - 1.0) < BAND):
-        if len(rounds) % 2:  # alternate which goes first, so a drifting host favours neither
+    ``MAX_ROUNDS`` while the median ratio is within ``BAND`` of ``factor`` (a relative budget)."""
+    rounds = Rounds([], [])
+    while len(rounds.ratios) < ROUNDS or (factor and len(rounds.ratios) < MAX_ROUNDS
+                                          and abs(rounds.ratio / factor - 1.0) < BAND):
+        if len(rounds.ratios) % 2:  # alternate which goes first, so a drifting host favours neither
             dense = measure(dense_path)
             m = measure(path)
         else:
             m = measure(path)
             dense = measure(dense_path)
-        rounds.append((m, m.latency.median_ms / dense.latency.median_ms))
+        rounds.measurements.append(m)
+        rounds.ratios.append(m.latency.median_ms / dense.latency.median_ms)
     return rounds
 
 

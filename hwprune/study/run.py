@@ -34,7 +34,7 @@ from hwprune.pruning import PruningSpace, architecture_signature, count_macs_par
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
 from hwprune.study.refine import EdgeRefiner
-from hwprune.study.reference import ROUNDS, START_SETS, DenseReference, interleaved_rounds, upper_ratio
+from hwprune.study.reference import ROUNDS, START_SETS, DenseReference, Rounds, interleaved_rounds
 from hwprune.study.objective import (Budgets, TrialRunner, bracket_budget, latency_ratio, make_sampler, open_study,
                                      trials_table, warm_start)
 from hwprune.subjects.base import Subject
@@ -138,13 +138,13 @@ def check_rankable(profile: DeviceProfile, config: SearchConfig) -> None:
 def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float | None, m: Measurement,
                   params: int, macs: int, widths: dict[str, Any], ratios: dict[str, float] | None,
                   budgets: Budgets, dense: dict[str, Any] | None, example: torch.Tensor,
-                  ratio_rounds: list[float] | None = None) -> dict[str, Any]:
-    """The summary.json record of one model. ``ratio_rounds`` are its latencies divided by the dense model's measured
-    beside it (relative budgets): the speed-up is then their median's inverse, and the latency budget is judged on
-    that median plus its standard error (:func:`~hwprune.study.reference.upper_ratio`)."""
+                  rounds: Rounds | None = None) -> dict[str, Any]:
+    """The summary.json record of one model. ``rounds`` are its measurements beside the dense model (relative
+    budgets): the speed-up is then the inverse of their median ratio, and the latency budget is judged on that median
+    plus its standard error (:attr:`~hwprune.study.reference.Rounds.upper`)."""
     md = m.to_dict()
-    ratio = statistics.median(ratio_rounds) if ratio_rounds else None
-    upper = upper_ratio(ratio_rounds) if ratio_rounds else None
+    ratio = rounds.ratio if rounds else None
+    upper = rounds.upper if rounds else None
     lat = md["latency"]
     record: dict[str, Any] = {
         "trial": trial,
@@ -172,8 +172,8 @@ def _model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float |
         "files": {},
         "input": {"name": "input", "shape": list(example.shape), "dtype": str(example.dtype).replace("torch.", "")},
     }
-    if ratio_rounds:
-        record["latency_ratio_rounds"], record["latency_ratio_upper"] = ratio_rounds, upper
+    if rounds:
+        record["latency_ratio_rounds"], record["latency_ratio_upper"] = rounds.ratios, upper
     if dense is not None:
         record["speedup"] = 1.0 / ratio if ratio else dense["latency_ms"]["median"] / m.latency.median_ms
         record["size_ratio"] = params / max(dense["params"], 1)
@@ -486,17 +486,17 @@ class Search:
             folder.mkdir(parents=True, exist_ok=True)
             onnx_path = export_onnx(pruned.module, subject.example_inputs, folder / "model.onnx",
                                     exporter=self.exporter)
-            m, lat_rounds, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]),
+            m, rounds, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]),
                                                     latency_ratio(t), onnx_path, budgets, runner.beside)
             record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m,
                                    params=pruned.params, macs=pruned.macs, widths=pruned.widths, ratios=ratios,
                                    budgets=budgets, dense=dense_record, example=subject.example_inputs[0],
-                                   ratio_rounds=lat_rounds)
+                                   rounds=rounds)
             if note:
                 record["remeasure_note"] = note
             if not (record["meets"]["latency"] and record["meets"]["memory"]):
                 beside = (f" ({record['latency_ratio']:.3f}x the dense model beside it, "
-                          f"{record['latency_ratio_upper']:.3f}x with its standard error)") if lat_rounds else ""
+                          f"{record['latency_ratio_upper']:.3f}x with its standard error)") if rounds else ""
                 self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms{beside} / "
                          f"{m.memory.total_mb:.2f} MB, over a budget it met during the search")
                 rejected.append({"trial": number, "latency_ms": m.latency.median_ms, "memory_mb": m.memory.total_mb,
@@ -545,8 +545,7 @@ class Search:
                                exporter=self.exporter)
             if runner.beside is not None:
                 rounds = interleaved_rounds(self.measure, path, runner.beside, runner.budgets.latency_factor)
-                again = {"latency_ms": statistics.median(m.latency.median_ms for m, _ in rounds),
-                         "latency_ratio": statistics.median(r for _, r in rounds)}
+                again = {"latency_ms": rounds.middle.latency.median_ms, "latency_ratio": rounds.ratio}
             else:
                 again = {"latency_ms": statistics.median(self.measure(path).latency.median_ms
                                                          for _ in range(ROUNDS))}
@@ -555,10 +554,10 @@ class Search:
         return again
 
     def _confirm_latency(self, trial_m: Measurement, trial_ratio: float | None, onnx_path: Path, budgets: Budgets,
-                         beside: Path | None) -> tuple[Measurement, list[float] | None, str | None]:
-        """The measurement to report for an exported front model, its latency ratios to the dense model (with
-        ``beside``, the dense model's ONNX, under a relative budget; their median is judged), and a note when the
-        figures are not fresh ones.
+                         beside: Path | None) -> tuple[Measurement, Rounds | None, str | None]:
+        """The measurement to report for an exported front model, its rounds beside the dense model (with ``beside``,
+        the dense model's ONNX, under a relative budget; they are judged), and a note when the figures are not fresh
+        ones.
 
         Under a relative budget the model and the dense model are measured in interleaved rounds
         (:func:`~hwprune.study.reference.interleaved_rounds`): the most accurate trials at the budget's edge are also
@@ -570,15 +569,14 @@ class Search:
         try:
             if beside is not None:
                 rounds = interleaved_rounds(self.measure, onnx_path, beside, budgets.latency_factor)
-                ordered = sorted(rounds, key=lambda x: x[0].latency.median_ms)
-                return ordered[len(ordered) // 2][0], [r for _, r in rounds], None
+                return rounds.middle, rounds, None
             fresh = self.measure(onnx_path)
             if meets(fresh) == meets(trial_m):
                 return fresh, None, None
             third = self.measure(onnx_path)
         except HwpruneError as exc:  # a board that vanished must not cost the search its answer
             self.log(f"re-measuring {onnx_path.parent.name} failed ({exc}); reporting its trial measurement")
-            return trial_m, [trial_ratio] if trial_ratio is not None else None, (
+            return trial_m, Rounds([trial_m], [trial_ratio]) if trial_ratio is not None else None, (
                 f"re-measuring the exported file failed ({exc}); the figures are the trial's measurement of the "
                 "same architecture")
         trio = sorted([trial_m, fresh, third], key=lambda m: m.latency.median_ms)
