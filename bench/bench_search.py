@@ -95,6 +95,20 @@ CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10_jpeg_lossy" / "cifar1
 CIFAR_MEAN, CIFAR_STD = (0.491, 0.482, 0.447), (0.247, 0.243, 0.262)
 
 
+def git_commit() -> str | None:
+    """The checkout's commit, with "+changes" when tracked files differ from it; None outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def say(msg: str) -> None:
     """Progress line on stderr, with a timestamp (stdout carries only the tables)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -981,7 +995,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "command": command, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": round(wall, 1), "load_avg_start": load0, "load_avg_end": os.getloadavg(),
-        "host": platform.platform(), "args": {k: v for k, v in vars(args).items()},
+        "host": platform.platform(), "commit": git_commit(), "args": {k: v for k, v in vars(args).items()},
         "versions": {"hwprune": hwprune.__version__, "torch": torch.__version__, "torch_pruning": tp.__version__,
                      "onnxruntime": __import__("onnxruntime").__version__, "optuna": __import__("optuna").__version__},
         "subjects": [{"subject": r["subject"], "note": r["note"], "config": r["config"], "curves": r["curves"]}

@@ -72,7 +72,7 @@ class SearchConfig:
     channel_multiple: int | None = None  # default from the device profile
     trial_finetune_steps: int = 20
     final_finetune_steps: int = 300
-    final_candidates: int = 3  # front models given the final fine-tune; the best afterwards is recommended
+    final_candidates: int = 3  # feasible models given the final fine-tune; the best afterwards is recommended
     calibration_batches: int = 8
     exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise
     allow_untuned: bool = False  # let untuned TVM latencies drive a search

@@ -166,8 +166,17 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
     # the refinement (from the third of 4 trials) measured its incumbent again, beside the dense model
     again = result.study.user_attrs["edge_confirmed"]
     assert again and all(0 < a["latency_ratio"] < 2 and a["latency_ms"] > 0 for a in again.values())
+    # the final candidates are the most accurate feasible trials by the proxy, on the front or not
+    rejected = result.summary["search"]["rejected_on_remeasure"]
+    over = {r["trial"] for r in rejected if r["reason"] == "over budget when re-measured"}
+    pool = (trials[trials["feasible"]].sort_values("trial").drop_duplicates("signature")
+            .sort_values(["accuracy", "latency_ratio"], ascending=[False, True]))
+    finalists = ({r["trial"] for r in result.summary["pareto"] if r["final_finetune_steps"]}
+                 | {r["trial"] for r in rejected if r["reason"] == "dominated after the final fine-tune"})
+    assert finalists == set([t for t in pool["trial"] if t not in over][:3])
+    assert rec.trial in finalists and rec.record["final_finetune_steps"] == 3
     # one dense measurement beside each measured trial, and two measurements a round for each model measured again
-    confirmed = len(result.summary["pareto"]) + len(result.summary["search"]["rejected_on_remeasure"]) + len(again)
+    confirmed = len(result.summary["pareto"]) + len(rejected) + len(again)
     assert (START_SETS + 2 * len(measured) + 2 * CONFIRM_ROUNDS * confirmed <= result.summary["search"]["measurements"]
             <= START_SETS + 2 * len(measured) + 2 * CONFIRM_MAX_ROUNDS * confirmed)
 

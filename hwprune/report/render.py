@@ -662,7 +662,7 @@ def _answer_section(run: RunData) -> Section:
         f"candidate beats on {metric}, latency and memory at once. The recommended model is the most accurate model "
         f"that meets every budget. {metric.capitalize()} during the search is a quick proxy (after BatchNorm "
         f"re-calibration" + (" and a short fine-tune" if (req.get("finetune") or {}).get("trial_steps") else "")
-        + "); the most accurate front models by that proxy (up to "
+        + "); the most accurate models within the budgets by that proxy (up to "
         + str((req.get("finetune") or {}).get("final_candidates", 1)) + ") get the final fine-tune, and the most "
         "accurate after it is recommended"
         + ("" if _final_finetuned(run) else " (no final fine-tune here: no training data or 0 steps)") + ". "

@@ -42,6 +42,7 @@ from hwprune.subjects.loader import check_evaluate, load_subject
 
 log = logging.getLogger("hwprune")
 SCHEMA = 1
+OVER_BUDGET = "over budget when re-measured"  # a rejected_on_remeasure reason
 
 
 @dataclass
@@ -398,8 +399,10 @@ class Search:
         t_confirm = time.perf_counter()
         models, rejected = self._confirm_front(front, study, subject, runner, budgets, dense_record)
         runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
-        models, dropped = self._final_candidates(models, subject, runner)
-        rejected += dropped
+        over = {r["trial"] for r in rejected if r["reason"] == OVER_BUDGET}
+        models, dropped = self._final_candidates(models, ranked, over, study, subject, runner, dense_record)
+        # a trial the front's confirmation left out as dominated may come back as a final candidate
+        rejected = [r for r in rejected if r["trial"] not in {pm.trial for pm in models}] + dropped
         rec_trial = self._recommend(models, budgets)
         for pm in models:
             self._write_model_files(pm)
@@ -462,8 +465,28 @@ class Search:
 
     def _confirm_front(self, front: pd.DataFrame, study: optuna.Study, subject: Subject, runner: TrialRunner,
                        budgets: Budgets, dense_record: dict[str, Any]) -> tuple[list[ParetoModel], list[dict]]:
-        """Rebuild, export, re-measure and re-evaluate every front model; keep those that still meet the budgets
-        and are still non-dominated on the confirmed numbers.
+        """Confirm every front model (:meth:`_confirm_trial`); keep those that still meet the budgets and are still
+        non-dominated on the confirmed numbers."""
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        candidates: list[ParetoModel] = []
+        rejected: list[dict[str, Any]] = []
+        for number in front["trial"]:
+            confirmed = self._confirm_trial(by_number[int(number)], subject, runner, budgets, dense_record)
+            if isinstance(confirmed, ParetoModel):
+                candidates.append(confirmed)
+            else:
+                rejected.append(confirmed)
+        if not candidates:
+            return [], rejected
+        models, dominated = self._drop_dominated(candidates, budgets, "dominated when re-measured",
+                                                 "dominated once re-measured and re-evaluated")
+        models.sort(key=lambda pm: (_judged_ms(pm, budgets), -pm.accuracy))
+        return models, rejected + dominated
+
+    def _confirm_trial(self, t: optuna.trial.FrozenTrial, subject: Subject, runner: TrialRunner, budgets: Budgets,
+                       dense_record: dict[str, Any]) -> ParetoModel | dict[str, Any]:
+        """Rebuild, export, re-measure and re-evaluate one trial's model: the model, or a ``rejected_on_remeasure``
+        entry when it no longer meets the budgets.
 
         The rebuild replays the trial's seeded calibration and fine-tune, so the exported weights are the ones the
         trial evaluated; the accuracy reported is measured again on them anyway. A re-measure that disagrees with
@@ -472,45 +495,31 @@ class Search:
         """
         from hwprune.export import export_onnx
 
-        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-        candidates: list[ParetoModel] = []
-        rejected: list[dict[str, Any]] = []
-        for _, row in front.iterrows():
-            number = int(row["trial"])
-            t = by_number[number]
-            ratios = {k: float(v) for k, v in t.params.items()}
-            pruned = runner.build(ratios)
-            acc_proxy = float(t.user_attrs.get("accuracy_proxy", row["accuracy"]))
-            accuracy = runner.evaluate(pruned.module, {})
-            folder = self.run_dir / "models" / f"trial-{number:04d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            onnx_path = export_onnx(pruned.module, subject.example_inputs, folder / "model.onnx",
-                                    exporter=self.exporter)
-            m, rounds, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]),
-                                                    latency_ratio(t), onnx_path, budgets, runner.beside)
-            record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m,
-                                   params=pruned.params, macs=pruned.macs, widths=pruned.widths, ratios=ratios,
-                                   budgets=budgets, dense=dense_record, example=subject.example_inputs[0],
-                                   rounds=rounds)
-            if note:
-                record["remeasure_note"] = note
-            if not (record["meets"]["latency"] and record["meets"]["memory"]):
-                beside = (f" ({record['latency_ratio']:.3f}x the dense model beside it, "
-                          f"{record['latency_ratio_upper']:.3f}x with its standard error)") if rounds else ""
-                self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms{beside} / "
-                         f"{m.memory.total_mb:.2f} MB, over a budget it met during the search")
-                rejected.append({"trial": number, "latency_ms": m.latency.median_ms, "memory_mb": m.memory.total_mb,
-                                 "reason": "over budget when re-measured"})
-                shutil.rmtree(folder, ignore_errors=True)
-                continue
-            record["files"] = {"onnx": {"path": onnx_path.relative_to(self.run_dir).as_posix()}}
-            candidates.append(ParetoModel(number, record, self.run_dir, pruned.module, m))
-        if not candidates:
-            return [], rejected
-        models, dominated = self._drop_dominated(candidates, budgets, "dominated when re-measured",
-                                                 "dominated once re-measured and re-evaluated")
-        models.sort(key=lambda pm: (_judged_ms(pm, budgets), -pm.accuracy))
-        return models, rejected + dominated
+        number = t.number
+        ratios = {k: float(v) for k, v in t.params.items()}
+        pruned = runner.build(ratios)
+        acc_proxy = float(t.user_attrs.get("accuracy_proxy", t.values[0]))
+        accuracy = runner.evaluate(pruned.module, {})
+        folder = self.run_dir / "models" / f"trial-{number:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx_path = export_onnx(pruned.module, subject.example_inputs, folder / "model.onnx", exporter=self.exporter)
+        m, rounds, note = self._confirm_latency(Measurement.from_dict(t.user_attrs["measurement"]), latency_ratio(t),
+                                                onnx_path, budgets, runner.beside)
+        record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m, params=pruned.params,
+                               macs=pruned.macs, widths=pruned.widths, ratios=ratios, budgets=budgets,
+                               dense=dense_record, example=subject.example_inputs[0], rounds=rounds)
+        if note:
+            record["remeasure_note"] = note
+        if not (record["meets"]["latency"] and record["meets"]["memory"]):
+            beside = (f" ({record['latency_ratio']:.3f}x the dense model beside it, "
+                      f"{record['latency_ratio_upper']:.3f}x with its standard error)") if rounds else ""
+            self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms{beside} / "
+                     f"{m.memory.total_mb:.2f} MB, over a budget it met during the search")
+            shutil.rmtree(folder, ignore_errors=True)
+            return {"trial": number, "latency_ms": m.latency.median_ms, "memory_mb": m.memory.total_mb,
+                    "reason": OVER_BUDGET}
+        record["files"] = {"onnx": {"path": onnx_path.relative_to(self.run_dir).as_posix()}}
+        return ParetoModel(number, record, self.run_dir, pruned.module, m)
 
     def _drop_dominated(self, models: list[ParetoModel], budgets: Budgets, reason: str,
                         why: str) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
@@ -583,17 +592,50 @@ class Search:
         return trio[1], None, ("the trial and the first re-measure disagreed about the latency budget; the figures "
                                "are the median of three measurements")
 
-    def _final_candidates(self, models: list[ParetoModel], subject: Subject,
-                          runner: TrialRunner) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
-        """Give the ``final_candidates`` most accurate front models (by the search's proxy) the final fine-tune: a
-        20-step proxy cannot rank models whose accuracies differ by a point, and the final fine-tune is what the user
-        deploys. A candidate that another one dominates once both are fine-tuned leaves the front. Returns the front
-        and the models left out."""
+    def _final_candidates(self, models: list[ParetoModel], ranked: pd.DataFrame, left_out: set[int],
+                          study: optuna.Study, subject: Subject, runner: TrialRunner,
+                          dense_record: dict[str, Any]) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
+        """Give the ``final_candidates`` most accurate feasible models (by the search's proxy) the final fine-tune,
+        and return the front with those that are not dominated afterwards, and the models left out.
+
+        A 20-step proxy cannot rank models whose accuracies differ by a point, and the final fine-tune is what the
+        user deploys. The candidates are drawn from every feasible trial, not only from the front: the
+        recommendation is the most accurate model within the budgets, however fast, and on the front a model a hair
+        more accurate by the proxy and a hair faster hides the ones beside it, which after the fine-tune may be
+        the more accurate (bench/README.md). A candidate not yet confirmed is confirmed like a front model first;
+        ``left_out`` are trials whose confirmation put them over a budget already."""
         c = self.config
-        finalists = [pm for pm in models if pm.module is not None]
-        if not (c.final_finetune_steps and subject.train_data is not None and finalists):
+        if not (c.final_finetune_steps and subject.train_data is not None and not ranked.empty):
             return models, []
-        finalists = sorted(finalists, key=lambda pm: (-pm.accuracy, pm.latency_ms))[:max(1, c.final_candidates)]
+        confirmed = {pm.trial: pm for pm in models if pm.module is not None}
+        if not confirmed:
+            return models, []
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        pool = (ranked[ranked["feasible"]].sort_values("trial").drop_duplicates("signature", keep="first")
+                .sort_values(["accuracy", "latency_ms"], ascending=[False, True]))
+        want = max(1, c.final_candidates)
+        finalists: list[ParetoModel] = []
+        rejected: list[dict[str, Any]] = []
+        tries = 0
+        for number in (int(n) for n in pool["trial"]):
+            if len(finalists) == want or tries >= 2 * want:
+                break
+            if number in confirmed:
+                finalists.append(confirmed[number])
+                continue
+            if number in left_out:
+                continue
+            tries += 1
+            t0 = time.perf_counter()
+            found = self._confirm_trial(by_number[number], subject, runner, runner.budgets, dense_record)
+            runner.stage_seconds["confirm_front"] = (runner.stage_seconds.get("confirm_front", 0.0)
+                                                     + time.perf_counter() - t0)
+            if isinstance(found, ParetoModel):
+                self.log(f"trial {number} joins the final candidates (off the front, {subject.metric} "
+                         f"{found.accuracy:.4f} by the proxy)")
+                finalists.append(found)
+            else:
+                rejected.append(found)
         t0 = time.perf_counter()
         for i, pm in enumerate(finalists, 1):
             self.log(f"final fine-tune {i}/{len(finalists)}: trial {pm.trial} ({subject.metric} "
@@ -603,10 +645,12 @@ class Search:
         if len(finalists) > 1:
             self.log("after the final fine-tune: " + ", ".join(f"trial {pm.trial} {pm.accuracy:.4f}"
                                                               for pm in finalists))
-        kept, rejected = self._drop_dominated(finalists, runner.budgets, "dominated after the final fine-tune",
-                                              "dominated by another final candidate after the final fine-tune")
+        kept, dominated = self._drop_dominated(finalists, runner.budgets, "dominated after the final fine-tune",
+                                               "dominated by another final candidate after the final fine-tune")
         gone = {pm.trial for pm in finalists} - {pm.trial for pm in kept}
-        return [pm for pm in models if pm.trial not in gone], rejected
+        front = [pm for pm in models if pm.trial not in gone] + [pm for pm in kept if pm.trial not in confirmed]
+        front.sort(key=lambda pm: (_judged_ms(pm, runner.budgets), -pm.accuracy))
+        return front, rejected + dominated
 
     def _recommend(self, models: list[ParetoModel], budgets: Budgets) -> int | None:
         """The most accurate model that meets the budgets; among the final candidates when there were some (their

@@ -1,0 +1,100 @@
+"""Pool several runs of bench_search.py: hwprune against one baseline, run by run, per subject and budget.
+
+    python bench/summarize_runs.py RUN_A/bench_search.json RUN_B/bench_search.json ... [--baseline uniform-16]
+
+One row per run (its search seed, hwprune's pick and the baseline's, both with their side-by-side latency ratios, and
+the paired difference on the same test images), then a line per subject and budget: in how many runs hwprune was
+more accurate at p < 0.05, tied, or less accurate, and the mean difference. The runs share the trained model and the
+baseline's pick (neither depends on the search seed), so the differences are not independent samples: read the mean
+as a description, the per-run McNemar tests as the evidence. Writes CSV + JSON next to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+ALPHA = 0.05
+
+
+def run_rows(path: Path, baseline: str) -> list[dict[str, Any]]:
+    """One row per (subject, budget) of one bench_search.json: hwprune's pick, the baseline's, the paired test."""
+    data = json.loads(path.read_text())
+    args = data["args"]
+    seed = args["search_seed"] if args.get("search_seed") is not None else args["seed"]
+    picks = {(r["model"], r["budget"], r["method"]): r for r in data["results"]}
+    rows = []
+    for pair in data["paired"]:
+        if pair["baseline"] != baseline:
+            continue
+        key = (pair["model"], pair["budget"])
+        hw, base = picks[key + ("hwprune",)], picks[key + (baseline,)]
+        diff, p = pair["difference"], pair["p_two_sided"]
+        rows.append({
+            "run": str(path), "created": data["created"], "commit": data.get("commit"), "search_seed": seed, "model": pair["model"],
+            "budget": pair["budget"], "hwprune_accuracy": hw["accuracy"], "hwprune_ratio": hw["ratio_wall"],
+            "hwprune_meets": hw["meets_wall"], "baseline": baseline, "baseline_accuracy": base["accuracy"],
+            "baseline_ratio": base["ratio_wall"], "baseline_meets": base["meets_wall"],
+            "difference_points": 100 * diff, "paired_se_points": 100 * pair["paired_se"], "p": p,
+            "verdict": "lead" if diff > 0 and p < ALPHA else "behind" if diff < 0 and p < ALPHA else "tie",
+        })
+    return rows
+
+
+def pick(accuracy: float, ratio: float, meets: bool) -> str:
+    return f"{accuracy:.3f} @ {ratio:.2f}x" + ("" if meets else " (over)")
+
+
+def markdown(df: pd.DataFrame) -> str:
+    lines = []
+    for (model, budget), group in df.groupby(["model", "budget"], sort=False):
+        base = group["baseline"].iloc[0]
+        lines += [f"**{model} {budget:g}x, hwprune vs `{base}`** (latency as ratio to the dense model, side by side)",
+                  "", f"| search seed | commit | hwprune | {base} | difference (paired SE) | p | |",
+                  "|---|---|---|---|---|---|---|"]
+        for _, r in group.iterrows():
+            p = "< 0.001" if r["p"] < 0.001 else f"{r['p']:.3f}"
+            lines.append(f"| {r['search_seed']} | {r['commit'] or '?'} | {pick(r['hwprune_accuracy'], r['hwprune_ratio'], r['hwprune_meets'])}"
+                         f" | {pick(r['baseline_accuracy'], r['baseline_ratio'], r['baseline_meets'])}"
+                         f" | {r['difference_points']:+.2f} ({r['paired_se_points']:.2f}) | {p} | {r['verdict']} |")
+        counts = group["verdict"].value_counts()
+        lines += ["", f"{len(group)} runs: hwprune more accurate (p < {ALPHA}) in {counts.get('lead', 0)}, tied in "
+                      f"{counts.get('tie', 0)}, less accurate in {counts.get('behind', 0)}; mean difference "
+                      f"{statistics.mean(group['difference_points']):+.2f} points; every pick within the budget side "
+                      f"by side: {'yes' if (group['hwprune_meets'] & group['baseline_meets']).all() else 'NO'}", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="bench_search.json files (or the folders holding them)")
+    parser.add_argument("--baseline", default="uniform-16", help="the method to compare hwprune with")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "runs_summary",
+                        help="writes OUT.csv and OUT.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for path in args.runs:
+        path = path / "bench_search.json" if path.is_dir() else path
+        if not path.is_file():
+            parser.error(f"no bench_search.json at {path}")
+        rows += run_rows(path, args.baseline)
+    if not rows:
+        parser.error(f"none of the runs compares hwprune with {args.baseline!r}")
+    df = pd.DataFrame(rows).sort_values(["model", "budget", "search_seed"], ascending=[True, False, True])
+    text = markdown(df)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out.with_suffix(".csv"), index=False)
+    args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "markdown": text}, indent=2, default=str))
+    print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.json')}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
