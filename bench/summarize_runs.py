@@ -37,10 +37,11 @@ def run_rows(path: Path, baseline: str) -> list[dict[str, Any]]:
         hw, base = picks[key + ("hwprune",)], picks[key + (baseline,)]
         diff, p = pair["difference"], pair["p_two_sided"]
         rows.append({
-            "run": str(path), "created": data["created"], "commit": data.get("commit"), "search_seed": seed, "model": pair["model"],
-            "budget": pair["budget"], "hwprune_accuracy": hw["accuracy"], "hwprune_ratio": hw["ratio_wall"],
-            "hwprune_meets": hw["meets_wall"], "baseline": baseline, "baseline_accuracy": base["accuracy"],
-            "baseline_ratio": base["ratio_wall"], "baseline_meets": base["meets_wall"],
+            "run": str(path), "created": data["created"], "commit": data.get("commit"), "search_seed": seed,
+            "model": pair["model"], "budget": pair["budget"],
+            "hwprune_accuracy": hw["accuracy"], "hwprune_ratio": hw["ratio_wall"], "hwprune_meets": hw["meets_wall"],
+            "baseline": baseline, "baseline_accuracy": base["accuracy"], "baseline_ratio": base["ratio_wall"],
+            "baseline_meets": base["meets_wall"],
             "difference_points": 100 * diff, "paired_se_points": 100 * pair["paired_se"], "p": p,
             "verdict": "lead" if diff > 0 and p < ALPHA else "behind" if diff < 0 and p < ALPHA else "tie",
         })
@@ -60,7 +61,8 @@ def markdown(df: pd.DataFrame) -> str:
                   "|---|---|---|---|---|---|---|"]
         for _, r in group.iterrows():
             p = "< 0.001" if r["p"] < 0.001 else f"{r['p']:.3f}"
-            lines.append(f"| {r['search_seed']} | {r['commit'] or '?'} | {pick(r['hwprune_accuracy'], r['hwprune_ratio'], r['hwprune_meets'])}"
+            lines.append(f"| {r['search_seed']} | {r['commit'] or '?'}"
+                         f" | {pick(r['hwprune_accuracy'], r['hwprune_ratio'], r['hwprune_meets'])}"
                          f" | {pick(r['baseline_accuracy'], r['baseline_ratio'], r['baseline_meets'])}"
                          f" | {r['difference_points']:+.2f} ({r['paired_se_points']:.2f}) | {p} | {r['verdict']} |")
         counts = group["verdict"].value_counts()

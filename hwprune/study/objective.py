@@ -91,14 +91,15 @@ class TrialRunner:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def _book(self, stage: str, seconds: float, into: dict[str, float]) -> None:
-        """Add ``seconds`` to ``stage`` in this trial's stages (``into``) and in the whole search's."""
-        into[stage] = into.get(stage, 0.0) + seconds
+    def book(self, stage: str, seconds: float, into: dict[str, float] | None = None) -> None:
+        """Add ``seconds`` to ``stage`` in the whole search's stages, and in a trial's (``into``) when given."""
+        if into is not None:
+            into[stage] = into.get(stage, 0.0) + seconds
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def _tick(self, stage: str, start: float, into: dict[str, float]) -> float:
         now = time.perf_counter()
-        self._book(stage, now - start, into)
+        self.book(stage, now - start, into)
         return now
 
     def load_cache(self, study: optuna.Study) -> None:
@@ -156,9 +157,9 @@ class TrialRunner:
             m = self.measure(path)
             dense = self.measure(self.beside) if self.beside is not None else None
         for k, v in m.stage_seconds.items():
-            self._book(k, v, stages)
+            self.book(k, v, stages)
         if dense is not None:
-            self._book("dense_beside", sum(dense.stage_seconds.values()), stages)
+            self.book("dense_beside", sum(dense.stage_seconds.values()), stages)
         self._tick("measure", t, {})
         return m, (m.latency.median_ms / dense.latency.median_ms if dense is not None else None)
 

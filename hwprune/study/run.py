@@ -402,7 +402,8 @@ class Search:
         over = {r["trial"] for r in rejected if r["reason"] == OVER_BUDGET}
         models, dropped = self._final_candidates(models, ranked, over, study, subject, runner, dense_record)
         # a trial the front's confirmation left out as dominated may come back as a final candidate
-        rejected = [r for r in rejected if r["trial"] not in {pm.trial for pm in models}] + dropped
+        listed = {pm.trial for pm in models}
+        rejected = [r for r in rejected if r["trial"] not in listed] + dropped
         rec_trial = self._recommend(models, budgets)
         for pm in models:
             self._write_model_files(pm)
@@ -558,8 +559,7 @@ class Search:
             else:
                 again = {"latency_ms": statistics.median(self.measure(path).latency.median_ms
                                                          for _ in range(ROUNDS))}
-        runner.stage_seconds["measure_incumbent"] = (runner.stage_seconds.get("measure_incumbent", 0.0)
-                                                     + time.perf_counter() - t0)
+        runner.book("measure_incumbent", time.perf_counter() - t0)
         return again
 
     def _confirm_latency(self, trial_m: Measurement, trial_ratio: float | None, onnx_path: Path, budgets: Budgets,
@@ -628,11 +628,10 @@ class Search:
             tries += 1
             t0 = time.perf_counter()
             found = self._confirm_trial(by_number[number], subject, runner, runner.budgets, dense_record)
-            runner.stage_seconds["confirm_front"] = (runner.stage_seconds.get("confirm_front", 0.0)
-                                                     + time.perf_counter() - t0)
+            runner.book("confirm_front", time.perf_counter() - t0)
             if isinstance(found, ParetoModel):
                 self.log(f"trial {number} joins the final candidates (off the front, {subject.metric} "
-                         f"{found.accuracy:.4f} by the proxy)")
+                         f"{found.record['accuracy_proxy']:.4f} by the proxy)")
                 finalists.append(found)
             else:
                 rejected.append(found)
