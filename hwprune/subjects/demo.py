@@ -18,6 +18,8 @@ from hwprune.subjects.base import Subject
 from hwprune.subjects.shapes import make_shapes
 
 DATA_VERSION = "shapes-v1"
+# part of the cache key: bump when the dense training's numerics change (v2: channels-last training)
+RECIPE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,10 @@ DEMOS: dict[str, DemoSpec] = {
     "mobilenet-tiny": DemoSpec(
         models.mobilenet_tiny,
         "MobileNetV2-like (inverted residuals, depthwise convs, squeeze-excite) for 32x32 'shapes' images",
-        train_steps=600,
+        # 1,000 steps at 0.1 reach 0.92 held-out accuracy in about 95 s on two cores; 600 at 0.05 reached 0.88.
+        # A dense model trained further leaves the final fine-tunes less to make up, so they compare architectures
+        train_steps=1000,
+        lr=0.1,
     ),
     "resnet-tiny": DemoSpec(
         models.resnet_tiny,
@@ -86,14 +91,15 @@ def _data(seed: int = 0):
 
 
 def build_demo(name: str, *, seed: int = 0, log: Callable[[str], None] | None = None) -> Subject:
-    """The demo subject ``name``: trains the dense model on first use (about a minute) and caches its weights."""
+    """The demo subject ``name``: trains the dense model on first use (1-2 minutes) and caches its weights."""
     spec = DEMOS[name]
     torch.manual_seed(seed)
     model = spec.build()
     x_train, y_train, x_val, y_val = _data(seed)
     train_batches = _Batches(x_train, y_train, 128, shuffle=True, seed=seed)
     val_batches = _Batches(x_val, y_val, 500, shuffle=False)
-    key = hashlib.sha256(f"{name}|{DATA_VERSION}|{spec.train_steps}|{spec.lr}|{seed}|{torch.__version__}".encode())
+    key = hashlib.sha256(
+        f"{name}|{DATA_VERSION}|{RECIPE_VERSION}|{spec.train_steps}|{spec.lr}|{seed}|{torch.__version__}".encode())
     path = cache_dir() / "subjects" / f"{name}-{key.hexdigest()[:12]}.pt"
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
