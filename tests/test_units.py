@@ -11,7 +11,7 @@ from hwprune.config import Budget, SearchConfig
 from hwprune.errors import HwpruneError
 from hwprune.study.pareto import hypervolume_history, pareto_front, pareto_mask, recommend
 from hwprune.subjects.shapes import CLASSES, make_shapes
-from hwprune.train import accuracy, correct, recalibrate_batchnorm
+from hwprune.train import accuracy, channels_last, correct, finetune, recalibrate_batchnorm
 
 
 def test_budget_parsing() -> None:
@@ -104,6 +104,27 @@ def test_batchnorm_recalibration_matches_data_statistics() -> None:
     all_x = torch.cat(data)
     assert torch.allclose(bn.running_mean, all_x.mean((0, 2, 3)), atol=1e-4)
     assert not bn.training
+
+
+def test_channels_last_training_learns_and_leaves_contiguous_weights() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 2))
+    x = torch.randn(64, 3, 8, 8)
+    y = (x.mean((1, 2, 3)) > 0).long()  # learnable from the mean brightness
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    with channels_last(model):
+        assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert not model[0].weight.is_contiguous()
+    before = accuracy(model, data)
+    finetune(model, data, 60, lr=0.1)
+    assert accuracy(model, data) > max(before, 0.8)
+    # pruning, export and state_dict consumers get the usual layout back
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(b.is_contiguous() for b in model.buffers())
+    linear = nn.Linear(3, 3)
+    with channels_last(linear, None):  # no 4-D weights: left alone, and None is allowed (no teacher)
+        assert linear.weight.is_contiguous()
 
 
 def test_per_sample_correctness_and_accuracy_agree() -> None:
