@@ -181,6 +181,34 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
             <= START_SETS + 2 * len(measured) + 2 * CONFIRM_MAX_ROUNDS * confirmed)
 
 
+def test_front_models_over_budget_on_remeasure_give_way_to_the_trials_behind(tmp_path: Path) -> None:
+    """A front model whose trial measurement was lucky goes over the budget when its exported file is measured
+    again; the trials it hid are confirmed in its place, so the run still answers."""
+    kw = dict(latency_budget_ms="0.8x", trials=8, out=tmp_path, study="lucky", final_finetune_steps=0, seed=0)
+    first = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **kw)
+    assert first.summary["pareto"], "a 0.8x budget on the tiny net must be reachable"
+    study = optuna.load_study(study_name="lucky", storage=f"sqlite:///{first.run_dir / 'study.db'}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    template = complete[0]
+    # the dense architecture (ratio 0 everywhere, about 1.0x the dense model), recorded as if one measurement had
+    # come out at 0.05x: more accurate, faster and smaller than every real trial, so it is the whole front
+    study.add_trial(optuna.trial.create_trial(
+        params={k: 0.0 for k in template.params}, distributions=template.distributions,
+        values=[1.0, template.values[1] * 0.05, min(t.values[2] for t in complete) * 0.5],
+        user_attrs={**template.user_attrs, "latency_ratio": 0.05, "signature": "lucky", "accuracy_proxy": 1.0}))
+    lucky = len(study.trials) - 1
+    result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **{**kw, "trials": len(complete) + 1})
+    rejected = result.summary["search"]["rejected_on_remeasure"]
+    assert {"trial": lucky, "reason": "over budget when re-measured"}.items() <= next(
+        r for r in rejected if r["trial"] == lucky).items()
+    listed = [r["trial"] for r in result.summary["pareto"]]
+    assert listed and lucky not in listed and result.recommended is not None
+    assert set(listed) <= {r["trial"] for r in first.summary["pareto"]} | {r["trial"] for r in
+                                                                       first.summary["search"]["rejected_on_remeasure"]}
+    for r in result.summary["pareto"]:
+        assert r["meets"]["latency"] and r["latency_ratio_upper"] <= 0.8
+
+
 def test_unreachable_budget_says_best_reached_and_keeps_trials(tmp_path: Path) -> None:
     proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--latency-budget-ms", "0.0001", "--trials", "3",
                    "--out", str(tmp_path), "--study", "tight", "--final-finetune-steps", "0")
