@@ -11,6 +11,11 @@ budget (a fraction of the dense model's latency on the ``host-cpu`` profile), it
                          GroupMagnitudeImportance), its ratio bisected the same way until the measured latency meets
                          the budget (MACs are what the ratio controls; measured latency is what must meet the budget).
 
+A baseline's bisected choice is then held to the rule hwprune holds its own picks to (``--confirm-tries``): measured
+in interleaved rounds with the dense model, its median ratio plus standard error must meet the budget, else the next
+more-pruned architecture on its curve is tried. Without this, one lucky probe let a baseline's pick run over its
+budget side by side in most demo runs, while hwprune's met it, and "equal latency" favoured the baselines.
+
 Every final model gets the same fine-tune: BatchNorm re-calibration, then ``--finetune-steps`` SGD steps distilled
 from the dense model (lr 0.02, the recipe of hwprune's own final fine-tune), from the same data order. hwprune's
 search runs with that same final fine-tune for its ``--final-candidates`` (its default: 3) and recommends the best of
@@ -74,6 +79,7 @@ from hwprune.subjects import build_demo, models  # noqa: E402
 from hwprune.subjects.base import Subject  # noqa: E402
 from hwprune.subjects.demo import cache_dir  # noqa: E402
 from hwprune.subjects.shapes import make_shapes  # noqa: E402
+from hwprune.study.reference import interleaved_rounds  # noqa: E402
 
 PROFILE = "host-cpu"
 METHODS = ("hwprune", "uniform-16", "uniform-1", "tp-global-mag")
@@ -366,6 +372,20 @@ class CurvePoint:
     seconds: float  # prune + export + measure
     measured: bool  # False when an identical architecture was already measured
     module: nn.Module = field(repr=False)
+    onnx: Path = field(repr=False)  # the exported file (the first ratio's, for an architecture already measured)
+
+
+@dataclass
+class Selection:
+    """What :meth:`RatioCurve.select` chose, the points it consulted, whether the budget was met, and the latency
+    ratio, extra measurements and seconds of the interleaved confirmation (None, 0 and 0 without one)."""
+
+    choice: CurvePoint
+    used: list[CurvePoint]
+    met: bool
+    confirmed_ratio: float | None = None
+    confirm_measurements: int = 0
+    confirm_seconds: float = 0.0
 
 
 class RatioCurve:
@@ -376,7 +396,7 @@ class RatioCurve:
                  workdir: Path) -> None:
         self.name, self.build, self.subject, self.probe, self.workdir = name, build, subject, probe, workdir
         self.points: dict[float, CurvePoint] = {}
-        self._by_signature: dict[str, float] = {}
+        self._by_signature: dict[str, tuple[float, Path]] = {}
 
     def at(self, ratio: float) -> CurvePoint:
         """The point for ``ratio`` (built and measured on first use)."""
@@ -388,21 +408,22 @@ class RatioCurve:
         macs, params = count_macs_params(module, self.subject.example_inputs)
         sig = architecture_signature(read_widths(module))
         if sig in self._by_signature:
-            lat, measured = self._by_signature[sig], False
+            (lat, path), measured = self._by_signature[sig], False
         else:
             path = export_onnx(module, self.subject.example_inputs, self.workdir / f"{self.name}-{ratio:.4f}.onnx")
             lat, measured = self.probe.ratio(path), True
-            self._by_signature[sig] = lat
-        point = CurvePoint(ratio, lat, macs, params, sig, time.perf_counter() - t0, measured, module)
+            self._by_signature[sig] = (lat, path)
+        point = CurvePoint(ratio, lat, macs, params, sig, time.perf_counter() - t0, measured, module, path)
         self.points[ratio] = point
         say(f"  {self.name} ratio {ratio:.3f}: latency {lat:.3f}x dense, {macs / 1e6:.2f} M MACs"
             + ("" if measured else " (architecture already measured)"))
         return point
 
-    def select(self, budget: float, grid: list[float], refine: int) -> tuple[CurvePoint, list[CurvePoint], bool]:
+    def select(self, budget: float, grid: list[float], refine: int, confirm_tries: int = 0) -> Selection:
         """The least pruning whose measured latency meets ``budget`` (a fraction of dense): the first grid ratio that
-        meets it, then ``refine`` bisection steps toward the grid ratio before it. Returns (choice, points consulted,
-        whether the budget was met); when no grid ratio meets it, the fastest grid point is returned."""
+        meets it, then ``refine`` bisection steps toward the grid ratio before it, then up to ``confirm_tries``
+        interleaved confirmations (:meth:`confirm`). When no grid ratio meets the budget, the fastest grid point is
+        returned, not met."""
         used: list[CurvePoint] = []
         lo, hi = 0.0, None
         for r in grid:
@@ -413,7 +434,7 @@ class RatioCurve:
                 break
             lo = r
         if hi is None:
-            return min(used, key=lambda p: p.latency_ratio), used, False
+            return Selection(min(used, key=lambda p: p.latency_ratio), used, False)
         for _ in range(refine):
             mid = (lo + hi) / 2
             p = self.at(mid)
@@ -422,7 +443,42 @@ class RatioCurve:
                 hi = mid
             else:
                 lo = mid
-        return self.at(hi), used, True
+        selection = Selection(self.at(hi), used, True)
+        return self.confirm(selection, budget, confirm_tries) if confirm_tries else selection
+
+    def confirm(self, selection: Selection, budget: float, tries: int, step: float = 0.01) -> Selection:
+        """hwprune's rule for its own picks (hwprune.study.reference): the choice is measured in interleaved rounds
+        with the dense model and must meet ``budget`` by its median ratio plus standard error; if it does not, the
+        next more-pruned architecture (ratios in ``step`` increments) is tried, ``tries`` times at most."""
+        choice = selection.choice
+        for attempt in range(tries):
+            t0 = time.perf_counter()
+            rounds = interleaved_rounds(self.probe.backend.measure, choice.onnx, self.probe.dense_onnx, budget)
+            selection.confirm_seconds += time.perf_counter() - t0
+            selection.confirm_measurements += 2 * len(rounds.ratios)
+            selection.confirmed_ratio = rounds.ratio
+            say(f"  {self.name} ratio {choice.ratio:.3f}: {rounds.ratio:.3f}x dense over {len(rounds.ratios)} "
+                f"interleaved rounds, {rounds.upper:.3f}x with its standard error")
+            if rounds.upper <= budget:
+                selection.choice, selection.met = choice, True
+                return selection
+            nxt = self.next_architecture(choice, step)
+            if nxt is None:
+                break
+            selection.used.append(nxt)
+            choice = nxt
+        selection.choice, selection.met = choice, False
+        return selection
+
+    def next_architecture(self, point: CurvePoint, step: float, limit: float = 0.95) -> CurvePoint | None:
+        """The first point past ``point`` (in ``step`` ratio increments, up to ``limit``) with other widths."""
+        r = point.ratio
+        while r + step <= limit:
+            r += step
+            nxt = self.at(r)
+            if nxt.signature != point.signature:
+                return nxt
+        return None
 
 
 def uniform_builder(subject: Subject, channel_multiple: int) -> Callable[[float], nn.Module]:
@@ -494,20 +550,29 @@ class Final:
 
 
 def run_uniform(subject: Subject, curve: RatioCurve, budget: float, grid: list[float], refine: int,
-                method: str) -> Final:
+                method: str, confirm_tries: int = 0) -> Final:
     """(b) The least uniform pruning ratio that meets the budget, by measurement."""
-    choice, used, met = curve.select(budget, grid, refine)
-    distinct = {id(p): p for p in used}.values()
+    sel = curve.select(budget, grid, refine, confirm_tries)
+    distinct = {id(p): p for p in sel.used}.values()
+    choice = sel.choice
+    if sel.met:
+        note = ""
+    elif sel.confirmed_ratio is not None:
+        note = f"not confirmed within the budget after {confirm_tries} interleaved confirmations"
+    else:
+        note = "no ratio on the grid met the budget"
     return Final(subject.name, budget, method, f"ratio {choice.ratio:.3f}", copy.deepcopy(choice.module),
                  choice.macs, choice.params,
-                 measurements=LatencyProbe.MEASUREMENTS * sum(p.measured for p in distinct),
-                 select_seconds=sum(p.seconds for p in distinct), select_latency_ratio=choice.latency_ratio,
-                 budget_met_at_selection=met, note="" if met else "no ratio on the grid met the budget")
+                 measurements=LatencyProbe.MEASUREMENTS * sum(p.measured for p in distinct) + sel.confirm_measurements,
+                 select_seconds=round(sum(p.seconds for p in distinct) + sel.confirm_seconds, 2),
+                 select_latency_ratio=sel.confirmed_ratio if sel.confirmed_ratio is not None else choice.latency_ratio,
+                 budget_met_at_selection=sel.met, note=note)
 
 
-def run_tp(subject: Subject, curve: RatioCurve, budget: float, grid: list[float], refine: int) -> Final:
+def run_tp(subject: Subject, curve: RatioCurve, budget: float, grid: list[float], refine: int,
+           confirm_tries: int = 0) -> Final:
     """(c) Torch-Pruning global magnitude pruning, its global ratio bisected to the latency budget."""
-    return run_uniform(subject, curve, budget, grid, refine, "tp-global-mag")
+    return run_uniform(subject, curve, budget, grid, refine, "tp-global-mag", confirm_tries)
 
 
 def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf: dict[str, Any],
@@ -851,9 +916,9 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
             checks.append({"model": subject.name, "budget": budget, "run_dir": str(run_dir), **check})
         for method in ("uniform-16", "uniform-1"):
             say(f"{subject.name} {budget:g}x: {method} bisection...")
-            finals.append(run_uniform(subject, curves[method], budget, grid, refine, method))
+            finals.append(run_uniform(subject, curves[method], budget, grid, refine, method, args.confirm_tries))
         say(f"{subject.name} {budget:g}x: tp-global-mag bisection...")
-        finals.append(run_tp(subject, curves["tp-global-mag"], budget, grid, refine))
+        finals.append(run_tp(subject, curves["tp-global-mag"], budget, grid, refine, args.confirm_tries))
 
     for f in finals[1:]:
         if f.module is None:
@@ -924,6 +989,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the wall median on a quiet host, drifts less on a busy one; default), fastest sample, or wall "
                         "median")
     p.add_argument("--rounds", type=int, default=None, help="interleaved re-measurement rounds (default 7; quick 5)")
+    p.add_argument("--confirm-tries", type=int, default=4,
+                   help="interleaved confirmations of each baseline's choice, as hwprune confirms its picks: median + "
+                        "standard error within the budget, else the next more-pruned architecture (default 4; 0 = "
+                        "choose on the bisection's probe alone, as before)")
     p.add_argument("--front-rounds", type=int, default=None,
                    help="rounds re-measuring hwprune's Pareto front for the check (default 3; quick 2; 0 = off)")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -971,9 +1040,11 @@ def main(argv: list[str] | None = None) -> int:
              "Latency: median over interleaved rounds, with the dense model's in the same rounds in brackets; the "
              "ratios are medians over rounds of (model ÷ dense of that round). 'chose' gives the latency ratio the "
              "method saw when it chose (baselines: "
-             f"{STAT_NAMES[args.select_stat]}"
-             " between two measurements of the dense model; "
-             "hwprune: the median ratio of the interleaved rounds with the dense model that confirmed its pick). "
+             + (f"{STAT_NAMES[args.select_stat]} between two measurements of the dense model"
+                if not args.confirm_tries else
+                "the median ratio of the interleaved rounds with the dense model that confirmed the bisection's "
+                "choice, which must meet the budget with its standard error as hwprune's picks must")
+             + "; hwprune: the median ratio of the interleaved rounds with the dense model that confirmed its pick). "
              "'BN-cal' = accuracy after BN "
              "re-calibration only, before the common fine-tune.", "",
              "### hwprune per-trial overhead (seconds per trial, from summary.json `search.stage_seconds`)", "",
