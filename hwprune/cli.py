@@ -99,7 +99,7 @@ def search(
     channel_multiple: Annotated[Optional[int], typer.Option("--channel-multiple", help="Round kept widths to this multiple (default: the profile's).")] = None,
     trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only); used when the model source provides training data.")] = 20,
     final_finetune: Annotated[int, typer.Option("--final-finetune-steps", help="Fine-tune steps of the final fine-tune (distilled from the dense model) before the recommendation.")] = 300,
-    final_candidates: Annotated[int, typer.Option("--final-candidates", help="The K most accurate models within the budgets (by the search's proxy, on the Pareto front or not) each get the final fine-tune; the most accurate afterwards is recommended.")] = 3,
+    final_candidates: Annotated[int, typer.Option("--final-candidates", help="The K most accurate models within the budgets (by the search's proxy, on the Pareto front or not, including trials measured up to 5% over the latency budget once re-measured within it) each get the final fine-tune; the most accurate afterwards is recommended.")] = 3,
     allow_untuned: Annotated[bool, typer.Option("--allow-untuned", help="Let untuned TVM latencies drive the search.")] = False,
     tune_final: Annotated[int, typer.Option("--tune-final", help="TVM backends: after the search, MetaSchedule-tune the recommended model with N trials on the device and report its tuned latency (0 = off).")] = 0,
     allow_estimate: Annotated[bool, typer.Option("--allow-estimate", help="Let roofline estimates drive the search.")] = False,
