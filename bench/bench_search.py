@@ -451,7 +451,7 @@ class RatioCurve:
         with the dense model and must meet ``budget`` by its median ratio plus standard error; if it does not, the
         next more-pruned architecture (ratios in ``step`` increments) is tried, ``tries`` times at most."""
         choice = selection.choice
-        for attempt in range(tries):
+        for _ in range(tries):
             t0 = time.perf_counter()
             rounds = interleaved_rounds(self.probe.backend.measure, choice.onnx, self.probe.dense_onnx, budget)
             selection.confirm_seconds += time.perf_counter() - t0

@@ -186,6 +186,16 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
             <= START_SETS + 2 * len(measured) + 2 * CONFIRM_MAX_ROUNDS * confirmed)
 
 
+def _add_recorded_trial(study: optuna.Study, like: optuna.trial.FrozenTrial, params: dict[str, float],
+                        latency_ratio: float, latency_ms: float, memory_mb: float, signature: str) -> int:
+    """Add a complete trial of the architecture ``params``, recorded as if its one measurement had given
+    ``latency_ratio`` / ``latency_ms``, and as the most accurate by the proxy (1.0); returns its number."""
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions=like.distributions, values=[1.0, latency_ms, memory_mb],
+        user_attrs={**like.user_attrs, "latency_ratio": latency_ratio, "signature": signature, "accuracy_proxy": 1.0}))
+    return len(study.trials) - 1
+
+
 def test_front_models_over_budget_on_remeasure_give_way_to_the_trials_behind(tmp_path: Path) -> None:
     """A front model whose trial measurement was lucky goes over the budget when its exported file is measured
     again; the trials it hid are confirmed in its place, so the run still answers."""
@@ -197,11 +207,8 @@ def test_front_models_over_budget_on_remeasure_give_way_to_the_trials_behind(tmp
     template = complete[0]
     # the dense architecture (ratio 0 everywhere, about 1.0x the dense model), recorded as if one measurement had
     # come out at 0.05x: more accurate, faster and smaller than every real trial, so it is the whole front
-    study.add_trial(optuna.trial.create_trial(
-        params={k: 0.0 for k in template.params}, distributions=template.distributions,
-        values=[1.0, template.values[1] * 0.05, min(t.values[2] for t in complete) * 0.5],
-        user_attrs={**template.user_attrs, "latency_ratio": 0.05, "signature": "lucky", "accuracy_proxy": 1.0}))
-    lucky = len(study.trials) - 1
+    lucky = _add_recorded_trial(study, template, {k: 0.0 for k in template.params}, 0.05, template.values[1] * 0.05,
+                                min(t.values[2] for t in complete) * 0.5, "lucky")
     result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **{**kw, "trials": len(complete) + 1})
     rejected = result.summary["search"]["rejected_on_remeasure"]
     assert {"trial": lucky, "reason": "over budget when re-measured"}.items() <= next(
@@ -229,11 +236,9 @@ def test_trial_measured_just_over_the_budget_can_still_be_a_final_candidate(tmp_
     # its architecture again, recorded as if its one measurement had come out 2% over the budget, and as the most
     # accurate trial by the proxy: the search's trials say it is infeasible
     unlucky = 0.8 * (1 + NEAR_MISS / 2.5)
-    study.add_trial(optuna.trial.create_trial(
-        params=fastest.params, distributions=fastest.distributions,
-        values=[1.0, fastest.values[1] * unlucky / fastest.user_attrs["latency_ratio"], fastest.values[2]],
-        user_attrs={**fastest.user_attrs, "latency_ratio": unlucky, "signature": "unlucky", "accuracy_proxy": 1.0}))
-    number = len(study.trials) - 1
+    number = _add_recorded_trial(study, fastest, fastest.params, unlucky,
+                                 fastest.values[1] * unlucky / fastest.user_attrs["latency_ratio"], fastest.values[2],
+                                 "unlucky")
     result = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **{**kw, "trials": len(complete) + 1})
     trials = pd.read_csv(result.run_dir / "trials.csv")
     assert not trials.loc[trials["trial"] == number, "feasible"].item()

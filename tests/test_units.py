@@ -125,6 +125,10 @@ def test_channels_last_training_learns_and_leaves_contiguous_weights() -> None:
     linear = nn.Linear(3, 3)
     with channels_last(linear, None):  # no 4-D weights: left alone, and None is allowed (no teacher)
         assert linear.weight.is_contiguous()
+    mine = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)  # a caller's own layout is kept
+    with channels_last(mine):
+        pass
+    assert mine.weight.is_contiguous(memory_format=torch.channels_last) and not mine.weight.is_contiguous()
 
 
 def test_per_sample_correctness_and_accuracy_agree() -> None:

@@ -644,7 +644,7 @@ class Search:
         near = _near_miss(ranked, runner.budgets)
         pool = (ranked[ranked["feasible"] | near].sort_values("trial").drop_duplicates("signature", keep="first")
                 .sort_values(["accuracy", "latency_ms"], ascending=[False, True]))
-        near_numbers = set(ranked.loc[near & ~ranked["feasible"], "trial"].astype(int))
+        near_numbers = set(ranked.loc[near, "trial"].astype(int))  # over the budget, so none is feasible
         want = max(1, c.final_candidates)
         finalists: list[ParetoModel] = []
         rejected: list[dict[str, Any]] = []
