@@ -145,6 +145,64 @@ def test_relative_budgets_judge_the_ratio_to_the_dense_model_measured_beside(tmp
     assert bracket_budget(study, space, 10.0, Budgets(5.0, None, latency_factor=0.5)) == [0.625]
 
 
+def test_bracket_measures_a_warm_start_model_just_over_the_budget_again_before_giving_up(tmp_path: Path) -> None:
+    """Seen on the demo at 0.4x: the warm start's most pruned model (0.32x side by side) measured 0.418x in its trial
+    during a slow spell, so no uniform trial met the budget and bisection never started."""
+    from hwprune.study.objective import CONFIRMED_ATTR, NEAR_MISS
+    from hwprune.study.refine import incumbent
+
+    subject = _runner().subject
+    space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=1, max_ratio=0.75)
+    budgets = Budgets(4.0, None)
+    fake = {0.25: 8.0, 0.5: 6.0, 0.75: 4.0 * (1 + NEAR_MISS / 2)}  # the smallest model lands 2.5% over
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        for k in space.knobs:
+            trial.suggest_float(k.name, 0.0, k.max_ratio)
+        lat = fake[trial.user_attrs["uniform_ratio"]]
+        trial.set_constraint("latency", lat - 4.0)
+        trial.set_constraint("memory", -1.0)
+        return 0.5, lat, 1.0
+
+    def study_of(name: str) -> optuna.Study:
+        study = optuna.create_study(storage=f"sqlite:///{tmp_path / name}",
+                                    directions=["maximize", "minimize", "minimize"])
+        warm_start(study, space)
+        study.optimize(objective, n_trials=3)
+        return study
+
+    study = study_of("a.db")
+    assert bracket_budget(study, space, 10.0, budgets) == []  # without a second measurement nothing meets
+    measured: list[float] = []
+
+    def confirm_at(ms: float):  # noqa: ANN202
+        def confirm(ratios: dict[str, float]) -> dict[str, float]:
+            measured.append(next(iter(ratios.values())))
+            return {"latency_ms": ms}
+        return confirm
+
+    # measured again, it meets the budget: bisection starts between 0.5 (6 ms) and it
+    queued = bracket_budget(study, space, 10.0, budgets, confirm=confirm_at(3.8))
+    assert measured == [0.75] and study.user_attrs[CONFIRMED_ATTR] == {"2": {"latency_ms": 3.8}}
+    assert len(queued) == 1 and 0.5 < queued[0] < 0.75
+    # and it is the refinement's incumbent, though its trial was over the budget
+    best, ms = incumbent(study, budgets)
+    assert best.number == 2 and ms == pytest.approx(3.8)
+
+    # measured again, still over: nothing queued, and it is not measured a third time
+    measured.clear()
+    over = study_of("b.db")
+    assert bracket_budget(over, space, 10.0, budgets, confirm=confirm_at(4.3)) == []
+    assert bracket_budget(over, space, 10.0, budgets, confirm=confirm_at(3.8)) == []
+    assert measured == [0.75] and incumbent(over, budgets) is None
+
+    # a model clearly over the budget is not worth a second measurement
+    measured.clear()
+    fake[0.75] = 4.0 * (1 + 2 * NEAR_MISS)
+    assert bracket_budget(study_of("c.db"), space, 10.0, budgets, confirm=confirm_at(3.8)) == []
+    assert measured == []
+
+
 def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_path: Path) -> None:
     from hwprune.backends.ort import OrtBackend
     from hwprune.export import export_onnx

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from hwprune.errors import HwpruneError
 from hwprune.pruning import PruningSpace
-from hwprune.study.objective import Budgets, is_feasible, judged_latency
+from hwprune.study.objective import CONFIRMED_ATTR, Budgets, ConfirmFn, confirmed_latency, is_feasible
 
 REFINE_FROM = 0.6  # the share of the search (trials, or time) after which refinement starts
 REFINE_EVERY = 2  # then one neighbour per this many completed trials
@@ -32,29 +32,26 @@ MAX_BUILDS = 16  # MACs counts (pruned copies) one neighbour may cost
 # and the front is judged on the final budget and a re-measurement
 BUDGET_MARGIN = 0.03
 
-CONFIRMED_ATTR = "edge_confirmed"  # study user attribute: trial number -> its latency measured again
 CONFIRM_TRIES = 3  # incumbents measured again at most per refinement step
 
 MacsFn = Callable[[dict[str, float]], int]
-ConfirmFn = Callable[[dict[str, float]], dict[str, float]]
 
 
 def incumbent(study: optuna.Study, budgets: Budgets) -> tuple[optuna.trial.FrozenTrial, float] | None:
     """The most accurate feasible trial and its judged latency (:meth:`Budgets.judged_ms`), taken from its
     measurement again (``CONFIRMED_ATTR``: ``latency_ms`` and, under a relative budget, ``latency_ratio``) where
-    there is one; a trial that no longer fits then is not feasible. None when no trial is."""
+    there is one: that measurement decides whether the trial fits the latency budget, both ways. None when no trial
+    fits."""
     confirmed = study.user_attrs.get(CONFIRMED_ATTR) or {}
 
-    def judged(t: optuna.trial.FrozenTrial) -> float:
-        again = confirmed.get(str(t.number))
-        if again:
-            return budgets.judged_ms(again["latency_ms"], again.get("latency_ratio"))
-        return judged_latency(t, budgets)
+    def fits(t: optuna.trial.FrozenTrial, ms: float) -> bool:
+        if str(t.number) not in confirmed or budgets.latency_ms is None:
+            return is_feasible(t)
+        return ms <= budgets.latency_ms and all(v <= 0 for k, v in (t.constraints or {}).items() if k != "latency")
 
-    scored = [(t, judged(t)) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if is_feasible(t)]
-    if budgets.latency_ms is not None:
-        scored = [(t, ms) for t, ms in scored if str(t.number) not in confirmed or ms <= budgets.latency_ms]
+    scored = [(t, confirmed_latency(t, budgets, confirmed))
+              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    scored = [(t, ms) for t, ms in scored if fits(t, ms)]
     return max(scored, key=lambda x: (x[0].values[0], -x[1]), default=None)
 
 

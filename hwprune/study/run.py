@@ -35,8 +35,8 @@ from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
 from hwprune.study.refine import EdgeRefiner
 from hwprune.study.reference import ROUNDS, START_SETS, DenseReference, Rounds, interleaved_rounds
-from hwprune.study.objective import (Budgets, TrialRunner, bracket_budget, latency_ratio, make_sampler, open_study,
-                                     trials_table, warm_start)
+from hwprune.study.objective import (NEAR_MISS, Budgets, TrialRunner, bracket_budget, latency_ratio, make_sampler,
+                                     open_study, trials_table, warm_start)
 from hwprune.subjects.base import Subject
 from hwprune.subjects.loader import check_evaluate, load_subject
 
@@ -46,11 +46,6 @@ OVER_BUDGET = "over budget when re-measured"  # a rejected_on_remeasure reason
 # when front models go over a budget on re-measure, the trials behind them get up to this many times the first
 # front's size in extra confirmations (each a rebuild and a few interleaved measurements)
 REFILL_CONFIRMATIONS = 2
-# a trial measured over the latency budget by at most this fraction of it may still be a final candidate: one
-# measurement cannot tell 2% over from 2% under on a shared host, and the candidate's confirmation (interleaved rounds,
-# median + standard error) decides. Seen on the demo at 0.4x: one architecture measured 0.410x in its trial and
-# 0.395x over 4 interleaved rounds
-NEAR_MISS = 0.05
 
 
 @dataclass
@@ -329,9 +324,13 @@ class Search:
                     # the runner holds this same Budgets object: later trials are constrained by the new value
                     budgets.latency_ms = c.latency_budget_ms.resolve(reference.measurement.latency.median_ms)
 
+            def measure_again(ratios: dict[str, float]) -> dict[str, float]:
+                return self._measure_again(ratios, subject, space, runner)
+
             def aim_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 if trial.state == TrialState.COMPLETE and "uniform_ratio" in trial.user_attrs:
-                    ratios = bracket_budget(study, space, reference.measurement.latency.median_ms, budgets)
+                    ratios = bracket_budget(study, space, reference.measurement.latency.median_ms, budgets,
+                                            confirm=measure_again)
                     if ratios:
                         self.log(f"uniform ratio {ratios[0]:.3f} queued: bisecting for the least uniform pruning "
                                  "that meets the latency budget")
@@ -341,7 +340,7 @@ class Search:
                                                 macs_of=lambda r: prune(subject.model, subject.example_inputs, r,
                                                                         space).macs,
                                                 budgets=budgets, log=self.log,
-                                                confirm=lambda r: self._measure_again(r, subject, space, runner))]
+                                                confirm=measure_again)]
             if c.trials is not None:
                 callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))
             try:
