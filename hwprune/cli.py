@@ -383,12 +383,12 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors and aborts
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        # typer 0.2x vendors its own copy of click (typer._click), whose exceptions are not click's: recognise a
+        # usage error by what it can do (an unknown option once ended in a traceback here)
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if isinstance(exc, typer.Abort) or type(exc).__name__ == "Abort":
             sys.exit(EXIT_INTERRUPTED)
         raise
 
