@@ -463,6 +463,9 @@ class Search:
             if best_infeasible is None:
                 raise BudgetUnreachable("no trial completed; see the failures in "
                                         f"{self.run_dir / 'trials.csv'}")
+            over = [r for r in rejected if r["reason"] == OVER_BUDGET]
+            if over:
+                raise BudgetUnreachable(_none_held(over, budgets, self.storage))
             raise BudgetUnreachable(
                 f"no candidate met the budgets (latency {_fmt(budgets.latency_ms, 'ms')}, memory "
                 f"{_fmt(budgets.memory_mb, 'MB')}); the best reached were {best_infeasible['latency_ms']:.3f} ms and "
@@ -545,8 +548,11 @@ class Search:
             self.log(f"trial {number} left out: re-measured at {m.latency.median_ms:.3f} ms{beside} / "
                      f"{m.memory.total_mb:.2f} MB, over a budget it met during the search")
             shutil.rmtree(folder, ignore_errors=True)
-            return {"trial": number, "latency_ms": m.latency.median_ms, "memory_mb": m.memory.total_mb,
-                    "reason": OVER_BUDGET}
+            entry = {"trial": number, "latency_ms": m.latency.median_ms, "memory_mb": m.memory.total_mb,
+                     "reason": OVER_BUDGET}
+            if rounds:
+                entry.update(latency_ratio=record["latency_ratio"], latency_ratio_upper=record["latency_ratio_upper"])
+            return entry
         record["files"] = {"onnx": {"path": onnx_path.relative_to(self.run_dir).as_posix()}}
         return ParetoModel(number, record, self.run_dir, pruned.module, m)
 
@@ -776,6 +782,22 @@ class Search:
             build_report(self.run_dir)
         except Exception as exc:  # noqa: BLE001 - the search result is already saved
             self.log(f"report failed ({type(exc).__name__}: {exc}); rebuild it with `hwprune report {self.run_dir}`")
+
+
+def _none_held(over: list[dict[str, Any]], budgets: Budgets, storage: str) -> str:
+    """The error for a search whose feasible trials all went over a budget when re-measured: which ones, by how much,
+    and that the same command confirms them again (its trials are kept)."""
+    def figure(r: dict[str, Any]) -> str:
+        if r.get("latency_ratio_upper") is not None:
+            return f"trial {r['trial']} at {r['latency_ratio_upper']:.3f}x"
+        return f"trial {r['trial']} at {r['latency_ms']:.3f} ms, {r['memory_mb']:.2f} MB"
+
+    limit = (f"{budgets.latency_factor:g}x the dense model measured beside it" if budgets.latency_factor
+             else f"latency {_fmt(budgets.latency_ms, 'ms')}, memory {_fmt(budgets.memory_mb, 'MB')}")
+    shown = ", ".join(figure(r) for r in over[:4]) + (", ..." if len(over) > 4 else "")
+    return (f"{len(over)} trial(s) met the budgets during the search, but none held when re-measured ({shown}; "
+            f"budget {limit}). On a shared host a slow spell can do this: run the same command again to confirm "
+            f"them again, or relax the budget; completed trials are kept in {storage}")
 
 
 def _near_miss(ranked: pd.DataFrame, budgets: Budgets) -> pd.Series:
