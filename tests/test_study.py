@@ -203,6 +203,28 @@ def test_bracket_measures_a_warm_start_model_just_over_the_budget_again_before_g
     assert measured == []
 
 
+def test_a_trial_is_judged_on_the_median_of_interleaved_rounds(tmp_path: Path) -> None:
+    """Seen on the demo at 0.4x: a slow spell as long as one measurement put a 0.35x model at 0.67x in its trial."""
+    from hwprune.study.reference import ROUNDS
+
+    runner = _runner(finetune_steps=0)
+    dense_path = tmp_path / "dense.onnx"
+    dense_path.write_bytes(b"")
+    order: list[str] = []
+    model_ms = iter([1.0, 2.0, 1.1])  # the second round hit a slow spell the dense model beside it missed
+
+    def measure(path: Path) -> Measurement:
+        order.append("dense" if path == dense_path else "model")
+        return _measured(4.0 if path == dense_path else next(model_ms))
+
+    runner.measure, runner.beside = measure, dense_path
+    stages: dict[str, float] = {}
+    m, ratio = runner.export_and_measure(runner.build(runner.space.uniform(0.5)).module, stages)
+    assert ratio == pytest.approx(1.1 / 4.0) and m.latency.median_ms == pytest.approx(1.1)  # not (1+2+1.1)/3 / 4
+    assert order == ["model", "dense", "dense", "model", "model", "dense"] and len(order) == 2 * ROUNDS
+    assert "export" in stages
+
+
 def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_path: Path) -> None:
     from hwprune.backends.ort import OrtBackend
     from hwprune.export import export_onnx

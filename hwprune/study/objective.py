@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
 from hwprune.backends.base import Measurement
 from hwprune.pruning import PrunedModel, PruningSpace, prune
+from hwprune.study.reference import interleaved_rounds
 from hwprune.subjects.base import Subject
 from hwprune import train
 
@@ -164,22 +165,34 @@ class TrialRunner:
         return pruned
 
     def export_and_measure(self, module: Any, stages: dict[str, float]) -> tuple[Measurement, float | None]:
-        """The candidate's measurement, and its latency divided by the dense model's measured right after it (None
-        without ``beside``)."""
+        """The candidate's measurement, and (with ``beside``) its latency divided by the dense model's: the median
+        ratio of ``ROUNDS`` interleaved rounds, the measurement then the round with the middle latency.
+
+        One pair is not enough on a shared host: a slow spell as long as one measurement doubled a model's latency
+        and not the dense model's beside it (the demo at 0.4x: a 0.35x model measured 0.67x once), which steered the
+        bisection and the sampler; the median of three rounds drops such a round."""
         from hwprune.export import export_onnx
+
+        def timed(path: Path) -> Measurement:
+            m = self.measure(path)
+            if path == self.beside:
+                self.book("dense_beside", sum(m.stage_seconds.values()), stages)
+            else:
+                for k, v in m.stage_seconds.items():
+                    self.book(k, v, stages)
+            return m
 
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
             path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx", exporter=self.exporter)
             t = self._tick("export", t, stages)
-            m = self.measure(path)
-            dense = self.measure(self.beside) if self.beside is not None else None
-        for k, v in m.stage_seconds.items():
-            self.book(k, v, stages)
-        if dense is not None:
-            self.book("dense_beside", sum(dense.stage_seconds.values()), stages)
+            if self.beside is None:
+                m, ratio = timed(path), None
+            else:
+                rounds = interleaved_rounds(timed, path, self.beside)
+                m, ratio = rounds.middle, rounds.ratio
         self._tick("measure", t, {})
-        return m, (m.latency.median_ms / dense.latency.median_ms if dense is not None else None)
+        return m, ratio
 
     def evaluate(self, module: Any, stages: dict[str, float]) -> float:
         t = time.perf_counter()
