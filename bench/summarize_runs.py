@@ -26,6 +26,9 @@ ALPHA = 0.05
 def run_rows(path: Path, baseline: str) -> list[dict[str, Any]]:
     """One row per (subject, budget) of one bench_search.json: hwprune's pick, the baseline's, the paired test."""
     data = json.loads(path.read_text())
+    if "paired" not in data or "args" not in data:
+        raise SystemExit(f"{path}: not a bench_search.json with paired test results (written by an older "
+                         "bench_search.py?)")
     args = data["args"]
     seed = args["search_seed"] if args.get("search_seed") is not None else args["seed"]
     picks = {(r["model"], r["budget"], r["method"]): r for r in data["results"]}
