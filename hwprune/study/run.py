@@ -796,8 +796,8 @@ def _none_held(over: list[dict[str, Any]], budgets: Budgets, storage: str) -> st
              else f"latency {_fmt(budgets.latency_ms, 'ms')}, memory {_fmt(budgets.memory_mb, 'MB')}")
     shown = ", ".join(figure(r) for r in over[:4]) + (", ..." if len(over) > 4 else "")
     return (f"{len(over)} trial(s) met the budgets during the search, but none held when re-measured ({shown}; "
-            f"budget {limit}). On a shared host a slow spell can do this: run the same command again to confirm "
-            f"them again, or relax the budget; completed trials are kept in {storage}")
+            f"budget {limit}). On a shared host a slow spell can do this: run the same command again to re-confirm "
+            f"them, or relax the budget; completed trials are kept in {storage}")
 
 
 def _near_miss(ranked: pd.DataFrame, budgets: Budgets) -> pd.Series:
