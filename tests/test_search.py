@@ -57,7 +57,8 @@ def test_search_writes_machine_readable_outputs(cli_run) -> None:
     finalists = [r for r in summary["pareto"] if r["final_finetune_steps"]]
     dropped = [r for r in summary["search"]["rejected_on_remeasure"]
                if r["reason"] == "dominated after the final fine-tune"]
-    assert finalists and len(finalists) + len(dropped) == min(3, len(summary["pareto"]) + len(dropped))
+    # three, and the best uniform model within the budgets as a fourth when the proxy did not rank it among them
+    assert finalists and 1 <= len(finalists) + len(dropped) <= 4
     assert all(r["final_finetune_steps"] == 5 for r in finalists)
     assert rec[0] in finalists and rec[0]["accuracy"] == max(r["accuracy"] for r in finalists)
     for a in finalists:  # same footing after the same fine-tune: none dominates another
@@ -178,7 +179,10 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
             .sort_values(["accuracy", "latency_ratio"], ascending=[False, True]))
     finalists = ({r["trial"] for r in result.summary["pareto"] if r["final_finetune_steps"]}
                  | {r["trial"] for r in rejected if r["reason"] == "dominated after the final fine-tune"})
-    assert finalists == set([t for t in pool["trial"] if t not in over][:3])
+    top = [t for t in pool["trial"] if t not in over][:3]
+    baseline = [t for t, u in zip(pool["trial"], pool["uniform_ratio"]) if pd.notna(u) and t not in over][:1]
+    assert finalists == set(top) | (set() if set(top) & set(pool.loc[pool["uniform_ratio"].notna(), "trial"])
+                                    else set(baseline))
     assert rec.trial in finalists and rec.record["final_finetune_steps"] == 3
     # each measured trial in ROUNDS interleaved rounds with the dense model, and two measurements a round for each
     # model measured again
@@ -193,9 +197,10 @@ def _add_recorded_trial(study: optuna.Study, like: optuna.trial.FrozenTrial, par
                         latency_ratio: float, latency_ms: float, memory_mb: float, signature: str) -> int:
     """Add a complete trial of the architecture ``params``, recorded as if its one measurement had given
     ``latency_ratio`` / ``latency_ms``, and as the most accurate by the proxy (1.0); returns its number."""
+    attrs = {k: v for k, v in like.user_attrs.items() if k != "uniform_ratio"}  # not one of the uniform trials
     study.add_trial(optuna.trial.create_trial(
         params=params, distributions=like.distributions, values=[1.0, latency_ms, memory_mb],
-        user_attrs={**like.user_attrs, "latency_ratio": latency_ratio, "signature": signature, "accuracy_proxy": 1.0}))
+        user_attrs={**attrs, "latency_ratio": latency_ratio, "signature": signature, "accuracy_proxy": 1.0}))
     return len(study.trials) - 1
 
 
@@ -253,6 +258,32 @@ def test_trial_measured_just_over_the_budget_can_still_be_a_final_candidate(tmp_
     if number in listed:
         assert listed[number]["final_finetune_steps"] == 2
         assert listed[number]["meets"]["latency"] and listed[number]["latency_ratio_upper"] <= 0.8
+
+
+def test_the_best_uniform_model_within_the_budgets_is_always_a_final_candidate(tmp_path: Path) -> None:
+    """The proxy can rank the uniform baseline below three other models that the final fine-tune then leaves less
+    accurate than it; so it is fine-tuned too, one finalist more, and the recommendation is never a model the same
+    fine-tune leaves behind it."""
+    kw = dict(latency_budget_ms="0.8x", trials=6, out=tmp_path, study="base", final_finetune_steps=2,
+              trial_finetune_steps=0, seed=0)
+    first = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **kw)
+    study = optuna.load_study(study_name="base", storage=f"sqlite:///{first.run_dir / 'study.db'}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    trials = pd.read_csv(first.run_dir / "trials.csv")
+    uniform = trials[trials["uniform_ratio"].notna() & trials["feasible"]]
+    assert len(uniform), "a uniform trial must meet a 0.8x budget on the tiny net"
+    fastest = min(complete, key=lambda t: t.user_attrs["latency_ratio"])
+    # three models the proxy ranks above every uniform one (the fastest architecture, recorded as more accurate)
+    added = [_add_recorded_trial(study, fastest, fastest.params, fastest.user_attrs["latency_ratio"],
+                                 fastest.values[1], fastest.values[2], f"proxy-favourite-{i}") for i in range(3)]
+    result = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **{**kw, "trials": len(complete) + 3})
+    tuned = {r["trial"] for r in result.summary["pareto"] if r["final_finetune_steps"]}
+    tuned |= {r["trial"] for r in result.summary["search"]["rejected_on_remeasure"]
+              if r["reason"] == "dominated after the final fine-tune"}
+    best_uniform = int(uniform.sort_values(["accuracy", "latency_ratio"], ascending=[False, True])["trial"].iloc[0])
+    assert set(added) <= tuned and best_uniform in tuned and len(tuned) == 4
+    rec = next(r for r in result.summary["pareto"] if r["recommended"])
+    assert rec["accuracy"] == max(r["accuracy"] for r in result.summary["pareto"] if r["final_finetune_steps"])
 
 
 def test_unreachable_budget_says_best_reached_and_keeps_trials(tmp_path: Path) -> None:

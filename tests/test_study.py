@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from hwprune.backends.base import Latency, Measurement, Memory
 from hwprune.pruning import PruningSpace
-from hwprune.study.objective import (BRACKET_STEPS, BRACKET_TOLERANCE, Budgets, TrialRunner, bracket_budget,
-                                     warm_start)
+from hwprune.study.objective import (BRACKET_STEPS, Budgets, TrialRunner, bracket_budget,
+                                     uniform_architectures_between, warm_start)
 from hwprune.subjects.loader import load_subject
 from hwprune.subjects.shapes import make_shapes
 
@@ -78,8 +78,10 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
 
     # bisection goes on as the queued trials are measured; a cliff (5.5 ms just above the budget, 4 ms below)
     # must not stop it short of the least pruning that meets the budget
-    def cliff(r: float) -> float:
-        return 5.5 if r < 0.7 else 4.0
+    edge = sum(space.kept_widths(space.uniform(0.7)))
+
+    def cliff(r: float) -> float:  # by architecture, as a measurement would be
+        return 5.5 if sum(space.kept_widths(space.uniform(r))) > edge else 4.0
 
     fake[0.625] = cliff(0.625)
     steps = [0.625]
@@ -95,8 +97,10 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
     assert steps == study.user_attrs["bracketed"] and len(steps) <= BRACKET_STEPS
     assert all(0.625 <= r < 0.75 for r in steps) and steps == sorted(steps)
     best = min(r for r, lat in fake.items() if lat <= 5.0)
-    # within the tolerance of the cliff, or as close as the step budget allowed
-    assert best - 0.7 <= BRACKET_TOLERANCE or len(steps) == BRACKET_STEPS
+    missed = max(r for r, lat in fake.items() if lat > 5.0 and r < best)
+    # down to adjacent architectures: none lies between the least pruning that met the budget and the most that missed
+    assert uniform_architectures_between(space, missed, best) == [] and len(steps) < BRACKET_STEPS
+    assert space.kept_widths(space.uniform(best)) == space.kept_widths(space.uniform(0.7))  # the cliff's own edge
     assert bracket_budget(study, space, 10.0, Budgets(5.0, None)) == []  # done, also for resumed runs and other workers
     # ratios that round to the widths already measured at an end of the interval are skipped without a trial
     coarse = _runner().space  # multiple 8: uniform 0.5 keeps 24 channels, 0.625 and 0.75 keep 16

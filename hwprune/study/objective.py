@@ -328,8 +328,8 @@ def warm_start(study: optuna.Study, space: PruningSpace, fractions: tuple[float,
         study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
 
 
-BRACKET_STEPS = 4  # uniform trials spent at most on aiming at the latency budget
-BRACKET_TOLERANCE = 0.02  # ratio interval below which the best uniform model is considered found
+BRACKET_STEPS = 6  # uniform trials spent at most on aiming at the latency budget
+BRACKET_SCAN = 0.0005  # ratio step of the scan for the uniform architectures between two measured ones
 
 
 def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: float, budgets: Budgets,
@@ -339,9 +339,12 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
 
     A safeguarded regula falsi between the least-pruned uniform trial that meets the budget and the most-pruned one
     below it that misses: latency falls off cliffs where a group's rounded width drops a whole channel multiple, so
-    each step keeps to the middle half of the interval. Ratios that round to the widths of an end of the interval are
-    skipped without a trial. Returns the ratio enqueued, or nothing when no measured pair straddles the budget, the
-    interval is below ``BRACKET_TOLERANCE``, a uniform trial is still queued, or ``BRACKET_STEPS`` were spent.
+    each step keeps to the middle half of the interval, and lands on a ratio whose rounded widths differ from both
+    ends'. Returns the ratio enqueued, or nothing when no measured pair straddles the budget, no uniform architecture
+    lies between the two ends (the best uniform model is found), a uniform trial is still queued, or
+    ``BRACKET_STEPS`` were spent. The search stops at adjacent architectures, not at a ratio tolerance: on the demo
+    two uniform architectures 0.04 apart in ratio differ by 20% in MACs, and the rounded baseline finds the one
+    between.
     Latencies are the ones ``budgets`` judges (:meth:`Budgets.judged_ms`), measured again where the study holds a
     second measurement (``CONFIRMED_ATTR``).
 
@@ -380,25 +383,41 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
         return []
     lo = max(misses)
 
-    def widths(ratio: float) -> tuple[int, ...]:
-        return space.kept_widths(space.uniform(ratio))
+    between = uniform_architectures_between(space, lo[0], hi[0])
+    if not between:
+        return []
+    span = hi[0] - lo[0]
+    target = lo[0] + span * (lo[1] - budget_ms) / max(lo[1] - hi[1], 1e-12)
+    target = min(max(target, lo[0] + 0.25 * span), hi[0] - 0.25 * span)
+    # the architecture whose ratio interval holds the target, else the nearest one
+    first, last = min(between, key=lambda iv: max(iv[0] - target, target - iv[1], 0.0))
+    r = round(target, 4) if first <= round(target, 4) <= last else round((first + last) / 2, 4)
+    study.set_user_attr("bracketed", queued + [r])
+    study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
+    return [r]
 
-    for _ in range(16):
-        if hi[0] - lo[0] <= BRACKET_TOLERANCE:
-            return []
-        span = hi[0] - lo[0]
-        target = lo[0] + span * (lo[1] - budget_ms) / max(lo[1] - hi[1], 1e-12)
-        target = min(max(target, lo[0] + 0.25 * span), hi[0] - 0.25 * span)
-        if widths(target) == widths(hi[0]):
-            hi = (target, hi[1])
-        elif widths(target) == widths(lo[0]):
-            lo = (target, lo[1])
+
+def uniform_architectures_between(space: PruningSpace, lo: float, hi: float) -> list[tuple[float, float]]:
+    """The uniform architectures strictly between uniform ratios ``lo`` and ``hi``, as the ratio interval
+    ``(first, last)`` that builds each (scanned in ``BRACKET_SCAN`` steps), in ratio order; their rounded widths
+    differ from those of ``lo`` and ``hi``."""
+    ends = {space.kept_widths(space.uniform(lo)), space.kept_widths(space.uniform(hi))}
+    found: list[tuple[float, float]] = []
+    last: tuple[int, ...] | None = None
+    for i in range(1, int((hi - lo) / BRACKET_SCAN) + 1):
+        r = round(lo + i * BRACKET_SCAN, 4)
+        if r >= hi:
+            break
+        w = space.kept_widths(space.uniform(r))
+        if w in ends:
+            last = None
+            continue
+        if w == last:
+            found[-1] = (found[-1][0], r)
         else:
-            r = round(target, 4)
-            study.set_user_attr("bracketed", queued + [r])
-            study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
-            return [r]
-    return []
+            found.append((r, r))
+            last = w
+    return found
 
 
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
@@ -421,6 +440,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "constraint_latency": constraints.get("latency"),
             "constraint_memory": constraints.get("memory"),
             "latency_ratio": latency_ratio(t),
+            "uniform_ratio": t.user_attrs.get("uniform_ratio"),
             "signature": t.user_attrs.get("signature"),
             "macs": t.user_attrs.get("macs"),
             "params": t.user_attrs.get("params"),

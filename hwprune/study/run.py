@@ -638,7 +638,12 @@ class Search:
         more accurate by the proxy and a hair faster hides the ones beside it, which after the fine-tune may be
         the more accurate (bench/README.md). Trials measured just over the latency budget (``NEAR_MISS``) are
         candidates too. A candidate not yet confirmed is confirmed like a front model first, and only a confirmed
-        one is fine-tuned; ``left_out`` are trials whose confirmation put them over a budget already."""
+        one is fine-tuned; ``left_out`` are trials whose confirmation put them over a budget already.
+
+        The most accurate uniform model within the budgets (the bisection's, see
+        :func:`~hwprune.study.objective.bracket_budget`) is always a finalist, one more when the proxy did not rank
+        it among the first: it is the baseline a user would otherwise deploy, so the recommendation is never a model
+        the same fine-tune leaves less accurate than it."""
         c = self.config
         if not (c.final_finetune_steps and subject.train_data is not None and not ranked.empty):
             return models, []
@@ -654,26 +659,40 @@ class Search:
         finalists: list[ParetoModel] = []
         rejected: list[dict[str, Any]] = []
         tries = 0
-        for number in (int(n) for n in pool["trial"]):
-            if len(finalists) == want or tries >= 2 * want:
-                break
+
+        def take(number: int) -> bool:
+            """Add trial ``number`` to the finalists if it holds within the budgets (confirming it if need be)."""
+            nonlocal tries
             if number in confirmed:
                 finalists.append(confirmed[number])
-                continue
+                return True
             if number in left_out:
-                continue
+                return False
             tries += 1
             t0 = time.perf_counter()
             found = self._confirm_trial(by_number[number], subject, runner, runner.budgets, dense_record)
             runner.book("confirm_front", time.perf_counter() - t0)
-            if isinstance(found, ParetoModel):
-                where = ("measured just over the latency budget in its trial, within it on re-measure"
-                         if number in near_numbers else "off the front")
-                self.log(f"trial {number} joins the final candidates ({where}, {subject.metric} "
-                         f"{found.record['accuracy_proxy']:.4f} by the proxy)")
-                finalists.append(found)
-            else:
+            if not isinstance(found, ParetoModel):
                 rejected.append(found)
+                return False
+            where = ("measured just over the latency budget in its trial, within it on re-measure"
+                     if number in near_numbers else "off the front")
+            self.log(f"trial {number} joins the final candidates ({where}, {subject.metric} "
+                     f"{found.record['accuracy_proxy']:.4f} by the proxy)")
+            finalists.append(found)
+            return True
+
+        for number in (int(n) for n in pool["trial"]):
+            if len(finalists) == want or tries >= 2 * want:
+                break
+            take(number)
+        uniform = [int(n) for n, u in zip(pool["trial"], pool["uniform_ratio"]) if pd.notna(u)]
+        if finalists and not any(pm.trial in uniform for pm in finalists):
+            for number in uniform[:2]:
+                if take(number):
+                    self.log(f"trial {number}, the most accurate uniform model within the budgets, is a final "
+                             "candidate too: the baseline the recommendation must beat")
+                    break
         t0 = time.perf_counter()
         for i, pm in enumerate(finalists, 1):
             self.log(f"final fine-tune {i}/{len(finalists)}: trial {pm.trial} ({subject.metric} "
