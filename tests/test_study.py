@@ -206,6 +206,16 @@ def test_bracket_measures_a_warm_start_model_just_over_the_budget_again_before_g
     assert bracket_budget(study_of("c.db"), space, 10.0, budgets, confirm=confirm_at(3.8)) == []
     assert measured == []
 
+    # the same inside the bisection: a lower end measured just over the budget is measured again, and when it meets
+    # the budget the bisection searches below it, not above (seen at 0.4x: a 0.37x uniform model measured 0.41x)
+    fake.update({0.5: 4.0 * (1 + NEAR_MISS / 2), 0.75: 3.0})
+    mid = study_of("d.db")
+    assert 0.5 < bracket_budget(mid, space, 10.0, budgets)[0] < 0.75  # without confirm: above the near miss
+    measured.clear()
+    mid = study_of("e.db")
+    queued = bracket_budget(mid, space, 10.0, budgets, confirm=confirm_at(3.8))
+    assert measured == [0.5] and len(queued) == 1 and 0.25 < queued[0] < 0.5
+
 
 def test_a_trial_is_judged_on_the_median_of_interleaved_rounds(tmp_path: Path) -> None:
     """Seen on the demo at 0.4x: a slow spell as long as one measurement put a 0.35x model at 0.67x in its trial."""

@@ -74,6 +74,19 @@ def test_front_drops_smaller_but_not_faster_models() -> None:
     assert list(pareto_front(ties)["trial"]) == [1, 0]
 
 
+def test_dominance_on_two_accuracies_needs_both() -> None:
+    """After the final fine-tune some models' accuracy is fine-tuned and others' is not; the proxy every model got
+    alike must agree before one drops another."""
+    df = _trials([
+        (0, 0.90, 10.0, 5.0, True, "a"),   # a final candidate: fine-tuned from a proxy of 0.60
+        (1, 0.60, 10.5, 4.9, True, "b"),   # not fine-tuned, proxy 0.58: slower, 2% less memory
+        (2, 0.62, 10.4, 4.9, True, "c"),   # not fine-tuned, proxy 0.62: ahead of 0 by the proxy
+    ]).assign(accuracy_proxy=[0.60, 0.58, 0.62])
+    assert list(pareto_mask(df, 0.05)) == [True, False, False]  # on the fine-tuned accuracy alone
+    assert list(pareto_mask(df, 0.05, ("accuracy", "accuracy_proxy"))) == [True, False, True]
+    assert list(pareto_mask(df, 0.05, ("accuracy_proxy",))) == [False, False, True]  # on the proxy alone
+
+
 def test_hypervolume_grows_monotonically_and_ignores_infeasible() -> None:
     df = _trials([
         (0, 0.5, 1.0, 1.0, True, "a"),

@@ -348,9 +348,11 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     Latencies are the ones ``budgets`` judges (:meth:`Budgets.judged_ms`), measured again where the study holds a
     second measurement (``CONFIRMED_ATTR``).
 
-    With ``confirm`` (see :class:`~hwprune.study.refine.EdgeRefiner`), when no uniform trial meets the budget but
-    the most pruned one missed it by at most ``NEAR_MISS``, that one is measured again first: on a shared host the
-    warm start's smallest model can land just over a budget it meets, and then bisection never starts.
+    With ``confirm`` (see :class:`~hwprune.study.refine.EdgeRefiner`), the lower end, when it missed the budget by
+    at most ``NEAR_MISS``, is measured again first (once per trial), and so in turn is the end that replaces it if
+    that measurement meets the budget: on a shared host the warm start's smallest model can land just over a budget
+    it meets, and then bisection never starts; and a 0.37x uniform model once measured 0.41x at 0.4x, after which
+    the bisection searched above it and never tried the less pruned models between it and the last miss.
     """
     queued = list(study.user_attrs.get("bracketed") or [])
     budget_ms = budgets.latency_ms
@@ -361,27 +363,30 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
         return []
     uniform = [t for t in trials if t.state == TrialState.COMPLETE and "uniform_ratio" in t.user_attrs and t.values]
     confirmed = dict(study.user_attrs.get(CONFIRMED_ATTR) or {})
-    if confirm is not None and uniform:
-        edge = max(uniform, key=lambda t: float(t.user_attrs["uniform_ratio"]))
-        none_meets = all(confirmed_latency(t, budgets, confirmed) > budget_ms for t in uniform)
-        near = confirmed_latency(edge, budgets, confirmed) <= budget_ms * (1 + NEAR_MISS)
-        if none_meets and near and str(edge.number) not in confirmed:
-            try:
-                confirmed[str(edge.number)] = confirm(edge.params)
-            except HwpruneError as exc:  # aiming at the budget is not worth a search
-                log.warning("measuring uniform trial %d again failed (%s)", edge.number, exc)
-            else:
-                study.set_user_attr(CONFIRMED_ATTR, confirmed)
-    points = [(0.0, budgets.judged_ms(dense_latency_ms, 1.0))]
-    points += [(float(t.user_attrs["uniform_ratio"]), confirmed_latency(t, budgets, confirmed)) for t in uniform]
-    meets = [p for p in points if p[1] <= budget_ms]
-    if not meets:
+    by_ratio = {float(t.user_attrs["uniform_ratio"]): t for t in uniform}
+
+    def ends() -> tuple[tuple[float, float] | None, tuple[float, float] | None]:
+        """(most pruned miss below the least pruned meet, least pruned meet) as (ratio, latency), or None."""
+        points = [(0.0, budgets.judged_ms(dense_latency_ms, 1.0))]
+        points += [(r, confirmed_latency(t, budgets, confirmed)) for r, t in by_ratio.items()]
+        hi = min((p for p in points if p[1] <= budget_ms), default=None)
+        lo = max((p for p in points if p[1] > budget_ms and (hi is None or p[0] < hi[0])), default=None)
+        return lo, hi
+
+    lo, hi = ends()
+    while confirm is not None and lo is not None and lo[0] in by_ratio and lo[1] <= budget_ms * (1 + NEAR_MISS):
+        edge = by_ratio[lo[0]]
+        if str(edge.number) in confirmed:
+            break
+        try:
+            confirmed[str(edge.number)] = confirm(edge.params)
+        except HwpruneError as exc:  # aiming at the budget is not worth a search
+            log.warning("measuring uniform trial %d again failed (%s)", edge.number, exc)
+            break
+        study.set_user_attr(CONFIRMED_ATTR, confirmed)
+        lo, hi = ends()
+    if lo is None or hi is None:
         return []
-    hi = min(meets)
-    misses = [p for p in points if p[1] > budget_ms and p[0] < hi[0]]
-    if not misses:
-        return []
-    lo = max(misses)
 
     between = uniform_architectures_between(space, lo[0], hi[0])
     if not between:

@@ -13,30 +13,33 @@ OBJECTIVES = ("accuracy", "latency_ms", "memory_mb")
 TIE_TOLERANCE = 0.05
 
 
-def _losses(df: pd.DataFrame) -> np.ndarray:
+def _losses(df: pd.DataFrame, accuracy: str = "accuracy") -> np.ndarray:
     # everything as "lower is better"
-    return np.column_stack([-df["accuracy"].to_numpy(float), df["latency_ms"].to_numpy(float),
+    return np.column_stack([-df[accuracy].to_numpy(float), df["latency_ms"].to_numpy(float),
                             df["memory_mb"].to_numpy(float)])
 
 
-def pareto_mask(df: pd.DataFrame, tolerance: float = 0.0) -> np.ndarray:
+def pareto_mask(df: pd.DataFrame, tolerance: float = 0.0, accuracies: Sequence[str] = ("accuracy",)) -> np.ndarray:
     """True for rows no other row dominates (at least as good in all objectives, better in one).
 
     With ``tolerance`` > 0, a *more accurate* row also dominates one whose latency and memory are within that
     relative margin of its own (faster or smaller by less than the margin). Rows of equal accuracy compare exactly,
-    so the relation has no cycles and the front is never empty.
+    so the relation has no cycles and the front is never empty. With several ``accuracies`` (columns of ``df``), a
+    row dominates another only if it does on each of them: e.g. on accuracy after a fine-tune that some rows got and
+    others did not, and on the proxy all rows got alike.
     """
-    losses = _losses(df)
-    n = len(losses)
+    all_losses = [_losses(df, column) for column in accuracies]
+    n = len(df)
     mask = np.ones(n, dtype=bool)
     for i in range(n):
-        le = np.all(losses <= losses[i], axis=1)
-        lt = np.any(losses < losses[i], axis=1)
-        dominated = le & lt
-        if tolerance > 0:
-            more_accurate = losses[:, 0] < losses[i, 0]
-            close = np.all(losses[:, 1:] <= losses[i, 1:] * (1.0 + tolerance), axis=1)
-            dominated |= more_accurate & close
+        dominated = np.ones(n, dtype=bool)
+        for losses in all_losses:
+            by = np.all(losses <= losses[i], axis=1) & np.any(losses < losses[i], axis=1)
+            if tolerance > 0:
+                more_accurate = losses[:, 0] < losses[i, 0]
+                close = np.all(losses[:, 1:] <= losses[i, 1:] * (1.0 + tolerance), axis=1)
+                by |= more_accurate & close
+            dominated &= by
         if np.any(dominated):
             mask[i] = False
     return mask
