@@ -216,6 +216,20 @@ def test_bracket_measures_a_warm_start_model_just_over_the_budget_again_before_g
     queued = bracket_budget(mid, space, 10.0, budgets, confirm=confirm_at(3.8))
     assert measured == [0.5] and len(queued) == 1 and 0.25 < queued[0] < 0.5
 
+    # an upper end that a more pruned miss contradicts is measured again (seen at 0.6x: a 0.61x model measured
+    # 0.45x once); here it goes over, the more pruned near miss is measured again and meets, and the bisection
+    # aims between them
+    fake.update({0.25: 8.0, 0.5: 3.0, 0.75: 4.0 * (1 + NEAR_MISS / 2)})
+    again = {0.5: 4.8, 0.75: 3.6}
+    measured.clear()
+
+    def confirm_by_ratio(ratios: dict[str, float]) -> dict[str, float]:
+        measured.append(next(iter(ratios.values())))
+        return {"latency_ms": again[measured[-1]]}
+
+    queued = bracket_budget(study_of("f.db"), space, 10.0, budgets, confirm=confirm_by_ratio)
+    assert measured == [0.5, 0.75] and len(queued) == 1 and 0.5 < queued[0] < 0.75
+
 
 def test_a_trial_is_judged_on_the_median_of_interleaved_rounds(tmp_path: Path) -> None:
     """Seen on the demo at 0.4x: a slow spell as long as one measurement put a 0.35x model at 0.67x in its trial."""
