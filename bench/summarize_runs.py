@@ -48,10 +48,25 @@ def run_rows(path: Path, baseline: str) -> list[dict[str, Any]]:
             "difference_points": 100 * diff, "paired_se_points": 100 * pair["paired_se"], "p": p,
             "verdict": "lead" if diff > 0 and p < ALPHA else "behind" if diff < 0 and p < ALPHA else "tie",
         })
+    # a search that recommended nothing has no paired test, and is a run hwprune did not win
+    paired = {(r["model"], r["budget"]) for r in rows}
+    for (model, budget, method), hw in picks.items():
+        base = picks.get((model, budget, baseline))
+        if method != "hwprune" or (model, budget) in paired or base is None or base.get("accuracy") is None:
+            continue
+        rows.append({
+            "run": str(path), "created": data["created"], "commit": data.get("commit"), "search_seed": seed,
+            "model": model, "budget": budget, "hwprune_accuracy": None, "hwprune_ratio": None,
+            "hwprune_meets": False, "baseline": baseline, "baseline_accuracy": base["accuracy"],
+            "baseline_ratio": base["ratio_wall"], "baseline_meets": base["meets_wall"], "difference_points": None,
+            "paired_se_points": None, "p": None, "verdict": "no model", "note": hw.get("note"),
+        })
     return rows
 
 
-def pick(accuracy: float, ratio: float, meets: bool) -> str:
+def pick(accuracy: float | None, ratio: float | None, meets: bool) -> str:
+    if accuracy is None or pd.isna(accuracy):
+        return "no model"
     return f"{accuracy:.3f} @ {ratio:.2f}x" + ("" if meets else " (over)")
 
 
@@ -62,16 +77,23 @@ def markdown(df: pd.DataFrame) -> str:
         lines += [f"**{model} {budget:g}x, hwprune vs `{base}`** (latency as ratio to the dense model, side by side)",
                   "", f"| search seed | commit | hwprune | {base} | difference (paired SE) | p | |",
                   "|---|---|---|---|---|---|---|"]
-        for _, r in group.iterrows():
-            p = "< 0.001" if r["p"] < 0.001 else f"{r['p']:.3f}"
+        for _, r in group.sort_values("search_seed").iterrows():
+            if pd.isna(r["p"]):
+                p = diff = "–"
+            else:
+                p = "< 0.001" if r["p"] < 0.001 else f"{r['p']:.3f}"
+                diff = f"{r['difference_points']:+.2f} ({r['paired_se_points']:.2f})"
             lines.append(f"| {r['search_seed']} | {r['commit'] or '?'}"
                          f" | {pick(r['hwprune_accuracy'], r['hwprune_ratio'], r['hwprune_meets'])}"
                          f" | {pick(r['baseline_accuracy'], r['baseline_ratio'], r['baseline_meets'])}"
-                         f" | {r['difference_points']:+.2f} ({r['paired_se_points']:.2f}) | {p} | {r['verdict']} |")
+                         f" | {diff} | {p} | {r['verdict']} |")
         counts = group["verdict"].value_counts()
+        diffs = group["difference_points"].dropna()
+        missing = f", no model in {counts['no model']}" if counts.get("no model") else ""
+        mean = f"{statistics.mean(diffs):+.2f} points" if len(diffs) else "–"
         lines += ["", f"{len(group)} runs: hwprune more accurate (p < {ALPHA}) in {counts.get('lead', 0)}, tied in "
-                      f"{counts.get('tie', 0)}, less accurate in {counts.get('behind', 0)}; mean difference "
-                      f"{statistics.mean(group['difference_points']):+.2f} points; every pick within the budget side "
+                      f"{counts.get('tie', 0)}, less accurate in {counts.get('behind', 0)}{missing}; mean difference "
+                      f"{mean}{' (over the runs with a model)' if missing else ''}; every pick within the budget side "
                       f"by side: {'yes' if (group['hwprune_meets'] & group['baseline_meets']).all() else 'NO'}", ""]
     return "\n".join(lines)
 
