@@ -230,6 +230,14 @@ def test_bracket_measures_a_warm_start_model_just_over_the_budget_again_before_g
     queued = bracket_budget(study_of("f.db"), space, 10.0, budgets, confirm=confirm_by_ratio)
     assert measured == [0.5, 0.75] and len(queued) == 1 and 0.5 < queued[0] < 0.75
 
+    # a lower end slower than a less pruned one is measured again, however far over the budget (seen at 0.4x: a 0.35x
+    # model measured 0.51x, and the bisection searched above it)
+    fake.update({0.25: 8.0, 0.5: 9.0, 0.75: 3.0})
+    again = {0.5: 3.5}
+    measured.clear()
+    queued = bracket_budget(study_of("g.db"), space, 10.0, budgets, confirm=confirm_by_ratio)
+    assert measured == [0.5] and len(queued) == 1 and 0.25 < queued[0] < 0.5
+
 
 def test_a_trial_is_judged_on_the_median_of_interleaved_rounds(tmp_path: Path) -> None:
     """Seen on the demo at 0.4x: a slow spell as long as one measurement put a 0.35x model at 0.67x in its trial."""

@@ -352,7 +352,8 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     at most ``NEAR_MISS``, is measured again first (once per trial), and so in turn is the end that replaces it if
     that measurement meets the budget: on a shared host the warm start's smallest model can land just over a budget
     it meets, and then bisection never starts; and a 0.37x uniform model once measured 0.41x at 0.4x, after which
-    the bisection searched above it and never tried the less pruned models between it and the last miss. An upper
+    the bisection searched above it and never tried the less pruned models between it and the last miss. So is a
+    lower end measured slower than a less pruned uniform trial (a 0.35x model once measured 0.51x). An upper
     end that a more pruned uniform trial's miss contradicts is measured again too: a 0.61x model once measured 0.45x
     at 0.6x, and the bisection spent its steps below it.
     """
@@ -367,21 +368,26 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     confirmed = dict(study.user_attrs.get(CONFIRMED_ATTR) or {})
     by_ratio = {float(t.user_attrs["uniform_ratio"]): t for t in uniform}
 
+    def points() -> list[tuple[float, float]]:
+        """(ratio, latency) of the dense model and every uniform trial."""
+        return [(0.0, budgets.judged_ms(dense_latency_ms, 1.0))] + [
+            (r, confirmed_latency(t, budgets, confirmed)) for r, t in by_ratio.items()]
+
     def ends() -> tuple[tuple[float, float] | None, tuple[float, float] | None, bool]:
         """(most pruned miss below the least pruned meet, least pruned meet) as (ratio, latency), or None; and
         whether a more pruned uniform trial than that meet missed the budget (one of the two measurements is off)."""
-        points = [(0.0, budgets.judged_ms(dense_latency_ms, 1.0))]
-        points += [(r, confirmed_latency(t, budgets, confirmed)) for r, t in by_ratio.items()]
-        hi = min((p for p in points if p[1] <= budget_ms), default=None)
-        lo = max((p for p in points if p[1] > budget_ms and (hi is None or p[0] < hi[0])), default=None)
-        contradicted = hi is not None and any(p[1] > budget_ms and p[0] > hi[0] for p in points)
+        measured = points()
+        hi = min((p for p in measured if p[1] <= budget_ms), default=None)
+        lo = max((p for p in measured if p[1] > budget_ms and (hi is None or p[0] < hi[0])), default=None)
+        contradicted = hi is not None and any(p[1] > budget_ms and p[0] > hi[0] for p in measured)
         return lo, hi, contradicted
 
     def suspect() -> optuna.trial.FrozenTrial | None:
-        """The end to measure again: a lower end just over the budget, else an upper end a more pruned miss
-        contradicts; each is measured again once at most."""
+        """The end to measure again: a lower end just over the budget or slower than a less pruned uniform trial,
+        else an upper end a more pruned miss contradicts; each is measured again once at most."""
         ends_ = []
-        if lo is not None and lo[0] in by_ratio and lo[1] <= budget_ms * (1 + NEAR_MISS):
+        if lo is not None and lo[0] in by_ratio and (lo[1] <= budget_ms * (1 + NEAR_MISS)
+                                                     or any(r < lo[0] and t_ms < lo[1] for r, t_ms in points())):
             ends_.append(by_ratio[lo[0]])
         if contradicted and hi is not None and hi[0] in by_ratio:
             ends_.append(by_ratio[hi[0]])
