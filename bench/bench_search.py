@@ -27,6 +27,11 @@ The search evaluates on the subject's validation data; the table's accuracy is m
 chose on (demo: 5,000 other generated images; cifar: the 10,000 test images, the search seeing 5,000 held-out
 training images), so picking the best of several candidates earns no selection bias.
 
+(b') ``uniform-16-matched`` asks for equal latency directly, free of any bisection's noise: the uniform-16
+architectures nearest hwprune's pick by MACs (``--near`` on each side) get the common fine-tune and the side-by-side
+re-measurement below, and hwprune is compared with the most accurate of those that ran no slower than its pick (the
+best of several on the test data: a choice that favours the baseline).
+
 All final models of a subject, and the dense model, are then re-measured interleaved (round-robin, ``--rounds``
 rounds) and each model's median taken, so load drift from other processes hits every method alike. Latencies are
 reported with the dense latency of the same rounds and as ratios to it (wall-clock median, and thread CPU time, which
@@ -83,6 +88,8 @@ from hwprune.study.reference import interleaved_rounds  # noqa: E402
 
 PROFILE = "host-cpu"
 METHODS = ("hwprune", "uniform-16", "uniform-1", "tp-global-mag")
+NEAR = "uniform-16-near"  # the uniform-16 architectures nearest hwprune's pick (see near_uniform)
+MATCHED = "uniform-16-matched"  # the most accurate of them no slower than hwprune's pick, side by side
 FINAL_LR = 0.02  # hwprune's final fine-tune learning rate (hwprune/study/run.py, finalize)
 NOISE_TOL = 0.05  # latency differences below 5% are treated as measurement noise in the Pareto check
 STAT_NAMES = {"min": "fastest sample", "cpu": "median thread CPU time", "median": "wall median"}
@@ -481,11 +488,17 @@ class RatioCurve:
         return None
 
 
-def uniform_builder(subject: Subject, channel_multiple: int) -> Callable[[float], nn.Module]:
+def uniform_space(subject: Subject, channel_multiple: int) -> PruningSpace:
+    """The pruning space the uniform baselines prune in: every coupled channel group, up to 95%."""
+    return PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=channel_multiple,
+                              max_ratio=0.95, ignored_layers=list(subject.ignored_layers))
+
+
+def uniform_builder(subject: Subject, channel_multiple: int,
+                    space: PruningSpace | None = None) -> Callable[[float], nn.Module]:
     """ratio -> the model with every coupled channel group pruned by ``ratio`` (hwprune's pruner and importance),
     kept widths rounded to ``channel_multiple``."""
-    space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=channel_multiple,
-                               max_ratio=0.95, ignored_layers=list(subject.ignored_layers))
+    space = space or uniform_space(subject, channel_multiple)
 
     def build(ratio: float) -> nn.Module:
         return prune(subject.model, subject.example_inputs, space.uniform(ratio), space).module
@@ -573,6 +586,99 @@ def run_tp(subject: Subject, curve: RatioCurve, budget: float, grid: list[float]
            confirm_tries: int = 0) -> Final:
     """(c) Torch-Pruning global magnitude pruning, its global ratio bisected to the latency budget."""
     return run_uniform(subject, curve, budget, grid, refine, "tp-global-mag", confirm_tries)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# uniform-16 at hwprune's measured latency
+#
+# Each baseline above picks its model by its own noisy bisection to the budget, so at 0.4x on the demo (about 0.08 ms)
+# the two picks being compared can run at 0.32x and 0.38x side by side. The matched comparison asks the question of
+# equal latency directly: the uniform-16 architectures nearest hwprune's pick get the common fine-tune and the
+# side-by-side re-measurement too, and hwprune is compared with the most accurate of those that ran no slower than
+# its pick. Taking the best of several on the test data favours the baseline.
+
+
+def uniform_architecture_ratios(space: PruningSpace, step: float = 0.0025, limit: float = 0.95) -> list[float]:
+    """One uniform ratio per distinct uniform architecture of ``space`` (the middle of the ratio interval that builds
+    it), in ratio order, so in falling MACs."""
+    intervals: list[list[float]] = []
+    last: tuple[int, ...] | None = None
+    for i in range(int(round(limit / step)) + 1):
+        r = round(i * step, 4)
+        widths = space.kept_widths(space.uniform(r))
+        if widths == last:
+            intervals[-1][1] = r
+        else:
+            intervals.append([r, r])
+            last = widths
+    return [round((a + b) / 2, 4) for a, b in intervals]
+
+
+def near_uniform(subject: Subject, budget: float, space: PruningSpace, build: Callable[[float], nn.Module],
+                 target_macs: int, each_side: int) -> list[Final]:
+    """The uniform architectures nearest ``target_macs`` (``each_side`` with more MACs, ``each_side`` with at most as
+    many), built, as finals of method ``NEAR``; found by bisection over the architectures, whose MACs fall as the
+    ratio grows."""
+    ratios = uniform_architecture_ratios(space)
+    built: dict[int, tuple[nn.Module, int, int]] = {}
+
+    def macs_at(i: int) -> int:
+        if i not in built:
+            module = build(ratios[i])
+            built[i] = (module, *count_macs_params(module, subject.example_inputs))
+        return built[i][1]
+
+    lo, hi = 0, len(ratios)  # the first architecture with at most target_macs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if macs_at(mid) <= target_macs:
+            hi = mid
+        else:
+            lo = mid + 1
+    out = []
+    for i in range(max(lo - each_side, 0), min(lo + each_side, len(ratios))):
+        macs_at(i)
+        module, macs, params = built[i]
+        out.append(Final(subject.name, budget, NEAR, f"ratio {ratios[i]:.3f}", module, macs, params))
+    return out
+
+
+def matched_uniform(near: list[Final], hw: Final) -> Final | None:
+    """The most accurate of ``near`` whose side-by-side latency ratio is at or below that of hwprune's pick ``hw``, as
+    a final of method ``MATCHED``; None without a measured pick or near architectures."""
+    if not hw.latency or not near:
+        return None
+    limit = hw.latency["ratio_wall"]
+    fits = [f for f in near if f.latency and f.accuracy is not None and f.latency["ratio_wall"] <= limit]
+    if not fits:
+        return Final(hw.subject, hw.budget, MATCHED, "none", None,
+                     note=f"none of the {len(near)} uniform-16 architectures near hwprune's pick ran at or below its "
+                          f"{limit:.3f}x")
+    best = max(fits, key=lambda f: f.accuracy or 0.0)
+    matched = copy.copy(best)
+    matched.method = MATCHED
+    matched.setting = f"{best.setting}, best of {len(fits)} of {len(near)} near"
+    if max(near, key=lambda f: f.macs) in fits:
+        matched.note = "every near uniform-16 architecture ran at or below hwprune's latency: a less pruned one may too"
+    return matched
+
+
+def near_table(finals: list[Final]) -> str:
+    """The uniform-16 architectures near each hwprune pick, after the common fine-tune, measured side by side."""
+    hw = {(f.subject, f.budget): f for f in finals if f.method == "hwprune"}
+    lines = ["| model | budget | uniform-16 | MACs M | params K | accuracy | ÷ dense, wall median | hwprune's pick "
+             "| no slower than hwprune's pick |", "|" + "---|" * 9]
+    for f in finals:
+        if f.method != NEAR or not f.latency:
+            continue
+        pick = hw.get((f.subject, f.budget))
+        pick_lat = pick.latency.get("ratio_wall") if pick is not None and pick.latency else None
+        lines.append(f"| {f.subject} | {f.budget:g}x | {f.setting} | {f.macs / 1e6:.2f} | {f.params / 1e3:.1f} "
+                     f"| {_f(f.accuracy, '.3f')} | {f.latency['ratio_wall']:.3f} "
+                     f"| {_f(pick.accuracy if pick else None, '.3f')} @ {_f(pick_lat, '.3f')}x, "
+                     f"{pick.macs / 1e6 if pick else 0:.2f} M "
+                     f"| {'–' if pick_lat is None else 'yes' if f.latency['ratio_wall'] <= pick_lat else 'no'} |")
+    return "\n".join(lines)
 
 
 def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf: dict[str, Any],
@@ -762,6 +868,8 @@ def results_table(finals: list[Final]) -> str:
              "|" + "---|" * 13]
     dense_macs = {f.subject: f.macs for f in finals if f.method == "dense"}
     for f in finals:
+        if f.method == NEAR:
+            continue
         lat = f.latency
         if f.budget is None:
             meets = "–"
@@ -819,7 +927,7 @@ def paired_comparisons(finals: list[Final]) -> list[dict[str, Any]]:
     out = []
     for hw in (f for f in finals if f.method == "hwprune" and f.correct is not None):
         for other in finals:
-            if other.method in ("hwprune", "dense") or other.budget != hw.budget or other.subject != hw.subject \
+            if other.method in ("hwprune", "dense", NEAR) or other.budget != hw.budget or other.subject != hw.subject \
                     or other.correct is None:
                 continue
             only_hw = int((hw.correct & ~other.correct).sum())
@@ -897,8 +1005,10 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
     probe = LatencyProbe(backend, dense_onnx, args.select_stat)
     grid = [float(x) for x in args.grid.split(",")]
     refine = 2 if args.quick else 3
+    space16 = uniform_space(subject, 16)
+    build16 = uniform_builder(subject, 16, space16)
     curves = {
-        "uniform-16": RatioCurve("uniform-16", uniform_builder(subject, 16), subject, probe, workdir),
+        "uniform-16": RatioCurve("uniform-16", build16, subject, probe, workdir),
         "uniform-1": RatioCurve("uniform-1", uniform_builder(subject, 1), subject, probe, workdir),
         "tp-global-mag": RatioCurve("tp-global-mag", tp_global_magnitude_builder(subject), subject, probe, workdir),
     }
@@ -909,6 +1019,11 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
         say(f"{subject.name} {budget:g}x: hwprune search ({conf['trials']} trials)...")
         hw, summary, run_dir = run_hwprune(subject, budget, args, conf, out / "runs")
         finals.append(hw)
+        if hw.module is not None and args.near:
+            near = near_uniform(subject, budget, space16, build16, hw.macs, args.near)
+            say(f"{subject.name} {budget:g}x: {len(near)} uniform-16 architectures near hwprune's pick "
+                f"({hw.macs / 1e6:.2f} M MACs): " + ", ".join(f"{f.macs / 1e6:.2f}" for f in near) + " M MACs")
+            finals += near
         if summary is not None:
             overhead.append(overhead_row(subject.name, budget, summary))
             say(f"{subject.name} {budget:g}x: checking hwprune's Pareto front ({len(summary['pareto'])} models)...")
@@ -925,11 +1040,12 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
             continue
         say(f"{subject.name} {f.budget:g}x {f.method}: BN re-calibration + {conf['finetune_steps']} fine-tune steps")
         finetune_final(f, subject, conf["finetune_steps"], args.seed, test)
-        f.onnx = export_onnx(f.module, subject.example_inputs,
-                             workdir / f"final-{f.budget:g}x-{f.method}.onnx")
+        name = f"final-{f.budget:g}x-{f.method}" + (f"-{f.setting.removeprefix('ratio ')}" if f.method == NEAR else "")
+        f.onnx = export_onnx(f.module, subject.example_inputs, workdir / f"{name}.onnx")
     say(f"{subject.name}: re-measuring {sum(f.onnx is not None for f in finals)} models interleaved, "
         f"{args.rounds} rounds...")
     remeasure_interleaved(finals, backend, args.rounds, dense.key)
+    finals = with_matched(finals)
     return {
         "subject": subject.name, "note": note, "finals": finals, "overhead": overhead,
         "config": {**conf, "sampler": ", ".join(sorted({str(f.extra["sampler"]) for f in finals
@@ -940,6 +1056,21 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
                                                                                         key=lambda p: p.ratio)]
                    for k, c in curves.items()},
     }
+
+
+def with_matched(finals: list[Final]) -> list[Final]:
+    """``finals`` with a ``MATCHED`` final after each budget's uniform-16 pick (:func:`matched_uniform`)."""
+    out: list[Final] = []
+    for f in finals:
+        out.append(f)
+        if f.method == "uniform-16":
+            hw = next((h for h in finals if h.method == "hwprune" and (h.subject, h.budget) == (f.subject, f.budget)),
+                      None)
+            near = [n for n in finals if n.method == NEAR and (n.subject, n.budget) == (f.subject, f.budget)]
+            matched = matched_uniform(near, hw) if hw is not None else None
+            if matched is not None:
+                out.append(matched)
+    return out
 
 
 def final_record(f: Final) -> dict[str, Any]:
@@ -993,6 +1124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="interleaved confirmations of each baseline's choice, as hwprune confirms its picks: median + "
                         "standard error within the budget, else the next more-pruned architecture (default 4; 0 = "
                         "choose on the bisection's probe alone, as before)")
+    p.add_argument("--near", type=int, default=3,
+                   help="uniform-16 architectures fine-tuned and re-measured on each side of hwprune's pick (by "
+                        "MACs), for the comparison at hwprune's side-by-side latency ('uniform-16-matched'; default "
+                        "3; 0 = off)")
     p.add_argument("--front-rounds", type=int, default=None,
                    help="rounds re-measuring hwprune's Pareto front for the check (default 3; quick 2; 0 = off)")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -1048,7 +1183,13 @@ def main(argv: list[str] | None = None) -> int:
              "'BN-cal' = accuracy after BN "
              "re-calibration only, before the common fine-tune.", "",
              "### hwprune per-trial overhead (seconds per trial, from summary.json `search.stage_seconds`)", "",
-             overhead_table(overhead), "", "### Paired accuracy differences on the same test images", ""]
+             overhead_table(overhead), ""]
+    if any(f.method == NEAR for f in finals):
+        text += ["### uniform-16 at hwprune's measured latency", "",
+                 "The uniform-16 architectures nearest each hwprune pick by MACs, given the common fine-tune and "
+                 "re-measured in the same interleaved rounds; `uniform-16-matched` above is the most accurate of "
+                 "those that ran no slower than hwprune's pick.", "", near_table(finals), ""]
+    text += ["### Paired accuracy differences on the same test images", ""]
     pairs = paired_comparisons(finals)
     text += paired_lines(pairs)
     text += ["", "### The budgets hwprune's searches worked to", ""]

@@ -1,8 +1,9 @@
 """Pool several runs of bench_search.py: hwprune against one baseline, run by run, per subject and budget.
 
-    python bench/summarize_runs.py RUN_A/bench_search.json RUN_B/bench_search.json ... [--baseline uniform-16]
+    python bench/summarize_runs.py RUN_A/bench_search.json RUN_B/bench_search.json ... \
+        [--baseline uniform-16,uniform-16-matched]
 
-One row per run (its search seed, hwprune's pick and the baseline's, both with their side-by-side latency ratios, and
+For each baseline, one row per run (its search seed, hwprune's pick and the baseline's, both with their side-by-side latency ratios, and
 the paired difference on the same test images), then a line per subject and budget: in how many runs hwprune was
 more accurate at p < 0.05, tied, or less accurate, and the mean difference. The runs share the trained model and the
 baseline's pick (neither depends on the search seed), so the differences are not independent samples: read the mean
@@ -72,8 +73,7 @@ def pick(accuracy: float | None, ratio: float | None, meets: bool) -> str:
 
 def markdown(df: pd.DataFrame) -> str:
     lines = []
-    for (model, budget), group in df.groupby(["model", "budget"], sort=False):
-        base = group["baseline"].iloc[0]
+    for (model, budget, base), group in df.groupby(["model", "budget", "baseline"], sort=False):
         lines += [f"**{model} {budget:g}x, hwprune vs `{base}`** (latency as ratio to the dense model, side by side)",
                   "", f"| search seed | commit | hwprune | {base} | difference (paired SE) | p | |",
                   "|---|---|---|---|---|---|---|"]
@@ -101,7 +101,10 @@ def markdown(df: pd.DataFrame) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="bench_search.json files (or the folders holding them)")
-    parser.add_argument("--baseline", default="uniform-16", help="the method to compare hwprune with")
+    parser.add_argument("--baseline", default="uniform-16,uniform-16-matched",
+                        help="the methods to compare hwprune with, comma-separated (default: uniform-16, the "
+                             "budget's bisected pick, and uniform-16-matched, the best uniform-16 model no slower "
+                             "than hwprune's pick side by side; runs without one are skipped for it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "runs_summary",
                         help="writes OUT.csv and OUT.json")
     args = parser.parse_args(argv)
@@ -110,10 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         path = path / "bench_search.json" if path.is_dir() else path
         if not path.is_file():
             parser.error(f"no bench_search.json at {path}")
-        rows += run_rows(path, args.baseline)
+        for baseline in args.baseline.split(","):
+            rows += run_rows(path, baseline)
     if not rows:
         parser.error(f"none of the runs compares hwprune with {args.baseline!r}")
-    df = pd.DataFrame(rows).sort_values(["model", "budget", "search_seed"], ascending=[True, False, True])
+    order = {b: i for i, b in enumerate(args.baseline.split(","))}
+    df = pd.DataFrame(rows)
+    df = df.assign(_order=df["baseline"].map(order)).sort_values(
+        ["model", "budget", "_order", "search_seed"], ascending=[True, False, True, True]).drop(columns="_order")
     text = markdown(df)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
