@@ -28,9 +28,9 @@ chose on (demo: 5,000 other generated images; cifar: the 10,000 test images, the
 training images), so picking the best of several candidates earns no selection bias.
 
 (b') ``uniform-16-matched`` asks for equal latency directly, free of any bisection's noise: the uniform-16
-architectures nearest hwprune's pick by MACs (``--near`` on each side) get the common fine-tune and the side-by-side
-re-measurement below, and hwprune is compared with the most accurate of those that ran no slower than its pick (the
-best of several on the test data: a choice that favours the baseline).
+architectures nearest hwprune's pick by measured latency (``--near`` on each side) get the common fine-tune and the
+side-by-side re-measurement below, and hwprune is compared with the most accurate of those that ran no slower than
+its pick (the best of several on the test data: a choice that favours the baseline).
 
 All final models of a subject, and the dense model, are then re-measured interleaved (round-robin, ``--rounds``
 rounds) and each model's median taken, so load drift from other processes hits every method alike. Latencies are
@@ -614,32 +614,27 @@ def uniform_architecture_ratios(space: PruningSpace, step: float = 0.0025, limit
     return [round((a + b) / 2, 4) for a, b in intervals]
 
 
-def near_uniform(subject: Subject, budget: float, space: PruningSpace, build: Callable[[float], nn.Module],
-                 target_macs: int, each_side: int) -> list[Final]:
-    """The uniform architectures nearest ``target_macs`` (``each_side`` with more MACs, ``each_side`` with at most as
-    many), built, as finals of method ``NEAR``; found by bisection over the architectures, whose MACs fall as the
-    ratio grows."""
-    ratios = uniform_architecture_ratios(space)
-    built: dict[int, tuple[nn.Module, int, int]] = {}
+def near_uniform(subject: Subject, budget: float, curve: RatioCurve, ratios: list[float], target: float,
+                 each_side: int) -> list[Final]:
+    """The uniform architectures nearest the latency ratio ``target`` on ``curve`` (one ratio per architecture in
+    ``ratios``, in ratio order): ``each_side`` that the curve's probe measured slower, and ``each_side`` measured at
+    or below it, as finals of method ``NEAR``. Found by bisection over the architectures, whose latency falls as the
+    ratio grows; the probe is noisy, so the side-by-side re-measurement decides which are no slower.
 
-    def macs_at(i: int) -> int:
-        if i not in built:
-            module = build(ratios[i])
-            built[i] = (module, *count_macs_params(module, subject.example_inputs))
-        return built[i][1]
-
-    lo, hi = 0, len(ratios)  # the first architecture with at most target_macs
+    By latency, not MACs: hwprune's picks run faster than uniform models of their MACs (one 2.32 M-MAC pick ran at
+    0.58x, the uniform models of 2.2-2.6 M at 0.62-0.69x), so a bracket by MACs held nothing no slower."""
+    lo, hi = 0, len(ratios)  # the first architecture the probe measured at or below target
     while lo < hi:
         mid = (lo + hi) // 2
-        if macs_at(mid) <= target_macs:
+        if curve.at(ratios[mid]).latency_ratio <= target:
             hi = mid
         else:
             lo = mid + 1
     out = []
     for i in range(max(lo - each_side, 0), min(lo + each_side, len(ratios))):
-        macs_at(i)
-        module, macs, params = built[i]
-        out.append(Final(subject.name, budget, NEAR, f"ratio {ratios[i]:.3f}", module, macs, params))
+        point = curve.at(ratios[i])
+        out.append(Final(subject.name, budget, NEAR, f"ratio {point.ratio:.3f}", copy.deepcopy(point.module),
+                         point.macs, point.params, select_latency_ratio=point.latency_ratio))
     return out
 
 
@@ -1006,9 +1001,9 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
     grid = [float(x) for x in args.grid.split(",")]
     refine = 2 if args.quick else 3
     space16 = uniform_space(subject, 16)
-    build16 = uniform_builder(subject, 16, space16)
+    architectures16 = uniform_architecture_ratios(space16) if args.near else []
     curves = {
-        "uniform-16": RatioCurve("uniform-16", build16, subject, probe, workdir),
+        "uniform-16": RatioCurve("uniform-16", uniform_builder(subject, 16, space16), subject, probe, workdir),
         "uniform-1": RatioCurve("uniform-1", uniform_builder(subject, 1), subject, probe, workdir),
         "tp-global-mag": RatioCurve("tp-global-mag", tp_global_magnitude_builder(subject), subject, probe, workdir),
     }
@@ -1020,9 +1015,10 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
         hw, summary, run_dir = run_hwprune(subject, budget, args, conf, out / "runs")
         finals.append(hw)
         if hw.module is not None and args.near:
-            near = near_uniform(subject, budget, space16, build16, hw.macs, args.near)
-            say(f"{subject.name} {budget:g}x: {len(near)} uniform-16 architectures near hwprune's pick "
-                f"({hw.macs / 1e6:.2f} M MACs): " + ", ".join(f"{f.macs / 1e6:.2f}" for f in near) + " M MACs")
+            say(f"{subject.name} {budget:g}x: uniform-16 architectures near hwprune's pick "
+                f"({hw.select_latency_ratio:.3f}x)...")
+            near = near_uniform(subject, budget, curves["uniform-16"], architectures16, hw.select_latency_ratio,
+                                args.near)
             finals += near
         if summary is not None:
             overhead.append(overhead_row(subject.name, budget, summary))
@@ -1126,8 +1122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "choose on the bisection's probe alone, as before)")
     p.add_argument("--near", type=int, default=3,
                    help="uniform-16 architectures fine-tuned and re-measured on each side of hwprune's pick (by "
-                        "MACs), for the comparison at hwprune's side-by-side latency ('uniform-16-matched'; default "
-                        "3; 0 = off)")
+                        "measured latency), for the comparison at hwprune's side-by-side latency "
+                        "('uniform-16-matched'; default 3; 0 = off)")
     p.add_argument("--front-rounds", type=int, default=None,
                    help="rounds re-measuring hwprune's Pareto front for the check (default 3; quick 2; 0 = off)")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -1186,9 +1182,9 @@ def main(argv: list[str] | None = None) -> int:
              overhead_table(overhead), ""]
     if any(f.method == NEAR for f in finals):
         text += ["### uniform-16 at hwprune's measured latency", "",
-                 "The uniform-16 architectures nearest each hwprune pick by MACs, given the common fine-tune and "
-                 "re-measured in the same interleaved rounds; `uniform-16-matched` above is the most accurate of "
-                 "those that ran no slower than hwprune's pick.", "", near_table(finals), ""]
+                 "The uniform-16 architectures nearest each hwprune pick by latency (the bisection probe's), given "
+                 "the common fine-tune and re-measured in the same interleaved rounds; `uniform-16-matched` above "
+                 "is the most accurate of those that ran no slower than hwprune's pick.", "", near_table(finals), ""]
     text += ["### Paired accuracy differences on the same test images", ""]
     pairs = paired_comparisons(finals)
     text += paired_lines(pairs)

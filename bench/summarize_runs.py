@@ -1,13 +1,14 @@
-"""Pool several runs of bench_search.py: hwprune against one baseline, run by run, per subject and budget.
+"""Pool several runs of bench_search.py: hwprune against its baselines, run by run, per subject and budget.
 
     python bench/summarize_runs.py RUN_A/bench_search.json RUN_B/bench_search.json ... \
         [--baseline uniform-16,uniform-16-matched]
 
-For each baseline, one row per run (its search seed, hwprune's pick and the baseline's, both with their side-by-side latency ratios, and
-the paired difference on the same test images), then a line per subject and budget: in how many runs hwprune was
-more accurate at p < 0.05, tied, or less accurate, and the mean difference. The runs share the trained model and the
-baseline's pick (neither depends on the search seed), so the differences are not independent samples: read the mean
-as a description, the per-run McNemar tests as the evidence. Writes CSV + JSON next to ``--out``.
+For each baseline, one row per run (its search seed, hwprune's pick and the baseline's, both with their side-by-side
+latency ratios, and the paired difference on the same test images), then a line per subject and budget: in how many
+runs hwprune was more accurate at p < 0.05, tied, or less accurate, and the mean difference. The runs share the
+trained model and the baseline's pick (neither depends on the search seed), so the differences are not independent
+samples: read the mean as a description, the per-run McNemar tests as the evidence. Writes CSV + JSON next to
+``--out``.
 """
 
 from __future__ import annotations
