@@ -28,7 +28,7 @@ chose on (demo: 5,000 other generated images; cifar: the 10,000 test images, the
 training images), so picking the best of several candidates earns no selection bias.
 
 (b') ``uniform-16-matched`` asks for equal latency directly, free of any bisection's noise: the uniform-16
-architectures nearest hwprune's pick by measured latency (``--near`` on each side) get the common fine-tune and the
+architectures nearest hwprune's pick by measured latency (``--near`` of them) get the common fine-tune and the
 side-by-side re-measurement below, and hwprune is compared with the most accurate of those that ran no slower than
 its pick (the best of several on the test data: a choice that favours the baseline).
 
@@ -615,11 +615,12 @@ def uniform_architecture_ratios(space: PruningSpace, step: float = 0.0025, limit
 
 
 def near_uniform(subject: Subject, budget: float, curve: RatioCurve, ratios: list[float], target: float,
-                 each_side: int) -> list[Final]:
+                 slower: int, faster: int) -> list[Final]:
     """The uniform architectures nearest the latency ratio ``target`` on ``curve`` (one ratio per architecture in
-    ``ratios``, in ratio order): ``each_side`` that the curve's probe measured slower, and ``each_side`` measured at
-    or below it, as finals of method ``NEAR``. Found by bisection over the architectures, whose latency falls as the
-    ratio grows; the probe is noisy, so the side-by-side re-measurement decides which are no slower.
+    ``ratios``, in ratio order): ``slower`` that the curve's probe measured over it, and ``faster`` measured at or
+    below it, as finals of method ``NEAR``. Found by bisection over the architectures, whose latency falls as the
+    ratio grows; the probe is noisy (one uniform model it put at 0.50x ran at 0.55x side by side), so the side-by-side
+    re-measurement decides which are no slower, and more are taken on the faster side.
 
     By latency, not MACs: hwprune's picks run faster than uniform models of their MACs (one 2.32 M-MAC pick ran at
     0.58x, the uniform models of 2.2-2.6 M at 0.62-0.69x), so a bracket by MACs held nothing no slower."""
@@ -631,7 +632,7 @@ def near_uniform(subject: Subject, budget: float, curve: RatioCurve, ratios: lis
         else:
             lo = mid + 1
     out = []
-    for i in range(max(lo - each_side, 0), min(lo + each_side, len(ratios))):
+    for i in range(max(lo - slower, 0), min(lo + faster, len(ratios))):
         point = curve.at(ratios[i])
         out.append(Final(subject.name, budget, NEAR, f"ratio {point.ratio:.3f}", copy.deepcopy(point.module),
                          point.macs, point.params, select_latency_ratio=point.latency_ratio))
@@ -1018,7 +1019,7 @@ def bench_subject(name: str, args: argparse.Namespace, backend: OrtBackend, out:
             say(f"{subject.name} {budget:g}x: uniform-16 architectures near hwprune's pick "
                 f"({hw.select_latency_ratio:.3f}x)...")
             near = near_uniform(subject, budget, curves["uniform-16"], architectures16, hw.select_latency_ratio,
-                                args.near)
+                                slower=args.near // 3, faster=args.near - args.near // 3)
             finals += near
         if summary is not None:
             overhead.append(overhead_row(subject.name, budget, summary))
@@ -1120,10 +1121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="interleaved confirmations of each baseline's choice, as hwprune confirms its picks: median + "
                         "standard error within the budget, else the next more-pruned architecture (default 4; 0 = "
                         "choose on the bisection's probe alone, as before)")
-    p.add_argument("--near", type=int, default=3,
-                   help="uniform-16 architectures fine-tuned and re-measured on each side of hwprune's pick (by "
-                        "measured latency), for the comparison at hwprune's side-by-side latency "
-                        "('uniform-16-matched'; default 3; 0 = off)")
+    p.add_argument("--near", type=int, default=7,
+                   help="uniform-16 architectures fine-tuned and re-measured around hwprune's pick (by measured "
+                        "latency; a few more on the faster side), for the comparison at hwprune's side-by-side "
+                        "latency ('uniform-16-matched'; default 7; 0 = off)")
     p.add_argument("--front-rounds", type=int, default=None,
                    help="rounds re-measuring hwprune's Pareto front for the check (default 3; quick 2; 0 = off)")
     p.add_argument("--torch-threads", type=int, default=1,
