@@ -84,6 +84,7 @@ from hwprune.subjects import build_demo, models  # noqa: E402
 from hwprune.subjects.base import Subject  # noqa: E402
 from hwprune.subjects.demo import cache_dir  # noqa: E402
 from hwprune.subjects.shapes import make_shapes  # noqa: E402
+from hwprune.study.objective import uniform_architectures  # noqa: E402
 from hwprune.study.reference import interleaved_rounds  # noqa: E402
 
 PROFILE = "host-cpu"
@@ -601,17 +602,7 @@ def run_tp(subject: Subject, curve: RatioCurve, budget: float, grid: list[float]
 def uniform_architecture_ratios(space: PruningSpace, step: float = 0.0025, limit: float = 0.95) -> list[float]:
     """One uniform ratio per distinct uniform architecture of ``space`` (the middle of the ratio interval that builds
     it), in ratio order, so in falling MACs."""
-    intervals: list[list[float]] = []
-    last: tuple[int, ...] | None = None
-    for i in range(int(round(limit / step)) + 1):
-        r = round(i * step, 4)
-        widths = space.kept_widths(space.uniform(r))
-        if widths == last:
-            intervals[-1][1] = r
-        else:
-            intervals.append([r, r])
-            last = widths
-    return [round((a + b) / 2, 4) for a, b in intervals]
+    return [round((a + b) / 2, 4) for a, b in uniform_architectures(space, 0.0, limit, step)]
 
 
 def near_uniform(subject: Subject, budget: float, curve: RatioCurve, ratios: list[float], target: float,

@@ -368,32 +368,29 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     confirmed = dict(study.user_attrs.get(CONFIRMED_ATTR) or {})
     by_ratio = {float(t.user_attrs["uniform_ratio"]): t for t in uniform}
 
-    def points() -> list[tuple[float, float]]:
-        """(ratio, latency) of the dense model and every uniform trial."""
-        return [(0.0, budgets.judged_ms(dense_latency_ms, 1.0))] + [
-            (r, confirmed_latency(t, budgets, confirmed)) for r, t in by_ratio.items()]
-
-    def ends() -> tuple[tuple[float, float] | None, tuple[float, float] | None, bool]:
-        """(most pruned miss below the least pruned meet, least pruned meet) as (ratio, latency), or None; and
-        whether a more pruned uniform trial than that meet missed the budget (one of the two measurements is off)."""
-        measured = points()
+    def ends() -> tuple[tuple[float, float] | None, tuple[float, float] | None, bool, bool]:
+        """(most pruned miss below the least pruned meet, least pruned meet) as (ratio, latency), or None; whether a
+        more pruned uniform trial than that meet missed the budget, and whether a less pruned one (or the dense model)
+        than that miss ran faster than it (either way, one of the two measurements is off)."""
+        measured = [(0.0, budgets.judged_ms(dense_latency_ms, 1.0))]
+        measured += [(r, confirmed_latency(t, budgets, confirmed)) for r, t in by_ratio.items()]
         hi = min((p for p in measured if p[1] <= budget_ms), default=None)
         lo = max((p for p in measured if p[1] > budget_ms and (hi is None or p[0] < hi[0])), default=None)
         contradicted = hi is not None and any(p[1] > budget_ms and p[0] > hi[0] for p in measured)
-        return lo, hi, contradicted
+        inverted = lo is not None and any(p[0] < lo[0] and p[1] < lo[1] for p in measured)
+        return lo, hi, contradicted, inverted
 
     def suspect() -> optuna.trial.FrozenTrial | None:
         """The end to measure again: a lower end just over the budget or slower than a less pruned uniform trial,
         else an upper end a more pruned miss contradicts; each is measured again once at most."""
         ends_ = []
-        if lo is not None and lo[0] in by_ratio and (lo[1] <= budget_ms * (1 + NEAR_MISS)
-                                                     or any(r < lo[0] and t_ms < lo[1] for r, t_ms in points())):
+        if lo is not None and lo[0] in by_ratio and (lo[1] <= budget_ms * (1 + NEAR_MISS) or inverted):
             ends_.append(by_ratio[lo[0]])
         if contradicted and hi is not None and hi[0] in by_ratio:
             ends_.append(by_ratio[hi[0]])
         return next((t for t in ends_ if str(t.number) not in confirmed), None)
 
-    lo, hi, contradicted = ends()
+    lo, hi, contradicted, inverted = ends()
     while confirm is not None and (edge := suspect()) is not None:
         try:
             confirmed[str(edge.number)] = confirm(edge.params)
@@ -401,7 +398,7 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
             log.warning("measuring uniform trial %d again failed (%s)", edge.number, exc)
             break
         study.set_user_attr(CONFIRMED_ATTR, confirmed)
-        lo, hi, contradicted = ends()
+        lo, hi, contradicted, inverted = ends()
     if lo is None or hi is None:
         return []
 
@@ -419,27 +416,32 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     return [r]
 
 
-def uniform_architectures_between(space: PruningSpace, lo: float, hi: float) -> list[tuple[float, float]]:
-    """The uniform architectures strictly between uniform ratios ``lo`` and ``hi``, as the ratio interval
-    ``(first, last)`` that builds each (scanned in ``BRACKET_SCAN`` steps), in ratio order; their rounded widths
-    differ from those of ``lo`` and ``hi``."""
-    ends = {space.kept_widths(space.uniform(lo)), space.kept_widths(space.uniform(hi))}
+def uniform_architectures(space: PruningSpace, lo: float, hi: float,
+                          step: float = BRACKET_SCAN) -> list[tuple[float, float]]:
+    """The uniform architectures of ratios ``lo`` to ``hi`` (both included, scanned in ``step`` increments), as the
+    ratio interval ``(first, last)`` of the scan that builds each, in ratio order (so in falling widths)."""
     found: list[tuple[float, float]] = []
     last: tuple[int, ...] | None = None
-    for i in range(1, int((hi - lo) / BRACKET_SCAN) + 1):
-        r = round(lo + i * BRACKET_SCAN, 4)
-        if r >= hi:
+    for i in range(int(round((hi - lo) / step)) + 1):
+        r = round(lo + i * step, 4)
+        if r > hi:
             break
         w = space.kept_widths(space.uniform(r))
-        if w in ends:
-            last = None
-            continue
         if w == last:
             found[-1] = (found[-1][0], r)
         else:
             found.append((r, r))
             last = w
     return found
+
+
+def uniform_architectures_between(space: PruningSpace, lo: float, hi: float) -> list[tuple[float, float]]:
+    """The uniform architectures strictly between uniform ratios ``lo`` and ``hi``, as the ratio interval
+    ``(first, last)`` that builds each (scanned in ``BRACKET_SCAN`` steps), in ratio order; their rounded widths
+    differ from those of ``lo`` and ``hi``."""
+    ends = {space.kept_widths(space.uniform(lo)), space.kept_widths(space.uniform(hi))}
+    return [iv for iv in uniform_architectures(space, lo, hi)
+            if space.kept_widths(space.uniform(iv[0])) not in ends]
 
 
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
