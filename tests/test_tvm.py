@@ -229,3 +229,18 @@ def test_tune_final_tunes_only_the_recommended_model(tmp_path: Path) -> None:
     assert all("final_tuned" not in r for r in summary["pareto"] if not r["recommended"])
     assert "tuned on the device (4 MetaSchedule trials" in proc.stdout
     assert "was tuned on the device after the search" in (tmp_path / "tf" / "report.md").read_text()
+
+
+def test_native_target_is_this_cpu() -> None:
+    """host-cpu compiles for the CPU it runs on: a fixed mcpu (znver4) once emitted AVX-512 on an AVX2 host."""
+    from tvm.target import codegen
+
+    from hwprune.backends.tvm import make_target, resolved_targets, target_signature
+
+    profile = load_profile("host-cpu")
+    assert profile.tvm.target["mcpu"] == "native"
+    target, _ = resolved_targets(profile)
+    assert target["mcpu"] == codegen.llvm_get_system_cpu() != "native"
+    assert str(make_target(profile).attrs["mcpu"]) == target["mcpu"]
+    fixed = profile.with_overrides(tvm__target={"kind": "llvm", "mcpu": target["mcpu"], "num-cores": 1})
+    assert target_signature(fixed) == target_signature(profile)  # the same code, the same tuning records

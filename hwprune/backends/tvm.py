@@ -121,9 +121,27 @@ def _canonical(d: Any) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _resolve_native(target: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``target`` with ``mcpu = "native"`` replaced by the CPU LLVM detects on this machine."""
+    if not target or target.get("mcpu") != "native":
+        return target
+    try:
+        from tvm.target import codegen
+    except ImportError:  # no TVM: nothing will be compiled, and "native" names the target well enough
+        return target
+    return {**target, "mcpu": str(codegen.llvm_get_system_cpu())}
+
+
+def resolved_targets(profile: DeviceProfile) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The profile's (target, host) dicts as compiled for: ``mcpu = "native"`` becomes this machine's CPU (host-cpu
+    ships with it: a fixed ``znver4`` ran AVX-512 code on an AVX2 host and died of an illegal instruction)."""
+    return _resolve_native(dict(profile.tvm.target)) or {}, _resolve_native(profile.tvm.host)
+
+
 def target_signature(profile: DeviceProfile) -> str:
-    """A short hash of the target and host dicts (a profile edited to a new target gets a fresh database)."""
-    return hashlib.sha256(_canonical([profile.tvm.target, profile.tvm.host]).encode()).hexdigest()[:12]
+    """A short hash of the target and host dicts as resolved here (a profile edited to a new target, or a native
+    target on another CPU, gets a fresh database)."""
+    return hashlib.sha256(_canonical(list(resolved_targets(profile))).encode()).hexdigest()[:12]
 
 
 def tuning_db_dir(profile: DeviceProfile) -> Path:
@@ -144,9 +162,10 @@ def tuning_db_dir(profile: DeviceProfile) -> Path:
 def make_target(profile: DeviceProfile) -> Any:
     """``tvm.target.Target`` built from the profile's JSON dicts (TVM 0.27 rejects the old CLI target strings)."""
     tvm = _tvm()
+    target, host_dict = resolved_targets(profile)
     try:
-        host = tvm.target.Target(dict(profile.tvm.host)) if profile.tvm.host else None
-        return tvm.target.Target(dict(profile.tvm.target), host=host)
+        host = tvm.target.Target(dict(host_dict)) if host_dict else None
+        return tvm.target.Target(target, host=host)
     except Exception as exc:  # noqa: BLE001 - TVM raises its own error types for bad target dicts
         raise BackendUnavailable(
             f"profile {profile.name}: tvm.target {profile.tvm.target} is not a valid TVM target: {_first_line(exc)}"
