@@ -490,9 +490,9 @@ class RatioCurve:
 
 
 def uniform_space(subject: Subject, channel_multiple: int) -> PruningSpace:
-    """The pruning space the uniform baselines prune in: every coupled channel group, up to 95%."""
+    """The pruning space the uniform baselines prune in: every coupled channel group, up to 95%; widths only."""
     return PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=channel_multiple,
-                              max_ratio=0.95, ignored_layers=list(subject.ignored_layers))
+                              max_ratio=0.95, ignored_layers=list(subject.ignored_layers), depth=False)
 
 
 def uniform_builder(subject: Subject, channel_multiple: int,
@@ -704,14 +704,17 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
         final.budget_met_at_selection = False
         final.note = final.note or "no feasible model"
         return final, summary, run_dir
-    final.setting = f"trial {rec['trial']}"
+    removed = rec.get("removed_blocks") or []
+    final.setting = f"trial {rec['trial']}" + (f", {len(removed)} block{'s' * (len(removed) > 1)} removed"
+                                               if removed else "")
     # under a relative budget hwprune judges (and records) the ratio to the dense model measured beside the model
     final.select_latency_ratio = rec.get("latency_ratio") or (rec["latency_ms"]["median"]
                                                               / summary["dense"]["latency_ms"]["median"])
     final.budget_met_at_selection = bool(rec["meets"]["latency"])
     space = PruningSpace.build(subject.model, subject.example_inputs,
                                channel_multiple=int(summary["request"]["channel_multiple"]),
-                               max_ratio=args.max_ratio, ignored_layers=list(subject.ignored_layers))
+                               max_ratio=args.max_ratio, ignored_layers=list(subject.ignored_layers),
+                               depth=bool(summary["request"].get("depth", True)))
     pruned = prune(subject.model, subject.example_inputs, rec["ratios"], space)
     if {k: list(v) for k, v in pruned.widths.items()} != rec["widths"]:
         final.note = "WARNING: rebuilding the recommended ratios gave other widths than summary.json reports"

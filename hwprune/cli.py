@@ -96,6 +96,7 @@ def search(
     seed: Annotated[int, typer.Option("--seed", help="Seed for the sampler and the per-trial calibration and fine-tune (not for the demo model itself).")] = 0,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe (default), random, gp or nsga2; see bench/README.md.")] = "tpe",
     max_ratio: Annotated[float, typer.Option("--max-ratio", help="Largest fraction of a group's channels to remove.")] = 0.75,
+    depth: Annotated[bool, typer.Option("--depth/--no-depth", help="Also search over removing whole residual blocks (y = x + f(x) becomes y = x); --no-depth prunes channel widths only.")] = True,
     channel_multiple: Annotated[Optional[int], typer.Option("--channel-multiple", help="Round kept widths to this multiple (default: the profile's).")] = None,
     trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only); used when the model source provides training data.")] = 20,
     final_finetune: Annotated[int, typer.Option("--final-finetune-steps", help="Fine-tune steps of the final fine-tune (distilled from the dense model) before the recommendation.")] = 300,
@@ -123,7 +124,7 @@ def search(
     config = SearchConfig(
         model=model, device=device, latency_budget_ms=latency_budget_ms, memory_budget_mb=memory_budget_mb,
         trials=trials, timeout_s=timeout, storage=storage, study=study, out=out_dir, seed=seed, sampler=sampler,
-        max_ratio=max_ratio, channel_multiple=channel_multiple, trial_finetune_steps=trial_finetune,
+        max_ratio=max_ratio, depth=depth, channel_multiple=channel_multiple, trial_finetune_steps=trial_finetune,
         final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned,
         allow_estimate=allow_estimate, tune_final_trials=tune_final,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
@@ -189,6 +190,8 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
         out.print(f"[bold]recommended:[/] trial {rec['trial']}: {metric} {rec['accuracy']:.4f} (dense "
                   f"{dense['accuracy']:.4f}), {rec['latency_ms']['median']:.3f} ms ({rec.get('speedup', 1):.2f}x faster), "
                   f"{rec['memory_mb']['total']:.2f} MB -> {run_dir / rec['files']['onnx']['path']}")
+        if rec.get("removed_blocks"):
+            out.print(f"  residual blocks removed whole: {', '.join(rec['removed_blocks'])}")
         tuned = rec.get("final_tuned")
         if tuned and "latency_ms" in tuned:
             out.print(f"tuned on the device ({tuned['tuning_trials']} MetaSchedule trials, {tuned['seconds']:.0f} s): "

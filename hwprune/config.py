@@ -69,6 +69,7 @@ class SearchConfig:
     seed: int = 0
     sampler: str = "tpe"  # bench/bench_samplers.py (corrected run): TPE ranked first, not conclusively
     max_ratio: float = 0.75
+    depth: bool = True  # also search over removing whole residual blocks (hwprune.pruning.depth)
     channel_multiple: int | None = None  # default from the device profile
     trial_finetune_steps: int = 20
     final_finetune_steps: int = 300

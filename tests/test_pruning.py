@@ -345,6 +345,9 @@ def test_prune_family(case: str, tmp_path: Path) -> None:
 
     for knob in space.knobs:
         kept = result.kept[knob.name]
+        if knob.kind == "block":
+            assert kept == 1  # uniform ratios keep every block
+            continue
         assert kept == knob.kept(0.5) < knob.channels
         if knob.kind == "channels":
             assert kept % knob.groups == 0
@@ -391,7 +394,7 @@ def test_resnet_residual_groups_are_coupled() -> None:
     space = PruningSpace.build(model, x)
     names = space.names
     # the stem and both layer1 blocks share one residual stream: one knob, not three
-    stream = [n for n in names if space.specs[n].members and "layer1.0.conv2" in space.specs[n].members]
+    stream = [n for n in names if space.knob(n).kind == "channels" and "layer1.0.conv2" in space.specs[n].members]
     assert len(stream) == 1
     assert {"stem.0", "layer1.0.conv2", "layer1.1.conv2"} <= set(space.specs[stream[0]].members)
     assert "fc" not in names and "fc" in space.skipped  # the classifier is never pruned
@@ -703,3 +706,143 @@ def test_space_is_reusable_on_a_copy() -> None:
     other, _ = _make("resnet")
     with pytest.raises(HwpruneError, match="does not match"):
         prune(other, _images(), space.uniform(0.5), space)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# depth: residual blocks removed whole
+
+
+class PostNorm(nn.Module):
+    """BERT-style ``LayerNorm(x + f(x))``: removing it would drop the norm too, so it is no removable block."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x + self.fc(x))
+
+
+class Scaled(nn.Module):
+    """``2 * x + f(x)``: the skip path is not the input itself."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x + self.fc(x)
+
+
+class Plain(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(x))
+
+
+class Residual(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(x)
+
+
+class DepthZoo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.post = PostNorm()
+        self.scaled = Scaled()
+        self.plain = Plain()
+        self.res = Residual()
+        self.twice = Residual()  # called twice in forward: not one block with one input
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.twice(self.twice(self.res(self.plain(self.scaled(self.post(x)))))))
+
+
+@pytest.mark.parametrize(("case", "blocks"), [
+    ("resnet", ["layer1.0", "layer1.1"]),  # layer2.0 has a strided shortcut conv: not removable
+    ("mobilenet", ["block1", "block2"]),
+    ("regnet", ["blocks.0", "blocks.1"]),
+    ("vit", ["blocks.0", "blocks.1"]),  # pre-norm: x1 = x + attn(ln(x)); x1 + mlp(ln(x1))
+    ("bert", []),  # post-norm
+    ("concat", []),
+    ("mlp", []),
+])
+def test_removable_blocks_found(case: str, blocks: list[str]) -> None:
+    model, x = _make(case)
+    assert PruningSpace.build(model, x).blocks == blocks
+    assert PruningSpace.build(model, x, depth=False).blocks == []
+    assert PruningSpace.build(model, x, max_ratio=0.4).blocks == []  # a block goes from a ratio of 0.5
+
+
+def test_only_plain_residual_blocks_are_removable() -> None:
+    model = DepthZoo().eval()
+    assert PruningSpace.build(model, torch.randn(2, 16)).blocks == ["res"]
+
+
+@pytest.mark.parametrize("case", ["resnet", "mobilenet", "vit"])
+def test_removed_block_is_its_skip_connection(case: str, tmp_path: Path) -> None:
+    """Removing a block gives exactly the model whose block adds nothing to its input."""
+    model, x = _make(case)
+    space = PruningSpace.build(model, x, channel_multiple=8)
+    block = space.blocks[-1]
+    # the residual branch's last layer zeroed: the block computes x (+0); ResNet's ReLU then sees a ReLU's output
+    inert = copy.deepcopy(model)
+    last = [m for m in inert.get_submodule(block).modules() if isinstance(m, (nn.BatchNorm2d, nn.Linear))][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    if case == "vit":  # two residual branches: zero the attention's output too
+        attn_out = inert.get_submodule(block).attn.out_proj
+        with torch.no_grad():
+            attn_out.weight.zero_()
+            attn_out.bias.zero_()
+
+    result = prune(model, x, {block: 0.5}, space)
+    assert result.removed == (block,)
+    assert isinstance(result.module.get_submodule(block), nn.Identity)
+    torch.testing.assert_close(_run(result.module, x), _run(inert, x), rtol=1e-5, atol=1e-5)
+
+    inside = [n for n in read_widths(model) if n.startswith(block + ".")]
+    assert inside and all(result.widths[n] == (read_widths(model)[n], 0) for n in inside)
+    assert result.kept[block] == 0
+    assert all(result.kept[k.name] == 0 for k in space.knobs if space.specs[k.name].root.startswith(block + "."))
+    macs0, params0 = count_macs_params(model, x)
+    assert result.macs < macs0 and result.params < params0
+    assert result.params == sum(p.numel() for p in result.module.parameters())
+    _onnx_roundtrip(result.module, x, tmp_path / f"{case}.onnx", case)
+    torch.save(result.module, tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(_run(again, x), _run(result.module, x))
+
+
+def test_depth_and_width_together() -> None:
+    model, x = _make("mobilenet")
+    space = PruningSpace.build(model, x, channel_multiple=8)
+    ratios = {**space.uniform(0.5), "block2": 0.75}
+    both = prune(model, x, ratios, space)
+    assert both.removed == ("block2",)
+    assert both.widths["block1.expand.0"][1] < both.widths["block1.expand.0"][0]  # block1 is kept, and narrower
+    assert both.widths["block2.expand.0"][1] == 0
+    # a removed block's own widths do not matter: the same architecture, the same signature
+    other = prune(model, x, {**ratios, "block2.expand.0": 0.0}, space)
+    assert other.signature == both.signature
+    assert prune(model, x, space.uniform(0.5), space).signature != both.signature
+    # the space's JSON description keeps its blocks
+    again = PruningSpace.from_dict(json.loads(json.dumps(space.to_dict())))
+    assert again.blocks == space.blocks and prune(model, x, ratios, again).signature == both.signature
+
+
+def test_block_knob_keeps_or_removes() -> None:
+    k = Knob("b", 1, 1, 0.75, "block")
+    assert k.widths() == [0, 1]
+    assert [k.kept(r) for r in (0.0, 0.49, 0.5, 0.75, 1.0)] == [1, 1, 0, 0, 0]
+    assert Knob("b", 1, 1, 0.4, "block").kept(0.9) == 1  # clipped to max_ratio

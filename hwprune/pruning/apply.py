@@ -22,6 +22,7 @@ import torch_pruning as tp
 
 from hwprune.errors import HwpruneError
 from hwprune.pruning import attention as attn
+from hwprune.pruning import depth
 from hwprune.pruning.importance import ImportanceFn, get_importance
 from hwprune.pruning.space import (
     ExampleInputs,
@@ -47,6 +48,7 @@ class PrunedModel:
     signature: str
     kept: dict[str, int] = field(default_factory=dict)  # knob name -> kept channels (or heads), read back
     ratios: dict[str, float] = field(default_factory=dict)  # knob name -> ratio applied (after clipping)
+    removed: tuple[str, ...] = ()  # residual blocks removed whole (replaced by their skip connection)
 
 
 def count_macs_params(model: nn.Module, example_inputs: ExampleInputs) -> tuple[int, int]:
@@ -159,6 +161,19 @@ def _shapes(out: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape) for t in output_tensors(out)]
 
 
+def _eval_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
+    """Output shapes of one forward pass in eval mode (BatchNorm statistics untouched); training flags restored."""
+    flags = [m.training for m in model.modules()]
+    for m in model.modules():
+        m.training = False
+    try:
+        with torch.no_grad():
+            return _shapes(run_forward(model, inputs))
+    finally:
+        for m, flag in zip(model.modules(), flags, strict=True):
+            m.training = flag
+
+
 def prune(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -167,7 +182,9 @@ def prune(
     *,
     importance: str | ImportanceFn = "l2",
 ) -> PrunedModel:
-    """Prune a deep copy of ``model``: each knob of ``space`` keeps ``knob.kept(ratio)`` channels (or heads).
+    """Prune a deep copy of ``model``: each knob of ``space`` keeps ``knob.kept(ratio)`` channels (or heads), and
+    each block knob whose ``kept`` is 0 removes its residual block (first, so importances are computed on the layers
+    that stay; channel knobs inside a removed block then keep 0).
 
     ``ratios`` maps knob names to ratios; omitted knobs are not pruned, unknown names raise ``HwpruneError``.
     The lowest-importance channels go (``"l2"``/``"l1"`` group magnitude, or a callable on a Torch-Pruning group).
@@ -179,15 +196,27 @@ def prune(
     plan_kept = {k.name: k.kept(applied[k.name]) for k in space.knobs}
 
     pruned = copy.deepcopy(model)
-    flags = [m.training for m in pruned.modules()]
     grads = {n: p.requires_grad for n, p in pruned.named_parameters()}
     original = read_widths(pruned)
-    todo = [k for k in space.knobs if plan_kept[k.name] < k.channels]
+    removed = tuple(k.name for k in space.knobs if k.kind == "block" and plan_kept[k.name] == 0)
+    shapes_before: list[tuple[int, ...]] | None = None
+    if removed:
+        try:
+            shapes_before = _eval_shapes(pruned, inputs)
+        except Exception as exc:
+            raise HwpruneError(f"{type(model).__name__} does not run on its example inputs: {one_line(exc)}") from exc
+        depth.remove_blocks(pruned, removed)
+        for k in space.knobs:
+            spec = space.specs.get(k.name)
+            if k.kind != "block" and spec is not None and depth.is_removed(pruned, spec.root):
+                plan_kept[k.name] = 0  # its layers went with their block
+    todo = [k for k in space.knobs if k.kind != "block" and 0 < plan_kept[k.name] < k.channels]
 
     if todo:
         traced = trace(pruned, inputs)
         graph = traced.graph
-        shapes_before = [tuple(t.shape) for t in traced.outputs]
+        if shapes_before is None:
+            shapes_before = [tuple(t.shape) for t in traced.outputs]
         modules = dict(pruned.named_modules())
 
         # 1) decide every removal on the unpruned copy
@@ -234,38 +263,41 @@ def prune(
                     raise HwpruneError(f"cannot prune knob {knob.name!r}: {one_line(exc)}") from exc
         infos, _ = attn.find_attention(model)
         for info in infos.values():
-            attn.patch_heads(pruned, info)
+            if not depth.is_removed(pruned, info.name):
+                attn.patch_heads(pruned, info)
         del plan, graph, traced, modules
-
         _restore_requires_grad(pruned, grads)
-        for m in pruned.modules():
-            m.training = False  # the check must not update BatchNorm statistics
+
+    if todo or removed:
         try:
-            with torch.no_grad():
-                shapes_after = _shapes(run_forward(pruned, inputs))
+            shapes_after = _eval_shapes(pruned, inputs)
         except Exception as exc:
             raise HwpruneError(f"the pruned {type(model).__name__} no longer runs: {one_line(exc)}") from exc
-        finally:
-            for m, flag in zip(pruned.modules(), flags, strict=True):
-                m.training = flag
         if shapes_after != shapes_before:
             raise HwpruneError(
                 f"pruning changed the output shapes of {type(model).__name__}: {shapes_before} -> {shapes_after}"
             )
 
     after = read_widths(pruned)
-    widths = {name: (original[name], after[name]) for name in original}
+    widths = {name: (original[name], after.get(name, 0)) for name in original}  # 0: removed with its block
     kept = {k.name: _kept_back(pruned, space, k) for k in space.knobs}
     for name, k in kept.items():
         if k != plan_kept[name]:
             raise HwpruneError(f"knob {name!r} kept {k} instead of {plan_kept[name]}; please report this model")
     macs, params = count_macs_params(pruned, inputs)
-    return PrunedModel(pruned, widths, params, macs, architecture_signature(widths), kept, applied)
+    # a block without Conv/Linear layers leaves the widths as they were: its removal must still change the signature
+    signed = {**widths, **{f"block:{b}": 0 for b in removed}}
+    return PrunedModel(pruned, widths, params, macs, architecture_signature(signed), kept, applied, removed)
 
 
 def _kept_back(model: nn.Module, space: PruningSpace, knob: Knob) -> int:
-    """The width (or head count) a knob's root layer really has in ``model``."""
+    """The width (or head count) a knob's root layer really has in ``model``; 0 when it was removed with its block,
+    and for a block knob 1 (kept) or 0 (removed)."""
     spec = space.specs[knob.name]
+    if depth.is_removed(model, spec.root):
+        return 0
+    if knob.kind == "block":
+        return 1
     root = model.get_submodule(spec.root)
     if isinstance(root, nn.MultiheadAttention):
         width = root.embed_dim

@@ -4,6 +4,9 @@ A *group* is every channel that must disappear together when one layer loses an 
 its BatchNorm/LayerNorm, the next layers' inputs, every branch of a residual add, the matching slice of a concat, the
 depthwise conv in between. Each prunable group becomes a :class:`Knob` whose ratio the search chooses.
 
+A removable residual block (``y = x + f(x)``, see :mod:`hwprune.pruning.depth`) is a knob too, of kind ``"block"``:
+a ratio of ``BLOCK_REMOVAL`` or more removes the whole block and keeps its skip connection.
+
 Groups that are left out (listed in ``PruningSpace.skipped`` with the reason): ones that would change the shape of a
 model output (the final classifier, a backbone's last hidden state), ones touching an ignored layer, attention
 modules whose head layout hwprune does not know, grouped convolutions Torch-Pruning cannot prune correctly, and
@@ -25,10 +28,12 @@ import torch_pruning as tp
 
 from hwprune.errors import HwpruneError
 from hwprune.pruning import attention as attn
+from hwprune.pruning.depth import find_blocks
 
 ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]  # noqa: UP007 (runtime alias)
 
-KINDS = ("channels", "heads")
+KINDS = ("channels", "heads", "block")
+BLOCK_REMOVAL = 0.5  # a block knob's ratio from which its block is removed (uniform ratios never remove blocks)
 # layer types that can name a group (its "root layer"), in order of preference
 _NAMING_TYPES = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding)
 
@@ -40,6 +45,8 @@ class Knob:
     For ``kind == "channels"``, ``channels`` is the group's width and ``kept`` rounds to ``multiple`` (and to
     ``groups``, the number of conv/norm groups the width must stay divisible by). For ``kind == "heads"``,
     ``channels`` is the number of heads, each ``head_dim`` channels wide, and ``multiple`` is 1: whole heads go.
+    For ``kind == "block"``, ``channels`` is 1: the block is kept (1) or removed (0, from a ratio of
+    ``BLOCK_REMOVAL``).
     """
 
     name: str
@@ -60,6 +67,8 @@ class Knob:
 
     def widths(self) -> list[int]:
         """Every width this knob can keep, ascending (always includes ``channels``, i.e. no pruning)."""
+        if self.kind == "block":
+            return [0, 1]
         if self.kind == "heads":
             step, low = self.groups, 1
         else:
@@ -78,6 +87,8 @@ class Knob:
         ties go to the wider option.
         """
         r = min(max(float(ratio), 0.0), self.max_ratio)
+        if self.kind == "block":
+            return 0 if r >= BLOCK_REMOVAL else 1
         if r <= 0.0:
             return self.channels
         target = self.channels * (1.0 - r)
@@ -428,11 +439,13 @@ class PruningSpace:
         channel_multiple: int = 8,
         max_ratio: float = 0.75,
         ignored_layers: Iterable[nn.Module | str] | None = None,
+        depth: bool = True,
     ) -> PruningSpace:
-        """One knob per prunable coupled channel group of ``model`` (which is not modified).
+        """One knob per prunable coupled channel group of ``model`` (which is not modified), and with ``depth`` one
+        per removable residual block (none when ``max_ratio`` is below ``BLOCK_REMOVAL``).
 
-        Groups that would change a model output (the final classifier) and groups touching ``ignored_layers``
-        (modules or qualified names) are never pruned.
+        Groups that would change a model output (the final classifier) and groups or blocks touching
+        ``ignored_layers`` (modules or qualified names) are never pruned.
         """
         if not isinstance(model, nn.Module):
             raise HwpruneError(f"expected a torch.nn.Module to prune, got {type(model).__name__}")
@@ -460,6 +473,10 @@ class PruningSpace:
             else:
                 skipped[result[0]] = result[1]  # type: ignore[index]
         order = analyser.order
+        if depth and float(max_ratio) >= BLOCK_REMOVAL:
+            for block in find_blocks(model, as_inputs(example_inputs), ignored, _NAMING_TYPES):
+                found.append((Knob(block.name, 1, 1, float(max_ratio), "block"),
+                              GroupSpec(block.name, block.name, 1, block.layers)))
         found.sort(key=lambda ks: order.get(ks[0].name, len(order)))
         names = [k.name for k, _ in found]
         if len(set(names)) != len(names):
@@ -521,12 +538,18 @@ class PruningSpace:
         Two ratio maps with the same kept widths build the same architecture."""
         return tuple(k.kept(float(ratios.get(k.name, 0.0))) for k in self.knobs)
 
+    @property
+    def blocks(self) -> list[str]:
+        """Names of the removable residual blocks (knobs of kind ``"block"``), in model order."""
+        return [k.name for k in self.knobs if k.kind == "block"]
+
     def uniform(self, ratio: float) -> dict[str, float]:
-        """The same ratio for every knob, clipped to each knob's ``max_ratio``."""
+        """The same ratio for every channel group and attention knob, clipped to each knob's ``max_ratio``; every
+        block is kept (uniform pruning is the width-only baseline)."""
         r = float(ratio)
         if not 0.0 <= r <= 1.0:
             raise HwpruneError(f"a uniform pruning ratio must be in [0, 1], not {ratio!r}")
-        return {k.name: min(r, k.max_ratio) for k in self.knobs}
+        return {k.name: 0.0 if k.kind == "block" else min(r, k.max_ratio) for k in self.knobs}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able description (round-trips through :meth:`from_dict`)."""

@@ -712,6 +712,9 @@ def _widths_section(run: RunData) -> Section | None:
     s.blocks.append(Text("Output channels of each prunable layer in the dense model and in the recommended model. "
                          "Pruning removes whole channels, so the pruned model is an ordinary, smaller dense model: no "
                          "sparse kernels are needed to run it fast."))
+    if rec.get("removed_blocks"):
+        s.blocks.append(Text("Residual blocks removed whole (each replaced by its skip connection, so its layers show "
+                             "0 kept channels): " + ", ".join(code(b) for b in rec["removed_blocks"]) + "."))
     png = plots.widths_plot(run)
     if png:
         s.blocks.append(Figure("widths", png, "Per-layer widths", "Grey = original width, blue = kept channels."))

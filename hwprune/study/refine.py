@@ -73,12 +73,18 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     knobs = space.knobs
 
     def ratios_of(widths: tuple[int, ...]) -> dict[str, float]:
+        # a removed block (width 0) maps to max_ratio, which removes it
         return {k.name: min(k.max_ratio, max(0.0, 1.0 - w / k.channels)) for k, w in zip(knobs, widths)}
 
     seen = {space.kept_widths(t.params) for t in trials if t.params}
     seen |= {space.kept_widths(t.system_attrs.get("fixed_params", {})) for t in trials if t.state == TrialState.WAITING}
     base = space.kept_widths(best.params)
-    allowed = [[c for c in k.widths() if c >= k.channels * (1.0 - k.max_ratio) - 1e-9] for k in knobs]
+    # blocks stay as the incumbent has them (a MACs estimate cannot price the operators a removed block saves), and
+    # so do the groups inside a removed block: their widths change nothing
+    removed = [k.name + "." for k, w in zip(knobs, base) if k.kind == "block" and w == 0]
+    fixed = [k.kind == "block" or space.specs[k.name].root.startswith(tuple(removed)) for k in knobs]
+    allowed = [[w] if fix else [c for c in k.widths() if c >= k.channels * (1.0 - k.max_ratio) - 1e-9]
+               for k, w, fix in zip(knobs, base, fixed)]
     wider = {i: min(c for c in a if c > w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c > w for c in a)}
     narrower = {i: max(c for c in a if c < w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c < w for c in a)}
     base_macs = best.user_attrs.get("macs") or macs_of(ratios_of(base))

@@ -227,7 +227,8 @@ class Search:
             "memory_budget": str(c.memory_budget_mb) if c.memory_budget_mb else None,
             "trials": c.trials, "timeout_s": c.timeout_s, "seed": c.seed,
             "study": c.study_name, "storage": self.storage,
-            "sampler": c.sampler, "max_ratio": c.max_ratio, "channel_multiple": self.profile.channel_multiple,
+            "sampler": c.sampler, "max_ratio": c.max_ratio, "depth": c.depth,
+            "channel_multiple": self.profile.channel_multiple,
             "exporter": self.exporter,
             "finetune": {"trial_steps": c.trial_finetune_steps, "final_steps": c.final_finetune_steps,
                          "final_candidates": c.final_candidates},
@@ -286,7 +287,7 @@ class Search:
                  f"{_fmt(budgets.latency_ms, 'ms')}, memory {_fmt(budgets.memory_mb, 'MB')}")
 
         space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=self.profile.channel_multiple,
-                                   max_ratio=c.max_ratio, ignored_layers=list(subject.ignored_layers))
+                                   max_ratio=c.max_ratio, ignored_layers=list(subject.ignored_layers), depth=c.depth)
         if not space.knobs:
             raise HwpruneError(f"{subject.name}: found no prunable channel groups (nothing but the output layer?)")
         sampler = make_sampler(c.sampler, c.seed, len(space.knobs))
@@ -309,7 +310,9 @@ class Search:
 
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         remaining = None if c.trials is None else max(0, c.trials - done)
-        self.log(f"{len(space.knobs)} knobs (coupled channel groups); study {c.study_name!r} has {done} complete "
+        blocks = len(space.blocks)
+        self.log(f"{len(space.knobs)} knobs ({len(space.knobs) - blocks} coupled channel groups, {blocks} removable "
+                 f"residual blocks); study {c.study_name!r} has {done} complete "
                  f"trials; running {remaining if remaining is not None else 'until timeout'} more")
         interrupted = False
         if remaining != 0:
@@ -452,6 +455,7 @@ class Search:
                 "rejected_on_remeasure": rejected,
                 "interrupted": interrupted,
                 "knobs": len(space.knobs),
+                "blocks": space.blocks,
             },
         }
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
@@ -540,6 +544,7 @@ class Search:
         record = _model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m, params=pruned.params,
                                macs=pruned.macs, widths=pruned.widths, ratios=ratios, budgets=budgets,
                                dense=dense_record, example=subject.example_inputs[0], rounds=rounds)
+        record["removed_blocks"] = list(pruned.removed)
         if note:
             record["remeasure_note"] = note
         if not (record["meets"]["latency"] and record["meets"]["memory"]):
