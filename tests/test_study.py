@@ -412,3 +412,42 @@ def test_refinement_measures_its_incumbent_again_and_drops_one_that_no_longer_fi
     assert len(measured) == 2  # an incumbent is measured again once
     neighbours = [t for t in study.get_trials(deepcopy=False) if "neighbour_of" in t.user_attrs]
     assert [t.user_attrs["neighbour_of"] for t in neighbours] == [1, 1]
+
+
+def test_depth_probes_follow_the_bracket() -> None:
+    """Once the bisection is done, the least pruned uniform model over the budget is tried with one block removed."""
+    from hwprune.subjects.models import mobilenet_tiny
+
+    torch.manual_seed(0)
+    model = mobilenet_tiny().eval()
+    space = PruningSpace.build(model, torch.zeros(1, 3, 32, 32), channel_multiple=16)
+    assert space.blocks == ["features.3", "features.5", "features.7"]
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    warm_start(study, space)
+
+    def objective(trial: optuna.Trial) -> tuple[float, float, float]:
+        for k in space.knobs:
+            trial.suggest_float(k.name, 0.0, k.max_ratio)
+        r = trial.user_attrs.get("uniform_ratio")
+        return 0.5, (10.0 - 8.0 * r) if r is not None else 4.5, 1.0
+
+    budgets = Budgets(5.0, None)  # met from uniform 0.625
+    for _ in range(3 + BRACKET_STEPS):
+        study.optimize(objective, n_trials=1)
+        bracket_budget(study, space, 10.0, budgets)
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        if waiting and "depth_probe" in waiting[0].user_attrs:
+            break
+    uniform = {t.user_attrs["uniform_ratio"] for t in study.trials if "uniform_ratio" in t.user_attrs}
+    lo = max(r for r in uniform if 10.0 - 8.0 * r > 5.0)
+    probes = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [t.user_attrs["depth_probe"] for t in probes] == space.blocks
+    for t in probes:
+        block = t.user_attrs["depth_probe"]
+        ratios = t.system_attrs["fixed_params"]
+        assert ratios == {**space.uniform(lo), block: space.knob(block).max_ratio}
+        assert space.knob(block).kept(ratios[block]) == 0  # the block goes; every other knob is uniform at lo
+    assert study.user_attrs["depth_probed"] == space.blocks
+    study.optimize(objective, n_trials=len(probes))
+    assert bracket_budget(study, space, 10.0, budgets) == []
+    assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))  # probed once only

@@ -332,11 +332,15 @@ class Search:
 
             def aim_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 if trial.state == TrialState.COMPLETE and "uniform_ratio" in trial.user_attrs:
+                    probed = study.user_attrs.get("depth_probed") is not None
                     ratios = bracket_budget(study, space, reference.measurement.latency.median_ms, budgets,
                                             confirm=measure_again)
                     if ratios:
                         self.log(f"uniform ratio {ratios[0]:.3f} queued: bisecting for the least uniform pruning "
                                  "that meets the latency budget")
+                    elif not probed and study.user_attrs.get("depth_probed"):
+                        self.log("probing depth: the least pruned uniform model over the budget, with one of "
+                                 f"{', '.join(study.user_attrs['depth_probed'])} removed")
 
             callbacks: list[Any] = [follow_reference, progress.callback, aim_at_budget,
                                     EdgeRefiner(space, c.trials, c.timeout_s, c.seed,
