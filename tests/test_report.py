@@ -512,3 +512,16 @@ def test_compare_cli_on_runs_with_different_requests(run_dir: Path, tmp_path: Pa
                                             (None, "—"), (float("nan"), "—")])
 def test_sig(value: Any, expected: str) -> None:
     assert sig(value) == expected
+
+
+def test_removed_blocks_are_named(run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    assert all(not r.get("removed_blocks") for r in summary["pareto"])  # the tiny net has no residual block
+    rec = next(r for r in summary["pareto"] if r["recommended"])
+    rec["removed_blocks"] = ["layer3.1", "layer4.0"]
+    (copy / "summary.json").write_text(json.dumps(summary))
+    build_report(copy)
+    md = (copy / "report.md").read_text()
+    assert "Residual blocks removed whole" in md and "`layer3.1`, `layer4.0`" in md

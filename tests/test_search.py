@@ -445,3 +445,37 @@ def test_a_candidate_that_prunes_nothing_is_the_dense_model(tmp_path: Path) -> N
     assert trials.loc[0, "latency_ms"] == pytest.approx(dense["latency_ms"]["median"])
     assert trials.loc[0, "params"] == dense["params"]
     assert all(r["trial"] != 0 for r in result.summary["pareto"])
+
+
+def test_a_model_with_blocks_removed_is_exported_measured_and_reloaded(tmp_path: Path) -> None:
+    """A trial that removes residual blocks runs through the whole search: its Pareto model really lacks them."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from tiny_subject import tiny_resnet
+
+    from hwprune.pruning import PruningSpace
+
+    model, x, _ = tiny_resnet()
+    space = PruningSpace.build(model, x, channel_multiple=8)
+    assert space.blocks == ["3", "4"]
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=storage, study_name="depth", directions=["maximize", "minimize", "minimize"])
+    # the smallest model there is (both blocks gone, every group at its max ratio): always on the memory front
+    study.enqueue_trial({k.name: k.max_ratio for k in space.knobs})
+    result = hwprune.search(tiny_resnet, "host-cpu", latency_budget_ms="10", trials=2, out=tmp_path, study="depth",
+                            storage=storage, final_finetune_steps=0, progress=False)
+    rec = next(r for r in result.summary["pareto"] if r["trial"] == 0)
+    assert rec["removed_blocks"] == ["3", "4"]
+    assert all(rec["widths"][n] == [32, 0] for n in ("3.f.0", "3.f.3", "4.f.0", "4.f.3"))
+    assert result.summary["search"]["blocks"] == ["3", "4"]
+    module = torch.load(result.run_dir / rec["files"]["module"]["path"], weights_only=False)
+    assert isinstance(module[3], torch.nn.Identity) and isinstance(module[4], torch.nn.Identity)
+    onnx_path = str(result.run_dir / rec["files"]["onnx"]["path"])
+    assert not any(n.op_type == "Add" for n in onnx.load(onnx_path).graph.node)  # no residual add left
+    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    inp = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: inp.numpy()})[0], module(inp).numpy(),
+                                   rtol=1e-4, atol=1e-4)

@@ -97,3 +97,24 @@ def tiny_cnn_checkpoint() -> Subject:
         subject.model.load_state_dict(torch.load(path, weights_only=True))
     subject.name = "tiny-cnn-checkpoint"
     return subject
+
+
+class Residual(nn.Module):
+    """``relu(x + f(x))``: a block hwprune may remove whole."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                               nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x))
+
+
+def tiny_resnet():
+    """Minimal contract, with two removable residual blocks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          Residual(32), Residual(32), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x, y = _data()
+    return model, torch.zeros(1, 3, 32, 32), lambda m: accuracy(m, [(x, y)])
