@@ -29,6 +29,7 @@ from hwprune.pruning.space import (
     Knob,
     PruningSpace,
     as_inputs,
+    keep_training_flags,
     one_line,
     out_channel_fn,
     output_tensors,
@@ -163,15 +164,9 @@ def _shapes(out: Any) -> list[tuple[int, ...]]:
 
 def _eval_shapes(model: nn.Module, inputs: tuple[torch.Tensor, ...] | dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
     """Output shapes of one forward pass in eval mode (BatchNorm statistics untouched); training flags restored."""
-    flags = [m.training for m in model.modules()]
-    for m in model.modules():
-        m.training = False
-    try:
-        with torch.no_grad():
-            return _shapes(run_forward(model, inputs))
-    finally:
-        for m, flag in zip(model.modules(), flags, strict=True):
-            m.training = flag
+    with keep_training_flags(model), torch.no_grad():
+        model.eval()
+        return _shapes(run_forward(model, inputs))
 
 
 def prune(

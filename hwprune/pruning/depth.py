@@ -110,7 +110,7 @@ def _same_shape_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...] | dict[
                       names: Iterable[str]) -> set[str]:
     """Those of ``names`` that, on one forward pass, are called exactly once with one tensor and return a tensor of
     the same shape and dtype."""
-    from hwprune.pruning.space import run_forward
+    from hwprune.pruning.space import keep_training_flags, run_forward  # space imports this module
 
     calls: dict[str, list[bool]] = {}
     handles = []
@@ -121,16 +121,13 @@ def _same_shape_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...] | dict[
             calls.setdefault(name, []).append(ok)
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
-    flags = [m.training for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with keep_training_flags(model), torch.no_grad():
+            model.eval()
             run_forward(model, inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in zip(model.modules(), flags, strict=True):
-            m.training = flag
     return {n for n, seen in calls.items() if seen == [True]}
 
 

@@ -140,8 +140,8 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _keep_training_flags(model: nn.Module) -> Iterator[None]:
-    # DependencyGraph puts the model in eval mode; the caller's model must come back as it was
+def keep_training_flags(model: nn.Module) -> Iterator[None]:
+    """Every module's ``training`` flag restored on exit (DependencyGraph, and the eval-mode checks, change them)."""
     flags = [m.training for m in model.modules()]
     try:
         yield
@@ -217,7 +217,7 @@ def trace(model: nn.Module, example_inputs: ExampleInputs) -> Traced:
         return list(captured)
 
     kind = type(model).__name__
-    with _keep_training_flags(model), _all_weights_traced(model), torch.enable_grad(), warnings.catch_warnings():
+    with keep_training_flags(model), _all_weights_traced(model), torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _module_stack(model) as stack:
             try:

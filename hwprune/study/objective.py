@@ -440,7 +440,6 @@ def probe_depth(study: optuna.Study, space: PruningSpace, ratio: float) -> list[
     for name in picked:
         study.enqueue_trial({**base, name: space.knob(name).max_ratio}, user_attrs={"depth_probe": name},
                             skip_if_exists=True)
-    log.info("probing depth: uniform ratio %.3f with one of %s removed", ratio, ", ".join(picked))
     return picked
 
 
