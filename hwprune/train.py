@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hwprune.depthwise_grad import small_depthwise_grads
+
 
 def _inputs_of(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -152,7 +154,7 @@ def finetune(model: nn.Module, data: Iterable[Any], steps: int, *,
     threads = torch.get_num_threads()
     torch.set_num_threads(training_threads())
     try:
-        with channels_last(model, teacher):
+        with channels_last(model, teacher), small_depthwise_grads(model):
             _train_loop(model, data, steps, loss_fn, opt, sched, teacher, distill_weight, temperature, progress,
                         losses)
     finally:

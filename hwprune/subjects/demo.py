@@ -18,8 +18,9 @@ from hwprune.subjects.base import Subject
 from hwprune.subjects.shapes import make_shapes
 
 DATA_VERSION = "shapes-v1"
-# part of the cache key: bump when the dense training's numerics change (v2: channels-last training)
-RECIPE_VERSION = 2
+# part of the cache key: bump when the dense training's numerics change (v2: channels-last training; v3: depthwise
+# weight gradients on maps smaller than the kernel summed by kernel taps, see hwprune.depthwise_grad)
+RECIPE_VERSION = 3
 
 
 @dataclass(frozen=True)
