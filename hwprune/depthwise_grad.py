@@ -52,7 +52,8 @@ def tap_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, kernel: tuple[int, 
     for a in range(kernel[0]):
         for b in range(kernel[1]):
             r, c = a * dilation[0], b * dilation[1]
-            window = padded[:, :, r: r + (ho - 1) * stride[0] + 1: stride[0], c: c + (wo - 1) * stride[1] + 1: stride[1]]
+            window = padded[:, :, r: r + (ho - 1) * stride[0] + 1: stride[0],
+                            c: c + (wo - 1) * stride[1] + 1: stride[1]]
             taps.append((window * grad_out).sum((0, 2, 3)))
     return torch.stack(taps, 1)
 
