@@ -25,6 +25,16 @@ import pandas as pd
 ALPHA = 0.05
 
 
+def _judged(row: dict[str, Any]) -> float | None:
+    """The side-by-side ratio a run judged on: alternating samples where the run has them (runs before 2026-11-23
+    judged on the wall-clock median over rounds)."""
+    return row["ratio_pair"] if row.get("ratio_pair") is not None else row.get("ratio_wall")
+
+
+def _meets(row: dict[str, Any]) -> bool | None:
+    return row["meets_pair"] if row.get("meets_pair") is not None else row.get("meets_wall")
+
+
 def run_rows(path: Path, baseline: str) -> list[dict[str, Any]]:
     """One row per (subject, budget) of one bench_search.json: hwprune's pick, the baseline's, the paired test."""
     data = json.loads(path.read_text())
@@ -44,9 +54,9 @@ def run_rows(path: Path, baseline: str) -> list[dict[str, Any]]:
         rows.append({
             "run": str(path), "created": data["created"], "commit": data.get("commit"), "search_seed": seed,
             "model": pair["model"], "budget": pair["budget"],
-            "hwprune_accuracy": hw["accuracy"], "hwprune_ratio": hw["ratio_wall"], "hwprune_meets": hw["meets_wall"],
-            "baseline": baseline, "baseline_accuracy": base["accuracy"], "baseline_ratio": base["ratio_wall"],
-            "baseline_meets": base["meets_wall"],
+            "hwprune_accuracy": hw["accuracy"], "hwprune_ratio": _judged(hw), "hwprune_meets": _meets(hw),
+            "baseline": baseline, "baseline_accuracy": base["accuracy"], "baseline_ratio": _judged(base),
+            "baseline_meets": _meets(base),
             "difference_points": 100 * diff, "paired_se_points": 100 * pair["paired_se"], "p": p,
             "verdict": "lead" if diff > 0 and p < ALPHA else "behind" if diff < 0 and p < ALPHA else "tie",
         })
@@ -60,7 +70,7 @@ def run_rows(path: Path, baseline: str) -> list[dict[str, Any]]:
             "run": str(path), "created": data["created"], "commit": data.get("commit"), "search_seed": seed,
             "model": model, "budget": budget, "hwprune_accuracy": None, "hwprune_ratio": None,
             "hwprune_meets": False, "baseline": baseline, "baseline_accuracy": base["accuracy"],
-            "baseline_ratio": base["ratio_wall"], "baseline_meets": base["meets_wall"], "difference_points": None,
+            "baseline_ratio": _judged(base), "baseline_meets": _meets(base), "difference_points": None,
             "paired_se_points": None, "p": None, "verdict": "no model", "note": hw.get("note"),
         })
     return rows

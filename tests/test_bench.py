@@ -32,9 +32,9 @@ def test_uniform_architecture_ratios_one_per_architecture() -> None:
     assert all(sum(a) >= sum(b) for a, b in zip(widths, widths[1:])), "architectures not in falling width order"
 
 
-def _final(method: str, ratio_wall: float, accuracy: float, macs: int, setting: str = "") -> Final:
-    f = Final("tiny", 0.4, method, setting or f"ratio {ratio_wall}", None, macs=macs, accuracy=accuracy)
-    f.latency = {"ratio_wall": ratio_wall}
+def _final(method: str, ratio_pair: float, accuracy: float, macs: int, setting: str = "") -> Final:
+    f = Final("tiny", 0.4, method, setting or f"ratio {ratio_pair}", None, macs=macs, accuracy=accuracy)
+    f.latency = {"ratio_pair": ratio_pair}
     return f
 
 
@@ -44,7 +44,7 @@ def test_matched_uniform_is_the_most_accurate_no_slower_than_the_pick() -> None:
             _final(NEAR, 0.45, 0.80, 900)]
     matched = bench_search.matched_uniform(near, hw)
     assert matched is not None and matched.method == MATCHED
-    assert matched.accuracy == 0.88 and matched.latency["ratio_wall"] == 0.48
+    assert matched.accuracy == 0.88 and matched.latency["ratio_pair"] == 0.48
     assert "best of 3 of 4" in matched.setting and matched.note == ""
     assert near[2].method == NEAR, "the near final itself must keep its method"
 

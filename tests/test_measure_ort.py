@@ -21,7 +21,7 @@ from hwprune.export import export_onnx, input_feed
 from hwprune.backends import Backend, Latency, Measurement, create_backend
 from hwprune.backends.memory import graph_memory
 from hwprune.backends.ort import OrtBackend, node_profile, parse_node_trace, session_options
-from hwprune.backends.timing import timed_runs
+from hwprune.backends.timing import timed_pair, timed_runs
 from hwprune.profiles import DeviceProfile, load_profile
 
 
@@ -126,6 +126,51 @@ def test_timed_runs_min_repeat_ms_batches_fast_calls() -> None:
     assert lat.repeats == 3 and lat.cpu_median_ms is None
     assert calls["n"] > 100  # each sample repeated the call until it lasted a millisecond
     assert lat.median_ms < 0.1  # reported per call
+
+
+def test_timed_pair_alternates_samples_and_a_slow_spell_cancels_in_the_ratios() -> None:
+    order: list[str] = []
+    start = time.perf_counter()
+
+    def slowdown() -> float:  # the "host" runs 3x slower between 40 and 120 ms after the start: a slow spell
+        return 3.0 if 0.04 < time.perf_counter() - start < 0.12 else 1.0
+
+    def model() -> None:
+        order.append("m")
+        _busy(0.4 * slowdown())
+
+    def dense() -> None:
+        order.append("d")
+        _busy(1.0 * slowdown())
+
+    lat, ref, ratios = timed_pair(model, dense, warmup=1, repeats=60, max_cv=10.0, min_repeat_ms=1.5)
+    assert len(ratios) == 60 and lat.repeats == ref.repeats == 60
+    # the spell slowed some samples of each side 3x: visible in each latency's spread, not in the neighbours' ratios
+    assert lat.p90_ms > 2 * lat.min_ms and ref.p90_ms > 2 * ref.min_ms
+    assert 0.3 < float(np.median(ratios)) < 0.5
+    assert sum(0.3 < r < 0.5 for r in ratios) >= 54  # only a pair straddling the spell's edges is off
+    # samples alternate, model-dense then dense-model: the calls change side about once per pair (60 pairs), where
+    # timing one side's whole set and then the other's would change side a handful of times
+    sides = "".join(order)
+    assert sum(a != b for a, b in zip(sides, sides[1:])) >= 60
+
+
+def test_measure_beside_times_two_real_sessions(cnn: tuple[nn.Module, Path], tmp_path: Path) -> None:
+    _, small = cnn
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+    big = export_onnx(wide, (torch.randn(1, 3, 32, 32),), tmp_path / "wide.onnx")
+    profile = load_profile("host-cpu").with_overrides(measure__warmup=2, measure__repeats=9)
+    backend = OrtBackend(profile)
+    m, ref, ratios = backend.measure_beside(small, big)
+    assert len(ratios) == 9 and m.latency.repeats == ref.latency.repeats == 9
+    assert float(np.median(ratios)) < 0.5  # the wide model has ~100x the MACs
+    assert m.memory.weights_mb < ref.memory.weights_mb
+    assert set(m.stage_seconds) == {"session", "timing"} and ref.stage_seconds["timing"] > 0
+    assert m.backend == ref.backend == "ort" and m.latency.cpu_median_ms is not None
+    with pytest.raises(MeasurementError, match="cannot load"):
+        backend.measure_beside(small, tmp_path / "missing.onnx")
 
 
 def test_noisy_ort_measurement_is_remeasured_and_flagged(cnn: tuple[nn.Module, Path]) -> None:

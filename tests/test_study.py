@@ -289,6 +289,10 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     assert len(far.ratios) == ROUNDS
     near = interleaved_rounds(backend.measure, path, path, factor=statistics.median(rounds.ratios))
     assert ROUNDS <= len(near.ratios) <= MAX_ROUNDS
+    # where the backend times two models in alternating samples, a round is one such measurement
+    paired = interleaved_rounds(backend.measure, path, path, factor=1.0, measure_pair=backend.measure_beside)
+    assert ROUNDS <= len(paired.ratios) <= MAX_ROUNDS and len(paired.measurements) == len(paired.ratios)
+    assert all(0.6 < r < 1.6 for r in paired.ratios)  # the same model on both sides
 
 
 def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_fit_the_budget(tmp_path: Path) -> None:

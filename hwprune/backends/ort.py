@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from hwprune.errors import BackendUnavailable, MeasurementError, ProfileError
 from hwprune.export import input_feed
 from hwprune.backends.base import Measurement
 from hwprune.backends.memory import MB, graph_memory, load_model
-from hwprune.backends.timing import timed_runs
+from hwprune.backends.timing import timed_pair, timed_runs
 from hwprune.profiles import DeviceProfile, load_profile
 
 _OPT_LEVELS = {
@@ -144,6 +145,22 @@ def _rss() -> int | None:
         return None
 
 
+@dataclass
+class _Prepared:
+    """An open session, its feed and parsed graph, and what its opening cost (seconds, resident-set samples)."""
+
+    sess: Any
+    feed: dict[str, np.ndarray]
+    proto: Any
+    session_s: float
+    rss0: int | None
+    rss: list[int | None]
+
+
+def _load_avg() -> tuple[float, float, float] | None:
+    return tuple(float(x) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None  # type: ignore[return-value]
+
+
 class OrtBackend:
     """Measure ONNX models with ONNX Runtime on this machine, configured by ``profile.ort`` and ``profile.measure``."""
 
@@ -163,59 +180,82 @@ class OrtBackend:
         """A new ONNX Runtime session for one model."""
         return open_session(onnx_path, self.profile)
 
-    def measure(self, onnx_path: OnnxSource, inputs: dict[str, np.ndarray] | None = None) -> Measurement:
-        """Time the model: new session (stage ``session``), warm-up and timed runs (stage ``timing``), memory."""
-        m = self.profile.measure
-        threads = self.profile.ort.intra_op_threads
+    def _clock(self) -> tuple[Any, str]:
         # With one intra-op thread ORT computes on the calling thread, so its CPU time is the model's; with a pool,
         # only the whole process's CPU time covers the work.
-        cpu_clock, cpu_clock_name = ((time.thread_time_ns, "thread") if threads <= 1
-                                     else (time.process_time_ns, "process"))
+        if self.profile.ort.intra_op_threads <= 1:
+            return time.thread_time_ns, "thread"
+        return time.process_time_ns, "process"
+
+    def _open(self, onnx_path: OnnxSource, inputs: dict[str, np.ndarray] | None) -> _Prepared:
+        """A session with its feed, run once (run errors surface as one line before any timing)."""
         rss0 = _rss()
         t0 = time.perf_counter()
         sess = self.session(onnx_path)
         session_s = time.perf_counter() - t0
-        rss_samples = [_rss()]
+        rss = [_rss()]
         # Parsed once (weights left on disk) for both the random inputs and the graph memory.
         proto = load_model(onnx_path if not isinstance(onnx_path, bytes) else _proto(onnx_path))
         label = _label(onnx_path)
         feed = _feed(sess, proto, inputs, label)
-        _run_once(sess, feed, label)  # surfaces run errors as one line before the timing loop
-        rss_samples.append(_rss())
-        run = sess.run
-        load_avg = tuple(float(x) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None
-        t1 = time.perf_counter()
-        latency = timed_runs(lambda: run(None, feed), m.warmup, m.repeats, m.max_cv, m.remeasure,
-                             min_repeat_ms=m.min_repeat_ms, cpu_clock=cpu_clock,
-                             max_starvation=1.25 if cpu_clock_name == "thread" else None)
-        timing_s = time.perf_counter() - t1
-        rss_samples.append(_rss())
+        _run_once(sess, feed, label)
+        rss.append(_rss())
+        return _Prepared(sess, feed, proto, session_s, rss0, rss)
 
-        memory = graph_memory(proto)
-        seen = [r for r in rss_samples if r is not None]
-        if rss0 is not None and seen:
-            memory.process_peak_mb = max(0, max(seen) - rss0) / MB
-        ort = _ort()
-        providers = sess.get_providers()
-        del sess
+    def _measurement(self, prep: _Prepared, latency: Any, timing_s: float, load_avg: Any) -> Measurement:
+        prep.rss.append(_rss())
+        memory = graph_memory(prep.proto)
+        seen = [r for r in prep.rss if r is not None]
+        if prep.rss0 is not None and seen:
+            memory.process_peak_mb = max(0, max(seen) - prep.rss0) / MB
         return Measurement(
             backend=self.name,
             device=self.profile.name,
             latency=latency,
             memory=memory,
-            threads=threads,
+            threads=self.profile.ort.intra_op_threads,
             estimated=False,
             tuned=None,
-            load_avg=load_avg,  # type: ignore[arg-type]
-            stage_seconds={"session": session_s, "timing": timing_s},
+            load_avg=load_avg,
+            stage_seconds={"session": prep.session_s, "timing": timing_s},
             extra={
-                "onnxruntime": ort.__version__,
-                "providers": providers,
+                "onnxruntime": _ort().__version__,
+                "providers": prep.sess.get_providers(),
                 "graph_optimization_level": self.profile.ort.graph_optimization_level,
                 "inter_op_threads": self.profile.ort.inter_op_threads,
-                "cpu_clock": cpu_clock_name,
+                "cpu_clock": self._clock()[1],
             },
         )
+
+    def measure(self, onnx_path: OnnxSource, inputs: dict[str, np.ndarray] | None = None) -> Measurement:
+        """Time the model: new session (stage ``session``), warm-up and timed runs (stage ``timing``), memory."""
+        m = self.profile.measure
+        cpu_clock, clock_name = self._clock()
+        prep = self._open(onnx_path, inputs)
+        run, feed = prep.sess.run, prep.feed
+        load_avg = _load_avg()
+        t1 = time.perf_counter()
+        latency = timed_runs(lambda: run(None, feed), m.warmup, m.repeats, m.max_cv, m.remeasure,
+                             min_repeat_ms=m.min_repeat_ms, cpu_clock=cpu_clock,
+                             max_starvation=1.25 if clock_name == "thread" else None)
+        return self._measurement(prep, latency, time.perf_counter() - t1, load_avg)
+
+    def measure_beside(self, onnx_path: OnnxSource, reference: OnnxSource,
+                       inputs: dict[str, np.ndarray] | None = None) -> tuple[Measurement, Measurement, list[float]]:
+        """Time the model and a reference model in alternating samples (:func:`timed_pair`): both measurements
+        (each with half the timing seconds) and the per-pair latency ratios model / reference."""
+        m = self.profile.measure
+        cpu_clock, _ = self._clock()
+        prep = self._open(onnx_path, inputs)
+        ref = self._open(reference, None)
+        run_a, feed_a, run_b, feed_b = prep.sess.run, prep.feed, ref.sess.run, ref.feed
+        load_avg = _load_avg()
+        t1 = time.perf_counter()
+        lat, ref_lat, ratios = timed_pair(lambda: run_a(None, feed_a), lambda: run_b(None, feed_b), m.warmup,
+                                          m.repeats, m.max_cv, min_repeat_ms=m.min_repeat_ms, cpu_clock=cpu_clock)
+        half = (time.perf_counter() - t1) / 2
+        return (self._measurement(prep, lat, half, load_avg), self._measurement(ref, ref_lat, half, load_avg),
+                ratios)
 
     def run(self, onnx_path: OnnxSource, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model once in a new session and return its outputs."""

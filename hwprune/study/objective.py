@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
 from hwprune.backends.base import Measurement
 from hwprune.pruning import PrunedModel, PruningSpace, prune
-from hwprune.study.reference import interleaved_rounds
+from hwprune.study.reference import MeasurePair, interleaved_rounds
 from hwprune.subjects.base import Subject
 from hwprune import train
 
@@ -107,6 +107,7 @@ class TrialRunner:
     seed: int = 0
     context: str = ""  # measurement context (device, runtime, versions): cached measurements must share it
     beside: Path | None = None  # the dense model's ONNX, measured right after each candidate (relative budgets)
+    measure_pair: MeasurePair | None = None  # both models in alternating samples, where the backend can
     stage_seconds: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -182,6 +183,14 @@ class TrialRunner:
                     self.book(k, v, stages)
             return m
 
+        def timed_pair(path: Path, reference: Path) -> tuple[Measurement, Measurement, list[float]]:
+            assert self.measure_pair is not None
+            m, dense, ratios = self.measure_pair(path, reference)
+            self.book("dense_beside", sum(dense.stage_seconds.values()), stages)
+            for k, v in m.stage_seconds.items():
+                self.book(k, v, stages)
+            return m, dense, ratios
+
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
             path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx", exporter=self.exporter)
@@ -189,7 +198,8 @@ class TrialRunner:
             if self.beside is None:
                 m, ratio = timed(path), None
             else:
-                rounds = interleaved_rounds(timed, path, self.beside)
+                rounds = interleaved_rounds(timed, path, self.beside,
+                                            measure_pair=timed_pair if self.measure_pair is not None else None)
                 m, ratio = rounds.middle, rounds.ratio
         self._tick("measure", t, {})
         return m, ratio

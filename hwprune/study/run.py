@@ -124,6 +124,7 @@ def measurement_context(profile: DeviceProfile, exporter: str) -> str:
     v = versions()
     key["versions"] = {m: v.get(m) for m in ("onnxruntime", "tvm", "onnx", "torch")}
     key["exporter"] = exporter
+    key["ratios"] = "alternating samples"  # how ratios to the dense model are taken (whole measurements before)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -214,6 +215,17 @@ class Search:
         self.measurements += 1
         return self.backend.measure(onnx_path)
 
+    def measure_pair(self, onnx_path: Path, reference: Path) -> tuple[Measurement, Measurement, list[float]]:
+        """Both models timed in alternating samples (the backend's ``measure_beside``)."""
+        assert self.backend is not None
+        self.measurements += 1
+        return self.backend.measure_beside(onnx_path, reference)
+
+    @property
+    def pair_measure(self) -> Any:
+        """:meth:`measure_pair` when the backend can time two models in alternating samples, else None."""
+        return self.measure_pair if hasattr(self.backend, "measure_beside") else None
+
     def _write_request(self) -> dict[str, Any]:
         from hwprune.export import atomic_write_text
 
@@ -299,7 +311,8 @@ class Search:
                              exporter=self.exporter, calibration_batches=c.calibration_batches,
                              finetune_steps=c.trial_finetune_steps, seed=c.seed,
                              context=measurement_context(self.profile, self.exporter),
-                             beside=dense_info["path"] if budgets.latency_factor else None)
+                             beside=dense_info["path"] if budgets.latency_factor else None,
+                             measure_pair=self.pair_measure)
         runner.load_cache(study)
         runner.add_dense(dense_info["signature"],
                          [dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb],
@@ -598,7 +611,8 @@ class Search:
             path = export_onnx(pruned.module, subject.example_inputs, Path(tmp) / "incumbent.onnx",
                                exporter=self.exporter)
             if runner.beside is not None:
-                rounds = interleaved_rounds(self.measure, path, runner.beside, runner.budgets.latency_factor)
+                rounds = interleaved_rounds(self.measure, path, runner.beside, runner.budgets.latency_factor,
+                                            self.pair_measure)
                 again = {"latency_ms": rounds.middle.latency.median_ms, "latency_ratio": rounds.ratio}
             else:
                 again = {"latency_ms": statistics.median(self.measure(path).latency.median_ms
@@ -621,7 +635,7 @@ class Search:
 
         try:
             if beside is not None:
-                rounds = interleaved_rounds(self.measure, onnx_path, beside, budgets.latency_factor)
+                rounds = interleaved_rounds(self.measure, onnx_path, beside, budgets.latency_factor, self.pair_measure)
                 return rounds.middle, rounds, None
             fresh = self.measure(onnx_path)
             if meets(fresh) == meets(trial_m):
