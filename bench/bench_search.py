@@ -33,9 +33,11 @@ side-by-side re-measurement below, and hwprune is compared with the most accurat
 its pick (the best of several on the test data: a choice that favours the baseline).
 
 All final models of a subject, and the dense model, are then re-measured interleaved (round-robin, ``--rounds``
-rounds) and each model's median taken, so load drift from other processes hits every method alike. Latencies are
-reported with the dense latency of the same rounds and as ratios to it (wall-clock median, and thread CPU time, which
-stays stable on a shared host where wall time does not).
+rounds) and each model's median taken, so load drift from other processes hits every method alike, then each model
+is measured beside the dense model in alternating 2 ms samples, ``--rounds`` times (``OrtBackend.measure_beside``).
+Latencies are reported with the dense latency of the same rounds and as ratios to it: the median ratio of alternating
+samples (what every comparison is judged on, as hwprune judges its picks), wall-clock median, thread CPU time and
+fastest sample.
 
 Outputs: Markdown tables on stdout, ``<out>/bench_search.csv`` (one row per model) and ``<out>/bench_search.json``
 (everything, including the ratio-latency curves and each search's per-trial overhead and Pareto-front check).
