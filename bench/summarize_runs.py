@@ -104,8 +104,9 @@ def markdown(df: pd.DataFrame) -> str:
         mean = f"{statistics.mean(diffs):+.2f} points" if len(diffs) else "–"
         lines += ["", f"{len(group)} runs: hwprune more accurate (p < {ALPHA}) in {counts.get('lead', 0)}, tied in "
                       f"{counts.get('tie', 0)}, less accurate in {counts.get('behind', 0)}{missing}; mean difference "
-                      f"{mean}{' (over the runs with a model)' if missing else ''}; every pick within the budget side "
-                      f"by side: {'yes' if (group['hwprune_meets'] & group['baseline_meets']).all() else 'NO'}", ""]
+                      f"{mean}{' (over the runs with a model)' if missing else ''}; picks within the budget side by "
+                      f"side: hwprune {int(group['hwprune_meets'].fillna(False).astype(bool).sum())} of {len(group)}, "
+                      f"{base} {int(group['baseline_meets'].fillna(False).astype(bool).sum())} of {len(group)}", ""]
     return "\n".join(lines)
 
 

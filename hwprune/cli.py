@@ -207,25 +207,41 @@ def measure(
     model: Annotated[Path, typer.Argument(help="An ONNX model file.")],
     device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path.")] = "host-cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print the measurement as JSON.")] = False,
+    beside: Annotated[Optional[Path], typer.Option(
+        "--beside", help="A reference ONNX model, e.g. a run folder's dense/model.onnx: also measure the model's "
+                         "latency ratio to it in interleaved rounds, as a search judges a relative budget "
+                         "(latency_ratio and latency_ratio_upper in summary.json).")] = None,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
     ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
     tuning_trials: TuningOpt = None,
 ) -> None:
-    """Latency (median, p90, spread) and memory of an ONNX model on a device."""
+    """Latency (median, p90, spread) and memory of an ONNX model on a device; with --beside, its latency ratio to
+    another model."""
     from hwprune.backends import create_backend
+    from hwprune.study.reference import interleaved_rounds
 
-    if not model.is_file():
-        raise HwpruneError(f"{model}: no such ONNX file")
+    for path in (model, beside):
+        if path is not None and not path.is_file():
+            raise HwpruneError(f"{path}: no such ONNX file")
     profile = _profile(device, _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port,
                                           tuning_trials))
     b = create_backend(profile)
+    rounds = None
     try:
-        m = b.measure(model)
+        if beside is None:
+            m = b.measure(model)
+        else:
+            rounds = interleaved_rounds(b.measure, model, beside, measure_pair=getattr(b, "measure_beside", None))
+            m = rounds.middle
     finally:
         b.close()
+    ratio = None if rounds is None else {"reference": str(beside), "ratio": rounds.ratio, "ratio_upper": rounds.upper,
+                                         "round_ratios": rounds.ratios}
     if as_json:
         d = m.to_dict()
         d["model"] = str(model)
+        if ratio is not None:
+            d["beside"] = ratio
         out.print_json(json.dumps(d))
         return
     lat = m.latency
@@ -239,6 +255,9 @@ def measure(
     out.print(f"  memory: {mem.total_mb:.3f} MB = weights {mem.weights_mb:.3f} MB + peak activations "
               f"{mem.peak_activations_mb:.3f} MB" + (f"; process peak +{mem.process_peak_mb:.1f} MB"
                                                       if mem.process_peak_mb is not None else ""))
+    if rounds is not None:
+        out.print(f"  beside {beside}: {rounds.ratio:.3f}x its latency (median of {len(rounds.ratios)} interleaved "
+                  f"rounds; {rounds.upper:.3f}x with its standard error); the latency above is the middle round's")
 
 
 # -- profiles -----------------------------------------------------------------------------------------------------

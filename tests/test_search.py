@@ -87,6 +87,18 @@ def test_pareto_models_meet_budget_when_remeasured_in_fresh_process(cli_run) -> 
         spread = 3 * 1.4826 * max(m["latency"]["mad_ms"], r["latency_ms"].get("std", 0) / 3)
         assert m["latency"]["median_ms"] <= budget * 1.15 + spread
         assert m["memory"]["total_mb"] == pytest.approx(r["memory_mb"]["total"], rel=1e-6)
+    # the relative budget, checked as the search judged it: the ratio to the run's dense model, side by side
+    rec = next(r for r in summary["pareto"] if r["recommended"])
+    dense = run_dir / summary["dense"]["files"]["onnx"]["path"]
+    proc = run_cli("measure", str(run_dir / rec["files"]["onnx"]["path"]), "--beside", str(dense), "--json",
+                   check=True)
+    beside = json.loads(proc.stdout)["beside"]
+    assert len(beside["round_ratios"]) >= 3 and beside["ratio_upper"] >= beside["ratio"] > 0
+    assert beside["ratio"] <= 0.95 * 1.15
+    text = run_cli("measure", str(dense), "--beside", str(dense), check=True).stdout
+    assert "x its latency (median of 3 interleaved rounds" in text
+    bad = run_cli("measure", str(dense), "--beside", str(run_dir / "missing.onnx"))
+    assert bad.returncode != 0 and "missing.onnx: no such ONNX file" in bad.stderr
 
 
 def test_rerun_resumes_the_same_study(cli_run) -> None:
