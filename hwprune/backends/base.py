@@ -110,7 +110,12 @@ class Measurement:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A way to run and time ONNX models on a device. One candidate at a time per device."""
+    """A way to run and time ONNX models on a device. One candidate at a time per device.
+
+    A backend may also offer ``measure_beside(onnx_path, reference) -> (Measurement, Measurement, ratios)``: both
+    models timed in alternating samples, and the per-pair latency ratios (:meth:`OrtBackend.measure_beside`). The
+    search then takes latency ratios to the dense model from it; without it, from alternating whole measurements.
+    """
 
     name: str
 
