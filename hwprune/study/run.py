@@ -207,7 +207,7 @@ class Search:
         self.exporter = config.exporter or ("dynamo" if self.profile.backend in ("tvm", "tvm-rpc") else "torchscript")
         self._subject = subject
         self.backend = None
-        self.measurements = 0  # calls to the backend in this run (dense sets, trials, front confirmation)
+        self.measurements = 0  # models the backend measured in this run (dense sets, trials, front confirmation; a pair counts two)
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def measure(self, onnx_path: Path) -> Measurement:
@@ -218,7 +218,7 @@ class Search:
     def measure_pair(self, onnx_path: Path, reference: Path) -> tuple[Measurement, Measurement, list[float]]:
         """Both models timed in alternating samples (the backend's ``measure_beside``)."""
         assert self.backend is not None
-        self.measurements += 1
+        self.measurements += 2  # two models measured, as a round of two whole measurements counts
         return self.backend.measure_beside(onnx_path, reference)
 
     @property
