@@ -207,7 +207,8 @@ class Search:
         self.exporter = config.exporter or ("dynamo" if self.profile.backend in ("tvm", "tvm-rpc") else "torchscript")
         self._subject = subject
         self.backend = None
-        self.measurements = 0  # models the backend measured in this run (dense sets, trials, front confirmation; a pair counts two)
+        # models the backend measured in this run (dense sets, trials, front confirmation; a pair counts two)
+        self.measurements = 0
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def measure(self, onnx_path: Path) -> Measurement:
