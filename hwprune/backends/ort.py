@@ -202,8 +202,10 @@ class OrtBackend:
         rss.append(_rss())
         return _Prepared(sess, feed, proto, session_s, rss0, rss)
 
-    def _measurement(self, prep: _Prepared, latency: Any, timing_s: float, load_avg: Any) -> Measurement:
-        prep.rss.append(_rss())
+    def _measurement(self, prep: _Prepared, latency: Any, timing_s: float, load_avg: Any,
+                     rss_after: bool = True) -> Measurement:
+        if rss_after:  # not when another session was opened since (its memory would count as this model's)
+            prep.rss.append(_rss())
         memory = graph_memory(prep.proto)
         seen = [r for r in prep.rss if r is not None]
         if prep.rss0 is not None and seen:
@@ -254,8 +256,8 @@ class OrtBackend:
         lat, ref_lat, ratios = timed_pair(lambda: run_a(None, feed_a), lambda: run_b(None, feed_b), m.warmup,
                                           m.repeats, m.max_cv, min_repeat_ms=m.min_repeat_ms, cpu_clock=cpu_clock)
         half = (time.perf_counter() - t1) / 2
-        return (self._measurement(prep, lat, half, load_avg), self._measurement(ref, ref_lat, half, load_avg),
-                ratios)
+        return (self._measurement(prep, lat, half, load_avg, rss_after=False),
+                self._measurement(ref, ref_lat, half, load_avg, rss_after=False), ratios)
 
     def run(self, onnx_path: OnnxSource, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the model once in a new session and return its outputs."""
