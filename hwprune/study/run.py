@@ -5,7 +5,9 @@ Every stage writes what the next one reads, so the report can be rebuilt from th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import importlib.metadata
 import json
 import logging
 import platform
@@ -92,13 +94,24 @@ class SearchResult:
         return next((m for m in self.models if m.trial == rec), None)
 
 
+# module name -> distributions that install it (the first one installed is reported)
+_DISTRIBUTIONS = {"torch": ("torch",), "onnxruntime": ("onnxruntime", "onnxruntime-gpu"), "optuna": ("optuna",),
+                  "torch_pruning": ("torch-pruning",), "onnx": ("onnx",), "tvm": ("apache-tvm", "tlcpack", "tvm")}
+
+
 def versions() -> dict[str, str | None]:
+    """Versions of the packages a run depends on, read from their installed metadata.
+
+    Not ``__import__(mod).__version__``: importing TVM takes seconds (it imports torch on the way) and an ONNX
+    Runtime search never needs it.
+    """
     out: dict[str, str | None] = {"hwprune": __version__, "python": platform.python_version()}
-    for mod in ("torch", "onnxruntime", "optuna", "torch_pruning", "onnx", "tvm"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional packages
-            out[mod] = None
+    for mod, dists in _DISTRIBUTIONS.items():
+        out[mod] = None
+        for dist in dists:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                out[mod] = importlib.metadata.version(dist)
+                break
     return out
 
 
