@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -56,7 +59,19 @@ def tiny_cnn_trained() -> Subject:
     model = TinyNet()
     xt, yt = make_shapes(512, seed=3)
     batches = [(xt[i:i + 64], yt[i:i + 64]) for i in range(0, 512, 64)]
-    finetune(model, batches, 30, lr=0.05)
+    # trained once per test session (conftest gives each session its own HWPRUNE_CACHE); the CLI tests call this
+    # factory in a fresh process each time, and training it took 5-8 s of each on a 2-core host
+    cache = os.environ.get("HWPRUNE_CACHE")
+    path = Path(cache) / "tests" / f"tiny-cnn-trained-{torch.__version__}.pt" if cache else None
+    if path is not None and path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        finetune(model, batches, 30, lr=0.05)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, path)
     x, y = _data()
     return Subject(model=model.eval(), example_inputs=(torch.zeros(1, 3, 32, 32),),
                    evaluate=lambda m: accuracy(m, [(x, y)]), calibration_data=batches, train_data=batches,
@@ -73,7 +88,6 @@ def broken_factory():
 
 def tiny_cnn_slow():
     """tiny_cnn whose evaluation sleeps $TINY_SLOW_EVAL seconds (for interrupt tests)."""
-    import os
     import time
 
     model, inputs, evaluate = tiny_cnn()
@@ -89,8 +103,6 @@ def tiny_cnn_slow():
 def tiny_cnn_checkpoint() -> Subject:
     """tiny_cnn_trained, with its weights replaced by the checkpoint at $TINY_CHECKPOINT when set (a nightly job's
     factory loading whatever model was trained that day)."""
-    import os
-
     subject = tiny_cnn_trained()
     path = os.environ.get("TINY_CHECKPOINT")
     if path:
