@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwprune.depthwise_grad import small_depthwise_grads
+from hwprune.small_map_convs import small_map_convs
 
 
 def _inputs_of(batch: Any) -> Any:
@@ -154,7 +154,7 @@ def finetune(model: nn.Module, data: Iterable[Any], steps: int, *,
     threads = torch.get_num_threads()
     torch.set_num_threads(training_threads())
     try:
-        with channels_last(model, teacher), small_depthwise_grads(model):
+        with channels_last(model, teacher), small_map_convs(model):
             _train_loop(model, data, steps, loss_fn, opt, sched, teacher, distill_weight, temperature, progress,
                         losses)
     finally:
