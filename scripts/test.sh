@@ -13,4 +13,7 @@ if [ -z "${HWPRUNE_AARCH64_PYTHON:-}" ]; then
   aarch64_python=$(bash scripts/setup-aarch64-emulator.sh | tail -n 1) || aarch64_python=""
   [ -z "$aarch64_python" ] || export HWPRUNE_AARCH64_PYTHON=$aarch64_python
 fi
+# the tests start hundreds of Python processes: let the first one that imports a module compile it for the rest, even
+# where the environment says not to write bytecode (setup.sh compiles the common imports; this catches the others)
+unset PYTHONDONTWRITEBYTECODE
 exec .venv/bin/python -m pytest "$@"
