@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from hwprune import Subject
+from hwprune.export import atomic_write_bytes
 from hwprune.subjects.shapes import make_shapes
 from hwprune.train import accuracy, finetune
 
@@ -68,10 +70,9 @@ def tiny_cnn_trained() -> Subject:
     else:
         finetune(model, batches, 30, lr=0.05)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, path)
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            atomic_write_bytes(path, buf.getvalue())
     x, y = _data()
     return Subject(model=model.eval(), example_inputs=(torch.zeros(1, 3, 32, 32),),
                    evaluate=lambda m: accuracy(m, [(x, y)]), calibration_data=batches, train_data=batches,
