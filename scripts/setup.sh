@@ -14,8 +14,9 @@ extras=${HWPRUNE_EXTRAS-dev}
 .venv/bin/python -m pip install -q --no-compile -e ".${extras:+[$extras]}"
 # Where the environment forbids writing bytecode (PYTHONDONTWRITEBYTECODE, set on some CI hosts) nothing would ever be
 # compiled, and every process would compile torch and the rest again (the test suite took 916 s against 642 s). So
-# compile, once, what a search and the tests import, by importing it with bytecode writing on.
-env -u PYTHONDONTWRITEBYTECODE .venv/bin/python - <<'EOF' || true
+# compile, once, what a search and the tests import, by importing it with bytecode writing on. (Elsewhere the first
+# process to import a module compiles it anyway: nothing to do here.)
+[ -z "${PYTHONDONTWRITEBYTECODE:-}" ] || env -u PYTHONDONTWRITEBYTECODE .venv/bin/python - <<'EOF' || true
 import importlib
 for name in ("hwprune.cli", "hwprune.study.run", "hwprune.export", "hwprune.report", "hwprune.nightly",
              "hwprune.backends.ort", "hwprune.backends.tvm", "hwprune.backends.ssh", "torch._dynamo", "torch.export",
