@@ -1130,7 +1130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trial-finetune-steps", type=int, default=None,
                    help="hwprune's per-trial fine-tune steps (default: demo 20 = hwprune's default, mobilenetv2 0)")
     p.add_argument("--sampler", default=None, help="hwprune's sampler (default: hwprune's own default)")
-    p.add_argument("--max-ratio", type=float, default=0.75, help="hwprune's per-group max ratio (default 0.75)")
+    p.add_argument("--max-ratio", type=float, default=hwprune.SearchConfig.max_ratio,
+                   help=f"hwprune's per-group max ratio (default: hwprune's, {hwprune.SearchConfig.max_ratio})")
     p.add_argument("--grid", default="0.15,0.3,0.45,0.6,0.75,0.9",
                    help="ratios scanned before bisecting, for the uniform and Torch-Pruning baselines")
     p.add_argument("--select-stat", choices=("pair", "cpu", "min", "median"), default="pair",

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from hwprune.config import SearchConfig
 from hwprune.errors import BudgetUnreachable, HwpruneError
 
 app = typer.Typer(
@@ -95,7 +96,7 @@ def search(
     out_dir: Annotated[Path, typer.Option("--out", help="Parent folder of the run folder.")] = Path("reports"),
     seed: Annotated[int, typer.Option("--seed", help="Seed for the sampler and the per-trial calibration and fine-tune (not for the demo model itself).")] = 0,
     sampler: Annotated[str, typer.Option("--sampler", help="tpe (default), random, gp or nsga2; see bench/README.md.")] = "tpe",
-    max_ratio: Annotated[float, typer.Option("--max-ratio", help="Largest fraction of a group's channels to remove.")] = 0.75,
+    max_ratio: Annotated[float, typer.Option("--max-ratio", help="Largest fraction of a group's channels to remove; a residual block can be removed from 0.5.")] = SearchConfig.max_ratio,
     depth: Annotated[bool, typer.Option("--depth/--no-depth", help="Also search over removing whole residual blocks (y = x + f(x) becomes y = x); --no-depth prunes channel widths only.")] = True,
     channel_multiple: Annotated[Optional[int], typer.Option("--channel-multiple", help="Round kept widths to this multiple (default: the profile's).")] = None,
     trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only); used when the model source provides training data.")] = 20,
@@ -110,7 +111,6 @@ def search(
     tuning_trials: TuningOpt = None,
 ) -> None:
     """Search per-layer pruning ratios under latency/memory budgets; re-running the same command resumes."""
-    from hwprune.config import SearchConfig
     from hwprune.study.run import Search
 
     overrides = _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port, tuning_trials)

@@ -109,11 +109,12 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
     fake.update({0.25: 8.0, 0.5: 6.0, 0.75: 4.0})
     twin.optimize(objective, n_trials=3)
     assert bracket_budget(twin, coarse, 10.0, Budgets(5.0, None)) == []
-    # a budget no uniform model reaches queues nothing
+    # a budget no uniform model reaches queues no uniform trial (the space has no blocks to probe here)
     fresh = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     warm_start(fresh, space)
     fresh.optimize(objective, n_trials=3)
     assert bracket_budget(fresh, space, 10.0, Budgets(3.0, None)) == []
+    assert not fresh.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
 
 
 def test_relative_budgets_judge_the_ratio_to_the_dense_model_measured_beside(tmp_path: Path) -> None:
@@ -455,3 +456,17 @@ def test_depth_probes_follow_the_bracket() -> None:
     study.optimize(objective, n_trials=len(probes))
     assert bracket_budget(study, space, 10.0, budgets) == []
     assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))  # probed once only
+
+    # no uniform model meets the budget, not even the warm start's most pruned: that one is probed with a block out
+    beyond = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    warm_start(beyond, space)
+    beyond.optimize(objective, n_trials=2)
+    assert bracket_budget(beyond, space, 10.0, Budgets(3.0, None)) == []
+    assert "depth_probed" not in beyond.user_attrs  # the warm start's smallest model is not measured yet
+    beyond.optimize(objective, n_trials=1)
+    assert bracket_budget(beyond, space, 10.0, Budgets(3.0, None)) == []
+    probes = beyond.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    top = max(k.max_ratio for k in space.knobs)
+    assert [t.user_attrs["depth_probe"] for t in probes] == space.blocks
+    assert all(t.system_attrs["fixed_params"] == {**space.uniform(top), t.user_attrs["depth_probe"]: top}
+               for t in probes)

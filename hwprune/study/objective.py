@@ -332,10 +332,15 @@ def warm_start(study: optuna.Study, space: PruningSpace, fractions: tuple[float,
     """
     if study.get_trials(deepcopy=False):
         return
-    top = max((k.max_ratio for k in space.knobs), default=0.0)
+    top = _warm_start_top(space)
     for f in fractions:
         r = round(f * top, 4)
         study.enqueue_trial(space.uniform(r), user_attrs={"uniform_ratio": r}, skip_if_exists=True)
+
+
+def _warm_start_top(space: PruningSpace) -> float:
+    """The warm start's largest uniform ratio: all of the space's max ratio."""
+    return round(max((k.max_ratio for k in space.knobs), default=0.0), 4)
 
 
 BRACKET_STEPS = 6  # uniform trials spent at most on aiming at the latency budget
@@ -354,7 +359,8 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     lies between the two ends (the best uniform model is found), a uniform trial is still queued, or
     ``BRACKET_STEPS`` were spent. The search stops at adjacent architectures, not at a ratio tolerance: on the demo
     two uniform architectures 0.04 apart in ratio differ by 20% in MACs, and the rounded baseline finds the one
-    between.
+    between. Once the bisection is done, :func:`probe_depth` tries its lower end with one block removed; when no
+    uniform model meets the budget, not even the warm start's most pruned one, it tries that one so.
     Latencies are the ones ``budgets`` judges (:meth:`Budgets.judged_ms`), measured again where the study holds a
     second measurement (``CONFIRMED_ATTR``).
 
@@ -410,7 +416,14 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
             break
         study.set_user_attr(CONFIRMED_ATTR, confirmed)
         lo, hi, contradicted, inverted = ends()
-    if lo is None or hi is None:
+    if hi is None:
+        # not even the warm start's smallest uniform model meets the budget: what is left to try there is
+        # trading blocks for width (seed 0 of the demo at 0.4x once spent all 30 trials without a model in budget)
+        top = max(by_ratio, default=None)
+        if lo is not None and top is not None and lo[0] == top and top >= _warm_start_top(space) - 1e-9:
+            probe_depth(study, space, top)
+        return []
+    if lo is None:
         return []
 
     between = [] if exhausted else uniform_architectures_between(space, lo[0], hi[0])
@@ -433,8 +446,8 @@ DEPTH_PROBES = 4  # blocks probed one at a time once the bracket is done
 
 def probe_depth(study: optuna.Study, space: PruningSpace, ratio: float) -> list[str]:
     """Once per study, enqueue the uniform model of ``ratio`` (the bracket's lower end: the least pruned uniform
-    model that missed the budget) with one residual block removed, for up to ``DEPTH_PROBES`` blocks spread over the
-    model; returns the blocks probed.
+    model that missed the budget; or the warm start's most pruned one when none met it) with one residual block
+    removed, for up to ``DEPTH_PROBES`` blocks spread over the model; returns the blocks probed.
 
     Each trades a block for the widths one uniform step buys, right at the budget: near the per-operator floor that
     is the trade left (on the demo at 0.4x, two blocks out and uniform 0.5-0.6 beat uniform 0.7-0.75 at the same

@@ -366,7 +366,8 @@ class Search:
                         self.log(f"uniform ratio {ratios[0]:.3f} queued: bisecting for the least uniform pruning "
                                  "that meets the latency budget")
                     elif not probed and study.user_attrs.get("depth_probed"):
-                        self.log("probing depth: the least pruned uniform model over the budget, with one of "
+                        self.log("probing depth: a uniform model over the budget (the least pruned one, or the "
+                                 "most pruned when none meets it), with one of "
                                  f"{', '.join(study.user_attrs['depth_probed'])} removed")
 
             callbacks: list[Any] = [follow_reference, progress.callback, aim_at_budget,
