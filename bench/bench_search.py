@@ -78,7 +78,7 @@ from torch import nn  # noqa: E402
 import hwprune  # noqa: E402
 from hwprune import train  # noqa: E402
 from hwprune.errors import BudgetUnreachable  # noqa: E402
-from hwprune.export import export_onnx  # noqa: E402
+from hwprune.export import atomic_torch_save, export_onnx  # noqa: E402
 from hwprune.backends.base import Measurement  # noqa: E402
 from hwprune.backends.ort import OrtBackend  # noqa: E402
 from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, prune, read_widths  # noqa: E402
@@ -187,9 +187,7 @@ def build_mobilenetv2(seed: int = 0, stage1_steps: int = 240, stage2_steps: int 
                        lr=0.05)
         train.finetune(model, UpsampledBatches(x_train, y_train, 16, 224, shuffle=True, seed=seed + 1),
                        stage2_steps, lr=0.02)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        atomic_torch_save(model.state_dict(), path)
         note = f"trained in {time.perf_counter() - t0:.0f} s and cached at {path}"
     model.eval()
     dense_acc = train.accuracy(model, val)
@@ -290,8 +288,7 @@ def build_cifar(seed: int, zip_path: Path,
         say(f"training the CIFAR-10 ResNet ({steps} steps on 40,000 augmented images, first run only)...")
         train.finetune(model, AugmentedBatches(x_train, y_train, 128, seed=seed), steps, lr=0.1,
                        progress=lambda step, loss: step % 250 == 0 and say(f"  step {step}/{steps}, loss {loss:.3f}"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
+        atomic_torch_save(model.state_dict(), path)
     model.eval()
     subject = Subject(
         model=model, example_inputs=(torch.zeros(1, 3, 32, 32),), evaluate=lambda m: train.accuracy(m, val),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from hwprune import Subject
-from hwprune.export import atomic_write_bytes
+from hwprune.export import atomic_torch_save
 from hwprune.subjects.shapes import make_shapes
 from hwprune.train import accuracy, finetune
 
@@ -70,9 +69,7 @@ def tiny_cnn_trained() -> Subject:
     else:
         finetune(model, batches, 30, lr=0.05)
         if path is not None:
-            buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
-            atomic_write_bytes(path, buf.getvalue())
+            atomic_torch_save(model.state_dict(), path)
     x, y = _data()
     return Subject(model=model.eval(), example_inputs=(torch.zeros(1, 3, 32, 32),),
                    evaluate=lambda m: accuracy(m, [(x, y)]), calibration_data=batches, train_data=batches,

@@ -807,12 +807,12 @@ class Search:
         self.log(f"tuned: {m.latency.median_ms:.3f} ms (search measurement {pm.latency_ms:.3f} ms)")
 
     def _write_model_files(self, pm: ParetoModel) -> None:
-        from hwprune.export import atomic_write_text, file_record
+        from hwprune.export import atomic_torch_save, atomic_write_text, file_record
 
         assert pm.module is not None and pm.trial is not None
         folder = self.run_dir / "models" / f"trial-{pm.trial:04d}"
-        torch.save(pm.module.state_dict(), folder / "weights.pt")
-        torch.save(pm.module, folder / "model.pt")
+        atomic_torch_save(pm.module.state_dict(), folder / "weights.pt")
+        atomic_torch_save(pm.module, folder / "model.pt")
         assert pm.measurement is not None
         atomic_write_text(folder / "measurement.json", json.dumps(pm.measurement.to_dict(), indent=2))
         pm.record["files"] = {"onnx": file_record(folder / "model.onnx", self.run_dir),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from hwprune import train
-from hwprune.export import atomic_write_bytes
+from hwprune.export import atomic_torch_save
 from hwprune.subjects import models
 from hwprune.subjects.base import Subject
 from hwprune.subjects.shapes import make_shapes
@@ -120,9 +119,7 @@ def build_demo(name: str, *, seed: int = 0, log: Callable[[str], None] | None = 
                     f"{elapsed:.0f} s elapsed, ~{elapsed / step * (spec.train_steps - step):.0f} s left")
 
         train.finetune(model, train_batches, spec.train_steps, lr=spec.lr, progress=progress)
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_torch_save(model.state_dict(), path)
         if log:
             log(f"trained in {time.perf_counter() - start:.0f} s, accuracy {train.accuracy(model, val_batches):.3f};"
                 f" cached at {path}")
