@@ -85,26 +85,26 @@ def _profile(device: str, overrides: dict[str, Any]):
 # -- search -------------------------------------------------------------------------------------------------------
 @app.command()
 def search(
-    model: Annotated[str, typer.Option("--model", "-m", help="Built-in demo (mobilenet-tiny, resnet-tiny) or package.module:factory (or path/file.py:factory).")] = "mobilenet-tiny",
-    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name (see `hwprune profiles`) or a .toml path.")] = "host-cpu",
+    model: Annotated[str, typer.Option("--model", "-m", help="Built-in demo (mobilenet-tiny, resnet-tiny) or package.module:factory (or path/file.py:factory).")] = SearchConfig.model,
+    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name (see `hwprune profiles`) or a .toml path.")] = SearchConfig.device,
     latency_budget_ms: Annotated[Optional[str], typer.Option("--latency-budget-ms", help="Latency budget in ms (median), or a fraction of the dense model's latency like 0.6x. Default: the profile's.")] = None,
     memory_budget_mb: Annotated[Optional[str], typer.Option("--memory-budget-mb", help="Memory budget in MB (weights + peak activations), or a fraction like 0.5x. Default: the profile's.")] = None,
     trials: Annotated[Optional[int], typer.Option("--trials", "-n", help="Complete trials the study should have (a resumed study runs the rest).")] = None,
     timeout: Annotated[Optional[float], typer.Option("--timeout", help="Stop starting new trials after this many seconds.")] = None,
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (sqlite:///x.db, postgresql://...). Default: study.db in the run folder.")] = None,
     study: Annotated[Optional[str], typer.Option("--study", help="Study name. Default: <model>-<device>.")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Parent folder of the run folder.")] = Path("reports"),
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the sampler and the per-trial calibration and fine-tune (not for the demo model itself).")] = 0,
-    sampler: Annotated[str, typer.Option("--sampler", help="tpe (default), random, gp or nsga2; see bench/README.md.")] = "tpe",
+    out_dir: Annotated[Path, typer.Option("--out", help="Parent folder of the run folder.")] = SearchConfig.out,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the sampler and the per-trial calibration and fine-tune (not for the demo model itself).")] = SearchConfig.seed,
+    sampler: Annotated[str, typer.Option("--sampler", help="tpe (default), random, gp or nsga2; see bench/README.md.")] = SearchConfig.sampler,
     max_ratio: Annotated[float, typer.Option("--max-ratio", help="Largest fraction of a group's channels to remove; a residual block can be removed from 0.5.")] = SearchConfig.max_ratio,
-    depth: Annotated[bool, typer.Option("--depth/--no-depth", help="Also search over removing whole residual blocks (y = x + f(x) becomes y = x); --no-depth prunes channel widths only.")] = True,
+    depth: Annotated[bool, typer.Option("--depth/--no-depth", help="Also search over removing whole residual blocks (y = x + f(x) becomes y = x); --no-depth prunes channel widths only.")] = SearchConfig.depth,
     channel_multiple: Annotated[Optional[int], typer.Option("--channel-multiple", help="Round kept widths to this multiple (default: the profile's).")] = None,
-    trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only); used when the model source provides training data.")] = 20,
-    final_finetune: Annotated[int, typer.Option("--final-finetune-steps", help="Fine-tune steps of the final fine-tune (distilled from the dense model) before the recommendation.")] = 300,
-    final_candidates: Annotated[int, typer.Option("--final-candidates", help="The K most accurate models within the budgets (by the search's proxy, on the Pareto front or not, including trials measured up to 5% over the latency budget once re-measured within it) each get the final fine-tune, and so does the most accurate uniform model within the budgets if they leave it out; the most accurate afterwards is recommended.")] = 3,
-    allow_untuned: Annotated[bool, typer.Option("--allow-untuned", help="Let untuned TVM latencies drive the search.")] = False,
-    tune_final: Annotated[int, typer.Option("--tune-final", help="TVM backends: after the search, MetaSchedule-tune the recommended model with N trials on the device and report its tuned latency (0 = off).")] = 0,
-    allow_estimate: Annotated[bool, typer.Option("--allow-estimate", help="Let roofline estimates drive the search.")] = False,
+    trial_finetune: Annotated[int, typer.Option("--trial-finetune-steps", help="Fine-tune steps per trial before evaluation (0 = BN re-calibration only); used when the model source provides training data.")] = SearchConfig.trial_finetune_steps,
+    final_finetune: Annotated[int, typer.Option("--final-finetune-steps", help="Fine-tune steps of the final fine-tune (distilled from the dense model) before the recommendation.")] = SearchConfig.final_finetune_steps,
+    final_candidates: Annotated[int, typer.Option("--final-candidates", help="The K most accurate models within the budgets (by the search's proxy, on the Pareto front or not, including trials measured up to 5% over the latency budget once re-measured within it) each get the final fine-tune, and so does the most accurate uniform model within the budgets if they leave it out; the most accurate afterwards is recommended.")] = SearchConfig.final_candidates,
+    allow_untuned: Annotated[bool, typer.Option("--allow-untuned", help="Let untuned TVM latencies drive the search.")] = SearchConfig.allow_untuned,
+    tune_final: Annotated[int, typer.Option("--tune-final", help="TVM backends: after the search, MetaSchedule-tune the recommended model with N trials on the device and report its tuned latency (0 = off).")] = SearchConfig.tune_final_trials,
+    allow_estimate: Annotated[bool, typer.Option("--allow-estimate", help="Let roofline estimates drive the search.")] = SearchConfig.allow_estimate,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
     ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
@@ -120,7 +120,7 @@ def search(
     if memory_budget_mb is None and profile.budgets.memory_mb is not None:
         memory_budget_mb = str(profile.budgets.memory_mb)
     if trials is None and timeout is None:
-        trials = 40
+        trials = SearchConfig.trials
     config = SearchConfig(
         model=model, device=device, latency_budget_ms=latency_budget_ms, memory_budget_mb=memory_budget_mb,
         trials=trials, timeout_s=timeout, storage=storage, study=study, out=out_dir, seed=seed, sampler=sampler,
