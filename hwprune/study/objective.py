@@ -417,11 +417,11 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
         study.set_user_attr(CONFIRMED_ATTR, confirmed)
         lo, hi, contradicted, inverted = ends()
     if hi is None:
-        # not even the warm start's smallest uniform model meets the budget: what is left to try there is
-        # trading blocks for width (seed 0 of the demo at 0.4x once spent all 30 trials without a model in budget)
-        top = max(by_ratio, default=None)
-        if lo is not None and top is not None and lo[0] == top and top >= _warm_start_top(space) - 1e-9:
-            probe_depth(study, space, top)
+        # every measured model missed, so ``lo`` is the most pruned one; once that is the warm start's smallest,
+        # what is left to try there is trading blocks for width (seed 0 of the demo at 0.4x once spent all 30
+        # trials without a model in budget)
+        if lo is not None and lo[0] >= _warm_start_top(space) - 1e-9:
+            probe_depth(study, space, lo[0])
         return []
     if lo is None:
         return []
