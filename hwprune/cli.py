@@ -105,6 +105,9 @@ def search(
     allow_untuned: Annotated[bool, typer.Option("--allow-untuned", help="Let untuned TVM latencies drive the search.")] = SearchConfig.allow_untuned,
     tune_final: Annotated[int, typer.Option("--tune-final", help="TVM backends: after the search, MetaSchedule-tune the recommended model with N trials on the device and report its tuned latency (0 = off).")] = SearchConfig.tune_final_trials,
     allow_estimate: Annotated[bool, typer.Option("--allow-estimate", help="Let roofline estimates drive the search.")] = SearchConfig.allow_estimate,
+    max_accuracy_drop: Annotated[str, typer.Option("--max-accuracy-drop", help="The accuracy guard: the most a model may lose against the dense one, absolute (0.01) or relative (1%); 'off' to switch it off. A model under it is infeasible; when none keeps it the search exits 3.")] = str(SearchConfig.max_accuracy_drop),
+    recovery: Annotated[str, typer.Option("--recovery", help="When the model source gives no data: auto (default), inputs (the inputs evaluate feeds the dense model), synthetic (fitted to its BatchNorm statistics) or none; used for BatchNorm re-calibration and distillation from the dense model.")] = SearchConfig.recovery,
+    data: Annotated[Optional[Path], typer.Option("--data", help="A .pt or .npz file of inputs, or inputs and targets (keys inputs/x and targets/y), for BatchNorm re-calibration and fine-tuning.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
     ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
@@ -126,7 +129,8 @@ def search(
         trials=trials, timeout_s=timeout, storage=storage, study=study, out=out_dir, seed=seed, sampler=sampler,
         max_ratio=max_ratio, depth=depth, channel_multiple=channel_multiple, trial_finetune_steps=trial_finetune,
         final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned,
-        allow_estimate=allow_estimate, tune_final_trials=tune_final,
+        allow_estimate=allow_estimate, tune_final_trials=tune_final, max_accuracy_drop=max_accuracy_drop,
+        recovery=recovery, data=data,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
@@ -160,8 +164,8 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
     est = " (estimated)" if summary["measurement"].get("estimated") else ""
 
     def row(r: dict[str, Any], label: str) -> list[str]:
-        meets = "ok" if r["meets"]["latency"] and r["meets"]["memory"] else \
-            ", ".join(k for k, v in r["meets"].items() if not v) + " over"
+        meets = "ok" if all(r["meets"].values()) else \
+            ", ".join(("under guard" if k == "accuracy" else f"{k} over") for k, v in r["meets"].items() if not v)
         noisy = " noisy" if r["latency_ms"].get("noisy") else ""
         return [label, f"{r['accuracy']:.4f}", f"{r['latency_ms']['median']:.3f} ({r['latency_ms']['p90']:.3f}){noisy}{est}",
                 f"{r['memory_mb']['total']:.2f}", f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}",
@@ -186,9 +190,12 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
         out.print("speedup, order and the latency budget: measured side by side with the dense model (interleaved "
                   "rounds), which a busy host slows alike; each ms figure is that model's own median")
     rec = next((r for r in summary["pareto"] if r["recommended"]), None)
+    _print_accuracy_story(summary, rec, metric)
     if rec:
+        kept = rec.get("accuracy_retention")
         out.print(f"[bold]recommended:[/] trial {rec['trial']}: {metric} {rec['accuracy']:.4f} (dense "
-                  f"{dense['accuracy']:.4f}), {rec['latency_ms']['median']:.3f} ms ({rec.get('speedup', 1):.2f}x faster), "
+                  f"{dense['accuracy']:.4f}" + (f", {kept:.1%} kept" if kept is not None else "") + "), "
+                  f"{rec['latency_ms']['median']:.3f} ms ({rec.get('speedup', 1):.2f}x faster), "
                   f"{rec['memory_mb']['total']:.2f} MB -> {run_dir / rec['files']['onnx']['path']}")
         if rec.get("removed_blocks"):
             out.print(f"  residual blocks removed whole: {', '.join(rec['removed_blocks'])}")
@@ -199,6 +206,36 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
         elif tuned:
             out.print(f"tuning the recommended model failed: {escape(tuned['error'])}")
     out.print(f"run folder: {run_dir} (summary.json, pareto.csv{', report.html' if (run_dir / 'report.html').exists() else ''})")
+
+
+def _print_accuracy_story(summary: dict[str, Any], rec: dict[str, Any] | None, metric: str) -> None:
+    """The accuracy guard and the recovery, in a line each, with a warning where the answer needs one."""
+    guard = summary.get("accuracy_guard") or {}
+    recovery = summary.get("recovery") or {}
+    if guard.get("floor") is not None:
+        out.print(f"accuracy guard: {metric} >= {guard['floor']:.4f} (at most {guard['max_drop']} below dense "
+                  f"{guard['dense']:.4f}), judged on the {guard['judged_on']}")
+    else:
+        out.print("[yellow]warning:[/] the accuracy guard is off (--max-accuracy-drop off): the recommendation may "
+                  "have lost any amount of accuracy")
+    method = recovery.get("method")
+    if method == "none":
+        out.print("[yellow]warning:[/] no data was given and recovery is off (--recovery none): pruned models keep the "
+                  "dense model's BatchNorm statistics. Give data for a better answer (README, 'Your own model').")
+    elif method and method != "data":
+        agree = recovery.get("agreement") or {}
+        held = agree.get("heldout")
+        out.print(f"[yellow]warning:[/] no data was given: pruned models were recovered with {method} "
+                  f"({recovery.get('samples', 0)} samples)"
+                  + ("; evaluate's own inputs were among them, so its accuracy may be optimistic" if recovery.get("leak")
+                     else "")
+                  + (f"; the recommended model agrees with the dense one on {held:.1%} of held-out inputs"
+                     if held is not None else "")
+                  + ". Give data for a better answer (README, 'Your own model').")
+    if rec is None and guard.get("best_within_budgets"):
+        best = guard["best_within_budgets"]
+        out.print(f"[red]no model kept the accuracy guard:[/] the best within the budgets was trial {best['trial']} "
+                  f"at {metric} {best['accuracy']:.4f}")
 
 
 # -- measure ------------------------------------------------------------------------------------------------------
@@ -394,10 +431,12 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except BudgetUnreachable as exc:
-        err.print(f"[bold red]hwprune: no model met the budgets:[/] {escape(str(exc))}", highlight=False)
+        # soft_wrap: the error stays one line however narrow the terminal, for people and for scripts that grep it
+        err.print(f"[bold red]hwprune: no model met the budgets:[/] {escape(str(exc))}", highlight=False,
+                  soft_wrap=True)
         sys.exit(EXIT_BUDGET)
     except HwpruneError as exc:
-        err.print(f"[bold red]hwprune: error:[/] {escape(str(exc))}", highlight=False)
+        err.print(f"[bold red]hwprune: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         err.print("hwprune: interrupted; completed trials are saved, run the same command to resume")

@@ -12,6 +12,7 @@ from typing import Any
 from hwprune.errors import HwpruneError
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
+RECOVERY_METHODS = ("auto", "inputs", "synthetic", "none")  # hwprune.recovery; kept here so config imports no torch
 
 
 def read_toml(path: Path, what: str, error: type[HwpruneError] = HwpruneError) -> dict[str, Any]:
@@ -53,6 +54,46 @@ class Budget:
         return f"{self.value:g}x" if self.relative else f"{self.value:g}"
 
 
+ACCURACY_GUARD_OFF = ("off", "none")
+DEFAULT_MAX_ACCURACY_DROP = "5%"  # relative: a pruned model must keep 95% of the dense model's accuracy
+
+
+@dataclass(frozen=True)
+class AccuracyGuard:
+    """How much accuracy a recommended model may lose: an absolute drop (``0.01``) or a share of the dense model's
+    accuracy (``"1%"``). Parsed from the CLI, the API, nightly job files and ``SearchConfig``."""
+
+    value: float
+    relative: bool
+
+    @classmethod
+    def parse(cls, text: "str | float | int | AccuracyGuard | None") -> "AccuracyGuard | None":
+        """The guard for ``text``: ``"5%"`` (relative), ``0.01`` (absolute), ``"off"``/``None`` (no guard).
+
+        Raises:
+            HwpruneError: ``text`` is not one of those, or is negative.
+        """
+        if text is None or isinstance(text, AccuracyGuard):
+            return text
+        if isinstance(text, str) and text.strip().lower() in ACCURACY_GUARD_OFF:
+            return None
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%)?\s*", str(text))
+        if isinstance(text, bool) or not m:
+            raise HwpruneError(f"max accuracy drop: {text!r} is not an absolute drop (e.g. 0.01), a share of the "
+                               "dense accuracy (e.g. 1%) or 'off'")
+        value, relative = float(m.group(1)), bool(m.group(2))
+        if relative and value >= 100 or not relative and value < 0:
+            raise HwpruneError(f"max accuracy drop: {text!r} is out of range")
+        return cls(value / 100 if relative else value, relative)
+
+    def floor(self, dense: float) -> float:
+        """The least accuracy a pruned model may have, given the dense model's ``dense``."""
+        return dense - abs(dense) * self.value if self.relative else dense - self.value
+
+    def __str__(self) -> str:
+        return f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
+
+
 @dataclass
 class SearchConfig:
     """Everything one search needs. Field names match the CLI flags (``--latency-budget-ms`` -> latency_budget_ms)."""
@@ -75,6 +116,10 @@ class SearchConfig:
     final_finetune_steps: int = 300
     final_candidates: int = 3  # feasible models given the final fine-tune; the best afterwards is recommended
     calibration_batches: int = 8
+    # the accuracy guard: a model that loses more is infeasible (None = off); see AccuracyGuard
+    max_accuracy_drop: AccuracyGuard | None = AccuracyGuard.parse(DEFAULT_MAX_ACCURACY_DROP)
+    recovery: str = "auto"  # when the subject has no data: auto | inputs | synthetic | none (hwprune.recovery)
+    data: Path | None = None  # a .pt/.npz file of inputs (and targets) for re-calibration and fine-tuning
     exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise
     allow_untuned: bool = False  # let untuned TVM latencies drive a search
     tune_final_trials: int = 0  # TVM: MetaSchedule trials for the recommended model only, after the search
@@ -90,6 +135,11 @@ class SearchConfig:
         if not isinstance(self.memory_budget_mb, (Budget, type(None))):
             self.memory_budget_mb = Budget.parse(self.memory_budget_mb, "memory budget")
         self.out = Path(self.out)
+        self.max_accuracy_drop = AccuracyGuard.parse(self.max_accuracy_drop)
+        if self.recovery not in RECOVERY_METHODS:
+            raise HwpruneError(f"recovery: {self.recovery!r} is not one of {', '.join(RECOVERY_METHODS)}")
+        if self.data is not None:
+            self.data = Path(self.data)
         if self.trials is not None and self.trials < 1:
             raise HwpruneError(f"trials: must be at least 1, got {self.trials}")
         if self.trials is None and self.timeout_s is None:
@@ -128,4 +178,6 @@ class SearchConfig:
         d["run_folder"] = str(self.run_folder) if self.run_folder else None
         d["latency_budget_ms"] = str(self.latency_budget_ms) if self.latency_budget_ms else None
         d["memory_budget_mb"] = str(self.memory_budget_mb) if self.memory_budget_mb else None
+        d["max_accuracy_drop"] = str(self.max_accuracy_drop) if self.max_accuracy_drop else "off"
+        d["data"] = str(self.data) if self.data else None
         return d

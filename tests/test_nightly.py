@@ -25,6 +25,7 @@ latency_budget_ms = "2x"
 trial_finetune_steps = 0
 final_finetune_steps = 0
 calibration_batches = 2
+max_accuracy_drop = "off"  # the checkpoint scores at chance: the guard would judge noise
 
 [regressions]
 latency_tolerance = 1.0   # this test is about accuracy: a shared host's latency drift must not decide it
@@ -108,7 +109,8 @@ def test_bad_job_files_name_the_field(tmp_path: Path) -> None:
 def test_a_night_where_nothing_fits_exits_3_and_keeps_its_history(tmp_path: Path) -> None:
     job = tmp_path / "tight.toml"
     job.write_text('name = "tight"\ntrials_per_night = 2\n[search]\nmodel = "tiny_subject:tiny_cnn"\n'
-                   'device = "host-cpu"\nlatency_budget_ms = "0.01x"\nfinal_finetune_steps = 0\n')
+                   'device = "host-cpu"\nlatency_budget_ms = "0.01x"\nfinal_finetune_steps = 0\n'
+                   'recovery = "none"\n')
     proc = run_cli("nightly", str(job), "--night", "2026-11-20", cwd=tmp_path)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "no model met the budgets" in proc.stderr and "Traceback" not in proc.stderr

@@ -65,7 +65,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "run" not in _RUNS:
         out = tmp_path_factory.mktemp("search")
         result = hwprune.search(model=tiny_factory, device="host-cpu", latency_budget_ms="0.9x", trials=5, out=out,
-                                seed=0, trial_finetune_steps=2, final_finetune_steps=2, channel_multiple=8,
+                                seed=0, trial_finetune_steps=2, final_finetune_steps=2, channel_multiple=8, max_accuracy_drop="off",
                                 progress=False, study="tiny")
         _RUNS["run"] = result.run_dir
     return _RUNS["run"]

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("tvm")
 from hwprune.profiles import load_profile  # noqa: E402
 from hwprune.rpc_local import LocalRpc  # noqa: E402
-from conftest import ROOT, TESTS, load_summary, run_cli  # noqa: E402
+from conftest import GUARD_OFF_ARGS, ROOT, TESTS, load_summary, run_cli  # noqa: E402
 
 
 def _profile_without_retries(tmp_path: Path) -> Path:
@@ -56,7 +56,7 @@ def test_search_over_rpc_survives_the_board_dying(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
     with LocalRpc(key="board") as rpc:
-        args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn", "--device",
+        args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device",
                 str(profile), "--backend", "tvm-rpc", "--tracker", rpc.tracker, "--key", "board", "--allow-untuned",
                 "--latency-budget-ms", "2x", "--trials", "10", "--out", str(tmp_path), "--study", "rpc",
                 "--final-finetune-steps", "0"]

@@ -17,13 +17,13 @@ import pytest
 
 import hwprune
 from hwprune.errors import BudgetUnreachable
-from conftest import ROOT, TESTS, load_summary, run_cli
+from conftest import GUARD_OFF, GUARD_OFF_ARGS, ROOT, TESTS, load_summary, run_cli
 
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("cli-search")
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn_trained", "--device", "host-cpu",
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn_trained", *GUARD_OFF_ARGS, "--device", "host-cpu",
                    "--latency-budget-ms", "0.95x", "--memory-budget-mb", "1x", "--trials", "6", "--out", str(out),
                    "--study", "tiny", "--final-finetune-steps", "5", "--trial-finetune-steps", "2", check=True)
     return out / "tiny", proc
@@ -103,7 +103,7 @@ def test_pareto_models_meet_budget_when_remeasured_in_fresh_process(cli_run) -> 
 
 def test_rerun_resumes_the_same_study(cli_run) -> None:
     run_dir, _ = cli_run
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn_trained", "--device", "host-cpu",
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn_trained", *GUARD_OFF_ARGS, "--device", "host-cpu",
                    "--latency-budget-ms", "0.95x", "--memory-budget-mb", "1x", "--trials", "8", "--out",
                    str(run_dir.parent), "--study", "tiny", "--final-finetune-steps", "5",
                    "--trial-finetune-steps", "2", check=True)
@@ -125,7 +125,7 @@ def test_identical_architectures_are_measured_once(tmp_path: Path) -> None:
                                 directions=["maximize", "minimize", "minimize"])
     for r in (0.66, 0.68, 0.7):  # 48 * (1 - r) = 16.3 / 15.4 / 14.4 -> 16 kept
         study.enqueue_trial(space.uniform(r))
-    result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", latency_budget_ms="2x", trials=3, out=tmp_path,
+    result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **GUARD_OFF, latency_budget_ms="2x", trials=3, out=tmp_path,
                             study="dup", final_finetune_steps=0)
     trials = pd.read_csv(result.run_dir / "trials.csv")
     complete = trials[trials["state"] == "COMPLETE"]
@@ -138,7 +138,7 @@ def test_identical_architectures_are_measured_once(tmp_path: Path) -> None:
 def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> None:
     from tiny_subject import tiny_cnn_trained
 
-    result = hwprune.search(tiny_cnn_trained, "host-cpu", latency_budget_ms="0.95x", trials=4, out=tmp_path,
+    result = hwprune.search(tiny_cnn_trained, "host-cpu", **GUARD_OFF, latency_budget_ms="0.95x", trials=4, out=tmp_path,
                             study="api", final_finetune_steps=3)
     assert isinstance(result.pareto, pd.DataFrame) and len(result.pareto) == len(result.summary["pareto"])
     rec = result.recommended
@@ -220,7 +220,7 @@ def test_front_models_over_budget_on_remeasure_give_way_to_the_trials_behind(tmp
     """A front model whose trial measurement was lucky goes over the budget when its exported file is measured
     again; the trials it hid are confirmed in its place, so the run still answers."""
     kw = dict(latency_budget_ms="0.8x", trials=8, out=tmp_path, study="lucky", final_finetune_steps=0, seed=0)
-    first = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **kw)
+    first = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **GUARD_OFF, **kw)
     assert first.summary["pareto"], "a 0.8x budget on the tiny net must be reachable"
     study = optuna.load_study(study_name="lucky", storage=f"sqlite:///{first.run_dir / 'study.db'}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
@@ -229,7 +229,7 @@ def test_front_models_over_budget_on_remeasure_give_way_to_the_trials_behind(tmp
     # come out at 0.05x: more accurate, faster and smaller than every real trial, so it is the whole front
     lucky = _add_recorded_trial(study, template, {k: 0.0 for k in template.params}, 0.05, template.values[1] * 0.05,
                                 min(t.values[2] for t in complete) * 0.5, "lucky")
-    result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **{**kw, "trials": len(complete) + 1})
+    result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **GUARD_OFF, **{**kw, "trials": len(complete) + 1})
     rejected = result.summary["search"]["rejected_on_remeasure"]
     assert {"trial": lucky, "reason": "over budget when re-measured"}.items() <= next(
         r for r in rejected if r["trial"] == lucky).items()
@@ -248,7 +248,7 @@ def test_trial_measured_just_over_the_budget_can_still_be_a_final_candidate(tmp_
 
     kw = dict(latency_budget_ms="0.8x", trials=6, out=tmp_path, study="near", final_finetune_steps=2,
               trial_finetune_steps=0, seed=0)
-    first = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **kw)
+    first = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **GUARD_OFF, **kw)
     study = optuna.load_study(study_name="near", storage=f"sqlite:///{first.run_dir / 'study.db'}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     fastest = min(complete, key=lambda t: t.user_attrs["latency_ratio"])
@@ -259,7 +259,7 @@ def test_trial_measured_just_over_the_budget_can_still_be_a_final_candidate(tmp_
     number = _add_recorded_trial(study, fastest, fastest.params, unlucky,
                                  fastest.values[1] * unlucky / fastest.user_attrs["latency_ratio"], fastest.values[2],
                                  "unlucky")
-    result = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **{**kw, "trials": len(complete) + 1})
+    result = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **GUARD_OFF, **{**kw, "trials": len(complete) + 1})
     trials = pd.read_csv(result.run_dir / "trials.csv")
     assert not trials.loc[trials["trial"] == number, "feasible"].item()
     listed = {r["trial"]: r for r in result.summary["pareto"]}
@@ -278,7 +278,7 @@ def test_the_best_uniform_model_within_the_budgets_is_always_a_final_candidate(t
     fine-tune leaves behind it."""
     kw = dict(latency_budget_ms="0.8x", trials=6, out=tmp_path, study="base", final_finetune_steps=2,
               trial_finetune_steps=0, seed=0)
-    first = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **kw)
+    first = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **GUARD_OFF, **kw)
     study = optuna.load_study(study_name="base", storage=f"sqlite:///{first.run_dir / 'study.db'}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     trials = pd.read_csv(first.run_dir / "trials.csv")
@@ -288,7 +288,7 @@ def test_the_best_uniform_model_within_the_budgets_is_always_a_final_candidate(t
     # three models the proxy ranks above every uniform one (the fastest architecture, recorded as more accurate)
     added = [_add_recorded_trial(study, fastest, fastest.params, fastest.user_attrs["latency_ratio"],
                                  fastest.values[1], fastest.values[2], f"proxy-favourite-{i}") for i in range(3)]
-    result = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **{**kw, "trials": len(complete) + 3})
+    result = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **GUARD_OFF, **{**kw, "trials": len(complete) + 3})
     tuned = {r["trial"] for r in result.summary["pareto"] if r["final_finetune_steps"]}
     tuned |= {r["trial"] for r in result.summary["search"]["rejected_on_remeasure"]
               if r["reason"] == "dominated after the final fine-tune"}
@@ -299,7 +299,7 @@ def test_the_best_uniform_model_within_the_budgets_is_always_a_final_candidate(t
 
 
 def test_unreachable_budget_says_best_reached_and_keeps_trials(tmp_path: Path) -> None:
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--latency-budget-ms", "0.0001", "--trials", "3",
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms", "0.0001", "--trials", "3",
                    "--out", str(tmp_path), "--study", "tight", "--final-finetune-steps", "0")
     assert proc.returncode == 3, proc.stderr
     assert "no candidate met the budgets" in proc.stderr and "best reached were" in proc.stderr
@@ -310,13 +310,13 @@ def test_unreachable_budget_says_best_reached_and_keeps_trials(tmp_path: Path) -
     # an absolute budget is judged on the latency as measured: no dense model measured beside the trials
     assert pd.read_csv(tmp_path / "tight" / "trials.csv")["latency_ratio"].isna().all()
     with pytest.raises(BudgetUnreachable):
-        hwprune.search("tiny_subject:tiny_cnn", latency_budget_ms=0.0001, trials=3, out=tmp_path, study="tight")
+        hwprune.search("tiny_subject:tiny_cnn", **GUARD_OFF, latency_budget_ms=0.0001, trials=3, out=tmp_path, study="tight")
 
 
 def test_trials_that_met_the_budget_but_none_held_on_remeasure_say_so(tmp_path: Path) -> None:
     """Seen on the demo at 0.4x during a slow spell: all six feasible trials went over when re-measured. The error
     must not read as if no trial had ever met the budget ("best reached 0.069 ms" against a 0.104 ms budget)."""
-    args = ("search", "--model", "tiny_subject:tiny_cnn", "--latency-budget-ms", "0.05x", "--out", str(tmp_path),
+    args = ("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms", "0.05x", "--out", str(tmp_path),
             "--study", "slow", "--final-finetune-steps", "0")
     proc = run_cli(*args, "--trials", "3")
     assert proc.returncode == 3 and "no candidate met the budgets" in proc.stderr, proc.stderr
@@ -354,7 +354,7 @@ def test_bad_flags_fail_clearly(tmp_path: Path) -> None:
                          # click's own usage errors (typer vendors click: they once ended in a traceback)
                          (["--no-such-flag"], "No such option"),
                          (["--trials", "many"], "Invalid value for '--trials'")]:
-        proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--trials", "1", "--out", str(tmp_path), *args)
+        proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--trials", "1", "--out", str(tmp_path), *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert needle in proc.stderr and "Traceback" not in proc.stderr
 
@@ -367,7 +367,7 @@ def test_untraceable_model_names_the_problem(tmp_path: Path) -> None:
 
 
 def test_remote_profile_without_board_fails_clearly(tmp_path: Path) -> None:
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--device", "raspberry-pi-4", "--tracker",
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", "raspberry-pi-4", "--tracker",
                    "127.0.0.1:9", "--trials", "1", "--out", str(tmp_path), "--allow-untuned", timeout=300)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -378,7 +378,7 @@ def test_ctrl_c_keeps_completed_trials_and_resumes(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
     env["TINY_SLOW_EVAL"] = "1.5"  # seconds per evaluation, so the interrupt lands inside a trial
-    args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn_slow",
+    args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn_slow", *GUARD_OFF_ARGS,
             "--latency-budget-ms", "2x", "--trials", "20", "--out", str(tmp_path), "--study", "intr",
             "--final-finetune-steps", "0"]
     # a shell's background job inherits SIGINT ignored; give the child the default handler, as a terminal would
@@ -426,7 +426,7 @@ def test_measurements_are_reused_only_in_the_same_measurement_context(tmp_path: 
 
     def run(trials: int, **overrides: object) -> pd.DataFrame:
         study.enqueue_trial(space.uniform(0.5))
-        result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", latency_budget_ms="2x", trials=trials,
+        result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **GUARD_OFF, latency_budget_ms="2x", trials=trials,
                                 out=tmp_path, study="ctx", storage=storage, final_finetune_steps=0,
                                 profile_overrides=dict(overrides))
         return pd.read_csv(result.run_dir / "trials.csv").set_index("trial")
@@ -449,7 +449,7 @@ def test_a_candidate_that_prunes_nothing_is_the_dense_model(tmp_path: Path) -> N
     study = optuna.create_study(storage=storage, study_name="d", directions=["maximize", "minimize", "minimize"])
     study.enqueue_trial(space.uniform(0.1))  # 48 * 0.9 = 43.2 -> 48 kept: nothing removed
     study.enqueue_trial(space.uniform(0.5))
-    result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", latency_budget_ms="0.99x", trials=2,
+    result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **GUARD_OFF, latency_budget_ms="0.99x", trials=2,
                             out=tmp_path, study="d", storage=storage, final_finetune_steps=0)
     trials = pd.read_csv(result.run_dir / "trials.csv").set_index("trial")
     dense = result.summary["dense"]
@@ -476,7 +476,7 @@ def test_a_model_with_blocks_removed_is_exported_measured_and_reloaded(tmp_path:
     study = optuna.create_study(storage=storage, study_name="depth", directions=["maximize", "minimize", "minimize"])
     # the smallest model there is (both blocks gone, every group at its max ratio): always on the memory front
     study.enqueue_trial({k.name: k.max_ratio for k in space.knobs})
-    result = hwprune.search(tiny_resnet, "host-cpu", latency_budget_ms="10", trials=2, out=tmp_path, study="depth",
+    result = hwprune.search(tiny_resnet, "host-cpu", **GUARD_OFF, latency_budget_ms="10", trials=2, out=tmp_path, study="depth",
                             storage=storage, final_finetune_steps=0, progress=False)
     rec = next(r for r in result.summary["pareto"] if r["trial"] == 0)
     assert rec["removed_blocks"] == ["3", "4"]

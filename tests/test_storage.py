@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import ROOT, TESTS
+from conftest import GUARD_OFF_ARGS, ROOT, TESTS
 
 
 def _free_port() -> int:
@@ -73,7 +73,7 @@ def postgres(tmp_path_factory: pytest.TempPathFactory):
 def test_two_workers_share_one_postgres_study(postgres: str, tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
-    args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn", "--latency-budget-ms",
+    args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms",
             "2x", "--trials", "8", "--storage", postgres, "--study", "shared", "--final-finetune-steps", "0"]
     # the first worker creates the study; the second joins it while it runs
     workers = [subprocess.Popen(args + ["--out", str(tmp_path / f"w{i}")], env=env, cwd=TESTS, text=True,

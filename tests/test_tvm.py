@@ -17,6 +17,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from hwprune.errors import BackendUnavailable  # noqa: E402
 from hwprune.profiles import load_profile  # noqa: E402
+from conftest import GUARD_OFF_ARGS
 
 
 class SmallConvNet(nn.Module):
@@ -204,7 +205,7 @@ def test_metaschedule_database_persists_and_is_reused(tmp_path: Path) -> None:
 def test_tune_final_needs_a_tvm_backend(tmp_path: Path) -> None:
     from conftest import run_cli
 
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--device", "host-cpu", "--latency-budget-ms", "2x",
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", "host-cpu", "--latency-budget-ms", "2x",
                    "--trials", "1", "--tune-final", "4", "--out", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--tune-final" in proc.stderr and "--backend tvm" in proc.stderr
@@ -215,7 +216,7 @@ def test_tune_final_tunes_only_the_recommended_model(tmp_path: Path) -> None:
     """An untuned search ranks candidates; --tune-final then tunes the recommended one and reports both numbers."""
     from conftest import load_summary, run_cli
 
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--device", "host-cpu-tvm", "--tuning-trials", "0",
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", "host-cpu-tvm", "--tuning-trials", "0",
                    "--allow-untuned",
                    "--latency-budget-ms", "2x", "--trials", "2", "--final-finetune-steps", "0", "--tune-final", "4",
                    "--out", str(tmp_path), "--study", "tf", env={"HWPRUNE_CACHE": str(tmp_path / "cache")},

@@ -520,7 +520,8 @@ def _summary_section(run: RunData) -> Section:
             ("Memory", fmt_mb(rec["memory_mb"]["total"]),
              f"{_pct_of(rec['memory_mb']['total'], dense['memory_mb']['total'])}; dense "
              f"{fmt_mb(dense['memory_mb']['total'])}"),
-            (metric.capitalize(), fmt_metric(rec.get("accuracy")), f"dense {fmt_metric(dense.get('accuracy'))}"),
+            (metric.capitalize(), fmt_metric(rec.get("accuracy")), f"dense {fmt_metric(dense.get('accuracy'))}"
+             + (f"; {fmt_pct(100 * rec['accuracy_retention'])} kept" if rec.get("accuracy_retention") is not None else "")),
         ]))
         met = []
         if lat_b is not None:
@@ -539,8 +540,15 @@ def _summary_section(run: RunData) -> Section:
             f"The Pareto front holds {len(run.pareto)} model(s) in all."))
     else:
         bi = run.summary.get("search", {}).get("best_infeasible")
+        best = (run.summary.get("accuracy_guard") or {}).get("best_within_budgets")
         text = "**No model met the budgets**, so nothing is recommended."
-        if bi:
+        if best:
+            guard = run.summary["accuracy_guard"]
+            text = (f"**No model kept the accuracy guard**, so nothing is recommended: within the budgets the best "
+                    f"{esc(metric)} was {fmt_metric(best['accuracy'])} (trial {best['trial']}), under the guard's "
+                    f"{fmt_metric(guard['floor'])} ({esc(guard['max_drop'])} below the dense "
+                    f"{fmt_metric(guard['dense'])}). Give calibration or training data, or loosen a budget.")
+        elif bi:
             text += (f" The best any completed trial reached was {fmt_ms(bi.get('latency_ms'))} latency and "
                      f"{fmt_mb(bi.get('memory_mb'))} memory. Relax a budget, raise the maximum pruning ratio, or run "
                      "more trials.")
@@ -550,8 +558,34 @@ def _summary_section(run: RunData) -> Section:
     return s
 
 
+def _accuracy_warnings(run: RunData) -> list[str]:
+    """Banners for an answer whose accuracy needs a second look: the guard off or broken, no data given."""
+    out = []
+    guard = run.summary.get("accuracy_guard")
+    rec = run.recommended
+    if guard is not None and guard.get("floor") is None:
+        out.append("The **accuracy guard was off** (`--max-accuracy-drop off`): the models here may have lost any "
+                   "amount of accuracy against the dense model.")
+    elif guard is not None and rec is not None and guard.get("met") is False:
+        out.append(f"The recommended model **lost more accuracy than the guard allows** ({esc(guard['max_drop'])}).")
+    recovery = run.summary.get("recovery") or {}
+    if recovery.get("method") == "none":
+        out.append("**No data was given and recovery was off**: pruned models kept the dense model's BatchNorm "
+                   "statistics. Give calibration/training data for a better answer.")
+    elif recovery.get("method") not in (None, "data"):
+        held = (recovery.get("agreement") or {}).get("heldout")
+        text = (f"**No data was given**: pruned models were recovered with *{esc(recovery['method'])}* "
+                f"({recovery.get('samples', 0)} samples). ")
+        if recovery.get("leak"):
+            text += ("Those are inputs `evaluate` itself scores, so the accuracy above may be optimistic. ")
+        if held is not None:
+            text += f"On held-out recorded inputs the recommended model agrees with the dense one on {fmt_pct(100 * held)}. "
+        out.append(text + "Give calibration/training data for a better and surer answer.")
+    return out
+
+
 def _warnings(run: RunData) -> list[str]:
-    out = [esc(w) for w in run.warnings]
+    out = [esc(w) for w in run.warnings] + _accuracy_warnings(run)
     bad = [c for c in run.file_checks if not c.ok]
     if bad:
         out.append(f"{len(bad)} artifact file(s) do not match what the search recorded, so they may not be the "
@@ -582,6 +616,16 @@ def _warnings(run: RunData) -> list[str]:
     if srch.get("trials_failed"):
         out.append(f"{srch['trials_failed']} trial(s) failed; their reasons are under Search health.")
     return out
+
+
+def _guard_text(run: RunData) -> str:
+    guard = run.summary.get("accuracy_guard")
+    if guard is None:
+        return DASH
+    if guard.get("floor") is None:
+        return "off"
+    return (f"{esc(run.metric)} at least {fmt_metric(guard['floor'])} ({esc(guard['max_drop'])} below the dense "
+            f"{fmt_metric(guard['dense'])}), judged on the {esc(guard['judged_on'])}")
 
 
 def _request_section(run: RunData) -> Section:
@@ -624,6 +668,8 @@ def _request_section(run: RunData) -> Section:
                                         "median latency")],
         ["Memory budget", _budget_text(req.get("memory_budget"), req.get("memory_budget_mb"), "MB",
                                        "memory (weights + peak activations)")],
+        ["Accuracy guard", _guard_text(run)],
+        ["Recovery data", esc((run.summary.get("recovery") or {}).get("note") or DASH)],
         ["Trials", f"{req.get('trials') if req.get('trials') is not None else 'until the timeout'}"
                    + (f", timeout {fmt_s(req.get('timeout_s'))}" if req.get("timeout_s") else "")],
         ["Seed", esc(req.get("seed"))],

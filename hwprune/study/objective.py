@@ -44,6 +44,23 @@ class Budgets:
     latency_ms: float | None
     memory_mb: float | None
     latency_factor: float | None = None  # set for relative latency budgets: ``latency_ms`` = factor x dense reference
+    # the accuracy guard: the least accuracy a model may keep (None = no guard), and whether trials are judged on it
+    # (their accuracy is the one reported when no final fine-tune follows; else the guard judges the finalists)
+    accuracy_floor: float | None = None
+    guard_trials: bool = True
+
+    def accuracy_violation(self, accuracy: float) -> float:
+        """Optuna constraint value of the accuracy guard: <= 0 means the guard is met."""
+        return self.accuracy_floor - accuracy if self.accuracy_floor is not None else -1.0
+
+    def meets_accuracy(self, accuracy: float) -> bool:
+        """Whether ``accuracy`` keeps within the accuracy guard (always, without one)."""
+        return self.accuracy_violation(accuracy) <= 0
+
+    def feasible(self, latency_ms: float, memory_mb: float, ratio: float | None, accuracy: float) -> bool:
+        """A trial within the budgets and, where trials are judged on it, the accuracy guard."""
+        return all(self.meets(latency_ms, memory_mb, ratio)) and (not self.guard_trials
+                                                                  or self.meets_accuracy(accuracy))
 
     def judged_ms(self, latency_ms: float, ratio: float | None = None) -> float:
         """The latency a budget is judged on: with a relative budget and a ``ratio`` to the dense model measured
@@ -232,7 +249,7 @@ class TrialRunner:
                 trial.set_user_attr("cached_from", cached["trial"])
                 trial.set_user_attr("stage_seconds", stages)
                 acc, lat, mem = cached["values"]
-                self._constrain(trial, lat, mem, cached["attrs"].get("latency_ratio"))
+                self._constrain(trial, lat, mem, cached["attrs"].get("latency_ratio"), acc)
                 return acc, lat, mem
             pruned = self.prepare(pruned, stages)  # the copy pruned for the signature; no second prune
             trial.set_user_attr("widths", {k: list(v) for k, v in pruned.widths.items()})
@@ -257,15 +274,17 @@ class TrialRunner:
         trial.set_user_attr("measure_context", self.context)
         trial.set_user_attr("accuracy_proxy", acc)
         trial.set_user_attr("stage_seconds", stages)
-        self._constrain(trial, lat, mem, ratio)
+        self._constrain(trial, lat, mem, ratio, acc)
         self._cache[pruned.signature] = {"trial": trial.number, "values": [acc, lat, mem],
                                          "attrs": dict(trial.user_attrs)}
         return acc, lat, mem
 
-    def _constrain(self, trial: optuna.Trial, lat: float, mem: float, ratio: float | None) -> None:
+    def _constrain(self, trial: optuna.Trial, lat: float, mem: float, ratio: float | None, acc: float) -> None:
         lat_v, mem_v = self.budgets.violations(lat, mem, ratio)
         trial.set_constraint("latency", lat_v)
         trial.set_constraint("memory", mem_v)
+        if self.budgets.accuracy_floor is not None and self.budgets.guard_trials:
+            trial.set_constraint("accuracy", self.budgets.accuracy_violation(acc))
 
 
 def replay_seed(seed: int, signature: str) -> int:
@@ -513,6 +532,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "feasible": is_feasible(t),
             "constraint_latency": constraints.get("latency"),
             "constraint_memory": constraints.get("memory"),
+            "constraint_accuracy": constraints.get("accuracy"),
             "latency_ratio": latency_ratio(t),
             "uniform_ratio": t.user_attrs.get("uniform_ratio"),
             "signature": t.user_attrs.get("signature"),

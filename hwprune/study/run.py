@@ -39,8 +39,12 @@ from hwprune.study.refine import EdgeRefiner
 from hwprune.study.reference import ROUNDS, START_SETS, DenseReference, Rounds, interleaved_rounds
 from hwprune.study.objective import (NEAR_MISS, Budgets, TrialRunner, bracket_budget, latency_ratio, make_sampler,
                                      open_study, trials_table, warm_start)
+from hwprune.recovery import RecoveryPlan, agreement
+from hwprune.study.accuracy import (UNDER_GUARD, DenseScore, accuracy_floor, best_within_budgets, guard_record,
+                                    retention, score_dense, unreachable_message)
 from hwprune.subjects.base import Subject
-from hwprune.subjects.loader import check_evaluate, load_subject
+from hwprune.subjects.data import load_data_file
+from hwprune.subjects.loader import attach_data, load_subject
 
 log = logging.getLogger("hwprune")
 SCHEMA = 1
@@ -220,6 +224,7 @@ class Search:
         self.exporter = config.exporter or ("dynamo" if self.profile.backend in ("tvm", "tvm-rpc") else "torchscript")
         self._subject = subject
         self.backend = None
+        self.recovery: RecoveryPlan | None = None  # what pruned models recover with when the subject has no data
         # models the backend measured in this run (dense sets, trials, front confirmation; a pair counts two)
         self.measurements = 0
 
@@ -259,6 +264,9 @@ class Search:
             "finetune": {"trial_steps": c.trial_finetune_steps, "final_steps": c.final_finetune_steps,
                          "final_candidates": c.final_candidates},
             "calibration_batches": c.calibration_batches,
+            "max_accuracy_drop": str(c.max_accuracy_drop) if c.max_accuracy_drop else "off",
+            "recovery": c.recovery,
+            "data": str(c.data) if c.data else None,
             "tune_final_trials": c.tune_final_trials,
             "command": c.command or " ".join(shlex.quote(a) for a in sys.argv),
             "versions": versions(),
@@ -267,18 +275,19 @@ class Search:
         atomic_write_text(self.run_dir / "request.json", json.dumps(request, indent=2))
         return request
 
-    def _dense(self, subject: Subject) -> tuple[dict[str, Any], DenseReference]:
+    def _dense(self, subject: Subject) -> tuple[dict[str, Any], DenseReference, DenseScore]:
         from hwprune.export import export_onnx
 
         path = export_onnx(subject.model, subject.example_inputs, self.run_dir / "dense" / "model.onnx",
                            exporter=self.exporter)
         reference = DenseReference(path, self.measure)
         reference.start()
-        acc = check_evaluate(subject)
+        scored = score_dense(subject, self.config, self.log)
         macs, params = count_macs_params(subject.model, subject.example_inputs)
         widths = read_widths(subject.model)
-        return {"path": path, "accuracy": acc, "macs": macs, "params": params, "signature": architecture_signature(widths),
-                "widths": {k: (v, v) for k, v in widths.items()}}, reference
+        return {"path": path, "accuracy": scored.accuracy, "macs": macs, "params": params,
+                "signature": architecture_signature(widths),
+                "widths": {k: (v, v) for k, v in widths.items()}}, reference, scored
 
     def run(self) -> SearchResult:
         c = self.config
@@ -288,6 +297,8 @@ class Search:
                  f"{self.profile.channel_multiple}")
         # the search seed drives sampling and fine-tuning only: the demo subject is the same model for every seed
         subject = self._subject or load_subject(c.model, log=self.log)
+        if c.data is not None:
+            attach_data(subject, load_data_file(c.data))
         self.backend = create_backend(self.profile)
         try:
             return self._run(subject, request, t_start)
@@ -298,19 +309,26 @@ class Search:
         c = self.config
         torch.manual_seed(c.seed)
         torch.set_num_threads(train.training_threads())
-        dense_info, reference = self._dense(subject)
+        dense_info, reference, scored = self._dense(subject)
+        subject, self.recovery = scored.subject, scored.recovery
         dense_m = reference.measurement
         budgets = Budgets(
             latency_ms=c.latency_budget_ms.resolve(dense_m.latency.median_ms) if c.latency_budget_ms else None,
             memory_mb=c.memory_budget_mb.resolve(dense_m.memory.total_mb) if c.memory_budget_mb else None,
             latency_factor=c.latency_budget_ms.value if c.latency_budget_ms and c.latency_budget_ms.relative else None,
+            accuracy_floor=accuracy_floor(c.max_accuracy_drop, dense_info["accuracy"]),
+            # a final fine-tune recovers what the per-trial proxy lacks: then the guard judges the finalists after it
+            guard_trials=not (c.final_finetune_steps and subject.train_data is not None),
         )
         request["latency_budget_ms"] = budgets.latency_ms
         request["memory_budget_mb"] = budgets.memory_mb
+        request["accuracy_floor"] = budgets.accuracy_floor
+        guard = ("off" if budgets.accuracy_floor is None else
+                 f"{subject.metric} >= {budgets.accuracy_floor:.4f} (at most {c.max_accuracy_drop} below dense)")
         self.log(f"dense {subject.name}: {subject.metric} {dense_info['accuracy']:.4f}, latency "
                  f"{dense_m.latency.median_ms:.3f} ms (p90 {dense_m.latency.p90_ms:.3f}), memory "
                  f"{dense_m.memory.total_mb:.2f} MB; budgets: latency "
-                 f"{_fmt(budgets.latency_ms, 'ms')}, memory {_fmt(budgets.memory_mb, 'MB')}")
+                 f"{_fmt(budgets.latency_ms, 'ms')}, memory {_fmt(budgets.memory_mb, 'MB')}; accuracy guard {guard}")
 
         space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=self.profile.channel_multiple,
                                    max_ratio=c.max_ratio, ignored_layers=list(subject.ignored_layers), depth=c.depth)
@@ -414,9 +432,10 @@ class Search:
             # feasibility against this run's budgets: a resumed or nightly run may have other ones (a relative
             # budget follows the dense model's latency of the night) than the run that stored a trial's constraints
             trials_df["feasible"] = [
-                state == "COMPLETE" and all(budgets.meets(lat, mem, None if pd.isna(ratio) else ratio))
-                for state, lat, mem, ratio in zip(trials_df["state"], trials_df["latency_ms"], trials_df["memory_mb"],
-                                                  trials_df["latency_ratio"])]
+                state == "COMPLETE" and budgets.feasible(lat, mem, None if pd.isna(ratio) else ratio, acc)
+                for state, lat, mem, ratio, acc in zip(trials_df["state"], trials_df["latency_ms"],
+                                                       trials_df["memory_mb"], trials_df["latency_ratio"],
+                                                       trials_df["accuracy"])]
         atomic_write_text(self.run_dir / "trials.csv", trials_df.to_csv(index=False))
         complete = trials_df[trials_df["state"] == "COMPLETE"] if not trials_df.empty else trials_df
         # latency is ranked as the budget judges it: under a relative budget, by the ratio to the dense model
@@ -445,9 +464,12 @@ class Search:
         # a trial the front's confirmation left out as dominated may come back as a final candidate
         listed = {pm.trial for pm in models}
         rejected = [r for r in rejected if r["trial"] not in listed] + dropped
+        models, under = self._guard(models, budgets, dense_info["accuracy"], subject.metric)
+        rejected += under
         rec_trial = self._recommend(models, budgets)
         for pm in models:
             self._write_model_files(pm)
+            self._agreement(pm)
         dense_record["file_bytes"] = dense_record["files"]["onnx"]["bytes"]
 
         failed = trials_df[trials_df["state"] == "FAIL"] if not trials_df.empty else trials_df
@@ -455,6 +477,8 @@ class Search:
         if not models and not complete.empty:
             best_infeasible = {"latency_ms": float(complete["latency_ms"].min()),
                                "memory_mb": float(complete["memory_mb"].min())}
+        best = best_within_budgets(ranked, budgets)
+        rec_record = next((pm.record for pm in models if pm.trial == rec_trial), None)
         hv = pareto_mod.hypervolume_history(
             ranked, (dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb)
         ) if not complete.empty else []
@@ -464,6 +488,9 @@ class Search:
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "request": request,
             "metric": subject.metric,
+            "accuracy_guard": guard_record(self.config.max_accuracy_drop, budgets, dense_info["accuracy"], rec_record,
+                                           best),
+            "recovery": self._recovery_record(rec_record),
             "dense": dense_record,
             "pareto": [m.record for m in models],
             "recommended": rec_trial,
@@ -500,6 +527,11 @@ class Search:
                 raise BudgetUnreachable("no trial completed; see the failures in "
                                         f"{self.run_dir / 'trials.csv'}")
             over = [r for r in rejected if r["reason"] == OVER_BUDGET]
+            if self.config.max_accuracy_drop is not None and best is not None and (
+                    under or budgets.guard_trials):
+                raise BudgetUnreachable(unreachable_message(
+                    self.config.max_accuracy_drop, budgets, dense_info["accuracy"], subject.metric, best,
+                    self.recovery is None or self.recovery.method == "data", self.storage))
             if over:
                 raise BudgetUnreachable(_none_held(over, budgets, self.storage))
             raise BudgetUnreachable(
@@ -754,6 +786,41 @@ class Search:
         front.sort(key=lambda pm: (_judged_ms(pm, runner.budgets), -pm.accuracy))
         return front, rejected + dominated + behind
 
+    def _guard(self, models: list[ParetoModel], budgets: Budgets, dense_accuracy: float,
+               metric: str) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
+        """The models that keep within the accuracy guard, and a ``rejected_on_remeasure`` entry for each other one
+        (whose exported files are removed). Every model's record gets ``meets.accuracy`` and its retention."""
+        kept, under = [], []
+        for pm in models:
+            pm.record["accuracy_retention"] = retention(pm.accuracy, dense_accuracy)
+            pm.record["meets"]["accuracy"] = budgets.meets_accuracy(pm.accuracy)
+            if pm.record["meets"]["accuracy"]:
+                kept.append(pm)
+                continue
+            self.log(f"trial {pm.trial} left out: {metric} {pm.accuracy:.4f} is under the accuracy guard "
+                     f"({budgets.accuracy_floor:.4f})")
+            under.append({"trial": pm.trial, "latency_ms": pm.latency_ms, "memory_mb": pm.memory_mb,
+                          "accuracy": pm.accuracy, "reason": UNDER_GUARD})
+            shutil.rmtree(self.run_dir / "models" / f"trial-{pm.trial:04d}", ignore_errors=True)
+        return kept, under
+
+    def _agreement(self, pm: ParetoModel) -> None:
+        """The model's top-1 agreement with the dense model on recorded inputs recovery never saw, and on those it
+        did (a gap between the two shows how much the recovery fitted its own inputs)."""
+        plan = self.recovery
+        if plan is None or pm.module is None:
+            return
+        pm.record["agreement"] = {"heldout": agreement(pm.module, plan.heldout),
+                                  "recovery_inputs": agreement(pm.module, plan.batches)}
+
+    def _recovery_record(self, recommended: dict[str, Any] | None) -> dict[str, Any]:
+        """The ``recovery`` record of summary.json: what the search recovered pruned models with."""
+        if self.recovery is None:
+            return {"method": "data", "requested": self.config.recovery, "leak": False,
+                    "note": "the subject's own calibration/training data"}
+        return {**self.recovery.to_dict(),
+                "agreement": (recommended or {}).get("agreement")}
+
     def _recommend(self, models: list[ParetoModel], budgets: Budgets) -> int | None:
         """The most accurate model that meets the budgets; among the final candidates when there were some (their
         accuracy, after the final fine-tune, is not comparable with the others' proxy)."""
@@ -917,23 +984,52 @@ def _fmt(value: float | None, unit: str) -> str:
     return "none" if value is None else f"{value:.3f} {unit}"
 
 
-def search(model: str | Subject | Callable[[], Any] = "mobilenet-tiny", device: str | DeviceProfile = "host-cpu", *,
+def search(model: str | Subject | torch.nn.Module | Callable[[], Any] = "mobilenet-tiny",
+           device: str | DeviceProfile = "host-cpu", *,
            latency_budget_ms: float | str | None = None, memory_budget_mb: float | str | None = None,
            trials: int | None = 40, timeout: float | None = None, storage: str | None = None,
            study: str | None = None, out: str | Path = "reports", seed: int = 0, progress: bool = False,
-           **options: Any) -> SearchResult:
+           example_inputs: Any = None, evaluate: Callable[[torch.nn.Module], float] | None = None,
+           data: Any = None, **options: Any) -> SearchResult:
     """Search per-layer pruning ratios for ``model`` on ``device``; see :class:`hwprune.SearchConfig` for options.
 
-    ``model`` is a demo name, ``"package.module:factory"``, a factory callable or a :class:`hwprune.Subject`.
-    Budgets are absolute (``20``) or relative to the dense model (``"0.6x"``). Returns a :class:`SearchResult`
-    whose ``pareto`` DataFrame lists the feasible Pareto-optimal models and ``recommended`` the one to deploy.
-    Raises :class:`hwprune.errors.BudgetUnreachable` when no candidate meets the budgets.
+    Args:
+        model: a demo name, ``"package.module:factory"``, a factory callable, a :class:`hwprune.Subject`, or an
+            ``nn.Module`` given with ``example_inputs`` and ``evaluate``.
+        device: a profile name, a .toml path or a :class:`hwprune.DeviceProfile`.
+        latency_budget_ms: absolute (``20``) or relative to the dense model (``"0.6x"``).
+        memory_budget_mb: likewise.
+        example_inputs: with an ``nn.Module``: a batch of 1 (a tensor or a tuple of tensors).
+        evaluate: with an ``nn.Module``: ``evaluate(model) -> float``, higher is better.
+        data: inputs or (inputs, targets) (tensors, a list of batches, or a .pt/.npz path) for BatchNorm
+            re-calibration and fine-tuning; without it hwprune recovers pruned models as ``recovery=`` says.
+        **options: the other fields of :class:`hwprune.SearchConfig` (``max_accuracy_drop="1%"``, ``recovery=``,
+            ``sampler=``, ``max_ratio=``, ...).
+
+    Returns:
+        A :class:`SearchResult`: ``pareto`` lists the feasible Pareto-optimal models, ``recommended`` the one to
+        deploy.
+
+    Raises:
+        hwprune.errors.BudgetUnreachable: no candidate met the budgets and the accuracy guard (the run folder is
+            written all the same).
+        hwprune.errors.HwpruneError: bad input (one line saying what is wrong).
     """
     subject = None
     spec: Any = model
-    if not isinstance(model, str):
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None or evaluate is None:
+            raise HwpruneError("an nn.Module needs example_inputs= (a batch of 1) and evaluate= (model -> score)")
+        model = Subject(model=model, example_inputs=example_inputs, evaluate=evaluate, name=type(model).__name__)
+    elif example_inputs is not None or evaluate is not None:
+        raise HwpruneError("example_inputs= and evaluate= go with an nn.Module; a factory or Subject brings its own")
+    if isinstance(data, (str, Path)):
+        options["data"], data = Path(data), None
+    if not isinstance(model, str) or data is not None:
         subject = load_subject(model, seed=seed)
-        spec = subject.name
+        spec = subject.name if not isinstance(model, str) else model
+        if data is not None:
+            attach_data(subject, data)
     device_name = device.source or device.name if isinstance(device, DeviceProfile) else device
     shown = {"latency_budget_ms": latency_budget_ms, "memory_budget_mb": memory_budget_mb, "trials": trials,
              "timeout": timeout, "storage": storage, "study": study, "out": str(out), "seed": seed, **options}

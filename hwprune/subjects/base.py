@@ -19,7 +19,8 @@ class Subject:
     ``evaluate(model) -> float`` is higher-is-better (e.g. top-1 accuracy on held-out data).
     ``calibration_data`` (batches of inputs, or (inputs, targets)) re-estimates BatchNorm statistics after pruning.
     ``train_data`` (an iterable of (inputs, targets), re-iterable) and ``loss_fn`` enable fine-tuning; ``teacher``
-    (defaults to the dense model) enables distillation during the final fine-tune.
+    (defaults to the dense model) enables distillation during the final fine-tune. ``data`` is the short way to give
+    both: a tensor of inputs, an (inputs, targets) pair or a list of batches (:mod:`hwprune.subjects.data`).
     """
 
     model: nn.Module
@@ -33,6 +34,7 @@ class Subject:
     metric: str = "accuracy"
     ignored_layers: list[str] = field(default_factory=list)  # qualified names never to prune
     description: str = ""
+    data: Any = None  # inputs, or (inputs, targets): fills calibration_data / train_data (hwprune.subjects.data)
 
     def __post_init__(self) -> None:
         if isinstance(self.example_inputs, torch.Tensor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import importlib.util
 import sys
 from collections.abc import Callable
@@ -14,11 +15,12 @@ from torch import nn
 
 from hwprune.errors import SubjectError
 from hwprune.subjects.base import Subject
+from hwprune.subjects.data import UserData, as_user_data
 from hwprune.subjects.demo import DEMOS, build_demo
 
 FACTORY_CONTRACT = (
-    "a factory takes no arguments and returns (model, example_inputs, evaluate) "
-    "or a hwprune.Subject; see README, 'Your own model'"
+    "a factory takes no arguments and returns (model, example_inputs, evaluate), (model, example_inputs, evaluate, "
+    "data) or a hwprune.Subject; see README, 'Your own model'"
 )
 
 
@@ -62,12 +64,13 @@ def subject_from_value(value: Any, name: str) -> Subject:
         subject = value
     elif isinstance(value, dict):
         try:
-            subject = Subject(name=name, **value)
+            subject = Subject(**{"name": name, **value})
         except TypeError as exc:
             raise SubjectError(f"{name} returned a dict hwprune cannot use ({exc}); {FACTORY_CONTRACT}") from None
-    elif isinstance(value, (tuple, list)) and len(value) == 3:
-        model, example_inputs, evaluate = value
-        subject = Subject(model=model, example_inputs=example_inputs, evaluate=evaluate, name=name)
+    elif isinstance(value, (tuple, list)) and len(value) in (3, 4):
+        model, example_inputs, evaluate, *data = value
+        subject = Subject(model=model, example_inputs=example_inputs, evaluate=evaluate, name=name,
+                          data=data[0] if data else None)
     else:
         raise SubjectError(f"{name} returned {type(value).__name__}; {FACTORY_CONTRACT}")
     if not isinstance(subject.model, nn.Module):
@@ -79,6 +82,32 @@ def subject_from_value(value: Any, name: str) -> Subject:
     if subject.name == "model":
         subject.name = name
     subject.model.eval()
+    if subject.data is not None:
+        attach_data(subject, subject.data)
+    return subject
+
+
+def attach_data(subject: Subject, data: Any) -> Subject:
+    """Give ``subject`` the user's ``data`` (see :func:`hwprune.subjects.data.as_user_data`): labelled data becomes
+    its calibration and training data where it has none; inputs alone are kept in ``subject.data`` for the search's
+    recovery (re-calibration and distillation from the dense model).
+
+    Raises:
+        SubjectError: the data is malformed, or the model fails on its first batch.
+    """
+    user = data if isinstance(data, UserData) else as_user_data(data, subject.example_inputs)
+    try:
+        with torch.no_grad():
+            subject.model(user.inputs[0][:2])
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        raise SubjectError(f"{subject.name}: the model fails on the given data's first batch: "
+                           f"{type(exc).__name__}: {exc}") from None
+    subject.data = user
+    if user.labelled:
+        if subject.calibration_data is None:
+            subject.calibration_data = user.batches()
+        if subject.train_data is None:
+            subject.train_data = user.batches()
     return subject
 
 
@@ -86,7 +115,7 @@ def load_subject(spec: str | Subject | Callable[[], Any], *, seed: int = 0,
                  log: Callable[[str], None] | None = None) -> Subject:
     """Build the subject named by ``spec`` (a demo name, ``pkg.mod:factory``, a factory callable or a Subject)."""
     if isinstance(spec, Subject):
-        return spec
+        return subject_from_value(spec, spec.name)
     if callable(spec):
         return subject_from_value(_call_factory(spec, getattr(spec, "__name__", "factory")),
                                   getattr(spec, "__name__", "model"))
@@ -103,13 +132,33 @@ def _call_factory(factory: Callable[[], Any], spec: str) -> Any:
         raise SubjectError(f"factory {spec} failed: {type(exc).__name__}: {exc}") from None
 
 
-def check_evaluate(subject: Subject) -> float:
-    """Score the dense model once, with a clear error when the evaluator misbehaves."""
+def check_evaluate(subject: Subject, *, record: bool = False) -> tuple[float, list[Any]]:
+    """Score the dense model once, with a clear error when the evaluator misbehaves.
+
+    Args:
+        subject: the subject whose dense model is scored.
+        record: also record the inputs ``evaluate`` feeds the model (:func:`hwprune.recovery.capture_inputs`).
+
+    Returns:
+        The score, and the recorded inputs (empty unless ``record``).
+
+    Raises:
+        SubjectError: ``evaluate`` raised, or returned something that is not a finite number.
+    """
+    from hwprune.recovery import capture_inputs
+
     try:
-        score = subject.evaluate(subject.model)
+        if record:
+            score, recorded = capture_inputs(subject.model, subject.evaluate)
+        else:
+            score, recorded = subject.evaluate(subject.model), []
     except Exception as exc:  # noqa: BLE001
         raise SubjectError(f"{subject.name}: evaluate(model) failed on the dense model: {type(exc).__name__}: {exc}") from None
     try:
-        return float(score)
+        value = float(score)
     except (TypeError, ValueError):
         raise SubjectError(f"{subject.name}: evaluate(model) returned {score!r}, not a number") from None
+    if not math.isfinite(value):
+        raise SubjectError(f"{subject.name}: evaluate(model) returned {value} on the dense model; it must return a "
+                           "finite score (higher is better)")
+    return value, recorded
