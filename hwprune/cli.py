@@ -232,7 +232,7 @@ def _print_accuracy_story(summary: dict[str, Any], rec: dict[str, Any] | None, m
                   + (f"; the recommended model agrees with the dense one on {held:.1%} of held-out inputs"
                      if held is not None else "")
                   + ". Give data for a better answer (README, 'Your own model').")
-    if rec is None and guard.get("best_within_budgets"):
+    if rec is None and guard.get("refused"):
         best = guard["best_within_budgets"]
         out.print(f"[red]no model kept the accuracy guard:[/] the best within the budgets was trial {best['trial']} "
                   f"at {metric} {best['accuracy']:.4f}")

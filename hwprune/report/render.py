@@ -542,7 +542,7 @@ def _summary_section(run: RunData) -> Section:
         bi = run.summary.get("search", {}).get("best_infeasible")
         best = (run.summary.get("accuracy_guard") or {}).get("best_within_budgets")
         text = "**No model met the budgets**, so nothing is recommended."
-        if best:
+        if best and run.summary["accuracy_guard"].get("refused"):
             guard = run.summary["accuracy_guard"]
             text = (f"**No model kept the accuracy guard**, so nothing is recommended: within the budgets the best "
                     f"{esc(metric)} was {fmt_metric(best['accuracy'])} (trial {best['trial']}), under the guard's "

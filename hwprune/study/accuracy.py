@@ -70,7 +70,8 @@ def accuracy_floor(guard: AccuracyGuard | None, dense_accuracy: float) -> float 
 
 
 def guard_record(guard: AccuracyGuard | None, budgets: Budgets, dense_accuracy: float,
-                 recommended: dict[str, Any] | None, best: dict[str, Any] | None) -> dict[str, Any]:
+                 recommended: dict[str, Any] | None, best: dict[str, Any] | None,
+                 under: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``accuracy_guard`` record of summary.json."""
     return {
         "max_drop": str(guard) if guard else "off",
@@ -80,6 +81,7 @@ def guard_record(guard: AccuracyGuard | None, budgets: Budgets, dense_accuracy: 
         "met": None if recommended is None else budgets.meets_accuracy(recommended["accuracy"]),
         "retention": None if recommended is None else retention(recommended["accuracy"], dense_accuracy),
         "best_within_budgets": best,
+        "refused": recommended is None and guard_refused(budgets, best, under),
     }
 
 
@@ -99,6 +101,14 @@ def best_within_budgets(ranked: pd.DataFrame, budgets: Budgets) -> dict[str, Any
         return None
     row = within.sort_values("accuracy", ascending=False).iloc[0]
     return {"trial": int(row["trial"]), "accuracy": float(row["accuracy"])}
+
+
+def guard_refused(budgets: Budgets, best: dict[str, Any] | None, under: list[dict[str, Any]]) -> bool:
+    """Whether the accuracy guard, not a budget, left the search without a model: models within the budgets
+    existed, and those the guard judged fell under it."""
+    if budgets.accuracy_floor is None or best is None:
+        return False
+    return bool(under) or (budgets.guard_trials and best["accuracy"] < budgets.accuracy_floor)
 
 
 def unreachable_message(guard: AccuracyGuard, budgets: Budgets, dense_accuracy: float, metric: str,

@@ -41,7 +41,7 @@ from hwprune.study.objective import (NEAR_MISS, Budgets, TrialRunner, bracket_bu
                                      open_study, trials_table, warm_start)
 from hwprune.recovery import RecoveryPlan, agreement
 from hwprune.study.accuracy import (UNDER_GUARD, DenseScore, accuracy_floor, best_within_budgets, guard_record,
-                                    retention, score_dense, unreachable_message)
+                                    guard_refused, retention, score_dense, unreachable_message)
 from hwprune.subjects.base import Subject
 from hwprune.subjects.data import load_data_file
 from hwprune.subjects.loader import attach_data, load_subject
@@ -489,7 +489,7 @@ class Search:
             "request": request,
             "metric": subject.metric,
             "accuracy_guard": guard_record(self.config.max_accuracy_drop, budgets, dense_info["accuracy"], rec_record,
-                                           best),
+                                           best, under),
             "recovery": self._recovery_record(rec_record),
             "dense": dense_record,
             "pareto": [m.record for m in models],
@@ -527,8 +527,7 @@ class Search:
                 raise BudgetUnreachable("no trial completed; see the failures in "
                                         f"{self.run_dir / 'trials.csv'}")
             over = [r for r in rejected if r["reason"] == OVER_BUDGET]
-            if self.config.max_accuracy_drop is not None and best is not None and (
-                    under or budgets.guard_trials):
+            if guard_refused(budgets, best, under):
                 raise BudgetUnreachable(unreachable_message(
                     self.config.max_accuracy_drop, budgets, dense_info["accuracy"], subject.metric, best,
                     self.recovery is None or self.recovery.method == "data", self.storage))
