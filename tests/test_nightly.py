@@ -94,6 +94,8 @@ def test_bad_job_files_name_the_field(tmp_path: Path) -> None:
         'name = "a b"\n[search]\nmodel = "m"\ndevice = "host-cpu"\n': "name:",
         'name = "x"\ntrials_per_night = 0\n[search]\nmodel = "m"\ndevice = "host-cpu"\n': "trials_per_night",
         'name = "x"\n[search]\nmodel = "m"\ndevice = "host-cpu"\n[regressions]\nlatency = 1\n': "regressions.latency",
+        'name = "x"\n[search]\nmodel = "m"\ndevice = "host-cpu"\nmax_accuracy_drop = "lots"\n': "max accuracy drop",
+        'name = "x"\n[search]\nmodel = "m"\ndevice = "host-cpu"\nrecovery = "magic"\n': "recovery",
     }
     for i, (text, expected) in enumerate(cases.items()):
         path = tmp_path / f"job{i}.toml"
