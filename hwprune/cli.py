@@ -107,6 +107,7 @@ def search(
     allow_estimate: Annotated[bool, typer.Option("--allow-estimate", help="Let roofline estimates drive the search.")] = SearchConfig.allow_estimate,
     max_accuracy_drop: Annotated[str, typer.Option("--max-accuracy-drop", help="The accuracy guard: the most a model may lose against the dense one, absolute (0.01) or relative (1%); 'off' to switch it off. A model under it is infeasible; when none keeps it the search exits 3.")] = str(SearchConfig.max_accuracy_drop),
     recovery: Annotated[str, typer.Option("--recovery", help="When the model source gives no data: auto (default), inputs (the inputs evaluate feeds the dense model), synthetic (fitted to its BatchNorm statistics) or none; used for BatchNorm re-calibration and distillation from the dense model.")] = SearchConfig.recovery,
+    resume_changed: Annotated[bool, typer.Option("--resume-changed", help="Resume the study even though it was made for another model, example inputs, device or recovery (refused otherwise, since its trials would be mixed into this answer).")] = SearchConfig.resume_changed,
     data: Annotated[Optional[Path], typer.Option("--data", help="A .pt or .npz file of inputs, or inputs and targets (keys inputs/x and targets/y), for BatchNorm re-calibration and fine-tuning.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
@@ -130,7 +131,7 @@ def search(
         max_ratio=max_ratio, depth=depth, channel_multiple=channel_multiple, trial_finetune_steps=trial_finetune,
         final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned,
         allow_estimate=allow_estimate, tune_final_trials=tune_final, max_accuracy_drop=max_accuracy_drop,
-        recovery=recovery, data=data,
+        recovery=recovery, data=data, resume_changed=resume_changed,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

@@ -120,6 +120,7 @@ class SearchConfig:
     max_accuracy_drop: AccuracyGuard | None = AccuracyGuard.parse(DEFAULT_MAX_ACCURACY_DROP)
     recovery: str = "auto"  # when the subject has no data: auto | inputs | synthetic | none (hwprune.recovery)
     data: Path | None = None  # a .pt/.npz file of inputs (and targets) for re-calibration and fine-tuning
+    resume_changed: bool = False  # resume a study made for another model, inputs, device or recovery (identity.py)
     exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise
     allow_untuned: bool = False  # let untuned TVM latencies drive a search
     tune_final_trials: int = 0  # TVM: MetaSchedule trials for the recommended model only, after the search

@@ -26,6 +26,7 @@ trial_finetune_steps = 0
 final_finetune_steps = 0
 calibration_batches = 2
 max_accuracy_drop = "off"  # the checkpoint scores at chance: the guard would judge noise
+resume_changed = true      # each night's checkpoint differs: resume the study anyway (its front is re-evaluated)
 
 [regressions]
 latency_tolerance = 1.0   # this test is about accuracy: a shared host's latency drift must not decide it

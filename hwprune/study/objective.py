@@ -280,6 +280,10 @@ class TrialRunner:
         return acc, lat, mem
 
     def _constrain(self, trial: optuna.Trial, lat: float, mem: float, ratio: float | None, acc: float) -> None:
+        b = self.budgets
+        # what this trial was judged by: a resumed run may bring other budgets, and a relative one moves
+        trial.set_user_attr("budgets", {"latency_ms": b.latency_ms, "memory_mb": b.memory_mb,
+                                        "accuracy_floor": b.accuracy_floor if b.guard_trials else None})
         lat_v, mem_v = self.budgets.violations(lat, mem, ratio)
         trial.set_constraint("latency", lat_v)
         trial.set_constraint("memory", mem_v)
@@ -533,6 +537,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "constraint_latency": constraints.get("latency"),
             "constraint_memory": constraints.get("memory"),
             "constraint_accuracy": constraints.get("accuracy"),
+            "judged_by": json.dumps(t.user_attrs["budgets"]) if "budgets" in t.user_attrs else None,
             "latency_ratio": latency_ratio(t),
             "uniform_ratio": t.user_attrs.get("uniform_ratio"),
             "signature": t.user_attrs.get("signature"),

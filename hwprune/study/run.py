@@ -42,6 +42,7 @@ from hwprune.study.objective import (NEAR_MISS, Budgets, TrialRunner, bracket_bu
 from hwprune.recovery import RecoveryPlan, agreement
 from hwprune.study.accuracy import (UNDER_GUARD, DenseScore, accuracy_floor, best_within_budgets, guard_record,
                                     guard_refused, retention, score_dense, unreachable_message)
+from hwprune.study.identity import Fingerprint, check_identity, fingerprint, load_existing
 from hwprune.subjects.base import Subject
 from hwprune.subjects.data import load_data_file
 from hwprune.subjects.loader import attach_data, load_subject
@@ -225,6 +226,7 @@ class Search:
         self._subject = subject
         self.backend = None
         self.recovery: RecoveryPlan | None = None  # what pruned models recover with when the subject has no data
+        self.fingerprint: Fingerprint | None = None  # what the study's trials depend on, set once the subject loads
         # models the backend measured in this run (dense sets, trials, front confirmation; a pair counts two)
         self.measurements = 0
 
@@ -244,6 +246,15 @@ class Search:
     def pair_measure(self) -> Any:
         """:meth:`measure_pair` when the backend can time two models in alternating samples, else None."""
         return self.measure_pair if hasattr(self.backend, "measure_beside") else None
+
+    def _fingerprint(self, subject: Subject) -> Fingerprint:
+        """What this run's trials depend on (:mod:`hwprune.study.identity`)."""
+        c = self.config
+        has_data = any(x is not None for x in (subject.calibration_data, subject.train_data, subject.data))
+        budgets = (f"latency {c.latency_budget_ms or 'none'}, memory {c.memory_budget_mb or 'none'}, "
+                   f"accuracy drop {c.max_accuracy_drop or 'off'}")
+        return fingerprint(subject.model, subject.example_inputs, measurement_context(self.profile, self.exporter),
+                           "data" if has_data else c.recovery, budgets)
 
     def _write_request(self) -> dict[str, Any]:
         from hwprune.export import atomic_write_text
@@ -267,6 +278,7 @@ class Search:
             "max_accuracy_drop": str(c.max_accuracy_drop) if c.max_accuracy_drop else "off",
             "recovery": c.recovery,
             "data": str(c.data) if c.data else None,
+            "fingerprint": self.fingerprint.to_dict(),
             "tune_final_trials": c.tune_final_trials,
             "command": c.command or " ".join(shlex.quote(a) for a in sys.argv),
             "versions": versions(),
@@ -292,13 +304,18 @@ class Search:
     def run(self) -> SearchResult:
         c = self.config
         t_start = time.perf_counter()
-        request = self._write_request()
         self.log(f"device {self.profile.name}: backend {self.profile.backend}, channel multiple "
                  f"{self.profile.channel_multiple}")
         # the search seed drives sampling and fine-tuning only: the demo subject is the same model for every seed
         subject = self._subject or load_subject(c.model, log=self.log)
         if c.data is not None:
             attach_data(subject, load_data_file(c.data))
+        self.fingerprint = self._fingerprint(subject)
+        existing = load_existing(self.storage, c.study_name)
+        if existing is not None:  # before anything is written into a run folder that may be another model's
+            check_identity(existing, self.fingerprint, resume_changed=c.resume_changed, storage=self.storage,
+                           log=self.log)
+        request = self._write_request()
         self.backend = create_backend(self.profile)
         try:
             return self._run(subject, request, t_start)
@@ -337,6 +354,7 @@ class Search:
         sampler = make_sampler(c.sampler, c.seed, len(space.knobs))
         request["sampler_repr"] = f"{type(sampler).__name__}"
         study = open_study(self.storage, c.study_name, sampler)
+        check_identity(study, self.fingerprint, resume_changed=c.resume_changed, storage=self.storage, log=self.log)
         study.set_user_attr("request", request)
         warm_start(study, space)
         runner = TrialRunner(subject=subject, space=space, measure=self.measure, budgets=budgets,

@@ -1,0 +1,56 @@
+"""Study identity: a resumed study refuses another model's trials, announces changed budgets, and writes nothing
+into a run folder that belongs to another model before refusing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import hwprune
+from conftest import GUARD_OFF
+from hwprune.errors import HwpruneError
+
+QUICK = {**GUARD_OFF, "trial_finetune_steps": 0, "final_finetune_steps": 0, "channel_multiple": 8}
+
+
+def test_another_model_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from tiny_subject import tiny_resnet
+
+    first = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", latency_budget_ms="2x", trials=1, out=tmp_path,
+                           study="shared", **QUICK)
+    assert first.summary["request"]["fingerprint"]["architecture"]
+    files = {p: p.read_bytes() for p in (first.run_dir / "request.json", first.run_dir / "dense" / "model.onnx")}
+    with pytest.raises(HwpruneError, match="was made for another model architecture.*--study NEW.*--resume-changed"):
+        hwprune.search(tiny_resnet, "host-cpu", latency_budget_ms="2x", trials=2, out=tmp_path, study="shared",
+                       **QUICK)
+    assert all(p.read_bytes() == data for p, data in files.items())  # the other model's run folder is untouched
+    # asked for explicitly, it resumes; the fingerprint then follows the new model
+    again = hwprune.search(tiny_resnet, "host-cpu", latency_budget_ms="2x", trials=2, out=tmp_path, study="shared",
+                           resume_changed=True, **QUICK)
+    assert again.study.user_attrs["fingerprint"] == again.summary["request"]["fingerprint"]
+    assert again.summary["request"]["fingerprint"]["architecture"] != first.summary["request"]["fingerprint"][
+        "architecture"]
+
+
+def test_changed_budgets_are_announced_and_each_trial_keeps_its_own(tmp_path: Path) -> None:
+    lines: list[str] = []
+    kw = dict(out=tmp_path, study="budgets", **QUICK)
+    hwprune.search("tiny_subject:tiny_cnn", "host-cpu", latency_budget_ms="2x", trials=1, **kw)
+    import logging
+
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("hwprune").addHandler(handler)
+    logging.getLogger("hwprune").setLevel(logging.INFO)
+    try:
+        result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", latency_budget_ms="3x", trials=2, **kw)
+    finally:
+        logging.getLogger("hwprune").removeHandler(handler)
+    assert any("budgets changed since the study's last run" in line and "2x" in line and "3x" in line
+               for line in lines), lines
+    trials = pd.read_csv(result.run_dir / "trials.csv")
+    judged = [json.loads(j)["latency_ms"] for j in trials["judged_by"].dropna()]
+    assert len(judged) == 2 and judged[1] == pytest.approx(1.5 * judged[0], rel=0.3)  # 3x vs 2x of the dense model
