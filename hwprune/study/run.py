@@ -355,6 +355,8 @@ class Search:
         request["sampler_repr"] = f"{type(sampler).__name__}"
         study = open_study(self.storage, c.study_name, sampler)
         check_identity(study, self.fingerprint, resume_changed=c.resume_changed, storage=self.storage, log=self.log)
+        if study.metric_names is None:  # named objectives for optuna-dashboard and trials_dataframe()
+            study.set_metric_names([subject.metric, "latency_ms", "memory_mb"])
         study.set_user_attr("request", request)
         warm_start(study, space)
         runner = TrialRunner(subject=subject, space=space, measure=self.measure, budgets=budgets,
