@@ -53,4 +53,6 @@ def test_changed_budgets_are_announced_and_each_trial_keeps_its_own(tmp_path: Pa
                for line in lines), lines
     trials = pd.read_csv(result.run_dir / "trials.csv")
     judged = [json.loads(j)["latency_ms"] for j in trials["judged_by"].dropna()]
-    assert len(judged) == 2 and judged[1] == pytest.approx(1.5 * judged[0], rel=0.3)  # 3x vs 2x of the dense model
+    # each trial keeps the budget in ms it was judged by: 2x, then 3x, of the dense latency measured in its run
+    assert len(judged) == 2 and all(j > 0 for j in judged) and judged[0] != judged[1]
+    assert judged[1] == pytest.approx(3 * result.summary["dense"]["latency_ms"]["median"], rel=0.5)

@@ -415,7 +415,8 @@ def test_ctrl_c_keeps_completed_trials_and_resumes(tmp_path: Path) -> None:
 
 
 def test_measurements_are_reused_only_in_the_same_measurement_context(tmp_path: Path) -> None:
-    """A resumed (or nightly) search after the device settings or runtime changed measures again."""
+    """A resumed (or nightly) search after the device settings or runtime changed measures again (resuming across
+    such a change is refused unless asked for: tests/test_identity.py)."""
     from hwprune.pruning import PruningSpace
     from tiny_subject import tiny_cnn
 
@@ -428,7 +429,7 @@ def test_measurements_are_reused_only_in_the_same_measurement_context(tmp_path: 
         study.enqueue_trial(space.uniform(0.5))
         result = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", **GUARD_OFF, latency_budget_ms="2x", trials=trials,
                                 out=tmp_path, study="ctx", storage=storage, final_finetune_steps=0,
-                                profile_overrides=dict(overrides))
+                                profile_overrides=dict(overrides), resume_changed=True)
         return pd.read_csv(result.run_dir / "trials.csv").set_index("trial")
 
     run(1)
