@@ -175,16 +175,18 @@ def test_unknown_and_data_less_names() -> None:
 
 
 def test_auto_picks_per_family() -> None:
-    cnn = _tiny()
-    mlp = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    for model in (cnn, mlp):
-        for data in (None, _batches(1)):
-            choice = auto_importance(model, data)
-            assert choice in IMPORTANCE_NAMES
-            assert choice != "taylor" or data is not None  # taylor only where there is calibration data
-    assert auto_importance(cnn, _batches(1)) == "l2"
-    assert auto_importance(mlp, _batches(1)) == "l2"
-    assert resolve_importance("auto", cnn, None) == "l2"
+    resnet_like = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    depthwise = _tiny()  # TinyNet has a depthwise conv, like MobileNet
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 4))
+    expected = {id(resnet_like): "bn-scale", id(depthwise): "l2", id(mlp): "l2"}
+    for model in (resnet_like, depthwise, mlp):
+        for data in (None, _batches(1)):  # taylor is never picked, so calibration data does not change the pick
+            assert auto_importance(model, data) == expected[id(model)]
+            assert resolve_importance("auto", model, data) == expected[id(model)]
+    x = torch.zeros(1, 3, 32, 32)
+    space = PruningSpace.build(resnet_like, x, importance=resolve_importance("auto", resnet_like))
+    assert space.importance == "bn-scale"
 
 
 def test_config_and_api() -> None:
