@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from hwprune.backends.base import Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.pruning import PrunedModel, PruningSpace
 from hwprune.pruning import prune as _prune
+from hwprune.pruning.importance import ImportanceFn, resolve_importance
 
 
 def measure(onnx_path: str | os.PathLike[str], device: str | DeviceProfile = "host-cpu", *,
@@ -33,11 +34,18 @@ def measure(onnx_path: str | os.PathLike[str], device: str | DeviceProfile = "ho
 
 def prune(model: torch.nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
           ratios: float | dict[str, float], *, channel_multiple: int = 8, max_ratio: float = 0.9,
-          ignored_layers: Sequence[Any] | None = None) -> PrunedModel:
-    """A physically pruned copy of ``model``: one ratio for every coupled channel group, or a ratio per knob name."""
+          ignored_layers: Sequence[Any] | None = None, importance: str | ImportanceFn = "l2",
+          calibration_data: Iterable[Any] | None = None, loss_fn: Any = None) -> PrunedModel:
+    """A physically pruned copy of ``model``: one ratio for every coupled channel group, or a ratio per knob name.
+
+    ``importance`` ranks the channels: ``"l2"`` (default), ``"l1"``, ``"bn-scale"``, a callable on a Torch-Pruning
+    group, or ``"taylor"``/``"auto"``, which use ``calibration_data`` (batches of inputs or (inputs, targets), with
+    ``loss_fn``; see :func:`hwprune.pruning.importance.resolve_importance`).
+    """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    importance = resolve_importance(importance, model, calibration_data, loss_fn)
     space = PruningSpace.build(model, tuple(example_inputs), channel_multiple=channel_multiple, max_ratio=max_ratio,
-                               ignored_layers=list(ignored_layers or []))
+                               ignored_layers=list(ignored_layers or []), importance=importance)
     per_knob = space.uniform(ratios) if isinstance(ratios, (int, float)) else ratios
     return _prune(model, tuple(example_inputs), per_knob, space)

@@ -13,6 +13,9 @@ from hwprune.errors import HwpruneError
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 RECOVERY_METHODS = ("auto", "inputs", "synthetic", "none")  # hwprune.recovery; kept here so config imports no torch
+# channel ranking criteria: hwprune.pruning.importance.IMPORTANCES plus "auto" (per model family, docs/importance.md)
+IMPORTANCES = ("auto", "l2", "l1", "bn-scale", "taylor")
+DEFAULT_IMPORTANCE = "auto"
 
 
 def read_toml(path: Path, what: str, error: type[HwpruneError] = HwpruneError) -> dict[str, Any]:
@@ -121,6 +124,7 @@ class SearchConfig:
     recovery: str = "auto"  # when the subject has no data: auto | inputs | synthetic | none (hwprune.recovery)
     data: Path | None = None  # a .pt/.npz file of inputs (and targets) for re-calibration and fine-tuning
     resume_changed: bool = False  # resume a study made for another model, inputs, device or recovery (identity.py)
+    importance: str = DEFAULT_IMPORTANCE  # channel ranking (hwprune.pruning.importance.resolve_importance)
     exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise
     allow_untuned: bool = False  # let untuned TVM latencies drive a search
     tune_final_trials: int = 0  # TVM: MetaSchedule trials for the recommended model only, after the search
@@ -155,6 +159,8 @@ class SearchConfig:
             raise HwpruneError(f"channel multiple: must be at least 1, got {self.channel_multiple}")
         if self.exporter not in (None, "torchscript", "dynamo"):
             raise HwpruneError(f"exporter: {self.exporter!r} is not 'torchscript' or 'dynamo'")
+        if self.importance not in IMPORTANCES:
+            raise HwpruneError(f"importance: {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
         if self.final_candidates < 1:
             raise HwpruneError(f"final candidates: must be at least 1, got {self.final_candidates}")
         for name in ("trial_finetune_steps", "final_finetune_steps", "calibration_batches", "tune_final_trials"):

@@ -175,18 +175,19 @@ def prune(
     ratios: Mapping[str, float],
     space: PruningSpace,
     *,
-    importance: str | ImportanceFn = "l2",
+    importance: str | ImportanceFn | None = None,
 ) -> PrunedModel:
     """Prune a deep copy of ``model``: each knob of ``space`` keeps ``knob.kept(ratio)`` channels (or heads), and
     each block knob whose ``kept`` is 0 removes its residual block (first, so importances are computed on the layers
     that stay; channel knobs inside a removed block then keep 0).
 
     ``ratios`` maps knob names to ratios; omitted knobs are not pruned, unknown names raise ``HwpruneError``.
-    The lowest-importance channels go (``"l2"``/``"l1"`` group magnitude, or a callable on a Torch-Pruning group).
+    The lowest-importance channels go: by ``importance`` (a name of :mod:`hwprune.pruning.importance` or a callable
+    on a Torch-Pruning group), by default the space's own (``space.importance``, ``"l2"`` unless set).
     The copy is checked to run on ``example_inputs`` with unchanged output shapes; ``model`` is never modified.
     """
     applied = space.check_ratios(ratios)
-    score = get_importance(importance)
+    score = get_importance(space.importance if importance is None else importance)
     inputs = as_inputs(example_inputs)
     plan_kept = {k.name: k.kept(applied[k.name]) for k in space.knobs}
 

@@ -29,6 +29,7 @@ import torch_pruning as tp
 from hwprune.errors import HwpruneError
 from hwprune.pruning import attention as attn
 from hwprune.pruning.depth import find_blocks
+from hwprune.pruning.importance import DEFAULT_IMPORTANCE, ImportanceFn, get_importance
 
 ExampleInputs = Union[torch.Tensor, Sequence[torch.Tensor], Mapping[str, torch.Tensor]]  # noqa: UP007 (runtime alias)
 
@@ -429,6 +430,8 @@ class PruningSpace:
     max_ratio: float = 0.75
     ignored: tuple[str, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict, repr=False)
+    # how prune() ranks channels unless told otherwise: a name of hwprune.pruning.importance or a callable on a group
+    importance: str | ImportanceFn = DEFAULT_IMPORTANCE
 
     @classmethod
     def build(
@@ -440,12 +443,15 @@ class PruningSpace:
         max_ratio: float = 0.75,
         ignored_layers: Iterable[nn.Module | str] | None = None,
         depth: bool = True,
+        importance: str | ImportanceFn = DEFAULT_IMPORTANCE,
     ) -> PruningSpace:
         """One knob per prunable coupled channel group of ``model`` (which is not modified), and with ``depth`` one
         per removable residual block (none when ``max_ratio`` is below ``BLOCK_REMOVAL``).
 
         Groups that would change a model output (the final classifier) and groups or blocks touching
-        ``ignored_layers`` (modules or qualified names) are never pruned.
+        ``ignored_layers`` (modules or qualified names) are never pruned. ``importance`` is what :func:`prune` ranks
+        channels by for this space (``"l2"``, ``"l1"``, ``"bn-scale"`` or a callable such as
+        ``taylor_importance(model, batches)``; ``resolve_importance`` turns ``"taylor"``/``"auto"`` into one).
         """
         if not isinstance(model, nn.Module):
             raise HwpruneError(f"expected a torch.nn.Module to prune, got {type(model).__name__}")
@@ -453,6 +459,7 @@ class PruningSpace:
             raise HwpruneError(f"channel_multiple must be >= 1, not {channel_multiple}")
         if not 0.0 <= float(max_ratio) < 1.0:
             raise HwpruneError(f"max_ratio must be in [0, 1), not {max_ratio}")
+        get_importance(importance)  # an unknown name (or "taylor" without its gradients) fails here, not per trial
         ignored = resolve_ignored(model, ignored_layers)
         traced = trace(model, example_inputs)
         analyser = _Analyser(model, traced, ignored, int(channel_multiple), float(max_ratio))
@@ -489,6 +496,7 @@ class PruningSpace:
             max_ratio=float(max_ratio),
             ignored=tuple(sorted(ignored)),
             skipped=skipped,
+            importance=importance,
         )
 
     def __len__(self) -> int:
@@ -552,7 +560,8 @@ class PruningSpace:
         return {k.name: 0.0 if k.kind == "block" else min(r, k.max_ratio) for k in self.knobs}
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able description (round-trips through :meth:`from_dict`)."""
+        """A JSON-able description (round-trips through :meth:`from_dict`; an importance given as a callable is
+        not saved, and the rebuilt space uses the default)."""
         return {
             "channel_multiple": self.channel_multiple,
             "max_ratio": self.max_ratio,
@@ -563,6 +572,7 @@ class PruningSpace:
                 for k in self.knobs
             ],
             "skipped": dict(self.skipped),
+            **({"importance": self.importance} if isinstance(self.importance, str) else {}),
         }
 
     @classmethod
@@ -577,6 +587,7 @@ class PruningSpace:
                 specs[knob.name] = GroupSpec(knob.name, item["root"], int(item["root_channels"]),
                                              tuple(item.get("members", ())), tuple(item.get("attention", ())))
             return cls(knobs, specs, int(data["channel_multiple"]), float(data["max_ratio"]),
-                       tuple(data.get("ignored", ())), dict(data.get("skipped", {})))
+                       tuple(data.get("ignored", ())), dict(data.get("skipped", {})),
+                       str(data.get("importance", DEFAULT_IMPORTANCE)))
         except (KeyError, TypeError, ValueError) as exc:
             raise HwpruneError(f"malformed pruning space description: {one_line(exc)}") from exc

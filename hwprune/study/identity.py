@@ -32,10 +32,11 @@ class Fingerprint:
     inputs: str
     device: str
     recovery: str
+    importance: str  # the channel ranking: the same ratios keep other channels under another one
     budgets: str
 
     # the parts that make old trials wrong for this run (budgets only re-judge them)
-    BINDING = ("architecture", "weights", "inputs", "device", "recovery")
+    BINDING = ("architecture", "weights", "inputs", "device", "recovery", "importance")
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -58,12 +59,13 @@ def model_fingerprint(model: nn.Module) -> tuple[str, str]:
 
 
 def fingerprint(model: nn.Module, example_inputs: tuple[torch.Tensor, ...], device: str, recovery: str,
-                budgets: str) -> Fingerprint:
+                importance: str, budgets: str) -> Fingerprint:
     """The fingerprint of a search of ``model`` on ``example_inputs``; ``device`` is the measurement context,
-    ``recovery`` what pruned models recover with, ``budgets`` the budgets and accuracy guard as typed."""
+    ``recovery`` what pruned models recover with, ``importance`` the channel ranking, ``budgets`` the budgets and
+    accuracy guard as typed."""
     arch, weights = model_fingerprint(model)
     inputs = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in example_inputs)
-    return Fingerprint(arch, weights, inputs, device, recovery, budgets)
+    return Fingerprint(arch, weights, inputs, device, recovery, importance, budgets)
 
 
 def load_existing(storage: str, name: str) -> optuna.Study | None:
@@ -108,7 +110,7 @@ def check_identity(study: optuna.Study, current: Fingerprint, *, resume_changed:
 
 
 def _describe(key: str, old: Any, new: Any) -> str:
-    if key in ("inputs", "recovery"):
+    if key in ("inputs", "recovery", "importance"):
         return f"{key} ({old} -> {new})"
     if key == "device":
         return "device or runtime (measurement settings, versions)"

@@ -33,6 +33,7 @@ from hwprune.backends import create_backend
 from hwprune.backends.base import Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, prune, read_widths
+from hwprune.pruning.importance import auto_importance, resolve_importance
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
 from hwprune.study.refine import EdgeRefiner
@@ -253,8 +254,9 @@ class Search:
         has_data = any(x is not None for x in (subject.calibration_data, subject.train_data, subject.data))
         budgets = (f"latency {c.latency_budget_ms or 'none'}, memory {c.memory_budget_mb or 'none'}, "
                    f"accuracy drop {c.max_accuracy_drop or 'off'}")
+        importance = auto_importance(subject.model) if c.importance == "auto" else c.importance
         return fingerprint(subject.model, subject.example_inputs, measurement_context(self.profile, self.exporter),
-                           "data" if has_data else c.recovery, budgets)
+                           "data" if has_data else c.recovery, importance, budgets)
 
     def _write_request(self) -> dict[str, Any]:
         from hwprune.export import atomic_write_text
@@ -347,8 +349,16 @@ class Search:
                  f"{dense_m.memory.total_mb:.2f} MB; budgets: latency "
                  f"{_fmt(budgets.latency_ms, 'ms')}, memory {_fmt(budgets.memory_mb, 'MB')}; accuracy guard {guard}")
 
+        # taylor ranks by the task loss on inputs: recovery batches hold the dense outputs as targets, whose
+        # distillation loss has no gradient at the dense model, so it gets their inputs alone (pseudo-labels)
+        ranking_data = ([x for x, _ in self.recovery.batches] if self.recovery is not None and self.recovery.active
+                        else subject.calibration_data)
+        importance = resolve_importance(self.fingerprint.importance, subject.model, ranking_data,
+                                        None if self.recovery is not None else subject.loss_fn)
+        request["importance"] = self.fingerprint.importance
         space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=self.profile.channel_multiple,
-                                   max_ratio=c.max_ratio, ignored_layers=list(subject.ignored_layers), depth=c.depth)
+                                   max_ratio=c.max_ratio, ignored_layers=list(subject.ignored_layers), depth=c.depth,
+                                   importance=importance)
         if not space.knobs:
             raise HwpruneError(f"{subject.name}: found no prunable channel groups (nothing but the output layer?)")
         sampler = make_sampler(c.sampler, c.seed, len(space.knobs))
