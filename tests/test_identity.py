@@ -23,16 +23,34 @@ def test_another_model_is_refused_before_anything_is_written(tmp_path: Path) -> 
                            study="shared", **QUICK)
     assert first.summary["request"]["fingerprint"]["architecture"]
     files = {p: p.read_bytes() for p in (first.run_dir / "request.json", first.run_dir / "dense" / "model.onnx")}
-    with pytest.raises(HwpruneError, match="was made for another model architecture.*--study NEW.*--resume-changed"):
+    with pytest.raises(HwpruneError, match="was made for another model architecture.*cannot be resumed.*--study NEW"):
         hwprune.search(tiny_resnet, "host-cpu", latency_budget_ms="2x", trials=2, out=tmp_path, study="shared",
                        **QUICK)
     assert all(p.read_bytes() == data for p, data in files.items())  # the other model's run folder is untouched
-    # asked for explicitly, it resumes; the fingerprint then follows the new model
-    again = hwprune.search(tiny_resnet, "host-cpu", latency_budget_ms="2x", trials=2, out=tmp_path, study="shared",
-                           resume_changed=True, **QUICK)
-    assert again.study.user_attrs["fingerprint"] == again.summary["request"]["fingerprint"]
-    assert again.summary["request"]["fingerprint"]["architecture"] != first.summary["request"]["fingerprint"][
-        "architecture"]
+    with pytest.raises(HwpruneError, match="cannot be resumed by this model"):  # not even when asked to
+        hwprune.search(tiny_resnet, "host-cpu", latency_budget_ms="2x", trials=2, out=tmp_path, study="shared",
+                       resume_changed=True, **QUICK)
+
+
+def test_other_weights_resume_only_when_asked(tmp_path: Path) -> None:
+    import torch
+    from tiny_subject import tiny_cnn
+
+    def retrained():  # the same architecture with other weights, as after a night of training
+        model, x, evaluate = tiny_cnn()
+        with torch.no_grad():
+            model.stem[0].weight.mul_(1.5)
+        return model, x, evaluate
+
+    kw = dict(latency_budget_ms="2x", out=tmp_path, study="weights", **QUICK)
+    first = hwprune.search("tiny_subject:tiny_cnn", "host-cpu", trials=1, **kw)
+    with pytest.raises(HwpruneError, match=r"another model \(its weights differ\).*--resume-changed"):
+        hwprune.search(retrained, "host-cpu", trials=2, **kw)
+    again = hwprune.search(retrained, "host-cpu", trials=2, resume_changed=True, **kw)
+    assert again.summary["search"]["trials_complete"] == 2  # the first run's trial is kept
+    fp = again.study.user_attrs["fingerprint"]
+    assert fp == again.summary["request"]["fingerprint"] and fp["weights"] != first.summary["request"][
+        "fingerprint"]["weights"]
 
 
 def test_changed_budgets_are_announced_and_each_trial_keeps_its_own(tmp_path: Path) -> None:

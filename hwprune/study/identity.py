@@ -3,8 +3,9 @@ trials into its answer.
 
 A study records a fingerprint of the model (architecture and weights), the example inputs, the device settings that
 latencies depend on (the measurement context), the recovery data and the budgets. Resuming with another model,
-inputs, device or recovery is refused with one line saying what changed, unless ``--resume-changed`` asks for it; a
-changed budget is allowed and announced (every trial keeps the budgets it was judged by).
+inputs, device, recovery or channel ranking is refused with one line saying what changed; ``--resume-changed`` resumes
+it anyway where the trials still apply (other weights, device settings, recovery or ranking; never another
+architecture or inputs). A changed budget is allowed and announced (every trial keeps the budgets it was judged by).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def check_identity(study: optuna.Study, current: Fingerprint, *, resume_changed:
         return
     mine = current.to_dict()
     changed = [k for k in Fingerprint.BINDING if stored.get(k) != mine[k]]
+    if {"architecture", "inputs"} & set(changed):  # its trials' knobs and shapes are another model's: no resuming
+        what = ", ".join(_describe(k, stored.get(k), mine[k]) for k in changed)
+        raise HwpruneError(f"study {study.study_name!r} in {_short(storage)} was made for another {what}; its trials "
+                           "cannot be resumed by this model. Start a new study with --study NEW")
     if changed and not resume_changed:
         what = ", ".join(_describe(k, stored.get(k), mine[k]) for k in changed)
         raise HwpruneError(
