@@ -13,7 +13,7 @@ from hwprune.errors import HwpruneError
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 RECOVERY_METHODS = ("auto", "inputs", "synthetic", "none")  # hwprune.recovery; kept here so config imports no torch
-# channel ranking criteria: hwprune.pruning.importance.IMPORTANCES plus "auto" (per model family, docs/importance.md)
+# channel ranking criteria: hwprune.pruning.importance.IMPORTANCES plus "auto" (per model family, docs/benchmarks.md, "Channel importance")
 IMPORTANCES = ("auto", "l2", "l1", "bn-scale", "taylor")
 DEFAULT_IMPORTANCE = "auto"
 
