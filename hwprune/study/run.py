@@ -433,7 +433,8 @@ class Search:
             except KeyboardInterrupt:
                 # Optuna has already marked the trial in flight as failed; completed trials are in the storage
                 interrupted = True
-                self.log("interrupted: completed trials are saved; run the same command again to resume")
+                self.log("interrupted: completed trials are saved; the final phase (confirming the front, final "
+                         "fine-tunes, report) is skipped: run the same command again to resume and finish it")
 
         dense_m = reference.measurement
         if c.latency_budget_ms:
@@ -480,26 +481,30 @@ class Search:
                                      widths=dense_info["widths"], ratios=None, budgets=budgets, dense=None,
                                      example=subject.example_inputs[0])
         dense_record["files"]["onnx"] = file_record(dense_info["path"], self.run_dir)
-        self._node_profile(dense_info["path"], dense_record)
-        study.set_user_attr("dense", {k: v for k, v in dense_record.items() if k != "files"})
         dense_model = ParetoModel(None, dense_record, self.run_dir, subject.model)
-
-        # per-trial stage times must stay per trial: the front's rebuilds are booked as one stage of their own
-        trial_stages = dict(runner.stage_seconds)
-        t_confirm = time.perf_counter()
-        models, rejected = self._confirm_front(ranked, study, subject, runner, budgets, dense_record)
-        runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
-        over = {r["trial"] for r in rejected if r["reason"] == OVER_BUDGET}
-        models, dropped = self._final_candidates(models, ranked, over, study, subject, runner, dense_record)
-        # a trial the front's confirmation left out as dominated may come back as a final candidate
-        listed = {pm.trial for pm in models}
-        rejected = [r for r in rejected if r["trial"] not in listed] + dropped
-        models, under = self._guard(models, budgets, dense_info["accuracy"], subject.metric)
-        rejected += under
-        rec_trial = self._recommend(models, budgets)
-        for pm in models:
-            self._write_model_files(pm)
-            self._agreement(pm)
+        models: list[ParetoModel] = []
+        rejected: list[dict[str, Any]] = []
+        under: list[dict[str, Any]] = []
+        rec_trial = None
+        if not interrupted:  # after Ctrl-C the final phase is left to the next run, which resumes the study
+            self._node_profile(dense_info["path"], dense_record)
+            study.set_user_attr("dense", {k: v for k, v in dense_record.items() if k != "files"})
+            # per-trial stage times must stay per trial: the front's rebuilds are booked as one stage of their own
+            trial_stages = dict(runner.stage_seconds)
+            t_confirm = time.perf_counter()
+            models, rejected = self._confirm_front(ranked, study, subject, runner, budgets, dense_record)
+            runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
+            over = {r["trial"] for r in rejected if r["reason"] == OVER_BUDGET}
+            models, dropped = self._final_candidates(models, ranked, over, study, subject, runner, dense_record)
+            # a trial the front's confirmation left out as dominated may come back as a final candidate
+            listed = {pm.trial for pm in models}
+            rejected = [r for r in rejected if r["trial"] not in listed] + dropped
+            models, under = self._guard(models, budgets, dense_info["accuracy"], subject.metric)
+            rejected += under
+            rec_trial = self._recommend(models, budgets)
+            for pm in models:
+                self._write_model_files(pm)
+                self._agreement(pm)
         dense_record["file_bytes"] = dense_record["files"]["onnx"]["bytes"]
 
         failed = trials_df[trials_df["state"] == "FAIL"] if not trials_df.empty else trials_df
@@ -550,7 +555,8 @@ class Search:
         atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         pareto_df = pareto_table(summary)
         atomic_write_text(self.run_dir / "pareto.csv", pareto_df.to_csv(index=False))
-        self._report()
+        if not interrupted:
+            self._report()
         result = SearchResult(self.run_dir, summary, pareto_df, models, dense_model, study)
         if not models and not interrupted:
             if best_infeasible is None:
