@@ -27,7 +27,7 @@ import torch
 from optuna.trial import TrialState
 
 from hwprune import __version__, train
-from hwprune.config import SearchConfig
+from hwprune.config import SearchConfig, prepare_run_dir
 from hwprune.errors import BudgetUnreachable, HwpruneError
 from hwprune.backends import create_backend
 from hwprune.backends.base import Measurement
@@ -219,7 +219,7 @@ class Search:
             raise HwpruneError(f"--tune-final tunes TVM kernels, but profile {self.profile.name} measures with "
                                f"{self.profile.backend}; add --backend tvm or --backend tvm-rpc")
         self.run_dir = config.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(self.run_dir)  # a folder that cannot be written is an error now, not after the dense model
         self.storage = config.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
         self.exporter = config.exporter or ("dynamo" if self.profile.backend in ("tvm", "tvm-rpc") else "torchscript")
         self._subject = subject
