@@ -164,6 +164,14 @@ def load_profile(name_or_path: str | os.PathLike[str] | DeviceProfile) -> Device
     return profile_from_dict(data, source=str(path), default_name=path.stem)
 
 
+# fields that must be above zero (other numbers must not be negative): a zero here divides, or measures nothing
+_POSITIVE: dict[str, tuple[str, ...]] = {
+    "hardware": ("cores", "clock_ghz", "peak_gflops", "memory_bandwidth_gbs", "ram_gb"),
+    "measure": ("warmup", "repeats", "max_cv"),
+    "rpc": ("session_timeout_s",),
+    "ssh": ("port",),
+}
+
 _SECTIONS: dict[str, type] = {
     "hardware": Hardware,
     "ort": OrtSettings,
@@ -245,9 +253,11 @@ def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>", default_n
     if not isinstance(name, str) or not name:
         raise ProfileError(f"{source}: name: expected a non-empty string")
     sections = {key: _coerce(f"{source}: {key}", cls, data.get(key, {})) for key, cls in _SECTIONS.items()}
-    m: MeasureSettings = sections["measure"]
-    if m.repeats < 1:
-        raise ProfileError(f"{source}: measure.repeats: must be at least 1")
+    for key, names in _POSITIVE.items():
+        for fld in names:
+            value = getattr(sections[key], fld)
+            if value <= 0:
+                raise ProfileError(f"{source}: {key}.{fld}: must be positive, got {value}")
     tvm: TvmSettings = sections["tvm"]
     if "kind" not in tvm.target:
         raise ProfileError(f"{source}: tvm.target: needs a 'kind' (e.g. {{kind = \"llvm\"}})")
