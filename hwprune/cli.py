@@ -117,11 +117,7 @@ def search(
     from hwprune.study.run import Search
 
     overrides = _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port, tuning_trials)
-    profile = _profile(device, overrides)
-    if latency_budget_ms is None and profile.budgets.latency_ms is not None:
-        latency_budget_ms = str(profile.budgets.latency_ms)
-    if memory_budget_mb is None and profile.budgets.memory_mb is not None:
-        memory_budget_mb = str(profile.budgets.memory_mb)
+    # without a budget flag the profile's budget applies: Search sets it (hwprune.profiles.default_budgets)
     if trials is None and timeout is None:
         trials = SearchConfig.trials
     config = SearchConfig(

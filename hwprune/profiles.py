@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwprune.config import read_toml
+from hwprune.config import Budget, read_toml
 from hwprune.errors import ProfileError
 
 BACKENDS = ("ort", "tvm", "tvm-rpc", "ssh-ort", "estimate")
@@ -162,6 +162,20 @@ def load_profile(name_or_path: str | os.PathLike[str] | DeviceProfile) -> Device
         path = known[text]
     data = read_toml(path, "device profile", ProfileError)
     return profile_from_dict(data, source=str(path), default_name=path.stem)
+
+
+def default_budgets(profile: DeviceProfile, latency: Budget | None,
+                    memory: Budget | None) -> tuple[Budget | None, Budget | None]:
+    """The budgets a search runs under: each one given, else the profile's ``[budgets]`` default (else none).
+
+    The one place this rule lives: ``hwprune search``, :func:`hwprune.search` and nightly jobs all get it from
+    :class:`hwprune.study.run.Search`.
+    """
+    if latency is None and profile.budgets.latency_ms is not None:
+        latency = Budget(float(profile.budgets.latency_ms))
+    if memory is None and profile.budgets.memory_mb is not None:
+        memory = Budget(float(profile.budgets.memory_mb))
+    return latency, memory
 
 
 # fields that must be above zero (other numbers must not be negative): a zero here divides, or measures nothing

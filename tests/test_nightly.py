@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import budget_profile, run_cli
 
 JOB = """
 name = "tiny-nightly"
@@ -117,3 +117,13 @@ def test_a_night_where_nothing_fits_exits_3_and_keeps_its_history(tmp_path: Path
     job_dir = tmp_path / "reports" / "nightly" / "tight"  # `out` defaults to reports/nightly under the cwd
     rows = _history(job_dir)
     assert [r["night"] for r in rows] == ["2026-11-20"] and rows[0]["recommended"] == ""
+
+
+def test_the_profiles_default_budget_applies_to_a_night(tmp_path: Path) -> None:
+    profile = budget_profile(tmp_path)
+    job = tmp_path / "job.toml"
+    job.write_text(f'name = "budgeted"\nout = "out"\ntrials_per_night = 1\n[search]\nmodel = "tiny_subject:tiny_cnn"\n'
+                   f'device = "{profile}"\nfinal_finetune_steps = 0\nrecovery = "none"\nmax_accuracy_drop = "off"\n')
+    run_cli("nightly", str(job), "--night", "2026-11-20", check=True)
+    request = json.loads((tmp_path / "out" / "budgeted" / "nights" / "2026-11-20" / "request.json").read_text())
+    assert (request["memory_budget"], request["latency_budget"]) == ("50", None)

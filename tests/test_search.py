@@ -17,7 +17,7 @@ import pytest
 
 import hwprune
 from hwprune.errors import BudgetUnreachable
-from conftest import GUARD_OFF, GUARD_OFF_ARGS, ROOT, TESTS, load_summary, run_cli
+from conftest import GUARD_OFF, GUARD_OFF_ARGS, ROOT, TESTS, budget_profile, load_summary, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -402,6 +402,25 @@ def test_study_names_that_are_not_folder_names_are_refused(tmp_path: Path) -> No
         with pytest.raises(hwprune.HwpruneError, match="path separator"):
             hwprune.search("tiny_subject:tiny_cnn", study=study, out=out, trials=1, **GUARD_OFF)
     assert list(tmp_path.rglob("*")) == [], "nothing may be written, inside --out or out of it"
+
+
+def test_the_profiles_default_budget_applies_on_the_command_line(tmp_path: Path) -> None:
+    profile = budget_profile(tmp_path)
+    run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", str(profile), "--trials", "1",
+            "--final-finetune-steps", "0", "--out", str(tmp_path), "--study", "cli", check=True)
+    request = json.loads((tmp_path / "cli" / "request.json").read_text())
+    assert (request["memory_budget"], request["latency_budget"]) == ("50", None)
+    assert load_summary(tmp_path / "cli")["request"]["memory_budget_mb"] == 50.0
+
+
+def test_the_profiles_default_budget_applies_in_the_python_api(tmp_path: Path) -> None:
+    profile = budget_profile(tmp_path, "memory_mb = 50.0\nlatency_ms = 100.0")
+    result = hwprune.search("tiny_subject:tiny_cnn", str(profile), **GUARD_OFF, latency_budget_ms=500, trials=1,
+                            final_finetune_steps=0, out=tmp_path, study="api")
+    request = result.summary["request"]
+    # the profile's memory budget fills the one not given; the latency budget given wins over the profile's
+    assert (request["memory_budget"], request["latency_budget"]) == ("50", "500")
+    assert request["memory_budget_mb"] == 50.0
 
 
 def test_untraceable_model_names_the_problem(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from hwprune.config import SearchConfig, prepare_run_dir
 from hwprune.errors import BudgetUnreachable, HwpruneError
 from hwprune.backends import create_backend
 from hwprune.backends.base import Measurement
-from hwprune.profiles import DeviceProfile, load_profile
+from hwprune.profiles import DeviceProfile, default_budgets, load_profile
 from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, prune, read_widths
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.progress import SearchProgress
@@ -214,6 +214,8 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.log = log_fn or (lambda msg: log.info(msg))
         self.profile = resolve_profile(config)
+        config.latency_budget_ms, config.memory_budget_mb = default_budgets(  # the profile's where none is given
+            self.profile, config.latency_budget_ms, config.memory_budget_mb)
         check_rankable(self.profile, config)
         if config.tune_final_trials and self.profile.backend not in ("tvm", "tvm-rpc"):
             raise HwpruneError(f"--tune-final tunes TVM kernels, but profile {self.profile.name} measures with "
