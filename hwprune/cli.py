@@ -369,8 +369,9 @@ def nightly(
     Exit status: 0 no regression; 4 regressions (listed, and in compare.json); 3 nothing met the budgets tonight (nor
     the night before); 2 bad input; 130 interrupted (run the same command again to resume the night).
     """
-    from hwprune.nightly import load_job, run_night
+    from hwprune.nightly import check_night, load_job, run_night
 
+    night = check_night(night)  # a real date first: it names the night's folder
     job = load_job(job_file)
     result = run_night(job, night, log=_log)
     _print_summary_file(result.run_dir)

@@ -94,6 +94,7 @@ def test_bad_job_files_name_the_field(tmp_path: Path) -> None:
         'name = "a b"\n[search]\nmodel = "m"\ndevice = "host-cpu"\n': "name:",
         'name = "x"\ntrials_per_night = 0\n[search]\nmodel = "m"\ndevice = "host-cpu"\n': "trials_per_night",
         'name = "x"\n[search]\nmodel = "m"\ndevice = "host-cpu"\n[regressions]\nlatency = 1\n': "regressions.latency",
+        'name = ".."\n[search]\nmodel = "m"\ndevice = "host-cpu"\n': "name:",  # the job's folder would be out/..
     }
     for i, (text, expected) in enumerate(cases.items()):
         path = tmp_path / f"job{i}.toml"
@@ -127,3 +128,23 @@ def test_the_profiles_default_budget_applies_to_a_night(tmp_path: Path) -> None:
     run_cli("nightly", str(job), "--night", "2026-11-20", check=True)
     request = json.loads((tmp_path / "out" / "budgeted" / "nights" / "2026-11-20" / "request.json").read_text())
     assert (request["memory_budget"], request["latency_budget"]) == ("50", None)
+
+
+def test_a_night_that_is_not_a_date_is_refused_before_any_work(tmp_path: Path) -> None:
+    from hwprune.errors import HwpruneError
+    from hwprune.nightly import load_job, run_night
+
+    job = tmp_path / "job.toml"
+    job.write_text('name = "dated"\nout = "out"\n[search]\nmodel = "tiny_subject:tiny_cnn"\ndevice = "host-cpu"\n')
+    proc = run_cli("nightly", str(job), "--night", "2026-13-45")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "night: '2026-13-45' is not a date written YYYY-MM-DD" in lines[0], proc.stderr
+    loaded = load_job(job)
+    for night in ("2026-02-30", "2026-11-20/../..", "../2026-11-20", "20261120", "2026-1-5", ""):
+        with pytest.raises(HwpruneError, match="is not a date written YYYY-MM-DD"):
+            run_night(loaded, night or " ")
+    assert not (tmp_path / "out").exists(), "nothing is written for a night that is not a date"
+    loaded.out = Path("/proc/hwprune-test")  # a job folder that cannot be written: one error, before any work
+    with pytest.raises(HwpruneError, match="cannot create or write the run folder /proc/hwprune-test/dated/nights"):
+        run_night(loaded, "2026-11-20")
