@@ -300,7 +300,7 @@ def _spread(lat: Any, max_cv: float) -> str:
 
 
 def _noisy(lat: Any, max_cv: float) -> str:
-    """' [noisy]' whenever the measurement is flagged or its robust CV is above max_cv (the reason when not), else ''."""
+    """' [noisy]' when the robust CV is above max_cv or the measurement is flagged (then why), else ''."""
     if lat.robust_cv > max_cv:
         return " [noisy]"
     if lat.noisy:  # the spread is fine, but the thread waited for a core all along (backends/timing.py)
