@@ -119,11 +119,7 @@ def search(
     from hwprune.study.run import Search
 
     overrides = _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port, tuning_trials)
-    profile = _profile(device, overrides)
-    if latency_budget_ms is None and profile.budgets.latency_ms is not None:
-        latency_budget_ms = str(profile.budgets.latency_ms)
-    if memory_budget_mb is None and profile.budgets.memory_mb is not None:
-        memory_budget_mb = str(profile.budgets.memory_mb)
+    # without a budget flag the profile's budget applies: Search sets it (hwprune.profiles.default_budgets)
     if trials is None and timeout is None:
         trials = SearchConfig.trials
     config = SearchConfig(
@@ -289,8 +285,8 @@ def measure(
     tuned = "" if m.tuned is None else (" tuned" if m.tuned else " untuned")
     out.print(f"{model} on {profile.name} via {m.backend}{tuned}{label}")
     out.print(f"  latency: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, min {lat.min_ms:.3f} ms, "
-              f"std {lat.std_ms:.3f} ms (cv {lat.cv:.1%}) over {lat.repeats} runs after {lat.warmup} warm-up"
-              + (" [noisy]" if lat.noisy else ""))
+              f"std {lat.std_ms:.3f} ms ({_spread(lat, profile.measure.max_cv)}) over {lat.repeats} runs after "
+              f"{lat.warmup} warm-up" + _noisy(lat, profile.measure.max_cv), highlight=False, markup=False)
     mem = m.memory
     out.print(f"  memory: {mem.total_mb:.3f} MB = weights {mem.weights_mb:.3f} MB + peak activations "
               f"{mem.peak_activations_mb:.3f} MB" + (f"; process peak +{mem.process_peak_mb:.1f} MB"
@@ -298,6 +294,22 @@ def measure(
     if rounds is not None:
         out.print(f"  beside {beside}: {rounds.ratio:.3f}x its latency (median of {len(rounds.ratios)} interleaved "
                   f"rounds; {rounds.upper:.3f}x with its standard error); the latency above is the middle round's")
+
+
+def _spread(lat: Any, max_cv: float) -> str:
+    """The spread as hwprune judges it: the robust CV (what ``noisy`` is decided on) against the profile's max_cv."""
+    where = "above" if lat.robust_cv > max_cv else "within"
+    return f"cv {lat.cv:.1%}; robust cv {lat.robust_cv:.1%}, {where} the profile's max_cv {max_cv * 100:g}%"
+
+
+def _noisy(lat: Any, max_cv: float) -> str:
+    """' [noisy]' when the robust CV is above max_cv or the measurement is flagged (then why), else ''."""
+    if lat.robust_cv > max_cv:
+        return " [noisy]"
+    if lat.noisy:  # the spread is fine, but the thread waited for a core all along (backends/timing.py)
+        slow = f": wall time {lat.median_ms / lat.cpu_median_ms:.2f}x its CPU time" if lat.cpu_median_ms else ""
+        return f" [noisy{slow}, another process held the core]"
+    return ""
 
 
 # -- profiles -----------------------------------------------------------------------------------------------------
@@ -376,8 +388,9 @@ def nightly(
     Exit status: 0 no regression; 4 regressions (listed, and in compare.json); 3 nothing met the budgets tonight (nor
     the night before); 2 bad input; 130 interrupted (run the same command again to resume the night).
     """
-    from hwprune.nightly import load_job, run_night
+    from hwprune.nightly import check_night, load_job, run_night
 
+    night = check_night(night)  # a real date first: it names the night's folder
     job = load_job(job_file)
     result = run_night(job, night, log=_log)
     _print_summary_file(result.run_dir)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,34 @@ def read_toml(path: Path, what: str, error: type[HwpruneError] = HwpruneError) -
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise error(f"{path}: not valid TOML: {exc}") from None
+
+
+def check_study_name(name: str) -> str:
+    """``name`` if it can be a study's run folder name under ``--out``, else one error naming the rule."""
+    seps = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
+    if name in (".", "..") or ".." in name or any(s in name for s in seps) or "\0" in name or \
+            os.path.isabs(name):
+        raise HwpruneError(f"study {name!r}: a study name becomes the run folder's name under --out, so it cannot "
+                           "contain a path separator ('/' or '\\') or '..', nor be an absolute path")
+    return name
+
+
+def prepare_run_dir(path: Path, hint: str = "choose an --out folder you can write to") -> Path:
+    """Create the run folder ``path`` (and its parents) and check that a file can be written in it, before any work
+    starts; a folder that cannot be made or written is one error naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".hwprune-write-check-"):
+            pass
+    except OSError as exc:
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            why = f"{blocker} exists and is not a folder"
+        else:
+            why = exc.strerror or str(exc)
+        raise HwpruneError(f"cannot create or write the run folder {path}: {why}; {hint}") from None
+    return path
 
 
 @dataclass
@@ -145,6 +175,8 @@ class SearchConfig:
             raise HwpruneError(f"recovery: {self.recovery!r} is not one of {', '.join(RECOVERY_METHODS)}")
         if self.data is not None:
             self.data = Path(self.data)
+        if self.study:
+            check_study_name(str(self.study))
         if self.trials is not None and self.trials < 1:
             raise HwpruneError(f"trials: must be at least 1, got {self.trials}")
         if self.trials is None and self.timeout_s is None:

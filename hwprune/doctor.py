@@ -183,6 +183,50 @@ def _doctor_tvm(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray]
              else "see the error above; HWPRUNE_DEBUG=1 shows more")
 
 
+def lan_address() -> str | None:
+    """This host's address on its network as best guessed (the source address of its default route), or None.
+
+    A UDP socket's connect only picks the outgoing interface: no packet is sent. 192.0.2.1 is TEST-NET-1 (RFC 5737),
+    an address no host has, so a guess never depends on one answering.
+    """
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            address = s.getsockname()[0]
+    except OSError:  # no route at all: no network to guess an address on
+        return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def board_tracker(host: str) -> tuple[str, str]:
+    """The tracker host a board's ``rpc_server --tracker`` should name, and a note on it ('' when none is needed).
+
+    hwprune on this host may reach the tracker at 127.0.0.1, but that is the board's own loopback on the board: there
+    the tracker is this host's LAN address.
+    """
+    if not _is_loopback(host):
+        return host, ""
+    lan = lan_address()
+    if lan is None:
+        return "HOST_IP", (f" (HOST_IP: this host's address as the board reaches it; {host} works only for an "
+                           "rpc_server on this host)")
+    return lan, (f" ({lan} is this host's LAN address as best guessed: replace it if the board reaches this host at "
+                 f"another; {host} works only for an rpc_server on this host)")
+
+
 def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray], checks: list[Check]) -> None:
     from hwprune.backends.tvm import SERVER_FIX, TRACKER_FIX
 
@@ -201,7 +245,8 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
         checks.append(Check("rpc settings", False, f"rpc.tracker {r.tracker!r} is not HOST:PORT",
                             "use the form 192.168.1.10:9190"))
         return
-    fix_tracker = TRACKER_FIX.format(host=host, port=port, key=r.key)
+    board_host, note = board_tracker(host)  # the board cannot reach this host's 127.0.0.1
+    fix_tracker = TRACKER_FIX.format(host=board_host, port=port, key=r.key) + note
 
     def cc() -> str:
         from hwprune.backends.tvm import cross_compiler_path
@@ -229,7 +274,7 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
             raise RuntimeError(f"no board registered under key {r.key!r} (keys seen: {', '.join(keys) or 'none'})")
         return f"key {r.key!r}: {st['total']} board(s), {st['free']} free, {st['pending']} request(s) pending"
 
-    if not _attempt(checks, "board registered", queue, SERVER_FIX.format(host=host, port=port, key=r.key)):
+    if not _attempt(checks, "board registered", queue, SERVER_FIX.format(host=board_host, port=port, key=r.key) + note):
         return
     if not cc_ok:
         return

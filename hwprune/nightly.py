@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwprune.config import SearchConfig, read_toml
+from hwprune.config import SearchConfig, prepare_run_dir, read_toml
 from hwprune.errors import BudgetUnreachable, HwpruneError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -46,10 +46,11 @@ class NightlyJob:
     timeout_s: float | None = None
     out: Path = Path("reports/nightly")
     storage: str | None = None
-    # a shared host moves latencies by several per cent from night to night; these are the margins a change must pass
+    # a shared host moves latencies by several per cent from night to night, and a growing study may recommend another,
+    # slightly larger model; these are the margins a change must pass (as in examples/nightly.toml)
     tolerances: dict[str, float] = field(default_factory=lambda: {"latency_tolerance": 0.05,
                                                                    "accuracy_tolerance": 0.01,
-                                                                   "memory_tolerance": 0.0})
+                                                                   "memory_tolerance": 0.05})
     source: Path | None = None
 
     @property
@@ -70,8 +71,9 @@ def load_job(path: str | Path) -> NightlyJob:
     if unknown:
         raise HwpruneError(f"{path}: {unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
     name = data.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise HwpruneError(f"{path}: name: required, letters, digits, '.', '_' or '-' only (got {name!r})")
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name or name == ".":
+        raise HwpruneError(f"{path}: name: required, letters, digits, '.', '_' or '-' only, not '.' or '..' (it "
+                           f"names the job's folder; got {name!r})")
     search = data.get("search")
     if not isinstance(search, dict) or "model" not in search or "device" not in search:
         raise HwpruneError(f"{path}: [search]: a table with at least model and device is required")
@@ -153,18 +155,26 @@ def _completed_trials(storage: str, study: str) -> int:
     return len(s.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
+def check_night(night: str | None) -> str:
+    """``night`` (default: today, UTC) if it is a real date written YYYY-MM-DD, else one error: it names a folder."""
+    night = night or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    try:
+        if not _NIGHT.match(night):
+            raise ValueError
+        dt.date.fromisoformat(night)
+    except ValueError:
+        raise HwpruneError(f"night: {night!r} is not a date written YYYY-MM-DD, like 2026-11-22") from None
+    return night
+
+
 def run_night(job: NightlyJob, night: str | None = None, log: Callable[[str], None] | None = None) -> NightResult:
     """Run (or resume) the night ``night`` (default: today, UTC) of ``job``."""
     from hwprune.export import atomic_write_text
     from hwprune.study.run import Search
 
     log = log or (lambda _m: None)
-    night = night or dt.datetime.now(dt.timezone.utc).date().isoformat()
-    if not _NIGHT.match(night):
-        raise HwpruneError(f"night: {night!r} is not a date like 2026-11-22")
-    run_dir = job.folder / "nights" / night
-    run_dir.mkdir(parents=True, exist_ok=True)
-    job.folder.mkdir(parents=True, exist_ok=True)
+    night = check_night(night)
+    run_dir = prepare_run_dir(job.folder / "nights" / night, "set the job's out to a folder you can write to")
     marker = run_dir / "night.json"
     if marker.is_file():  # resuming this night: same target, not another night's worth of trials
         state = json.loads(marker.read_text())

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hwprune.config import read_toml
+from hwprune.config import Budget, read_toml
 from hwprune.errors import ProfileError
 
 BACKENDS = ("ort", "tvm", "tvm-rpc", "ssh-ort", "estimate")
@@ -164,6 +164,28 @@ def load_profile(name_or_path: str | os.PathLike[str] | DeviceProfile) -> Device
     return profile_from_dict(data, source=str(path), default_name=path.stem)
 
 
+def default_budgets(profile: DeviceProfile, latency: Budget | None,
+                    memory: Budget | None) -> tuple[Budget | None, Budget | None]:
+    """The budgets a search runs under: each one given, else the profile's ``[budgets]`` default (else none).
+
+    The one place this rule lives: ``hwprune search``, :func:`hwprune.search` and nightly jobs all get it from
+    :class:`hwprune.study.run.Search`.
+    """
+    if latency is None and profile.budgets.latency_ms is not None:
+        latency = Budget(float(profile.budgets.latency_ms))
+    if memory is None and profile.budgets.memory_mb is not None:
+        memory = Budget(float(profile.budgets.memory_mb))
+    return latency, memory
+
+
+# fields that must be above zero (other numbers must not be negative): a zero here divides, or measures nothing
+_POSITIVE: dict[str, tuple[str, ...]] = {
+    "hardware": ("cores", "clock_ghz", "peak_gflops", "memory_bandwidth_gbs", "ram_gb"),
+    "measure": ("warmup", "repeats", "max_cv"),
+    "rpc": ("session_timeout_s",),
+    "ssh": ("port",),
+}
+
 _SECTIONS: dict[str, type] = {
     "hardware": Hardware,
     "ort": OrtSettings,
@@ -245,9 +267,11 @@ def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>", default_n
     if not isinstance(name, str) or not name:
         raise ProfileError(f"{source}: name: expected a non-empty string")
     sections = {key: _coerce(f"{source}: {key}", cls, data.get(key, {})) for key, cls in _SECTIONS.items()}
-    m: MeasureSettings = sections["measure"]
-    if m.repeats < 1:
-        raise ProfileError(f"{source}: measure.repeats: must be at least 1")
+    for key, names in _POSITIVE.items():
+        for fld in names:
+            value = getattr(sections[key], fld)
+            if value <= 0:
+                raise ProfileError(f"{source}: {key}.{fld}: must be positive, got {value}")
     tvm: TvmSettings = sections["tvm"]
     if "kind" not in tvm.target:
         raise ProfileError(f"{source}: tvm.target: needs a 'kind' (e.g. {{kind = \"llvm\"}})")

@@ -56,3 +56,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
 
 def load_summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def budget_profile(folder: Path, budgets: str = "memory_mb = 50.0") -> Path:
+    """host-cpu as a profile file of its own whose [budgets] are ``budgets`` (no latency budget by default)."""
+    from hwprune.profiles import load_profile
+
+    text = Path(load_profile("host-cpu").source).read_text()
+    path = folder / "budgeted.toml"
+    quick = "[measure]\nwarmup = 2\nrepeats = 5\nmin_repeat_ms = 0.5\nmax_cv = 10.0\nremeasure = 0\n"  # a fast test
+    path.write_text(text[:text.index("[measure]")] + quick + f"[budgets]\n{budgets}\n")
+    return path

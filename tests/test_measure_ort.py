@@ -180,6 +180,29 @@ def test_noisy_ort_measurement_is_remeasured_and_flagged(cnn: tuple[nn.Module, P
     assert m.latency.remeasured == 2 and m.latency.noisy is True and m.latency.repeats == 5
 
 
+def test_measure_cli_flags_every_spread_above_max_cv(cnn: tuple[nn.Module, Path], tmp_path: Path,
+                                                     fast_profile: DeviceProfile) -> None:
+    """`hwprune measure` says [noisy] whenever the robust CV (what decides `noisy`) is above the profile's max_cv, and
+    shows the plain CV beside it, which one preempted run can inflate without the measurement being noisy."""
+    from conftest import run_cli
+    from hwprune.cli import _noisy, _spread
+
+    _, path = cnn
+    text = Path(load_profile("host-cpu").source).read_text()
+    strict = tmp_path / "strict.toml"
+    strict.write_text(text.replace("max_cv = 0.10", "max_cv = 0.000001").replace("remeasure = 2", "remeasure = 0")
+                      .replace("repeats = 30", "repeats = 5"))
+    proc = run_cli("measure", str(path), "--device", str(strict), check=True)
+    line = " ".join(proc.stdout.split())  # as one line, however the console wrapped it
+    assert "above the profile's max_cv 0.0001%) over 5 runs after 10 warm-up [noisy]" in line, proc.stdout
+    # the same words in-process, on real measurements either side of the limit
+    lat = OrtBackend(fast_profile).measure(path).latency  # max_cv 10.0 = 1000%
+    assert "within the profile's max_cv 1000%" in _spread(lat, 10.0)
+    # within max_cv it is noisy only when the thread waited for a core all along (a busy host), and says so
+    assert _noisy(lat, 10.0) == "" if not lat.noisy else "another process held the core" in _noisy(lat, 10.0)
+    assert "above" in _spread(lat, lat.robust_cv / 2) and _noisy(lat, lat.robust_cv / 2) == " [noisy]"
+
+
 def test_thread_settings_are_honored(cnn: tuple[nn.Module, Path]) -> None:
     _, path = cnn
     base = load_profile("host-cpu")

@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import budget_profile, run_cli
 
 JOB = """
 name = "tiny-nightly"
@@ -97,6 +97,7 @@ def test_bad_job_files_name_the_field(tmp_path: Path) -> None:
         'name = "x"\n[search]\nmodel = "m"\ndevice = "host-cpu"\n[regressions]\nlatency = 1\n': "regressions.latency",
         'name = "x"\n[search]\nmodel = "m"\ndevice = "host-cpu"\nmax_accuracy_drop = "lots"\n': "max accuracy drop",
         'name = "x"\n[search]\nmodel = "m"\ndevice = "host-cpu"\nrecovery = "magic"\n': "recovery",
+        'name = ".."\n[search]\nmodel = "m"\ndevice = "host-cpu"\n': "name:",  # the job's folder would be out/..
     }
     for i, (text, expected) in enumerate(cases.items()):
         path = tmp_path / f"job{i}.toml"
@@ -120,3 +121,33 @@ def test_a_night_where_nothing_fits_exits_3_and_keeps_its_history(tmp_path: Path
     job_dir = tmp_path / "reports" / "nightly" / "tight"  # `out` defaults to reports/nightly under the cwd
     rows = _history(job_dir)
     assert [r["night"] for r in rows] == ["2026-11-20"] and rows[0]["recommended"] == ""
+
+
+def test_the_profiles_default_budget_applies_to_a_night(tmp_path: Path) -> None:
+    profile = budget_profile(tmp_path)
+    job = tmp_path / "job.toml"
+    job.write_text(f'name = "budgeted"\nout = "out"\ntrials_per_night = 1\n[search]\nmodel = "tiny_subject:tiny_cnn"\n'
+                   f'device = "{profile}"\nfinal_finetune_steps = 0\nrecovery = "none"\nmax_accuracy_drop = "off"\n')
+    run_cli("nightly", str(job), "--night", "2026-11-20", check=True)
+    request = json.loads((tmp_path / "out" / "budgeted" / "nights" / "2026-11-20" / "request.json").read_text())
+    assert (request["memory_budget"], request["latency_budget"]) == ("50", None)
+
+
+def test_a_night_that_is_not_a_date_is_refused_before_any_work(tmp_path: Path) -> None:
+    from hwprune.errors import HwpruneError
+    from hwprune.nightly import load_job, run_night
+
+    job = tmp_path / "job.toml"
+    job.write_text('name = "dated"\nout = "out"\n[search]\nmodel = "tiny_subject:tiny_cnn"\ndevice = "host-cpu"\n')
+    proc = run_cli("nightly", str(job), "--night", "2026-13-45")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "night: '2026-13-45' is not a date written YYYY-MM-DD" in lines[0], proc.stderr
+    loaded = load_job(job)
+    for night in ("2026-02-30", "2026-11-20/../..", "../2026-11-20", "20261120", "2026-1-5", ""):
+        with pytest.raises(HwpruneError, match="is not a date written YYYY-MM-DD"):
+            run_night(loaded, night or " ")
+    assert not (tmp_path / "out").exists(), "nothing is written for a night that is not a date"
+    loaded.out = Path("/proc/hwprune-test")  # a job folder that cannot be written: one error, before any work
+    with pytest.raises(HwpruneError, match="cannot create or write the run folder /proc/hwprune-test/dated/nights"):
+        run_night(loaded, "2026-11-20")

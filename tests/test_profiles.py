@@ -41,6 +41,12 @@ def test_unknown_profile_lists_known_ones() -> None:
     assert "host-cpu" in str(exc.value) and "raspberry-pi-4" in str(exc.value)
 
 
+def _hw(**changes: object) -> str:
+    """A valid profile's top and [hardware] table, with ``changes`` to its hardware fields."""
+    hw = {"cores": 4, "clock_ghz": 1.5, "peak_gflops": 10, "memory_bandwidth_gbs": 4, "ram_gb": 2, **changes}
+    return 'name = "x"\n[hardware]\ncpu = "c"\n' + "".join(f"{k} = {v}\n" for k, v in hw.items())
+
+
 @pytest.mark.parametrize("body,field", [
     ('name = "x"\nbackend = "ort"\n', "hardware"),
     ('name = "x"\nbackend = "warp"\n[hardware]\ncpu="c"\ncores=1\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n', "backend"),
@@ -48,6 +54,15 @@ def test_unknown_profile_lists_known_ones() -> None:
     ('name = "x"\n[hardware]\ncpu="c"\ncores=4\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n[measure]\nrepeatz=3\n', "measure.repeatz"),
     ('name = "x"\n[hardware]\ncpu="c"\ncores=4\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n[budgets]\nlatency_ms=-1\n', "budgets.latency_ms"),
     ('name = "x\n', "not valid TOML"),
+    # zero is not a number of cores, a clock, a bandwidth or a repeat count (a roofline estimate divides by them)
+    *[(_hw(**{field: value}), f"hardware.{field}: must be positive")
+      for field, value in [("peak_gflops", 0), ("cores", 0), ("clock_ghz", 0.0), ("memory_bandwidth_gbs", 0),
+                           ("ram_gb", 0)]],
+    (_hw(cores=-2), "hardware.cores: must not be negative"),
+    *[(_hw() + f"[measure]\n{field} = 0\n", f"measure.{field}: must be positive")
+      for field in ("warmup", "repeats", "max_cv")],
+    (_hw() + "[budgets]\nmemory_mb = 0\n", "budgets.memory_mb: must be positive"),
+    ('channel_multiple = 0\n' + _hw(), "channel_multiple"),
 ])
 def test_malformed_profile_names_file_and_field(tmp_path: Path, body: str, field: str) -> None:
     path = tmp_path / "bad.toml"

@@ -28,6 +28,8 @@ from hwprune.report.render import (
     fmt_bytes, fmt_count, fmt_int, fmt_mb, fmt_metric, fmt_ms, fmt_x, latency_cell, metric_cell, model_cell, sig,
 )
 from hwprune.report.data import load_run
+from hwprune.errors import HwpruneError
+from conftest import run_cli
 
 torch.set_num_threads(1)
 
@@ -241,7 +243,8 @@ def test_request_and_health_numbers(run_dir: Path, summary: dict[str, Any], md: 
     req, srch = summary["request"], summary["search"]
     settings = {r["Setting"]: r["Value"] for r in find_table(md_tables(md), "Setting", "Value")}
     assert settings["Latency budget"].startswith(f"{sig(req['latency_budget_ms'])} ms (typed `0.9x`")
-    assert settings["Memory budget"] == "none"
+    # no memory budget was given: host-cpu's default applies (64 MB in its [budgets])
+    assert req["memory_budget_mb"] == 64.0 and settings["Memory budget"].startswith(f"{sig(64.0)} MB")
     assert settings["Trials"] == "5" and settings["Seed"] == "0"
     assert settings["Model"] == "`tiny_factory`" and settings["Device profile"].startswith("`host-cpu`")
     assert _unmark(settings["Hardware (from the profile)"]).startswith(req["profile"]["hardware"]["cpu"] + ";")
@@ -505,6 +508,41 @@ def test_compare_cli_on_runs_with_different_requests(run_dir: Path, tmp_path: Pa
     assert diffs["request.latency_budget"] == ("0.9x", "0.7x") and diffs["request.seed"] == ("0", "1")
     html_text = (out / "compare.html").read_text()
     assert "<script" not in html_text and html_text.count("data:image/png;base64,") == 1
+
+
+_MODEL = {"trial": None, "accuracy": 0.5, "latency_ms": {"median": 1.0, "p90": 1.1}, "memory_mb": {"total": 2.0}}
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{\"schema\": 1, \"dense\": {", "not valid JSON"),
+    ("[1, 2]", "summary: expected an object, got list"),
+    (json.dumps({"schema": 1, "pareto": []}), "summary.dense is missing"),
+    (json.dumps({"schema": 1, "dense": {**_MODEL, "latency_ms": {}}}), "dense.latency_ms.median is missing"),
+    (json.dumps({"schema": 1, "dense": _MODEL, "pareto": [{**_MODEL, "trial": 3}]}), "pareto[0].meets.latency is missing"),
+    (json.dumps({"schema": 1, "dense": _MODEL, "pareto": "none"}), "pareto: expected a list"),
+    (json.dumps({"schema": 1, "dense": _MODEL, "request": [1]}), "request: expected an object"),
+])
+def test_a_damaged_summary_is_one_error_naming_the_file(tmp_path: Path, text: str, needle: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(text)
+    with pytest.raises(HwpruneError, match=re.escape(needle)) as exc:
+        build_report(run)
+    assert str(run / "summary.json") in str(exc.value) and "\n" not in str(exc.value)
+    assert not (run / "report.html").exists()
+
+
+def test_report_cli_on_a_damaged_summary_exits_2_in_one_line(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for folder, text in ((good, json.dumps({"schema": 1, "dense": _MODEL, "pareto": []})), (bad, "not json")):
+        folder.mkdir()
+        (folder / "summary.json").write_text(text)
+    for args in (["report", str(bad)], ["report", str(good), "--compare", str(bad), "--out", str(tmp_path / "cmp")]):
+        proc = run_cli(*args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"hwprune: error: {bad / 'summary.json'}: not valid JSON")
+        assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("value,expected", [(0.034827, "0.0348"), (1.2134, "1.21"), (12.34, "12.3"), (1234.5, "1234"),

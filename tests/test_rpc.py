@@ -145,7 +145,7 @@ def test_board_comes_back_between_measurements(tiny_onnx: Path) -> None:
 
 
 def test_doctor_tvm_rpc(rpc: LocalRpc) -> None:
-    from hwprune.doctor import doctor, format_checks
+    from hwprune.doctor import board_tracker, doctor, format_checks
 
     checks = doctor(_profile(rpc.tracker))
     names = [c.name for c in checks]
@@ -156,12 +156,31 @@ def test_doctor_tvm_rpc(rpc: LocalRpc) -> None:
     bad = doctor(_profile(f"127.0.0.1:{free_port()}", key="rpi4"))
     failed = [c for c in bad if not c.ok]
     assert [c.name for c in failed] == ["tracker reachable"]
-    assert "python -m tvm.exec.rpc_server --tracker 127.0.0.1:" in failed[0].fix and "--key rpi4" in failed[0].fix
+    board, _ = board_tracker("127.0.0.1")  # the board is told this host's LAN address, not its own loopback
+    assert f"python -m tvm.exec.rpc_server --tracker {board}:" in failed[0].fix and "--key rpi4" in failed[0].fix
     assert "fix: " in format_checks(bad)
 
     nokey = doctor(_profile(rpc.tracker, key="rpi4"))
     failed = [c for c in nokey if not c.ok]
     assert [c.name for c in failed] == ["board registered"] and "--key rpi4" in failed[0].fix
+
+
+def test_doctor_tells_the_board_this_hosts_lan_address_not_loopback() -> None:
+    """127.0.0.1 is where hwprune on this host reaches a tracker; on a board it is the board itself."""
+    import ipaddress
+
+    from hwprune.doctor import board_tracker, doctor, lan_address
+
+    lan = lan_address()  # a UDP connect: picks a route, sends nothing
+    assert lan is None or not ipaddress.ip_address(lan).is_loopback
+    for host in ("127.0.0.1", "localhost", "::1"):
+        board, note = board_tracker(host)
+        assert board == (lan or "HOST_IP") and f"{host} works only for an rpc_server on this host" in note
+    assert board_tracker("192.168.1.10") == ("192.168.1.10", "")  # an address the board can reach stays as it is
+    port = free_port()
+    fix = next(c for c in doctor(_profile(f"127.0.0.1:{port}", key="rpi4")) if not c.ok).fix
+    assert f"rpc_server --tracker {lan or 'HOST_IP'}:{port} --key rpi4" in fix
+    assert "rpc_tracker --host 0.0.0.0" in fix and "replace it" in fix or lan is None
 
 
 def test_hung_board_is_bounded(tiny_onnx: Path) -> None:

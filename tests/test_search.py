@@ -17,7 +17,7 @@ import pytest
 
 import hwprune
 from hwprune.errors import BudgetUnreachable
-from conftest import GUARD_OFF, GUARD_OFF_ARGS, ROOT, TESTS, load_summary, run_cli
+from conftest import GUARD_OFF, GUARD_OFF_ARGS, ROOT, TESTS, budget_profile, load_summary, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -357,6 +357,70 @@ def test_bad_flags_fail_clearly(tmp_path: Path) -> None:
         proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--trials", "1", "--out", str(tmp_path), *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _unwritable_outs(tmp_path: Path) -> list[tuple[str, str]]:
+    """--out values no run folder can go in, with the words the one-line error must contain."""
+    a_file = tmp_path / "a-file.txt"
+    a_file.write_text("keep me")
+    outs = [(str(a_file), f"{a_file} exists and is not a folder"),
+            (str(a_file / "sub"), f"{a_file} exists and is not a folder"),
+            ("/dev/null", "/dev/null exists and is not a folder"),
+            ("/proc/hwprune-test", "/proc/hwprune-test"),
+            ("/sys/hwprune-test", "/sys/hwprune-test")]
+    if os.geteuid() != 0:  # root writes into a mode 0o555 folder all the same
+        ro = tmp_path / "read-only"
+        ro.mkdir(mode=0o555)
+        outs.append((str(ro), str(ro)))
+    return outs
+
+
+def test_unwritable_out_fails_in_one_line_before_any_work(tmp_path: Path) -> None:
+    outs = _unwritable_outs(tmp_path)
+    for out, needle in outs[:1] + outs[3:4]:  # the command line: one line, exit 2 (an existing file, /proc)
+        proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--trials", "1",
+                       "--out", out, "--study", "s")
+        assert proc.returncode == 2, (out, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("hwprune: error: cannot create or write the run folder")
+        assert needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    for out, needle in outs:  # every case, through the API (the same check in Search, before the model loads)
+        with pytest.raises(hwprune.HwpruneError, match="cannot create or write the run folder") as exc:
+            hwprune.search("tiny_subject:tiny_cnn", out=out, study="s", trials=1, **GUARD_OFF)
+        assert needle in str(exc.value)
+    assert (tmp_path / "a-file.txt").read_text() == "keep me"
+
+
+def test_study_names_that_are_not_folder_names_are_refused(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "out"
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--trials", "1",
+                   "--out", str(out), "--study", "../../escape")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a study name becomes the run folder's name" in lines[0], proc.stderr
+    for study in ["../x", "a/b", "/tmp/abs", "..", ".", "a\\b"]:
+        with pytest.raises(hwprune.HwpruneError, match="path separator"):
+            hwprune.search("tiny_subject:tiny_cnn", study=study, out=out, trials=1, **GUARD_OFF)
+    assert list(tmp_path.rglob("*")) == [], "nothing may be written, inside --out or out of it"
+
+
+def test_the_profiles_default_budget_applies_on_the_command_line(tmp_path: Path) -> None:
+    profile = budget_profile(tmp_path)
+    run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", str(profile), "--trials", "1",
+            "--final-finetune-steps", "0", "--out", str(tmp_path), "--study", "cli", check=True)
+    request = json.loads((tmp_path / "cli" / "request.json").read_text())
+    assert (request["memory_budget"], request["latency_budget"]) == ("50", None)
+    assert load_summary(tmp_path / "cli")["request"]["memory_budget_mb"] == 50.0
+
+
+def test_the_profiles_default_budget_applies_in_the_python_api(tmp_path: Path) -> None:
+    profile = budget_profile(tmp_path, "memory_mb = 50.0\nlatency_ms = 100.0")
+    result = hwprune.search("tiny_subject:tiny_cnn", str(profile), **GUARD_OFF, latency_budget_ms=500, trials=1,
+                            final_finetune_steps=0, out=tmp_path, study="api")
+    request = result.summary["request"]
+    # the profile's memory budget fills the one not given; the latency budget given wins over the profile's
+    assert (request["memory_budget"], request["latency_budget"]) == ("50", "500")
+    assert request["memory_budget_mb"] == 50.0
 
 
 def test_untraceable_model_names_the_problem(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from hwprune.errors import HwpruneError
 from hwprune.export import sha256_file
 
 log = logging.getLogger("hwprune")
@@ -217,18 +218,65 @@ def _normalise_trials(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("trial").reset_index(drop=True)
 
 
+# what a report cannot do without: (keys of every model record, keys of a front model's), each "key" or "key.sub"
+_MODEL_NEEDS = ("accuracy", "latency_ms.median", "memory_mb.total")
+_FRONT_NEEDS = ("trial", "meets.latency", "meets.memory", "files.onnx")
+_TABLES = ("request", "search", "measurement", "accuracy_guard", "recovery")  # optional, but tables when present
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """summary.json, checked for what every report reads; a damaged one is one error naming the file and the key."""
+    fix = "rebuild it by running the search again (same command), or restore the file"
+    try:
+        summary = _read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HwpruneError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    except OSError as exc:
+        raise HwpruneError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+    def missing(record: Any, where: str, needs: tuple[str, ...]) -> None:
+        if not isinstance(record, dict):
+            raise HwpruneError(f"{path}: {where}: expected an object, got {type(record).__name__}; {fix}")
+        for need in needs:
+            value: Any = record
+            for part in need.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise HwpruneError(f"{path}: {where}.{need} is missing; {fix}")
+                value = value[part]
+
+    missing(summary, "summary", ("dense",))
+    missing(summary["dense"], "dense", _MODEL_NEEDS)
+    front = summary.get("pareto") or []
+    if not isinstance(front, list):
+        raise HwpruneError(f"{path}: pareto: expected a list, got {type(front).__name__}; {fix}")
+    for i, record in enumerate(front):
+        missing(record, f"pareto[{i}]", _MODEL_NEEDS + _FRONT_NEEDS)
+    for key in _TABLES:
+        if key in summary and summary[key] is None:
+            del summary[key]  # null reads as absent
+        elif key in summary and not isinstance(summary[key], dict):
+            raise HwpruneError(f"{path}: {key}: expected an object, got {type(summary[key]).__name__}; {fix}")
+    return summary
+
+
 def load_run(run_dir: str | Path) -> RunData:
     """Load a run folder written by ``hwprune search`` (see docs/run-folder.md)."""
     run_dir = Path(run_dir)
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{run_dir}: no summary.json; is this a folder written by `hwprune search`?")
-    summary = _read_json(summary_path)
+    summary = _read_summary(summary_path)
     warnings: list[str] = []
     if summary.get("schema") != 1:
         warnings.append(f"summary.json has schema {summary.get('schema')!r}; this report understands schema 1")
     if "request" not in summary and (run_dir / "request.json").is_file():
-        summary["request"] = _read_json(run_dir / "request.json")
+        try:
+            summary["request"] = _read_json(run_dir / "request.json")
+        except (OSError, ValueError) as exc:  # the settings are missing from the report, the rest stands
+            warnings.append(f"request.json could not be read ({exc}): the report shows no search settings")
+        if not isinstance(summary.get("request", {}), dict):
+            del summary["request"]
+            warnings.append("request.json is not an object: the report shows no search settings")
     trials, source = _load_trials(run_dir, summary.get("request", {}), warnings)
     trials = _normalise_trials(trials)
 

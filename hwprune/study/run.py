@@ -27,11 +27,11 @@ import torch
 from optuna.trial import TrialState
 
 from hwprune import __version__, train
-from hwprune.config import SearchConfig
+from hwprune.config import SearchConfig, prepare_run_dir
 from hwprune.errors import BudgetUnreachable, HwpruneError
 from hwprune.backends import create_backend
 from hwprune.backends.base import Measurement
-from hwprune.profiles import DeviceProfile, load_profile
+from hwprune.profiles import DeviceProfile, default_budgets, load_profile
 from hwprune.pruning import PruningSpace, architecture_signature, count_macs_params, prune, read_widths
 from hwprune.pruning.importance import auto_importance, resolve_importance
 from hwprune.study import pareto as pareto_mod
@@ -216,12 +216,14 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.log = log_fn or (lambda msg: log.info(msg))
         self.profile = resolve_profile(config)
+        config.latency_budget_ms, config.memory_budget_mb = default_budgets(  # the profile's where none is given
+            self.profile, config.latency_budget_ms, config.memory_budget_mb)
         check_rankable(self.profile, config)
         if config.tune_final_trials and self.profile.backend not in ("tvm", "tvm-rpc"):
             raise HwpruneError(f"--tune-final tunes TVM kernels, but profile {self.profile.name} measures with "
                                f"{self.profile.backend}; add --backend tvm or --backend tvm-rpc")
         self.run_dir = config.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_run_dir(self.run_dir)  # a folder that cannot be written is an error now, not after the dense model
         self.storage = config.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
         self.exporter = config.exporter or ("dynamo" if self.profile.backend in ("tvm", "tvm-rpc") else "torchscript")
         self._subject = subject
