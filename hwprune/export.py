@@ -342,6 +342,20 @@ def _dynamo_proto(model: Any, args: tuple[Any, ...], opset: int, input_names: li
     return program.model_proto
 
 
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    """Without nn.MultiheadAttention's eval-mode fast path: its fused ``_native_multi_head_attention`` op has no ONNX
+    export (a ViT of nn.TransformerEncoderLayer failed to export), while the plain path computes the same."""
+    import torch  # lazily, as everywhere in this module: the CLI's error paths import it without torch
+
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def export_onnx(
     model: Any,
     example_inputs: Any,
@@ -379,7 +393,7 @@ def export_onnx(
     error: BaseException | None = None
     with _silenced() as log:
         try:
-            with _eval_mode(model), torch.no_grad():
+            with _eval_mode(model), torch.no_grad(), _no_mha_fastpath():
                 if exporter == "torchscript":
                     proto = _torchscript_proto(model, args, opset, names, strict)
                 else:

@@ -208,3 +208,25 @@ def test_input_feed_matches_graph(tmp_path: Path) -> None:
     again = input_feed(model, seed=3)
     np.testing.assert_array_equal(feed["x"], again["x"])
     assert not np.array_equal(feed["x"], input_feed(model, seed=4)["x"])
+
+
+def test_transformer_encoder_layers_export_despite_the_attention_fast_path(tmp_path: Path) -> None:
+    """nn.MultiheadAttention's eval-mode fast path is a fused op without an ONNX export; export goes around it."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from torch import nn
+
+    from hwprune.export import export_onnx
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, norm_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(),
+                          nn.Linear(8 * 32, 5)).eval()
+    x = torch.randn(1, 8, 32)
+    path = export_onnx(model, (x,), tmp_path / "vit.onnx", exporter="torchscript")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], expected, atol=1e-4)
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on afterwards
