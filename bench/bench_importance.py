@@ -181,9 +181,9 @@ def bench_subject(name: str, args: argparse.Namespace, held_out: _Batches) -> li
                 torch.manual_seed(seed)  # the data order: the same for every criterion
                 train.finetune(m, subject.train_data, args.steps, loss_fn=subject.loss_fn, lr=0.02, teacher=dense)
                 ft.append(train.accuracy(m, held_out))
-            row = {"subject": name, "family": FAMILY[name], "model_seed": args.model_seed, "ratio": ratio, "criterion": crit,
-                   "params": pm.params, "macs": pm.macs, "dense_acc": dense_acc, "acc_recal": acc_recal,
-                   "acc_ft": statistics.fmean(ft), "acc_ft_seeds": ft, "prune_s": prune_s,
+            row = {"subject": name, "family": FAMILY[name], "model_seed": args.model_seed, "ratio": ratio,
+                   "criterion": crit, "params": pm.params, "macs": pm.macs, "dense_acc": dense_acc,
+                   "acc_recal": acc_recal, "acc_ft": statistics.fmean(ft), "acc_ft_seeds": ft, "prune_s": prune_s,
                    "taylor_grad_s": taylor_s if crit == "taylor" else None}
             rows.append(row)
             log(f"  r={ratio} {crit:8s} MACs {pm.macs / 1e6:.2f} M  recal {acc_recal:.4f}  "
@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, args.criteria)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    fields = ["subject", "family", "model_seed", "ratio", "criterion", "params", "macs", "dense_acc", "acc_recal", "acc_ft",
-              "acc_ft_seeds", "prune_s", "taylor_grad_s"]
+    fields = ["subject", "family", "model_seed", "ratio", "criterion", "params", "macs", "dense_acc", "acc_recal",
+              "acc_ft", "acc_ft_seeds", "prune_s", "taylor_grad_s"]
     with open(args.out / "bench_importance.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()

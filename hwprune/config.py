@@ -15,7 +15,8 @@ from hwprune.errors import HwpruneError
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 RECOVERY_METHODS = ("auto", "inputs", "synthetic", "none")  # hwprune.recovery; kept here so config imports no torch
-# channel ranking criteria: hwprune.pruning.importance.IMPORTANCES plus "auto" (per model family, docs/benchmarks.md, "Channel importance")
+# channel ranking criteria: hwprune.pruning.importance.IMPORTANCES plus "auto" (per model family, docs/benchmarks.md,
+# "Channel importance")
 IMPORTANCES = ("auto", "l2", "l1", "bn-scale", "taylor")
 DEFAULT_IMPORTANCE = "auto"
 
@@ -74,7 +75,8 @@ class Budget:
         else:
             m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(x)?\s*", str(text))
             if not m:
-                raise HwpruneError(f"{what}: {text!r} is not a number (e.g. 20) or a fraction of the dense model (e.g. 0.6x)")
+                raise HwpruneError(f"{what}: {text!r} is not a number (e.g. 20) or a fraction of the dense model "
+                                   f"(e.g. 0.6x)")
             value, relative = float(m.group(1)), bool(m.group(2))
         if value <= 0:
             raise HwpruneError(f"{what}: must be positive, got {text!r}")

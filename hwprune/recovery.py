@@ -6,9 +6,9 @@ architecture, destroyed it. Re-calibration and distillation from the dense model
 the subject brings no data hwprune finds some:
 
 - ``inputs``: the inputs the user's ``evaluate`` feeds the dense model, recorded by a forward pre-hook. Part of them
-  (every ``HELDOUT_EVERY``-th chunk) is never used for recovery, so the pruned model's agreement with the dense model can be
-  measured on inputs recovery did not see. The reported accuracy still comes from ``evaluate``, whose inputs recovery
-  saw: that is recorded as a leak, never hidden.
+  (every ``HELDOUT_EVERY``-th chunk) is never used for recovery, so the pruned model's agreement with the dense model
+  can be measured on inputs recovery did not see. The reported accuracy still comes from ``evaluate``, whose inputs
+  recovery saw: that is recorded as a leak, never hidden.
 - ``synthetic``: inputs optimised so that every BatchNorm layer of the dense model sees its own running statistics
   (ZeroQ / DeepInversion). No leak, but only for BatchNorm models with floating-point inputs.
 - ``none``: nothing; the pruned model keeps the dense model's statistics.

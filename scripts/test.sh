@@ -16,4 +16,6 @@ fi
 # the tests start hundreds of Python processes: let the first one that imports a module compile it for the rest, even
 # where the environment says not to write bytecode (setup.sh compiles the common imports; this catches the others)
 unset PYTHONDONTWRITEBYTECODE
+# lint is part of the test command: a lint error fails CI in seconds, before the slow tests
+.venv/bin/ruff check hwprune tests bench
 exec .venv/bin/python -m pytest "$@"

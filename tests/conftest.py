@@ -12,8 +12,9 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-# tiny_subject's tiny_cnn and tiny_cnn_trained score at chance (10 classes): the tests that search it for something else (storage, boards,
-# interrupts, budgets) search it as hwprune did before the accuracy guard and recovery, which test_accuracy.py covers
+# tiny_subject's tiny_cnn and tiny_cnn_trained score at chance (10 classes): the tests that search it for something
+# else (storage, boards, interrupts, budgets) search it as hwprune did before the accuracy guard and recovery, which
+# test_accuracy.py covers
 GUARD_OFF_ARGS = ("--recovery", "none", "--max-accuracy-drop", "off")
 GUARD_OFF = {"recovery": "none", "max_accuracy_drop": "off"}
 

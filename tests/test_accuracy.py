@@ -15,7 +15,7 @@ import accuracy_subject as quad
 import hwprune
 from conftest import load_summary, run_cli
 from hwprune.config import AccuracyGuard
-from hwprune.errors import BudgetUnreachable, HwpruneError, SubjectError
+from hwprune.errors import HwpruneError, SubjectError
 from hwprune.pruning import prune
 from hwprune.recovery import (HELDOUT_EVERY, agreement, batchnorm_layers, capture_inputs, plan_recovery, recover,
                               synthesize_inputs)

@@ -49,10 +49,14 @@ def _hw(**changes: object) -> str:
 
 @pytest.mark.parametrize("body,field", [
     ('name = "x"\nbackend = "ort"\n', "hardware"),
-    ('name = "x"\nbackend = "warp"\n[hardware]\ncpu="c"\ncores=1\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n', "backend"),
-    ('name = "x"\n[hardware]\ncpu="c"\ncores="four"\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n', "hardware.cores"),
-    ('name = "x"\n[hardware]\ncpu="c"\ncores=4\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n[measure]\nrepeatz=3\n', "measure.repeatz"),
-    ('name = "x"\n[hardware]\ncpu="c"\ncores=4\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n[budgets]\nlatency_ms=-1\n', "budgets.latency_ms"),
+    ('name = "x"\nbackend = "warp"\n[hardware]\ncpu="c"\ncores=1\nclock_ghz=1\npeak_gflops=1\n'
+     'memory_bandwidth_gbs=1\nram_gb=1\n', "backend"),
+    ('name = "x"\n[hardware]\ncpu="c"\ncores="four"\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\n'
+     'ram_gb=1\n', "hardware.cores"),
+    ('name = "x"\n[hardware]\ncpu="c"\ncores=4\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n'
+     '[measure]\nrepeatz=3\n', "measure.repeatz"),
+    ('name = "x"\n[hardware]\ncpu="c"\ncores=4\nclock_ghz=1\npeak_gflops=1\nmemory_bandwidth_gbs=1\nram_gb=1\n'
+     '[budgets]\nlatency_ms=-1\n', "budgets.latency_ms"),
     ('name = "x\n', "not valid TOML"),
     # zero is not a number of cores, a clock, a bandwidth or a repeat count (a roofline estimate divides by them)
     *[(_hw(**{field: value}), f"hardware.{field}: must be positive")

@@ -67,8 +67,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "run" not in _RUNS:
         out = tmp_path_factory.mktemp("search")
         result = hwprune.search(model=tiny_factory, device="host-cpu", latency_budget_ms="0.9x", trials=5, out=out,
-                                seed=0, trial_finetune_steps=2, final_finetune_steps=2, channel_multiple=8, max_accuracy_drop="off",
-                                progress=False, study="tiny")
+                                seed=0, trial_finetune_steps=2, final_finetune_steps=2, channel_multiple=8,
+                                max_accuracy_drop="off", progress=False, study="tiny")
         _RUNS["run"] = result.run_dir
     return _RUNS["run"]
 
@@ -518,7 +518,8 @@ _MODEL = {"trial": None, "accuracy": 0.5, "latency_ms": {"median": 1.0, "p90": 1
     ("[1, 2]", "summary: expected an object, got list"),
     (json.dumps({"schema": 1, "pareto": []}), "summary.dense is missing"),
     (json.dumps({"schema": 1, "dense": {**_MODEL, "latency_ms": {}}}), "dense.latency_ms.median is missing"),
-    (json.dumps({"schema": 1, "dense": _MODEL, "pareto": [{**_MODEL, "trial": 3}]}), "pareto[0].meets.latency is missing"),
+    (json.dumps({"schema": 1, "dense": _MODEL, "pareto": [{**_MODEL, "trial": 3}]}),
+     "pareto[0].meets.latency is missing"),
     (json.dumps({"schema": 1, "dense": _MODEL, "pareto": "none"}), "pareto: expected a list"),
     (json.dumps({"schema": 1, "dense": _MODEL, "request": [1]}), "request: expected an object"),
 ])

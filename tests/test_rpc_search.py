@@ -56,8 +56,9 @@ def test_search_over_rpc_survives_the_board_dying(tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
     with LocalRpc(key="board") as rpc:
-        args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device",
-                str(profile), "--backend", "tvm-rpc", "--tracker", rpc.tracker, "--key", "board", "--allow-untuned",
+        args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS,
+                "--device", str(profile), "--backend", "tvm-rpc", "--tracker", rpc.tracker, "--key", "board",
+                "--allow-untuned",
                 "--latency-budget-ms", "2x", "--trials", "10", "--out", str(tmp_path), "--study", "rpc",
                 "--final-finetune-steps", "0"]
         proc = subprocess.Popen(args, env=env, cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -73,8 +73,9 @@ def postgres(tmp_path_factory: pytest.TempPathFactory):
 def test_two_workers_share_one_postgres_study(postgres: str, tmp_path: Path) -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
-    args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms",
-            "2x", "--trials", "8", "--storage", postgres, "--study", "shared", "--final-finetune-steps", "0"]
+    args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS,
+            "--latency-budget-ms", "2x", "--trials", "8", "--storage", postgres, "--study", "shared",
+            "--final-finetune-steps", "0"]
     # the first worker creates the study; the second joins it while it runs
     workers = [subprocess.Popen(args + ["--out", str(tmp_path / f"w{i}")], env=env, cwd=TESTS, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)

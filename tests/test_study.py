@@ -74,7 +74,8 @@ def test_warm_start_spans_the_space_and_bracket_aims_at_the_budget(tmp_path: Pat
     waiting = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.WAITING]
     assert [t.user_attrs["uniform_ratio"] for t in waiting] == ratios
     assert set(waiting[0].system_attrs["fixed_params"].values()) == {0.625}
-    assert bracket_budget(study, space, 10.0, Budgets(5.0, None)) == []  # one at a time: a uniform trial is still queued
+    # one at a time: a uniform trial is still queued
+    assert bracket_budget(study, space, 10.0, Budgets(5.0, None)) == []
 
     # bisection goes on as the queued trials are measured; a cliff (5.5 ms just above the budget, 4 ms below)
     # must not stop it short of the least pruning that meets the budget

@@ -205,8 +205,8 @@ def test_metaschedule_database_persists_and_is_reused(tmp_path: Path) -> None:
 def test_tune_final_needs_a_tvm_backend(tmp_path: Path) -> None:
     from conftest import run_cli
 
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", "host-cpu", "--latency-budget-ms", "2x",
-                   "--trials", "1", "--tune-final", "4", "--out", str(tmp_path))
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", "host-cpu",
+                   "--latency-budget-ms", "2x", "--trials", "1", "--tune-final", "4", "--out", str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--tune-final" in proc.stderr and "--backend tvm" in proc.stderr
 
@@ -216,8 +216,8 @@ def test_tune_final_tunes_only_the_recommended_model(tmp_path: Path) -> None:
     """An untuned search ranks candidates; --tune-final then tunes the recommended one and reports both numbers."""
     from conftest import load_summary, run_cli
 
-    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", "host-cpu-tvm", "--tuning-trials", "0",
-                   "--allow-untuned",
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", "host-cpu-tvm",
+                   "--tuning-trials", "0", "--allow-untuned",
                    "--latency-budget-ms", "2x", "--trials", "2", "--final-finetune-steps", "0", "--tune-final", "4",
                    "--out", str(tmp_path), "--study", "tf", env={"HWPRUNE_CACHE": str(tmp_path / "cache")},
                    timeout=1500, check=True)

@@ -176,7 +176,8 @@ def test_busy_cores_elsewhere_sees_another_process() -> None:
 
     from hwprune import train
 
-    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
     try:
         time.sleep(0.3)
         train._BUSY_CACHE.clear()

@@ -52,7 +52,8 @@ class Latency:
             std_ms=float(s.std(ddof=1)) if s.size > 1 else 0.0,
             repeats=int(s.size),
             warmup=warmup,
-            cpu_median_ms=float(np.median(cpu_samples_ms)) if cpu_samples_ms is not None and len(cpu_samples_ms) else None,
+            cpu_median_ms=(float(np.median(cpu_samples_ms))
+                           if cpu_samples_ms is not None and len(cpu_samples_ms) else None),
             mad_ms=float(np.median(np.abs(s - np.median(s)))),
         )
 

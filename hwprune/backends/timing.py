@@ -2,8 +2,8 @@
 
 Why this shape: on a shared host, wall-clock medians drift under load from other processes while the minimum and the
 thread's CPU time stay put (see DESIGN.md, "Timing"). So each timed run records both clocks, a run whose robust
-spread (1.4826 MAD / median, which one preempted run does not inflate) exceeds the profile's ``max_cv`` is repeated (keeping the steadiest attempt), and one that stays noisy is
-kept but flagged, never silently trusted.
+spread (1.4826 MAD / median, which one preempted run does not inflate) exceeds the profile's ``max_cv`` is
+repeated (keeping the steadiest attempt), and one that stays noisy is kept but flagged, never silently trusted.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def timed_pair(fn: Callable[[], Any], ref: Callable[[], Any], warmup: int, repea
     numbers = []
     for f in (fn, ref):
         first_ms = 0.0
-        for i in range(max(warmup, 0)):
+        for _ in range(max(warmup, 0)):
             t0 = time.perf_counter_ns()
             f()
             first_ms = (time.perf_counter_ns() - t0) / 1e6

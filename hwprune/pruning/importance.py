@@ -306,7 +306,8 @@ def has_grouped_convs(model: nn.Module) -> bool:
 
 
 def auto_importance(model: nn.Module, calibration_data: Iterable[Any] | None = None) -> str:
-    """The criterion ``"auto"`` picks for ``model``, per family, from bench/bench_importance.py (docs/benchmarks.md, "Channel importance"):
+    """The criterion ``"auto"`` picks for ``model``, per family, from bench/bench_importance.py (docs/benchmarks.md,
+    "Channel importance"):
 
     - BatchNorm CNNs without grouped convolutions (ResNet/VGG-like): ``"bn-scale"``. On ``resnet-tiny`` it was the
       most accurate after the 100-step fine-tune at every ratio, +2.3 and +0.9 points over l2 on two dense models

@@ -521,7 +521,8 @@ def _summary_section(run: RunData) -> Section:
              f"{_pct_of(rec['memory_mb']['total'], dense['memory_mb']['total'])}; dense "
              f"{fmt_mb(dense['memory_mb']['total'])}"),
             (metric.capitalize(), fmt_metric(rec.get("accuracy")), f"dense {fmt_metric(dense.get('accuracy'))}"
-             + (f"; {fmt_pct(100 * rec['accuracy_retention'])} kept" if rec.get("accuracy_retention") is not None else "")),
+             + (f"; {fmt_pct(100 * rec['accuracy_retention'])} kept"
+                if rec.get("accuracy_retention") is not None else "")),
         ]))
         met = []
         if lat_b is not None:
@@ -579,7 +580,8 @@ def _accuracy_warnings(run: RunData) -> list[str]:
         if recovery.get("leak"):
             text += ("Those are inputs `evaluate` itself scores, so the accuracy above may be optimistic. ")
         if held is not None:
-            text += f"On held-out recorded inputs the recommended model agrees with the dense one on {fmt_pct(100 * held)}. "
+            text += (f"On held-out recorded inputs the recommended model agrees with the dense one on "
+                     f"{fmt_pct(100 * held)}. ")
         out.append(text + "Give calibration/training data for a better and surer answer.")
     return out
 

@@ -210,7 +210,8 @@ class TrialRunner:
 
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
-            path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx", exporter=self.exporter)
+            path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx",
+                               exporter=self.exporter)
             t = self._tick("export", t, stages)
             if self.beside is None:
                 m, ratio = timed(path), None

@@ -358,9 +358,9 @@ class Search:
         importance = resolve_importance(self.fingerprint.importance, subject.model, ranking_data,
                                         None if self.recovery is not None else subject.loss_fn)
         request["importance"] = self.fingerprint.importance
-        space = PruningSpace.build(subject.model, subject.example_inputs, channel_multiple=self.profile.channel_multiple,
-                                   max_ratio=c.max_ratio, ignored_layers=list(subject.ignored_layers), depth=c.depth,
-                                   importance=importance)
+        space = PruningSpace.build(subject.model, subject.example_inputs,
+                                   channel_multiple=self.profile.channel_multiple, max_ratio=c.max_ratio,
+                                   ignored_layers=list(subject.ignored_layers), depth=c.depth, importance=importance)
         if not space.knobs:
             raise HwpruneError(f"{subject.name}: found no prunable channel groups (nothing but the output layer?)")
         sampler = make_sampler(c.sampler, c.seed, len(space.knobs))
@@ -475,8 +475,9 @@ class Search:
         # measured beside each trial (a trial measured in a slow spell is not slower for it)
         ranked = complete
         if not complete.empty:
-            ranked = complete.assign(latency_ms=[budgets.judged_ms(lat, None if pd.isna(ratio) else ratio)
-                                                 for lat, ratio in zip(complete["latency_ms"], complete["latency_ratio"])])
+            ranked = complete.assign(latency_ms=[
+                budgets.judged_ms(lat, None if pd.isna(ratio) else ratio)
+                for lat, ratio in zip(complete["latency_ms"], complete["latency_ratio"])])
 
         dense_record = _model_record(trial=None, accuracy=dense_info["accuracy"], accuracy_proxy=dense_info["accuracy"],
                                      m=dense_m, params=dense_info["params"], macs=dense_info["macs"],

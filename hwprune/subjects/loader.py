@@ -153,7 +153,8 @@ def check_evaluate(subject: Subject, *, record: bool = False) -> tuple[float, li
         else:
             score, recorded = subject.evaluate(subject.model), []
     except Exception as exc:  # noqa: BLE001
-        raise SubjectError(f"{subject.name}: evaluate(model) failed on the dense model: {type(exc).__name__}: {exc}") from None
+        raise SubjectError(f"{subject.name}: evaluate(model) failed on the dense model: "
+                           f"{type(exc).__name__}: {exc}") from None
     try:
         value = float(score)
     except (TypeError, ValueError):

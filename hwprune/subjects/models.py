@@ -28,7 +28,7 @@ class SqueezeExcite(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, optional squeeze-excite, 1x1 project, residual when shapes match."""
+    """MobileNetV2 block: 1x1 expand, 3x3 depthwise, optional squeeze-excite, 1x1 project, residual if shapes match."""
 
     def __init__(self, cin: int, cout: int, stride: int, expand: int, se: bool = False) -> None:
         super().__init__()
@@ -55,7 +55,8 @@ class MobileNetV2(nn.Module):
     """
 
     # expansion, channels, repeats, stride
-    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, stem_stride: int = 2,
                  settings: tuple[tuple[int, int, int, int], ...] | None = None, last_channels: int = 1280,
