@@ -19,6 +19,7 @@ per-trial fine-tune and final fine-tune use them exactly as they use a user's la
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -132,40 +133,54 @@ def _detach(value: Any) -> Any:
 
 
 def capture_inputs(model: nn.Module, evaluate: Callable[[nn.Module], Any],
-                   max_samples: int = MAX_CAPTURED_SAMPLES) -> tuple[Any, list[Inputs]]:
-    """Call ``evaluate(model)`` and record the inputs of each forward call of ``model`` it makes, up to
-    ``max_samples`` samples and ``MAX_CAPTURED_BYTES``.
+                   max_samples: int = MAX_CAPTURED_SAMPLES, seed: int = 0) -> tuple[Any, list[Inputs]]:
+    """Call ``evaluate(model)`` and record the inputs of the forward calls of ``model`` it makes: chunks of ``CHUNK``
+    samples drawn uniformly from the whole evaluation (reservoir sampling), at most ``max_samples`` samples and
+    ``MAX_CAPTURED_BYTES``.
+
+    Uniform, not the first ones: an evaluation set sorted by class (as an image folder is) would otherwise give
+    recovery a few classes only (on CIFAR-10 that made distillation worse than re-calibration alone).
 
     Returns:
-        What ``evaluate`` returned, and the recorded inputs (one entry per call: a tensor, a tuple of positional
-        arguments, or a dict when the call had keyword arguments).
+        What ``evaluate`` returned, and the recorded chunks (each a tensor, a tuple of positional arguments, or a
+        dict when the call had keyword arguments), in the order they were fed.
     """
-    recorded: list[Inputs] = []
-    count, size = [0], [0]
+    kept: list[tuple[int, Inputs]] = []  # (position in the evaluation, chunk)
+    seen = [0]
+    capacity = [max(1, max_samples // CHUNK)]
+    rng = random.Random(seed)
 
     def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if count[0] >= max_samples or size[0] >= MAX_CAPTURED_BYTES:
-            return
         if kwargs:
             names = _positional_names(model, len(args))
-            inputs: Inputs = {**dict(zip(names, args)), **kwargs} if names is not None else None
-            if inputs is None:
+            if names is None:
                 return
+            inputs: Inputs = {**dict(zip(names, args)), **kwargs}
         else:
             inputs = args[0] if len(args) == 1 else tuple(args)
-        tensors = _tensors(inputs)
-        if not tensors:
+        if not _tensors(inputs):
             return
-        recorded.append(_detach(inputs))
-        count[0] += _batch_size(inputs)
-        size[0] += sum(t.numel() * t.element_size() for t in tensors)
+        for chunk in _chunks(inputs):
+            i = seen[0]
+            seen[0] += 1
+            slot = len(kept) if len(kept) < capacity[0] else rng.randrange(i + 1)
+            if slot >= capacity[0]:
+                continue
+            copy = (i, _detach(chunk))
+            if i == 0:  # the memory bound, from the first chunk's size
+                size = sum(t.numel() * t.element_size() for t in _tensors(copy[1]))
+                capacity[0] = max(1, min(capacity[0], MAX_CAPTURED_BYTES // max(size, 1)))
+            if slot == len(kept):
+                kept.append(copy)
+            else:
+                kept[slot] = copy
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         score = evaluate(model)
     finally:
         handle.remove()
-    return score, recorded
+    return score, [chunk for _, chunk in sorted(kept, key=lambda ic: ic[0])]
 
 
 def _positional_names(model: nn.Module, n: int) -> list[str] | None:
@@ -385,9 +400,10 @@ def recover(module: nn.Module, plan: RecoveryPlan, *, steps: int = 0, lr: float 
 
     if not plan.active:
         return module
-    train.recalibrate_batchnorm(module, plan.batches, calibration_batches)
+    batches = iterate(plan)  # shuffled, as the search gives them: chunks come in evaluation order
+    train.recalibrate_batchnorm(module, batches, calibration_batches)
     if steps:
-        train.finetune(module, plan.batches, steps, loss_fn=distill_loss, lr=lr)
+        train.finetune(module, batches, steps, loss_fn=distill_loss, lr=lr)
     return module
 
 

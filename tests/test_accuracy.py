@@ -61,8 +61,15 @@ def test_recorded_inputs_recover_a_collapsed_model(model: nn.Module) -> None:
     score, recorded = capture_inputs(model, quad.evaluate)
     assert score == quad.evaluate(model) and sum(x.shape[0] for x in recorded) == quad.VAL[0].shape[0]
     assert torch.equal(torch.cat(recorded), quad.VAL[0])  # exactly what evaluate fed the model, in order
-    _, capped = capture_inputs(model, quad.evaluate, max_samples=200)
-    assert sum(x.shape[0] for x in capped) == 256  # whole calls, stopping once the cap is reached
+    # a capped recording samples chunks from the whole evaluation, not its first batches (a set sorted by class)
+    def sixteen_batches(m: nn.Module) -> float:
+        for k in range(16):
+            m(torch.full((64, 3, quad.SIZE, quad.SIZE), float(k)))
+        return 0.0
+
+    _, capped = capture_inputs(model, sixteen_batches, max_samples=4 * 64)
+    firsts = [float(x[0, 0, 0, 0]) for x in capped]
+    assert len(capped) == 4 and firsts == sorted(firsts) and max(firsts) >= 4  # in order, from beyond the first 4
     plan = plan_recovery(model, EXAMPLE, recorded, "auto")
     assert plan.method == "inputs" and plan.leak and plan.active
     # every HELDOUT_EVERY-th chunk of 64 samples is held out, never used for recovery

@@ -7,7 +7,7 @@ sampler (when the trial's accuracy is the one reported), the front and the recom
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pandas as pd
@@ -90,17 +90,25 @@ def retention(accuracy: float, dense: float) -> float | None:
     return accuracy / dense if dense > 0 else None
 
 
-def best_within_budgets(ranked: pd.DataFrame, budgets: Budgets) -> dict[str, Any] | None:
-    """The most accurate complete trial within the latency and memory budgets, whatever its accuracy: what the
-    message names when nothing keeps within the guard."""
-    if ranked.empty:
-        return None
-    ok = [all(budgets.meets(lat, mem)) for lat, mem in zip(ranked["latency_ms"], ranked["memory_mb"])]
-    within = ranked[pd.Series(ok, index=ranked.index)]
-    if within.empty:
-        return None
-    row = within.sort_values("accuracy", ascending=False).iloc[0]
-    return {"trial": int(row["trial"]), "accuracy": float(row["accuracy"])}
+def best_within_budgets(ranked: pd.DataFrame, budgets: Budgets,
+                        under: Sequence[dict[str, Any]] = ()) -> dict[str, Any] | None:
+    """The most accurate model within the latency and memory budgets, whatever its accuracy: what the message names
+    when nothing keeps within the guard. ``under`` are confirmed models the guard left out, with their accuracy as
+    the guard judged it (after the final fine-tune, where they had one), which counts over their trial's proxy."""
+    best: dict[str, Any] | None = None
+    if not ranked.empty:
+        ok = [all(budgets.meets(lat, mem)) for lat, mem in zip(ranked["latency_ms"], ranked["memory_mb"])]
+        within = ranked[pd.Series(ok, index=ranked.index)]
+        if not within.empty:
+            row = within.sort_values("accuracy", ascending=False).iloc[0]
+            best = {"trial": int(row["trial"]), "accuracy": float(row["accuracy"])}
+    judged = {int(u["trial"]): float(u["accuracy"]) for u in under}
+    if best is not None and best["trial"] in judged:
+        best["accuracy"] = judged[best["trial"]]
+    for trial, accuracy in judged.items():
+        if best is None or accuracy > best["accuracy"]:
+            best = {"trial": trial, "accuracy": accuracy}
+    return best
 
 
 def guard_refused(budgets: Budgets, best: dict[str, Any] | None, under: list[dict[str, Any]]) -> bool:

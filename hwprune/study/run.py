@@ -515,7 +515,7 @@ class Search:
         if not models and not complete.empty:
             best_infeasible = {"latency_ms": float(complete["latency_ms"].min()),
                                "memory_mb": float(complete["memory_mb"].min())}
-        best = best_within_budgets(ranked, budgets)
+        best = best_within_budgets(ranked, budgets, under)
         rec_record = next((pm.record for pm in models if pm.trial == rec_trial), None)
         hv = pareto_mod.hypervolume_history(
             ranked, (dense_info["accuracy"], dense_m.latency.median_ms, dense_m.memory.total_mb)
