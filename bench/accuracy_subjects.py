@@ -17,7 +17,8 @@ Subjects (``SUBJECTS``):
             ``hwprune.subjects.demo.build_demo``; held-out: 2,000 images from a seed the demo does not use.
 * ``cifar`` bench/bench_search.py's CIFAR-10 ResNet (BatchNorm CNN, widths 32/64/128), trained on the first 4,000
             training images per class; evaluate: the next 500 per class; held-out: the 10,000 test images.
-* ``vit``   a small ViT (conv stem to 16 patch tokens, 4 pre-norm blocks with ``nn.MultiheadAttention``, LayerNorm only) trained
+* ``vit``   a small ViT (conv stem to 16 patch tokens, 4 pre-norm blocks with ``nn.MultiheadAttention``, LayerNorm
+            only) trained
             here on generated shapes; cached under ``~/.cache/hwprune/bench/``.
 * ``bert``  a 4-layer ``transformers.BertForSequenceClassification`` from a small ``BertConfig`` (no download),
             trained here to tell which of 8 ordered 3-token motifs a random token sequence contains; cached likewise.
@@ -295,8 +296,9 @@ def vit_subject(seed: int = 0, steps: int = VIT_STEPS) -> AccuracySubject:
         eval_split=Batches(x_val, y_val, 500), heldout_split=Batches(xh, yh, 500),
         train_split=Batches(x_train, y_train, 128, shuffle=True),
         calibration_split=Batches(x_train[:1024], y_train[:1024], 128),
-        description=f"ViT (conv stem to 16 patch tokens, d 64, 4 heads, 4 pre-norm blocks, MLP 128, mean pooling; LayerNorm only, "
-                    f"no BatchNorm) trained {steps} AdamW steps on 30,000 generated shapes; eval and held-out: 2,000 images each from other seeds",
+        description=f"ViT (conv stem to 16 patch tokens, d 64, 4 heads, 4 pre-norm blocks, MLP 128, mean pooling; "
+                    f"LayerNorm only, no BatchNorm) trained {steps} AdamW steps on 30,000 generated shapes; eval and "
+                    "held-out: 2,000 images each from other seeds",
         train_seconds=trained)
 
 
@@ -366,7 +368,8 @@ def bert_subject(seed: int = 0, steps: int = BERT_STEPS) -> AccuracySubject:
     x_val, y_val = make_motif_data(2000, seed=BERT_SEEDS["eval"] + seed)
     xh, yh = make_motif_data(2000, seed=BERT_SEEDS["heldout"] + seed)
     model = bert_model(seed)
-    path = _cache_path("bert-motifs", f"v{VOCAB}-L{SEQ_LEN}-K{N_MOTIFS}-a{len(MOTIF_ALPHABET)}-bg{BACKGROUND[0]}-x{DISTRACTORS}-d64-h4-L4", steps, seed,
+    tag = f"v{VOCAB}-L{SEQ_LEN}-K{N_MOTIFS}-a{len(MOTIF_ALPHABET)}-bg{BACKGROUND[0]}-x{DISTRACTORS}-d64-h4-L4"
+    path = _cache_path("bert-motifs", tag, steps, seed,
                        "adamw2e-3")
     trained = 0.0
     if path.is_file():

@@ -41,16 +41,11 @@ Outputs: Markdown tables on stdout (progress on stderr); ``<out>/recovery.csv``,
 Everything runs on one thread (``torch.set_num_threads(1)``; hwprune's training thread count is pinned to 1 too).
 The first run trains the dense models it lacks (cached under ``~/.cache/hwprune``): demo ~2-3 min, CIFAR ResNet
 (1,500 steps) ~9 min, ViT and BERT ~3-4 min each (measured on a busy 2-core host).
-
-The bench turns off ``nn.MultiheadAttention``'s fused inference path in its own process (``--mha-fastpath`` leaves it
-on): hwprune exports under ``torch.no_grad()``, where that path emits ``aten::_native_multi_head_attention``, which
-the torchscript ONNX exporter rejects, so every ViT search failed with an ExportError.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import datetime as dt
 import json
@@ -88,19 +83,6 @@ except ImportError:  # pragma: no cover
 def pin_threads() -> None:
     torch.set_num_threads(1)
     train.training_threads = lambda: 1  # type: ignore[assignment]  # the search and finetune ask this
-
-
-MHA_WORKAROUND = ("torch.backends.mha.set_fastpath_enabled(False): hwprune exports under torch.no_grad() in eval mode, "
-                  "where nn.MultiheadAttention self-attention takes its fused fast path "
-                  "(aten::_native_multi_head_attention), which the torchscript ONNX exporter rejects")
-
-
-def mha_workaround(enable: bool) -> str | None:
-    """Turn off nn.MultiheadAttention's fused inference path in this process, so hwprune can export the ViT."""
-    if not enable:
-        return None
-    torch.backends.mha.set_fastpath_enabled(False)
-    return MHA_WORKAROUND
 
 
 def git_commit() -> str | None:
@@ -358,7 +340,8 @@ def table_a(rows: list[dict[str, Any]]) -> str:
             continue
         lines.append(f"| {r['subject']} | {r['ratio']} | {r['method']} | {r['steps']} | {_f(r['heldout'], '.4f')} | "
                      f"{_f(r['retention'])} | {_f(r['eval'], '.4f')} | {_f(r['leak_gap'], '+.4f')} | "
-                     f"{_f(excess_gap(r, r['eval'], r['heldout']), '+.4f')} | {_f(r['agree_heldout_inputs'])} | {_f(r['recover_s'], '.1f')} | {_f(r['plan_s'], '.1f')} | "
+                     f"{_f(excess_gap(r, r['eval'], r['heldout']), '+.4f')} | {_f(r['agree_heldout_inputs'])} | "
+                     f"{_f(r['recover_s'], '.1f')} | {_f(r['plan_s'], '.1f')} | "
                      f"{r.get('note', '')} |")
     return "\n".join(lines)
 
@@ -385,9 +368,11 @@ def table_b(rows: list[dict[str, Any]]) -> str:
                          f"{_f(r.get('wall_s'), '.0f')} |")
             continue
         lines.append(f"| {r['subject']} | {r['budget']}x | {r['form']} | {rec} | recommended #{r.get('rec_trial')} | "
-                     f"{_f(r.get('latency_ratio'))} | {_f(r['dense_heldout'], '.4f')} | {_f(r.get('rec_heldout'), '.4f')}"
+                     f"{_f(r.get('latency_ratio'))} | {_f(r['dense_heldout'], '.4f')} | "
+                     f"{_f(r.get('rec_heldout'), '.4f')}"
                      f" | {_f(r.get('retention_heldout'))} | {_f(r.get('rec_eval'), '.4f')} | "
-                     f"{_f(r.get('leak_gap'), '+.4f')} ({_f(excess_gap(r, r.get('rec_eval'), r.get('rec_heldout')), '+.4f')}) | "
+                     f"{_f(r.get('leak_gap'), '+.4f')} "
+                     f"({_f(excess_gap(r, r.get('rec_eval'), r.get('rec_heldout')), '+.4f')}) | "
                      f"{_f(r.get('rec_reported'), '.4f')} | "
                      f"{r.get('trials_complete')} | {_f(r.get('s_per_trial'), '.1f')} | {_f(r.get('wall_s'), '.0f')} |")
     return "\n".join(lines)
@@ -466,9 +451,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Part A distillation / fine-tune steps (each method also runs with 0: re-calibration only)")
     p.add_argument("--finetune-steps", type=int, default=150, help="Part B: the search's final_finetune_steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mha-fastpath", action="store_true",
-                   help="leave nn.MultiheadAttention's fused inference path on (by default the bench turns it off: "
-                        "with it on, hwprune's torchscript export of the ViT fails)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run (~5 min once the demo is cached): demo only, Part A at ratio 0.5 with 40 steps, "
                         "one 4-trial minimal/auto search at 0.6x with 40 final fine-tune steps")
@@ -488,9 +470,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         return render(args.render)
     pin_threads()
-    workaround = mha_workaround(not args.mha_fastpath)
-    if workaround:
-        say(f"workaround: {workaround}")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -506,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, Any] = {"started": dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
                             "host": platform.node(), "python": platform.python_version(),
                             "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
-                            "recovery_module": hw_recovery is not None, "workarounds": [w for w in [workaround] if w],
+                            "recovery_module": hw_recovery is not None, "workarounds": [],
                             "subjects": [], "part_a": [], "part_b": []}
     runs_dir = args.out / "runs"  # hwprune's run folders (each search's study name is unique)
     runs_dir.mkdir(parents=True, exist_ok=True)
