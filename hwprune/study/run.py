@@ -16,6 +16,7 @@ import shutil
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -368,7 +369,9 @@ class Search:
         study = open_study(self.storage, c.study_name, sampler)
         check_identity(study, self.fingerprint, resume_changed=c.resume_changed, storage=self.storage, log=self.log)
         if study.metric_names is None:  # named objectives for optuna-dashboard and trials_dataframe()
-            study.set_metric_names([subject.metric, "latency_ms", "memory_mb"])
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and stable in use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([subject.metric, "latency_ms", "memory_mb"])
         study.set_user_attr("request", request)
         warm_start(study, space)
         runner = TrialRunner(subject=subject, space=space, measure=self.measure, budgets=budgets,
