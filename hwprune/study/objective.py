@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import tempfile
 import time
@@ -314,13 +315,29 @@ def make_sampler(name: str, seed: int, n_knobs: int) -> optuna.samplers.BaseSamp
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+# Every running trial records a heartbeat this often; one silent for twice as long belongs to a worker that was
+# killed (kill -9, a lost machine), and is failed when any worker opens the study or starts a trial, instead of
+# staying RUNNING forever. HWPRUNE_HEARTBEAT_S overrides it (tests; slow links to a shared database).
+HEARTBEAT_S = 10
+
+
+def _with_heartbeat(url: str) -> str | optuna.storages.BaseStorage:
+    """An RDB storage URL as an RDBStorage that records heartbeats; other storages as they are."""
+    if not re.match(r"(sqlite|postgresql|mysql)(\+\w+)?://", url):
+        return url
+    interval = int(os.environ.get("HWPRUNE_HEARTBEAT_S", HEARTBEAT_S))
+    return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=2 * interval)
+
+
 def open_study(storage: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """Create or resume the study ``name``; a study of the same name with other objectives is an error."""
+    """Create or resume the study ``name``; a study of the same name with other objectives is an error. Trials left
+    RUNNING by a worker that died are failed (heartbeats, :data:`HEARTBEAT_S`)."""
     attempt = 0
     while True:
         try:
-            study = optuna.create_study(storage=storage, study_name=name, sampler=sampler,
+            study = optuna.create_study(storage=_with_heartbeat(storage), study_name=name, sampler=sampler,
                                         directions=list(DIRECTIONS), load_if_exists=True)
+            optuna.storages.fail_stale_trials(study)
             break
         except ImportError as exc:
             raise HwpruneError(f"storage {_redact(storage)}: its database driver is not installed ({exc}); for "
@@ -545,7 +562,9 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "macs": t.user_attrs.get("macs"),
             "params": t.user_attrs.get("params"),
             "cached_from": t.user_attrs.get("cached_from"),
-            "fail_reason": t.user_attrs.get("fail_reason"),
+            "fail_reason": t.user_attrs.get("fail_reason") or (
+                "its worker stopped without finishing it (interrupted, killed, or its heartbeat was lost)"
+                if t.state == TrialState.FAIL else None),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "stage_seconds": json.dumps(t.user_attrs.get("stage_seconds", {})),
             "ratios": json.dumps(t.params),
