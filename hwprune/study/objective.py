@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,7 +327,9 @@ def _with_heartbeat(url: str) -> str | optuna.storages.BaseStorage:
     if not re.match(r"(sqlite|postgresql|mysql)(\+\w+)?://", url):
         return url
     interval = int(os.environ.get("HWPRUNE_HEARTBEAT_S", HEARTBEAT_S))
-    return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=2 * interval)
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.9, and stable in use
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=interval, grace_period=2 * interval)
 
 
 def open_study(storage: str, name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
@@ -337,7 +340,9 @@ def open_study(storage: str, name: str, sampler: optuna.samplers.BaseSampler) ->
         try:
             study = optuna.create_study(storage=_with_heartbeat(storage), study_name=name, sampler=sampler,
                                         directions=list(DIRECTIONS), load_if_exists=True)
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
             break
         except ImportError as exc:
             raise HwpruneError(f"storage {_redact(storage)}: its database driver is not installed ({exc}); for "
