@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,23 +12,45 @@ import torch
 
 from hwprune.backends import create_backend
 from hwprune.backends.base import Measurement
+from hwprune.errors import HwpruneError
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.pruning import PrunedModel, PruningSpace
 from hwprune.pruning import prune as _prune
 from hwprune.pruning.importance import ImportanceFn, resolve_importance
 
 
-def measure(onnx_path: str | os.PathLike[str], device: str | DeviceProfile = "host-cpu", *,
-            backend: str | None = None, **overrides: Any) -> Measurement:
-    """Latency and memory of an ONNX model on ``device`` (a profile name, path or DeviceProfile).
+def measure(model: str | os.PathLike[str] | torch.nn.Module, device: str | DeviceProfile = "host-cpu", *,
+            example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None, backend: str | None = None,
+            **overrides: Any) -> Measurement:
+    """Latency and memory of a model on ``device``.
 
-    ``backend`` and ``overrides`` (e.g. ``rpc__tracker="127.0.0.1:9190"``, ``rpc__key="local"``) replace the
-    profile's settings for this call.
+    Args:
+        model: an ONNX file, or an ``nn.Module`` (exported for you, as a search exports its candidates).
+        device: a profile name, a .toml path or a DeviceProfile.
+        example_inputs: with an ``nn.Module``: a batch of 1 (a tensor or a tuple of tensors).
+        backend: replaces the profile's backend for this call.
+        **overrides: replace profile settings, e.g. ``rpc__tracker="127.0.0.1:9190"``, ``rpc__key="local"``.
+
+    Returns:
+        The Measurement (``.latency.median_ms``, ``.memory.total_mb``, ...).
+
+    Raises:
+        HwpruneError: bad input, an export failure, or a device that cannot be measured (one line each).
     """
     profile = load_profile(device).with_overrides(backend=backend, **overrides)
+    if isinstance(model, torch.nn.Module):
+        from hwprune.export import export_onnx
+
+        if example_inputs is None:
+            raise HwpruneError("measuring an nn.Module needs example_inputs= (a batch of 1)")
+        inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+        with tempfile.TemporaryDirectory(prefix="hwprune-measure-") as tmp:
+            exporter = "dynamo" if profile.backend in ("tvm", "tvm-rpc") else "torchscript"
+            path = export_onnx(model, inputs, Path(tmp) / "model.onnx", exporter=exporter)
+            return measure(path, profile)
     b = create_backend(profile)
     try:
-        return b.measure(Path(onnx_path))
+        return b.measure(Path(model))
     finally:
         b.close()
 

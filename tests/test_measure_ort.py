@@ -288,3 +288,17 @@ def test_parse_node_trace_drops_warmup_runs() -> None:
     nodes = parse_node_trace(events, runs=2, warmup=1)
     assert nodes == [{"name": "conv", "op_type": "Conv", "median_us": 10.0},
                      {"name": "relu", "op_type": "Relu", "median_us": 2.0}]
+
+
+def test_measure_takes_a_module_and_exports_it() -> None:
+    import torch
+    from torch import nn
+
+    import hwprune
+    from hwprune.errors import HwpruneError
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    m = hwprune.measure(model, "host-cpu", example_inputs=torch.zeros(1, 3, 16, 16), measure__repeats=5)
+    assert m.latency.median_ms > 0 and m.memory.weights_mb == pytest.approx((8 * 3 * 9 + 8 + 16 + 2) * 4 / 1e6)
+    with pytest.raises(HwpruneError, match="example_inputs"):
+        hwprune.measure(model, "host-cpu")
