@@ -67,6 +67,7 @@ import torch  # noqa: E402
 import accuracy_subjects  # noqa: E402
 import hwprune  # noqa: E402
 from accuracy_subjects import AccuracySubject, say  # noqa: E402
+from bench_search import git_commit  # noqa: E402
 from hwprune import train  # noqa: E402
 from hwprune.errors import BudgetUnreachable, HwpruneError  # noqa: E402
 from hwprune.pruning import PruningSpace, prune  # noqa: E402
@@ -83,19 +84,6 @@ except ImportError:  # pragma: no cover
 def pin_threads() -> None:
     torch.set_num_threads(1)
     train.training_threads = lambda: 1  # type: ignore[assignment]  # the search and finetune ask this
-
-
-def git_commit() -> str | None:
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
 
 
 def _r(x: float | None, nd: int = 4) -> float | None:

@@ -44,6 +44,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -55,6 +56,7 @@ from hwprune.pruning.importance import taylor_importance  # noqa: E402
 from hwprune.subjects.base import Subject  # noqa: E402
 from hwprune.subjects.demo import _Batches, build_demo, cache_dir  # noqa: E402
 from hwprune.subjects.shapes import make_shapes  # noqa: E402
+from accuracy_subjects import ViTBlock  # noqa: E402
 
 CRITERIA = ("l2", "l1", "bn-scale", "taylor")
 HELD_OUT_SEED = 4000  # the demo uses 1000+ (train) and 2000+ (val), bench_search 3000+ (test)
@@ -68,19 +70,7 @@ def log(msg: str) -> None:
 # a small transformer without BatchNorm
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int, hidden: int) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc1 = nn.Linear(d, hidden)
-        self.fc2 = nn.Linear(hidden, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ln1(x)
-        x = x + self.attn(y, y, y, need_weights=False)[0]
-        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+Block = ViTBlock  # the accuracy bench's pre-norm block: x + MHA(LN(x)), x + MLP(LN(x))
 
 
 class TinyViT(nn.Module):
