@@ -516,7 +516,8 @@ def _summary_section(run: RunData) -> Section:
             ("Recommended", model_label(rec), f"deploy {code(rec['files']['onnx']['path'])}"),
             ("Latency (median)", latency_cell(rec), f"dense {latency_cell(dense)}"),
             ("Speedup vs dense", fmt_x(rec.get("speedup")) + _flags(rec),
-             "dense latency / this latency" + (", measured side by side" if rec.get("latency_ratio") else "")),
+             ("1 / its latency ratio to the dense model, measured side by side (not the ratio of the ms figures, "
+              "each timed on its own)") if rec.get("latency_ratio") else "dense latency / this latency"),
             ("Memory", fmt_mb(rec["memory_mb"]["total"]),
              f"{_pct_of(rec['memory_mb']['total'], dense['memory_mb']['total'])}; dense "
              f"{fmt_mb(dense['memory_mb']['total'])}"),
@@ -715,7 +716,10 @@ def _answer_section(run: RunData) -> Section:
         "accurate after it is recommended"
         + ("" if _final_finetuned(run) else " (no final fine-tune here: no training data or 0 steps)") + ". "
         f"Latency is the median of {m.get('repeats')} timed runs after {m.get('warmup')} untimed warm-up runs; p90 is "
-        f"the 90th percentile. Speedup = dense latency / model latency."))
+        f"the 90th percentile. "
+        + ("Speedup = 1 / the model's latency ratio to the dense model measured side by side (the budget is judged "
+           "on that ratio); the ms figures are each model's own median, timed on its own."
+           if any(r.get("latency_ratio") for r in run.pareto) else "Speedup = dense latency / model latency.")))
     models = run.models()
     classes = ["dense" if r.get("trial") is None else "recommended" if r.get("recommended") else "" for r in models]
     rows = []
