@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwprune.config import RECOVERY_METHODS
+from hwprune import train
 from hwprune.errors import HwpruneError, SubjectError
 
 DEFAULT_RECOVERY = "auto"
@@ -74,15 +75,6 @@ class RecoveryPlan:
         return {"method": self.method, "requested": self.requested, "samples": self.samples,
                 "heldout_samples": self.heldout_samples, "leak": self.leak, "seconds": round(self.seconds, 2),
                 "note": self.note}
-
-
-def forward(model: nn.Module, inputs: Inputs) -> Any:
-    """``model`` called on recorded ``inputs`` (positional tuple, keyword dict or one tensor)."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def output_tensor(out: Any) -> torch.Tensor | None:
@@ -220,7 +212,7 @@ def with_dense_outputs(model: nn.Module, inputs: Iterable[Inputs]) -> list[tuple
     model.eval()
     pairs = []
     for x in inputs:
-        out = output_tensor(forward(model, x))
+        out = output_tensor(train.call(model, x))
         if out is None:
             raise HwpruneError("the model's output holds no tensor to distil from")
         pairs.append((x, out.detach().clone()))
@@ -274,7 +266,7 @@ def synthesize_inputs(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]
             opt = torch.optim.Adam([x], lr=SYNTHETIC_LR)
             for _ in range(steps):
                 losses.clear()
-                forward(model, x)
+                train.call(model, x)
                 loss = torch.stack(losses).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -383,7 +375,7 @@ def agreement(model: nn.Module, pairs: list[tuple[Inputs, torch.Tensor]]) -> flo
     for x, dense in pairs:
         if dense.dim() < 2 or dense.shape[-1] < 2:
             return None
-        out = output_tensor(forward(model, x))
+        out = output_tensor(train.call(model, x))
         if out is None or out.shape != dense.shape:
             return None
         same = out.argmax(-1) == dense.argmax(-1)
@@ -396,8 +388,6 @@ def recover(module: nn.Module, plan: RecoveryPlan, *, steps: int = 0, lr: float 
             calibration_batches: int = 8) -> nn.Module:
     """Re-calibrate ``module``'s BatchNorm statistics on the plan's inputs and distil ``steps`` SGD steps towards the
     recorded dense outputs (a standalone use of what a search does per candidate); returns ``module``."""
-    from hwprune import train
-
     if not plan.active:
         return module
     batches = iterate(plan)  # shuffled, as the search gives them: chunks come in evaluation order

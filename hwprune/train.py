@@ -20,8 +20,16 @@ def _inputs_of(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def call(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on a batch's inputs: a tuple of positional tensors, a dict of keyword tensors (as recorded from a
+    call like ``model(input_ids=x)``), or one tensor."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
 def _forward(model: nn.Module, inputs: Any) -> torch.Tensor:
-    out = model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    out = call(model, inputs)
     return out.logits if hasattr(out, "logits") else out
 
 

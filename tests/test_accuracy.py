@@ -173,3 +173,26 @@ def test_data_as_a_file_or_a_fourth_element(tmp_path: Path) -> None:
     s = load_summary(tmp_path / "given")
     assert s["recovery"]["method"] == "data" and s["request"]["data"] == str(good)
     assert "No data was given" not in proc.stdout and "accuracy guard:" in proc.stdout
+
+
+def test_inputs_recorded_from_keyword_calls_recover_like_positional_ones() -> None:
+    """An evaluate that calls ``m(x=...)`` (as Hugging Face evaluators do) is recorded as keyword inputs, which
+    re-calibration and distillation must pass back as keywords."""
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+            return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+    model = Keyword().eval()
+    data = torch.randn(128, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    _, recorded = capture_inputs(model, lambda m: float(m(x=data).sum()))
+    assert isinstance(recorded[0], dict) and torch.equal(recorded[0]["x"], data[:64])
+    plan = plan_recovery(model, (data[:1],), recorded, "inputs")
+    copy_ = copy.deepcopy(model)
+    copy_.bn.running_mean.fill_(5.0)  # stale statistics, as after pruning
+    recover(copy_, plan, steps=2)
+    assert copy_.bn.running_mean.abs().max() < 5.0  # re-calibrated on the recorded keyword inputs
