@@ -15,6 +15,7 @@ from hwprune.errors import HwpruneError
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 RECOVERY_METHODS = ("auto", "inputs", "synthetic", "none")  # hwprune.recovery; kept here so config imports no torch
+DEFAULT_RECOVERY = "auto"
 # channel ranking criteria: hwprune.pruning.importance.IMPORTANCES plus "auto" (per model family, docs/benchmarks.md,
 # "Channel importance")
 IMPORTANCES = ("auto", "l2", "l1", "bn-scale", "taylor")
@@ -153,7 +154,7 @@ class SearchConfig:
     calibration_batches: int = 8
     # the accuracy guard: a model that loses more is infeasible (None = off); see AccuracyGuard
     max_accuracy_drop: AccuracyGuard | None = AccuracyGuard.parse(DEFAULT_MAX_ACCURACY_DROP)
-    recovery: str = "auto"  # when the subject has no data: auto | inputs | synthetic | none (hwprune.recovery)
+    recovery: str = DEFAULT_RECOVERY  # without the subject's data: auto | inputs | synthetic | none (recovery.py)
     data: Path | None = None  # a .pt/.npz file of inputs (and targets) for re-calibration and fine-tuning
     resume_changed: bool = False  # resume a study made for another model, inputs, device or recovery (identity.py)
     importance: str = DEFAULT_IMPORTANCE  # channel ranking (hwprune.pruning.importance.resolve_importance)

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hwprune.config import RECOVERY_METHODS
+from hwprune.config import DEFAULT_RECOVERY, RECOVERY_METHODS
 from hwprune import train
 from hwprune.errors import HwpruneError, SubjectError
 
-DEFAULT_RECOVERY = "auto"
 MAX_CAPTURED_SAMPLES = 2048  # inputs recorded from evaluate at most
 MAX_CAPTURED_BYTES = 256 * 2**20  # ... and at most this much memory
 HELDOUT_EVERY = 4  # every 4th recorded chunk is never used for recovery: agreement is measured on those
