@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hwprune.backends import create_backend
+from hwprune.backends import backend_capabilities, create_backend
 from hwprune.backends.base import Measurement
 from hwprune.errors import HwpruneError
 from hwprune.profiles import DeviceProfile, load_profile
@@ -45,7 +45,7 @@ def measure(model: str | os.PathLike[str] | torch.nn.Module, device: str | Devic
             raise HwpruneError("measuring an nn.Module needs example_inputs= (a batch of 1)")
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
         with tempfile.TemporaryDirectory(prefix="hwprune-measure-") as tmp:
-            exporter = "dynamo" if profile.backend in ("tvm", "tvm-rpc") else "torchscript"
+            exporter = backend_capabilities(profile.backend).exporter
             path = export_onnx(model, inputs, Path(tmp) / "model.onnx", exporter=exporter)
             return measure(path, profile)
     b = create_backend(profile)

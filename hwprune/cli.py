@@ -267,7 +267,8 @@ def measure(
         if beside is None:
             m = b.measure(model)
         else:
-            rounds = interleaved_rounds(b.measure, model, beside, measure_pair=getattr(b, "measure_beside", None))
+            pair = b.measure_beside if b.capabilities.beside else None  # type: ignore[attr-defined]
+            rounds = interleaved_rounds(b.measure, model, beside, measure_pair=pair)
             m = rounds.middle
     finally:
         b.close()

@@ -83,6 +83,23 @@ def test_create_backend_from_profile(fast_profile: DeviceProfile) -> None:
     assert isinstance(create_backend(fast_profile), OrtBackend)
 
 
+def test_every_backend_states_its_capabilities_and_they_match_its_methods() -> None:
+    """Callers read ``capabilities`` instead of testing names: each registered class must say the truth."""
+    from hwprune.backends import _REGISTRY, _backend_class, backend_capabilities
+    from hwprune.backends.base import EXPORTER_DYNAMO, Capabilities
+
+    for name in _REGISTRY:
+        caps = backend_capabilities(name)
+        assert isinstance(caps, Capabilities)
+        assert caps.beside == callable(getattr(_backend_class(name), "measure_beside", None)), name
+        assert caps.node_profile == callable(getattr(_backend_class(name), "node_profile", None)), name
+    assert backend_capabilities("tvm").exporter == backend_capabilities("tvm-rpc").exporter == EXPORTER_DYNAMO
+    assert backend_capabilities("ort").exporter != EXPORTER_DYNAMO
+    assert backend_capabilities("ssh-ort").settings == ("ort", "ssh")
+    with pytest.raises(BackendUnavailable, match="unknown backend 'nope'"):
+        backend_capabilities("nope")
+
+
 def test_latency_stats_for_known_samples() -> None:
     samples = [1.0, 2.0, 3.0, 4.0, 10.0]
     lat = Latency.from_samples(samples, warmup=2, cpu_samples_ms=[0.5, 0.9, 1.0, 1.1, 2.0])

@@ -109,16 +109,40 @@ class Measurement:
         return cls(latency=Latency(**lat), memory=Memory(**mem), **d)
 
 
+EXPORTER_TORCHSCRIPT = "torchscript"
+EXPORTER_DYNAMO = "dynamo"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond ``measure``/``run``, read by callers instead of testing backend names.
+
+    Attributes:
+        beside: it has ``measure_beside(onnx_path, reference)``: two models timed in alternating samples.
+        node_profile: ONNX Runtime's per-node profiler describes what it runs (the report's "Where the time goes").
+        exporter: the ONNX exporter its importer takes best (TVM's importer rejects the TorchScript exporter's
+            dynamic pads; ONNX Runtime takes either).
+        settings: the device-profile sections it reads (``ort``, ``tvm``, ``rpc``, ``ssh``), as the report shows them.
+    """
+
+    beside: bool = False
+    node_profile: bool = False
+    exporter: str = EXPORTER_TORCHSCRIPT
+    settings: tuple[str, ...] = ()
+
+
 @runtime_checkable
 class Backend(Protocol):
     """A way to run and time ONNX models on a device. One candidate at a time per device.
 
-    A backend may also offer ``measure_beside(onnx_path, reference) -> (Measurement, Measurement, ratios)``: both
-    models timed in alternating samples, and the per-pair latency ratios (:meth:`OrtBackend.measure_beside`). The
-    search then takes latency ratios to the dense model from it; without it, from alternating whole measurements.
+    A backend whose ``capabilities.beside`` is true also offers ``measure_beside(onnx_path, reference) ->
+    (Measurement, Measurement, ratios)``: both models timed in alternating samples, and the per-pair latency ratios
+    (:meth:`OrtBackend.measure_beside`). The search then takes latency ratios to the dense model from it; without it,
+    from alternating whole measurements.
     """
 
     name: str
+    capabilities: Capabilities
 
     def measure(self, onnx_path: Path, inputs: dict[str, np.ndarray] | None = None) -> Measurement:
         """Time the model (inputs default to random data of the graph's input shapes)."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import BackendUnavailable
-from hwprune.backends.base import Latency, Measurement
+from hwprune.backends.base import Capabilities, Latency, Measurement
 from hwprune.backends.memory import TensorInfo, graph_memory, load_model, tensor_infos
 from hwprune.profiles import DeviceProfile, load_profile
 
@@ -101,6 +101,7 @@ class EstimateBackend:
     """A roofline estimate from ``profile.hardware``; never a measurement (``estimated=True`` everywhere)."""
 
     name = "estimate"
+    capabilities = Capabilities()
 
     def __init__(self, profile: DeviceProfile | str) -> None:
         self.profile = load_profile(profile)

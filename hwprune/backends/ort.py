@@ -19,7 +19,7 @@ import numpy as np
 
 from hwprune.errors import BackendUnavailable, MeasurementError, ProfileError
 from hwprune.export import input_feed
-from hwprune.backends.base import Measurement
+from hwprune.backends.base import Capabilities, Measurement
 from hwprune.backends.memory import MB, graph_memory, load_model
 from hwprune.backends.timing import timed_pair, timed_runs
 from hwprune.profiles import DeviceProfile, load_profile
@@ -165,6 +165,7 @@ class OrtBackend:
     """Measure ONNX models with ONNX Runtime on this machine, configured by ``profile.ort`` and ``profile.measure``."""
 
     name = "ort"
+    capabilities = Capabilities(beside=True, node_profile=True, settings=("ort",))
 
     def __init__(self, profile: DeviceProfile | str) -> None:
         self.profile = load_profile(profile)

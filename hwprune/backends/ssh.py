@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import BackendUnavailable, MeasurementError
-from hwprune.backends.base import Latency, Measurement
+from hwprune.backends.base import Capabilities, Latency, Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 
 # The timing script that runs on the board. Only the standard library, numpy and onnxruntime: nothing of hwprune has
@@ -182,6 +182,7 @@ class SshOrtBackend:
     """
 
     name = "ssh-ort"
+    capabilities = Capabilities(settings=("ort", "ssh"))
 
     def __init__(self, profile: DeviceProfile | str, *, ssh_options: list[str] | None = None,
                  timeout_s: float = 600.0, connect_timeout_s: int = 10) -> None:

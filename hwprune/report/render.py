@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from hwprune.backends import backend_capabilities
+from hwprune.backends.base import Capabilities
+from hwprune.errors import HwpruneError
 from hwprune.report.data import FileCheck, RunData, model_label
 
 DASH = "—"
@@ -631,6 +634,14 @@ def _guard_text(run: RunData) -> str:
             f"{fmt_metric(guard['dense'])}), judged on the {esc(guard['judged_on'])}")
 
 
+def _capabilities(backend: Any) -> Capabilities:
+    """The capabilities of the backend a run folder names; none for a name this installation does not know."""
+    try:
+        return backend_capabilities(str(backend))
+    except HwpruneError:
+        return Capabilities()
+
+
 def _request_section(run: RunData) -> Section:
     s = Section("What was asked")
     req = run.request
@@ -653,17 +664,18 @@ def _request_section(run: RunData) -> Section:
     rows.append(["Hardware (from the profile)", "; ".join(hw_bits) or DASH])
     backend = req.get("backend") or prof.get("backend")
     runtime = [f"backend {code(backend)}"]
-    if backend in ("ort", "ssh-ort") and prof.get("ort"):
+    settings = _capabilities(backend).settings
+    if "ort" in settings and prof.get("ort"):
         o = prof["ort"]
         runtime.append(f"ONNX Runtime, {o.get('intra_op_threads')} intra-op / {o.get('inter_op_threads')} inter-op "
                        f"thread(s), graph optimization {code(o.get('graph_optimization_level'))}, providers "
                        f"{', '.join(code(p) for p in o.get('providers') or [])}")
-    if backend in ("tvm", "tvm-rpc") and prof.get("tvm"):
+    if "tvm" in settings and prof.get("tvm"):
         t = prof["tvm"]
         runtime.append(f"TVM target {code(t.get('target'))}, tuning trials {t.get('tuning_trials')}")
-    if backend == "tvm-rpc" and prof.get("rpc"):
+    if "rpc" in settings and prof.get("rpc"):
         runtime.append(f"RPC tracker {code(prof['rpc'].get('tracker'))} key {code(prof['rpc'].get('key'))}")
-    if backend == "ssh-ort" and prof.get("ssh"):
+    if "ssh" in settings and prof.get("ssh"):
         runtime.append(f"over SSH to {code(prof['ssh'].get('host'))}")
     rows.append(["Runtime", "; ".join(runtime)])
     rows += [
@@ -791,7 +803,7 @@ def _node_section(run: RunData) -> Section | None:
     s = Section("Where the time goes")
     runs = (rec_prof or dense_prof or {}).get("runs")
     backend = (rec_prof or dense_prof or {}).get("backend", "ort")
-    tool = "ONNX Runtime's profiler" if backend == "ort" else f"the {backend} profiler"
+    tool = "ONNX Runtime's profiler" if _capabilities(backend).node_profile else f"the {backend} profiler"
     s.blocks.append(Text(
         f"Time per node from {tool}, averaged over {runs} profiled runs, summed by operator type. Node names and op "
         "types are those of the runtime's optimized graph (fused nodes get new names). Profiled runs carry profiler "

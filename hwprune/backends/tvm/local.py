@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import BackendUnavailable, MeasurementError
-from hwprune.backends.base import Measurement
+from hwprune.backends.base import Capabilities, EXPORTER_DYNAMO, Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.backends.tvm._util import _first_line
 from hwprune.backends.tvm.target import target_kind, target_threads, targets_this_machine
@@ -23,6 +23,7 @@ class TvmBackend:
     """Measure with TVM on this machine, for the profile's target (which must be this machine's architecture)."""
 
     name = "tvm"
+    capabilities = Capabilities(exporter=EXPORTER_DYNAMO, settings=("tvm",))
 
     def __init__(self, profile: DeviceProfile | str) -> None:
         self.profile = load_profile(profile)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import BackendUnavailable, MeasurementError
-from hwprune.backends.base import Latency, Measurement
+from hwprune.backends.base import Capabilities, EXPORTER_DYNAMO, Latency, Measurement
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.backends.tvm.target import target_kind, target_threads
 from hwprune.backends.tvm.compiler import CompiledModel, TvmCompiler
@@ -39,6 +39,7 @@ class TvmRpcBackend:
     """
 
     name = "tvm-rpc"
+    capabilities = Capabilities(exporter=EXPORTER_DYNAMO, settings=("tvm", "rpc"))
 
     def __init__(self, profile: DeviceProfile | str, *, check: bool = True) -> None:
         self.profile = load_profile(profile)
