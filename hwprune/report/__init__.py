@@ -12,7 +12,8 @@ from pathlib import Path
 
 from hwprune.report.compare import compare_runs, comparison_document
 from hwprune.report.data import RunData, load_run
-from hwprune.report.render import report_document, write_document
+from hwprune.report.document import write_document
+from hwprune.report.sections import report_document
 
 
 def build_report(run_dir: str | os.PathLike[str]) -> list[Path]:

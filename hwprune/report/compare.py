@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from hwprune.report.data import RunData, load_run, model_label
-from hwprune.report.render import (
-    DASH, Document, Figure, Section, Table, Text, code, esc, fmt_count, fmt_int, fmt_mb, fmt_metric, fmt_ms, fmt_pct,
-    fmt_x, latency_cell, sig,
-)
+from hwprune.report.cells import latency_cell
+from hwprune.report.document import Document, Figure, Section, Table, Text
+from hwprune.report.format import DASH, code, esc, fmt_count, fmt_int, fmt_mb, fmt_metric, fmt_ms, fmt_pct, fmt_x, sig
 
 # (key, getter, lower is better: True / False / None = neither) of the numbers compared for a model
 _FIELDS: list[tuple[str, Any, bool | None]] = [
