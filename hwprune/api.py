@@ -12,6 +12,7 @@ import torch
 
 from hwprune.backends import backend_capabilities, create_backend
 from hwprune.backends.base import Measurement
+from hwprune.export import export_onnx
 from hwprune.errors import HwpruneError
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.pruning import PrunedModel, PruningSpace
@@ -39,8 +40,6 @@ def measure(model: str | os.PathLike[str] | torch.nn.Module, device: str | Devic
     """
     profile = load_profile(device).with_overrides(backend=backend, **overrides)
     if isinstance(model, torch.nn.Module):
-        from hwprune.export import export_onnx
-
         if example_inputs is None:
             raise HwpruneError("measuring an nn.Module needs example_inputs= (a batch of 1)")
         inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)

@@ -20,6 +20,20 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import HwpruneError
+from hwprune.backends.ort import OrtBackend
+from hwprune.backends.ssh import SshOrtBackend
+from hwprune.backends.tvm import (
+    SERVER_FIX,
+    TRACKER_FIX,
+    TvmBackend,
+    TvmRpcBackend,
+    cost_model_name,
+    cross_compiler_path,
+    tuning_db_dir,
+    tvm_versions,
+)
+from hwprune.export import input_feed
+from hwprune.rpc_local import key_status, parse_hostport, tracker_summary
 from hwprune.profiles import DeviceProfile, load_profile
 
 
@@ -112,8 +126,6 @@ def _compare(out: list[np.ndarray], ref: list[np.ndarray]) -> float:
 
 def _tvm_import_check(checks: list[Check]) -> bool:
     def go() -> str:
-        from hwprune.backends.tvm import tvm_versions
-
         v = tvm_versions()
         detail = f"apache-tvm {v.get('tvm')}, apache-tvm-ffi {v.get('tvm_ffi', '?')}"
         if v.get("tvm_ffi", "").startswith("0.1.15"):
@@ -125,8 +137,6 @@ def _tvm_import_check(checks: list[Check]) -> bool:
 
 
 def _tuning_check(checks: list[Check], profile: DeviceProfile) -> None:
-    from hwprune.backends.tvm import cost_model_name, tuning_db_dir
-
     trials = profile.tvm.tuning_trials
     if trials > 0:
         db = tuning_db_dir(profile)
@@ -155,8 +165,6 @@ def _doctor_ort(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray]
         return
 
     def run() -> str:
-        from hwprune.backends.ort import OrtBackend
-
         m = OrtBackend(profile).measure(model)
         return f"tiny model: median {m.latency.median_ms:.3f} ms over {m.latency.repeats} runs"
 
@@ -170,8 +178,6 @@ def _doctor_tvm(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray]
     untuned = profile.with_overrides(tvm__tuning_trials=0)  # a doctor must not spend minutes tuning
 
     def run() -> str:
-        from hwprune.backends.tvm import TvmBackend
-
         backend = TvmBackend(untuned)
         err = _compare(backend.run(model, feed), _ort_reference(model, feed))
         m = backend.measure(model)
@@ -228,8 +234,6 @@ def board_tracker(host: str) -> tuple[str, str]:
 
 
 def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray], checks: list[Check]) -> None:
-    from hwprune.backends.tvm import SERVER_FIX, TRACKER_FIX
-
     if not _tvm_import_check(checks):
         return
     r = profile.rpc
@@ -237,8 +241,6 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
         checks.append(Check("rpc settings", False, f"rpc.tracker = {r.tracker!r}, rpc.key = {r.key!r}",
                             "pass --tracker HOST:PORT --key KEY or set [rpc] tracker and key in the profile"))
         return
-    from hwprune.rpc_local import key_status, parse_hostport, tracker_summary
-
     try:
         host, port = parse_hostport(r.tracker)
     except ValueError:
@@ -249,8 +251,6 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
     fix_tracker = TRACKER_FIX.format(host=board_host, port=port, key=r.key) + note
 
     def cc() -> str:
-        from hwprune.backends.tvm import cross_compiler_path
-
         path = cross_compiler_path(profile)
         return f"{path} for {profile.tvm.target.get('mtriple', 'the host')}" if path else \
             "none needed (the board has this machine's architecture)"
@@ -283,8 +283,6 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
                                      measure__min_repeat_ms=0.0)
 
     def run() -> str:
-        from hwprune.backends.tvm import TvmRpcBackend
-
         backend = TvmRpcBackend(untuned)
         t0 = time.perf_counter()
         err = _compare(backend.run(model, feed), _ort_reference(model, feed))
@@ -301,8 +299,6 @@ def _doctor_tvm_rpc(profile: DeviceProfile, model: Path, feed: dict[str, np.ndar
 
 def _doctor_ssh(profile: DeviceProfile, model: Path, feed: dict[str, np.ndarray], checks: list[Check],
                 ssh_options: list[str] | None) -> None:
-    from hwprune.backends.ssh import SshOrtBackend
-
     s = profile.ssh
     if not s.host:
         checks.append(Check("ssh settings", False, "ssh.host is empty",
@@ -351,8 +347,6 @@ def doctor(profile: DeviceProfile | str, *, ssh_options: list[str] | None = None
     checks = [Check("profile", True, f"{profile.name} ({profile.source or 'in memory'}), backend {profile.backend}")]
     with tempfile.TemporaryDirectory(prefix="hwprune-doctor-") as tmp:
         model = write_tiny_model(Path(tmp) / "tiny.onnx")
-        from hwprune.export import input_feed
-
         feed = input_feed(model)
         if profile.backend == "ort":
             _doctor_ort(profile, model, feed, checks)

@@ -28,6 +28,8 @@ import numpy as np
 from hwprune.errors import BackendUnavailable, MeasurementError
 from hwprune.backends.base import Capabilities, Latency, Measurement
 from hwprune.profiles import DeviceProfile, load_profile
+from hwprune.backends.memory import graph_memory
+from hwprune.export import sha256_file
 
 # The timing script that runs on the board. Only the standard library, numpy and onnxruntime: nothing of hwprune has
 # to be installed there. It prints one JSON object on its last stdout line.
@@ -302,8 +304,6 @@ class SshOrtBackend:
         return f"{self._remote_dir}/{name}"
 
     def _upload_model(self, path: Path) -> tuple[str, float]:
-        from hwprune.export import sha256_file
-
         digest = sha256_file(path)
         name = f"m-{digest[:24]}.onnx"
         t0 = time.perf_counter()
@@ -350,8 +350,6 @@ class SshOrtBackend:
 
     def measure(self, onnx_path: str | os.PathLike[str], inputs: dict[str, np.ndarray] | None = None) -> Measurement:
         """Copy the model (once), time it on the board with ORT, and parse the result."""
-        from hwprune.backends.memory import graph_memory
-
         path = Path(onnx_path)
         if not path.is_file():
             raise MeasurementError(f"no ONNX file at {path}")

@@ -190,89 +190,31 @@ def prune(
     score = get_importance(space.importance if importance is None else importance)
     inputs = as_inputs(example_inputs)
     plan_kept = {k.name: k.kept(applied[k.name]) for k in space.knobs}
+    label = type(model).__name__
 
     pruned = copy.deepcopy(model)
     grads = {n: p.requires_grad for n, p in pruned.named_parameters()}
     original = read_widths(pruned)
     removed = tuple(k.name for k in space.knobs if k.kind == "block" and plan_kept[k.name] == 0)
-    shapes_before: list[tuple[int, ...]] | None = None
-    if removed:
-        try:
-            shapes_before = _eval_shapes(pruned, inputs)
-        except Exception as exc:
-            raise HwpruneError(f"{type(model).__name__} does not run on its example inputs: {one_line(exc)}") from exc
-        depth.remove_blocks(pruned, removed)
-        for k in space.knobs:
-            spec = space.specs.get(k.name)
-            if k.kind != "block" and spec is not None and depth.is_removed(pruned, spec.root):
-                plan_kept[k.name] = 0  # its layers went with their block
+    shapes_before = _remove_blocks(pruned, inputs, space, removed, plan_kept, label) if removed else None
     todo = [k for k in space.knobs if k.kind != "block" and 0 < plan_kept[k.name] < k.channels]
 
     if todo:
         traced = trace(pruned, inputs)
-        graph = traced.graph
         if shapes_before is None:
             shapes_before = [tuple(t.shape) for t in traced.outputs]
-        modules = dict(pruned.named_modules())
-
-        # 1) decide every removal on the unpruned copy
-        plan: list[tuple[Knob, nn.Module, list[int]]] = []
-        for knob in todo:
-            spec = space.specs.get(knob.name)
-            root = modules.get(spec.root) if spec else None
-            if spec is None or root is None or root not in graph.module2node:
-                raise HwpruneError(
-                    f"the pruning space does not match {type(model).__name__}: no layer for knob {knob.name!r}"
-                )
-            width = graph.get_out_channels(root)
-            if width != spec.root_channels:
-                raise HwpruneError(
-                    f"the pruning space does not match {type(model).__name__}: {spec.root} has {width} channels, "
-                    f"the space expects {spec.root_channels}"
-                )
-            with torch.no_grad():
-                group = graph.get_pruning_group(root, out_channel_fn(graph, root), list(range(width)))
-                scores = score(group)
-            if scores is None:
-                scores = torch.zeros(width)
-            scores = torch.as_tensor(scores).detach().flatten().cpu()
-            if scores.numel() != width:
-                raise HwpruneError(
-                    f"importance for knob {knob.name!r} gave {scores.numel()} scores for {width} channels"
-                )
-            plan.append((knob, root, _removal(knob, scores, plan_kept[knob.name])))
-
-        # 2) remove
-        mhas = [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for knob, root, idxs in plan:
-                try:
-                    with attn.relaxed_mha_checks(mhas):
-                        group = graph.get_pruning_group(root, out_channel_fn(graph, root), idxs)
-                        if not graph.check_pruning_group(group):
-                            raise HwpruneError(f"knob {knob.name!r}: pruning would remove every channel of a layer")
-                        group.prune(record_history=False)
-                except HwpruneError:
-                    raise
-                except Exception as exc:
-                    raise HwpruneError(f"cannot prune knob {knob.name!r}: {one_line(exc)}") from exc
+        # decide every removal on the unpruned copy, then remove
+        plan = _plan_removals(pruned, traced.graph, todo, space, score, plan_kept, label)
+        _apply_plan(pruned, traced.graph, plan)
         infos, _ = attn.find_attention(model)
         for info in infos.values():
             if not depth.is_removed(pruned, info.name):
                 attn.patch_heads(pruned, info)
-        del plan, graph, traced, modules
+        del plan, traced
         _restore_requires_grad(pruned, grads)
 
     if todo or removed:
-        try:
-            shapes_after = _eval_shapes(pruned, inputs)
-        except Exception as exc:
-            raise HwpruneError(f"the pruned {type(model).__name__} no longer runs: {one_line(exc)}") from exc
-        if shapes_after != shapes_before:
-            raise HwpruneError(
-                f"pruning changed the output shapes of {type(model).__name__}: {shapes_before} -> {shapes_after}"
-            )
+        _check_shapes(pruned, inputs, shapes_before, label)
 
     after = read_widths(pruned)
     widths = {name: (original[name], after.get(name, 0)) for name in original}  # 0: removed with its block
@@ -284,6 +226,85 @@ def prune(
     # a block without Conv/Linear layers leaves the widths as they were: its removal must still change the signature
     signed = {**widths, **{f"block:{b}": 0 for b in removed}}
     return PrunedModel(pruned, widths, params, macs, architecture_signature(signed), kept, applied, removed)
+
+
+def _remove_blocks(pruned: nn.Module, inputs: Any, space: PruningSpace, removed: tuple[str, ...],
+                   plan_kept: dict[str, int], label: str) -> list[tuple[int, ...]]:
+    """Remove the residual blocks named by ``removed`` from ``pruned``; channel knobs inside them then keep 0.
+
+    Returns:
+        The output shapes before the removal (the pruned copy must give the same).
+    """
+    try:
+        shapes_before = _eval_shapes(pruned, inputs)
+    except Exception as exc:
+        raise HwpruneError(f"{label} does not run on its example inputs: {one_line(exc)}") from exc
+    depth.remove_blocks(pruned, removed)
+    for k in space.knobs:
+        spec = space.specs.get(k.name)
+        if k.kind != "block" and spec is not None and depth.is_removed(pruned, spec.root):
+            plan_kept[k.name] = 0  # its layers went with their block
+    return shapes_before
+
+
+def _plan_removals(pruned: nn.Module, graph: Any, todo: list[Knob], space: PruningSpace, score: ImportanceFn,
+                   plan_kept: dict[str, int], label: str) -> list[tuple[Knob, nn.Module, list[int]]]:
+    """(knob, root layer, channel indices to remove) for every knob in ``todo``, ranked by ``score``.
+
+    Raises:
+        HwpruneError: the space does not match the model, or the importance gave the wrong number of scores.
+    """
+    modules = dict(pruned.named_modules())
+    plan: list[tuple[Knob, nn.Module, list[int]]] = []
+    for knob in todo:
+        spec = space.specs.get(knob.name)
+        root = modules.get(spec.root) if spec else None
+        if spec is None or root is None or root not in graph.module2node:
+            raise HwpruneError(f"the pruning space does not match {label}: no layer for knob {knob.name!r}")
+        width = graph.get_out_channels(root)
+        if width != spec.root_channels:
+            raise HwpruneError(
+                f"the pruning space does not match {label}: {spec.root} has {width} channels, "
+                f"the space expects {spec.root_channels}"
+            )
+        with torch.no_grad():
+            group = graph.get_pruning_group(root, out_channel_fn(graph, root), list(range(width)))
+            scores = score(group)
+        if scores is None:
+            scores = torch.zeros(width)
+        scores = torch.as_tensor(scores).detach().flatten().cpu()
+        if scores.numel() != width:
+            raise HwpruneError(f"importance for knob {knob.name!r} gave {scores.numel()} scores for {width} channels")
+        plan.append((knob, root, _removal(knob, scores, plan_kept[knob.name])))
+    return plan
+
+
+def _apply_plan(pruned: nn.Module, graph: Any, plan: list[tuple[Knob, nn.Module, list[int]]]) -> None:
+    """Remove the planned channels through Torch-Pruning's dependency graph (coupled layers follow)."""
+    mhas = [m for m in pruned.modules() if isinstance(m, nn.MultiheadAttention)]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for knob, root, idxs in plan:
+            try:
+                with attn.relaxed_mha_checks(mhas):
+                    group = graph.get_pruning_group(root, out_channel_fn(graph, root), idxs)
+                    if not graph.check_pruning_group(group):
+                        raise HwpruneError(f"knob {knob.name!r}: pruning would remove every channel of a layer")
+                    group.prune(record_history=False)
+            except HwpruneError:
+                raise
+            except Exception as exc:
+                raise HwpruneError(f"cannot prune knob {knob.name!r}: {one_line(exc)}") from exc
+
+
+def _check_shapes(pruned: nn.Module, inputs: Any, shapes_before: list[tuple[int, ...]] | None, label: str) -> None:
+    """Raise HwpruneError unless the pruned copy runs and gives the output shapes it gave before pruning."""
+    try:
+        shapes_after = _eval_shapes(pruned, inputs)
+    except Exception as exc:
+        raise HwpruneError(f"the pruned {label} no longer runs: {one_line(exc)}") from exc
+    if shapes_after != shapes_before:
+        raise HwpruneError(f"pruning changed the output shapes of {label}: {shapes_before} -> {shapes_after}")
 
 
 def _kept_back(model: nn.Module, space: PruningSpace, knob: Knob) -> int:

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hwprune.errors import HwpruneError
+from hwprune.pruning.inputs import keep_training_flags, run_forward
 
 # what may stand between the block's input and the addition: the skip path of a ResNet block is often an
 # ``nn.Identity`` module; dropout is the identity at inference
@@ -110,8 +111,6 @@ def _same_shape_calls(model: nn.Module, inputs: tuple[torch.Tensor, ...] | dict[
                       names: Iterable[str]) -> set[str]:
     """Those of ``names`` that, on one forward pass, are called exactly once with one tensor and return a tensor of
     the same shape and dtype."""
-    from hwprune.pruning.space import keep_training_flags, run_forward  # space imports this module
-
     calls: dict[str, list[bool]] = {}
     handles = []
     for name in names:

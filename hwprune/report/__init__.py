@@ -14,6 +14,7 @@ from hwprune.report.compare import compare_runs, comparison_document
 from hwprune.report.data import RunData, load_run
 from hwprune.report.document import write_document
 from hwprune.report.sections import report_document
+from hwprune.export import atomic_write_text
 
 
 def build_report(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -30,8 +31,6 @@ def build_comparison(run_a: str | os.PathLike[str], run_b: str | os.PathLike[str
                      out_dir: str | os.PathLike[str], **tolerances: float) -> list[Path]:
     """Write ``compare.html``, ``compare.md`` (+ ``compare_files/``) and ``compare.json`` (the data of
     :func:`compare_runs`, given ``tolerances``) into ``out_dir``, comparing ``run_b`` with the baseline ``run_a``."""
-    from hwprune.export import atomic_write_text
-
     ra, rb = load_run(run_a), load_run(run_b)
     result = compare_runs(ra, rb, **tolerances)
     out = Path(out_dir)

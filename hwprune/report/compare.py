@@ -98,20 +98,28 @@ def compare_runs(a: str | Path | RunData, b: str | Path | RunData, *, accuracy_t
     """
     ra = a if isinstance(a, RunData) else load_run(a)
     rb = b if isinstance(b, RunData) else load_run(b)
-    rec_a, rec_b = ra.recommended, rb.recommended
     out: dict[str, Any] = {
         "a": {"run": ra.name, "path": str(ra.run_dir), "recommended": ra.summary.get("recommended"),
               "created": ra.summary.get("created")},
         "b": {"run": rb.name, "path": str(rb.run_dir), "recommended": rb.summary.get("recommended"),
               "created": rb.summary.get("created")},
         "metric": ra.metric,
-        "recommended": _model_deltas(rec_a, rec_b),
+        "recommended": _model_deltas(ra.recommended, rb.recommended),
         "dense": _model_deltas(ra.dense, rb.dense),
     }
+    out["pareto"] = _pareto_shift(ra, rb)
+    out["differences"] = _differences(ra, rb)
+    out["regressions"] = _regressions(ra, rb, out, accuracy_tolerance, memory_tolerance, latency_tolerance)
+    out["notes"] = _notes(ra, rb, out)
+    return out
+
+
+def _pareto_shift(ra: RunData, rb: RunData) -> dict[str, Any]:
+    """Both fronts, how many points of each the other dominates, and the final hypervolumes."""
     fa, fb = [_point(m) for m in ra.pareto], [_point(m) for m in rb.pareto]
     hv_a = (ra.summary.get("search", {}).get("hypervolume") or [[None, None]])[-1][1]
     hv_b = (rb.summary.get("search", {}).get("hypervolume") or [[None, None]])[-1][1]
-    out["pareto"] = {
+    return {
         "a": [{"trial": m["trial"], "accuracy": p[0], "latency_ms": p[1], "memory_mb": p[2]}
               for m, p in zip(ra.pareto, fa)],
         "b": [{"trial": m["trial"], "accuracy": p[0], "latency_ms": p[1], "memory_mb": p[2]}
@@ -120,6 +128,10 @@ def compare_runs(a: str | Path | RunData, b: str | Path | RunData, *, accuracy_t
         "b_dominated_by_a": sum(any(_dominates(p, q) for p in fa) for q in fb),
         "hypervolume": _delta(hv_a, hv_b),
     }
+
+
+def _differences(ra: RunData, rb: RunData) -> list[dict[str, Any]]:
+    """The request fields, software versions, profile settings and measurement settings that differ."""
     differences = []
     for key in _REQUEST_KEYS:
         va, vb = ra.request.get(key), rb.request.get(key)
@@ -134,41 +146,61 @@ def compare_runs(a: str | Path | RunData, b: str | Path | RunData, *, accuracy_t
                 continue  # where the profile file lived says nothing about the device
             if da.get(key) != db.get(key):
                 differences.append({"field": f"{prefix}.{key}", "a": da.get(key), "b": db.get(key)})
-    out["differences"] = differences
+    return differences
 
+
+def _regressions(ra: RunData, rb: RunData, out: dict[str, Any], accuracy_tolerance: float, memory_tolerance: float,
+                 latency_tolerance: float) -> list[dict[str, Any]]:
+    """The regressions of run B against run A (see :func:`compare_runs`)."""
+    rec_a, rec_b = ra.recommended, rb.recommended
     regressions: list[dict[str, Any]] = []
-    notes: list[str] = []
     if rec_a is not None and rec_b is None:
         regressions.append({"kind": "no_recommendation", "a": rec_a["trial"], "b": None,
                             "message": "run B found no model that meets the budgets; run A did"})
     if rec_a is not None and rec_b is not None:
-        d = out["recommended"]
-        lat = d["latency_ms_median"]
-        spread = max(_get(lambda m: m["latency_ms"].get("std"), rec_a) or 0.0,
-                     _get(lambda m: m["latency_ms"].get("std"), rec_b) or 0.0,
-                     latency_tolerance * (lat["a"] or 0.0))
-        if lat["delta"] is not None and lat["delta"] > spread:
-            regressions.append({"kind": "latency", "a": lat["a"], "b": lat["b"], "message": (
-                f"recommended model's median latency rose {fmt_ms(lat['delta'])} ({fmt_pct(lat['delta_pct'], True)}), "
-                f"more than the allowed spread ({fmt_ms(spread)}: the larger run std or the tolerance)")})
-        acc = d["accuracy"]
-        if acc["delta"] is not None and acc["delta"] < -accuracy_tolerance:
-            regressions.append({"kind": "accuracy", "a": acc["a"], "b": acc["b"], "message": (
-                f"recommended model's {ra.metric} fell from {fmt_metric(acc['a'])} to {fmt_metric(acc['b'])} "
-                f"({fmt_pct(acc['delta_pct'], True)})")})
-        mem = d["memory_mb_total"]
-        if mem["delta"] is not None and mem["a"] is not None and mem["delta"] > memory_tolerance * mem["a"] + 1e-12:
-            regressions.append({"kind": "memory", "a": mem["a"], "b": mem["b"], "message": (
-                f"recommended model's memory rose from {fmt_mb(mem['a'])} to {fmt_mb(mem['b'])} "
-                f"({fmt_pct(mem['delta_pct'], True)})")})
-        for kind in ("latency", "memory"):
-            if rec_a.get("meets", {}).get(kind) and not rec_b.get("meets", {}).get(kind):
-                regressions.append({"kind": f"budget_{kind}", "a": True, "b": False,
-                                    "message": f"recommended model of run B misses the {kind} budget; run A's met it"})
+        regressions += _recommended_regressions(ra.metric, rec_a, rec_b, out["recommended"], accuracy_tolerance,
+                                                memory_tolerance, latency_tolerance)
     bad = [c for c in rb.file_checks if not c.ok]
     if bad:
         regressions.append({"kind": "artifacts", "a": None, "b": [c.path for c in bad],
                             "message": f"{len(bad)} artifact(s) of run B fail their checksum or are missing"})
+    return regressions
+
+
+def _recommended_regressions(metric: str, rec_a: dict[str, Any], rec_b: dict[str, Any], d: dict[str, Any],
+                             accuracy_tolerance: float, memory_tolerance: float,
+                             latency_tolerance: float) -> list[dict[str, Any]]:
+    """Latency, accuracy, memory and budget regressions of B's recommended model against A's (deltas ``d``)."""
+    regressions: list[dict[str, Any]] = []
+    lat = d["latency_ms_median"]
+    spread = max(_get(lambda m: m["latency_ms"].get("std"), rec_a) or 0.0,
+                 _get(lambda m: m["latency_ms"].get("std"), rec_b) or 0.0,
+                 latency_tolerance * (lat["a"] or 0.0))
+    if lat["delta"] is not None and lat["delta"] > spread:
+        regressions.append({"kind": "latency", "a": lat["a"], "b": lat["b"], "message": (
+            f"recommended model's median latency rose {fmt_ms(lat['delta'])} ({fmt_pct(lat['delta_pct'], True)}), "
+            f"more than the allowed spread ({fmt_ms(spread)}: the larger run std or the tolerance)")})
+    acc = d["accuracy"]
+    if acc["delta"] is not None and acc["delta"] < -accuracy_tolerance:
+        regressions.append({"kind": "accuracy", "a": acc["a"], "b": acc["b"], "message": (
+            f"recommended model's {metric} fell from {fmt_metric(acc['a'])} to {fmt_metric(acc['b'])} "
+            f"({fmt_pct(acc['delta_pct'], True)})")})
+    mem = d["memory_mb_total"]
+    if mem["delta"] is not None and mem["a"] is not None and mem["delta"] > memory_tolerance * mem["a"] + 1e-12:
+        regressions.append({"kind": "memory", "a": mem["a"], "b": mem["b"], "message": (
+            f"recommended model's memory rose from {fmt_mb(mem['a'])} to {fmt_mb(mem['b'])} "
+            f"({fmt_pct(mem['delta_pct'], True)})")})
+    for kind in ("latency", "memory"):
+        if rec_a.get("meets", {}).get(kind) and not rec_b.get("meets", {}).get(kind):
+            regressions.append({"kind": f"budget_{kind}", "a": True, "b": False,
+                                "message": f"recommended model of run B misses the {kind} budget; run A's met it"})
+    return regressions
+
+
+def _notes(ra: RunData, rb: RunData, out: dict[str, Any]) -> list[str]:
+    """What a reader should know before trusting the deltas (host changed, different profiles, noisy runs...)."""
+    notes: list[str] = []
+    differences = out["differences"]
     dense = out["dense"]
     dense_pct = dense["latency_ms_median"]["delta_pct"] if dense else None
     if dense_pct is not None and abs(dense_pct) > 5:
@@ -184,9 +216,7 @@ def compare_runs(a: str | Path | RunData, b: str | Path | RunData, *, accuracy_t
         noisy = [model_label(r) for r in run.models() if (r.get("latency_ms") or {}).get("noisy")]
         if noisy:
             notes.append(f"run {tag} has noisy latency measurements ({', '.join(noisy)})")
-    out["regressions"] = regressions
-    out["notes"] = notes
-    return out
+    return notes
 
 
 def _fmt_value(v: Any) -> str:
@@ -201,14 +231,21 @@ def _fmt_value(v: Any) -> str:
 
 def comparison_document(ra: RunData, rb: RunData, result: dict[str, Any]) -> Document:
     """The comparison of two loaded runs as a report document."""
-    from hwprune.report import plots
+    from hwprune import __version__  # hwprune/__init__ imports this package: not at module level
 
-    metric = ra.metric
     label_a, label_b = f"A ({ra.name})", f"B ({rb.name})"
     if ra.name == rb.name:
         label_a, label_b = "A (baseline)", "B (new)"
-    sections: list[Section] = []
+    regs = result["regressions"]
+    sections = [_cmp_summary(ra, rb, result), _cmp_recommended(ra, rb, result),
+                _cmp_fronts(ra, rb, result, label_a, label_b), _cmp_settings(result)]
 
+    return Document(title=f"Run comparison: {esc(ra.request.get('model'))} on {esc(ra.request.get('device'))}",
+                    subtitle=f"{esc(label_a)} vs {esc(label_b)}: {len(regs)} regression(s).", sections=sections,
+                    footer=f"Built by hwprune {__version__} from the two run folders alone.")
+
+
+def _cmp_summary(ra: RunData, rb: RunData, result: dict[str, Any]) -> Section:
     s = Section("Summary")
     s.blocks.append(Text(f"Run **A** = {code(ra.name)} (search finished {esc(ra.summary.get('created'))}) is the "
                          f"baseline; run **B** = {code(rb.name)} (finished {esc(rb.summary.get('created'))}) is "
@@ -219,13 +256,16 @@ def comparison_document(ra: RunData, rb: RunData, result: dict[str, Any]) -> Doc
             s.blocks.append(Text(f"**Regression ({esc(r['kind'])}):** {esc(r['message'])}.", "warning"))
     else:
         s.blocks.append(Text("No regressions: the recommended model's latency did not rise beyond the measurement "
-                             f"spread, its {metric} and memory did not get worse, and every budget it met is still "
+                             f"spread, its {ra.metric} and memory did not get worse, and every budget it met is still "
                              "met.",
                              "ok"))
     for n in result["notes"]:
         s.blocks.append(Text(esc(n) + ".", "note"))
-    sections.append(s)
+    return s
 
+
+def _cmp_recommended(ra: RunData, rb: RunData, result: dict[str, Any]) -> Section:
+    metric = ra.metric
     s = Section("Recommended model")
     rec_a, rec_b = ra.recommended, rb.recommended
     s.blocks.append(Text(f"Run A recommends {model_label(rec_a) if rec_a else 'nothing'}, run B "
@@ -249,7 +289,11 @@ def comparison_document(ra: RunData, rb: RunData, result: dict[str, Any]) -> Doc
             rows.append([_LABEL[field].format(metric=metric), f(v["a"]), f(v["b"]), delta,
                          fmt_pct(v["delta_pct"], True), verdict])
         s.blocks.append(Table(["Number", "A", "B", "Δ (B − A)", "Δ %", ""], rows, align="lrrrrl", caption=title))
-    sections.append(s)
+    return s
+
+
+def _cmp_fronts(ra: RunData, rb: RunData, result: dict[str, Any], label_a: str, label_b: str) -> Section:
+    from hwprune.report import plots  # matplotlib: imported only when a comparison is drawn
 
     s = Section("Pareto front shift")
     p = result["pareto"]
@@ -268,9 +312,11 @@ def comparison_document(ra: RunData, rb: RunData, result: dict[str, Any]) -> Doc
             rows.append([tag, model_label(m) + (" (recommended)" if m.get("recommended") else ""),
                          fmt_metric(m["accuracy"]), latency_cell(m), fmt_mb(m["memory_mb"]["total"]),
                          fmt_x(m.get("speedup"))])
-    s.blocks.append(Table(["Run", "Model", metric, "Latency median", "Memory", "Speedup"], rows, align="llrrrr"))
-    sections.append(s)
+    s.blocks.append(Table(["Run", "Model", ra.metric, "Latency median", "Memory", "Speedup"], rows, align="llrrrr"))
+    return s
 
+
+def _cmp_settings(result: dict[str, Any]) -> Section:
     s = Section("What differs between the runs")
     diffs = result["differences"]
     if diffs:
@@ -278,9 +324,4 @@ def comparison_document(ra: RunData, rb: RunData, result: dict[str, Any]) -> Doc
                                                       for x in diffs], align="lll"))
     else:
         s.blocks.append(Text("Same request, device profile, measurement settings and software versions."))
-    sections.append(s)
-    from hwprune import __version__
-
-    return Document(title=f"Run comparison: {esc(ra.request.get('model'))} on {esc(ra.request.get('device'))}",
-                    subtitle=f"{esc(label_a)} vs {esc(label_b)}: {len(regs)} regression(s).", sections=sections,
-                    footer=f"Built by hwprune {__version__} from the two run folders alone.")
+    return s

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
 
+from hwprune.export import atomic_write_bytes, atomic_write_text
+
 
 @dataclass
 class Text:
@@ -221,8 +223,6 @@ def figures(doc: Document) -> list[Figure]:
 
 def write_document(doc: Document, out_dir: Path, stem: str) -> list[Path]:
     """Write ``<stem>.html``, ``<stem>.md`` and the Markdown's PNGs under ``<stem>_files/``, each atomically."""
-    from hwprune.export import atomic_write_bytes, atomic_write_text
-
     out_dir = Path(out_dir)
     files_dir = f"{stem}_files"
     written = [atomic_write_text(out_dir / f"{stem}.html", to_html(doc)),

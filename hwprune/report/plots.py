@@ -50,6 +50,30 @@ def _finite(v: Any) -> bool:
         return False
 
 
+def _dense_and_recommended(ax: Any, run: RunData, front: Any) -> list[Any]:
+    """The dense model's X and the recommended model's star, with an arrow from its trial's dot when the exported,
+    re-measured model moved; returns their legend handles."""
+    handles: list[Any] = []
+    d = run.dense
+    handles.append(ax.scatter([d["latency_ms"]["median"]], [d["accuracy"]], marker="X", s=130, color=DENSE,
+                              label="dense (unpruned)", zorder=6))
+    rec = run.recommended
+    if rec is not None:
+        x, y = rec["latency_ms"]["median"], rec["accuracy"]
+        tuned = "final_finetune" in (run.summary.get("search", {}).get("stage_seconds") or {})
+        handles.append(ax.scatter([x], [y], marker="*", s=330, color=RECOMMENDED, edgecolors="white", linewidths=0.8,
+                                  label=f"recommended T{rec['trial']}: exported file, re-measured"
+                                        + (", fine-tuned" if tuned else ""), zorder=7))
+        trial_row = front[front["trial"] == rec["trial"]] if len(front) else front
+        if len(trial_row):
+            tx, ty = float(trial_row["latency_ms"].iloc[0]), float(trial_row["accuracy"].iloc[0])
+            if abs(tx - x) > 1e-12 or abs(ty - y) > 1e-12:
+                ax.annotate("", xy=(x, y), xytext=(tx, ty), zorder=6,
+                            arrowprops={"arrowstyle": "->", "color": RECOMMENDED, "lw": 1.2, "shrinkA": 5,
+                                        "shrinkB": 7})
+    return handles
+
+
 def pareto_plot(run: RunData) -> bytes:
     """Latency vs metric for every completed trial; colour = memory, Pareto models outlined, budgets drawn."""
     from matplotlib.lines import Line2D
@@ -89,23 +113,7 @@ def pareto_plot(run: RunData) -> bytes:
             ax.annotate(f"T{int(r['trial'])}", (r["latency_ms"], r["accuracy"]), textcoords="offset points",
                         xytext=(7, -3), fontsize=7.5, color="#333333", zorder=5)
 
-    d = run.dense
-    handles.append(ax.scatter([d["latency_ms"]["median"]], [d["accuracy"]], marker="X", s=130, color=DENSE,
-                              label="dense (unpruned)", zorder=6))
-    rec = run.recommended
-    if rec is not None:
-        x, y = rec["latency_ms"]["median"], rec["accuracy"]
-        tuned = "final_finetune" in (run.summary.get("search", {}).get("stage_seconds") or {})
-        handles.append(ax.scatter([x], [y], marker="*", s=330, color=RECOMMENDED, edgecolors="white", linewidths=0.8,
-                                  label=f"recommended T{rec['trial']}: exported file, re-measured"
-                                        + (", fine-tuned" if tuned else ""), zorder=7))
-        trial_row = front[front["trial"] == rec["trial"]] if len(front) else front
-        if len(trial_row):
-            tx, ty = float(trial_row["latency_ms"].iloc[0]), float(trial_row["accuracy"].iloc[0])
-            if abs(tx - x) > 1e-12 or abs(ty - y) > 1e-12:
-                ax.annotate("", xy=(x, y), xytext=(tx, ty), zorder=6,
-                            arrowprops={"arrowstyle": "->", "color": RECOMMENDED, "lw": 1.2, "shrinkA": 5,
-                                        "shrinkB": 7})
+    handles += _dense_and_recommended(ax, run, front)
     if _finite(lat_budget):
         handles.append(ax.axvline(float(lat_budget), color=BUDGET, linestyle=":", linewidth=1.6,
                                   label=f"latency budget {float(lat_budget):.3g} ms"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -71,19 +70,6 @@ def profile_cache_dir(profile: DeviceProfile) -> Path:
 
 def _canonical(d: Any) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def _sha256_file(path: Path) -> str:
-    try:
-        from hwprune.export import sha256_file
-
-        return sha256_file(path)
-    except ImportError:  # pragma: no cover - export.py ships with hwprune
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from hwprune.errors import BackendUnavailable, MeasurementError
+from hwprune.export import sha256_file
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.backends.tvm._util import (
     _canonical,
     _file_lock,
     _first_line,
-    _sha256_file,
     _tvm,
     profile_cache_dir,
     tvm_versions,
@@ -79,7 +79,7 @@ class TvmCompiler:
         path = Path(onnx_path)
         if not path.is_file():
             raise MeasurementError(f"no ONNX file at {path}")
-        key = self.cache_key(_sha256_file(path))
+        key = self.cache_key(sha256_file(path))
         lib = self.cache_dir / f"{key}.so"
         meta = self.cache_dir / f"{key}.json"
         specs = graph_input_specs(str(path))

@@ -12,12 +12,11 @@ import numpy as np
 
 from hwprune.errors import MeasurementError
 from hwprune.backends.tvm._util import _first_line, _tvm
+from hwprune.export import graph_inputs
 
 
 def graph_input_specs(onnx_model: Any) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """(name, static shape, dtype) of each real graph input; dynamic dimensions are pinned to 1."""
-    from hwprune.export import graph_inputs
-
     return graph_inputs(onnx_model)
 
 

@@ -26,6 +26,7 @@ from hwprune.backends.tvm.tracker import (
     _rpc_reason,
     _run_bounded,
 )
+from hwprune.rpc_local import key_status, parse_hostport, tracker_summary
 
 
 class TvmRpcBackend:
@@ -52,8 +53,6 @@ class TvmRpcBackend:
         if not r.key:
             raise BackendUnavailable(f"profile {self.profile.name} has no rpc.key; pass --key KEY (the key the "
                                      "board's rpc_server registered under)")
-        from hwprune.rpc_local import parse_hostport
-
         try:
             self.host, self.port = parse_hostport(r.tracker)
         except ValueError:
@@ -71,8 +70,6 @@ class TvmRpcBackend:
 
     def queue_status(self, timeout: float = 5.0) -> dict[str, int]:
         """``{"total", "free", "pending"}`` for the key; raises BackendUnavailable when the tracker is unreachable."""
-        from hwprune.rpc_local import key_status, tracker_summary
-
         try:
             return key_status(tracker_summary(self.host, self.port, timeout=timeout), self.key)
         except (OSError, RuntimeError, ValueError) as exc:

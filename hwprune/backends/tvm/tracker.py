@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hwprune.backends.tvm._util import _first_line
-
+from hwprune.rpc_local import key_status
 
 TRACKER_FIX = (
     "start a tracker: python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port {port}; "
@@ -48,8 +48,6 @@ def _request_session(host: str, port: int, key: str, priority: int, session_time
             raise _RemoteFailure(f"{host}:{port} is not a TVM RPC tracker", retry=False)
         base.sendjson(sock, [base.TrackerCode.SUMMARY])
         summary = base.recvjson(sock)[1]
-        from hwprune.rpc_local import key_status
-
         status = key_status(summary, key)
         if status["total"] == 0:
             raise _RemoteFailure(f"no board is registered under key {key!r} at tracker {host}:{port} "

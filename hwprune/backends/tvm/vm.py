@@ -12,6 +12,7 @@ from hwprune.errors import MeasurementError
 from hwprune.backends.base import Latency, Memory
 from hwprune.profiles import DeviceProfile
 from hwprune.backends.tvm.compiler import CompiledModel
+from hwprune.backends.memory import graph_memory
 
 
 def _ordered_args(specs: list[tuple[str, tuple[int, ...], Any]], inputs: dict[str, np.ndarray] | None,
@@ -79,8 +80,6 @@ def _time_vm(vm: Any, dev: Any, args: list[Any], profile: DeviceProfile,
 
 
 def _graph_memory(onnx_path: Path) -> Memory:
-    from hwprune.backends.memory import graph_memory
-
     return graph_memory(str(onnx_path))
 
 
