@@ -42,8 +42,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import hwprune  # noqa: E402
 from hwprune.export import atomic_torch_save  # noqa: E402
@@ -176,12 +174,13 @@ def _closure_var(fn: Callable[..., Any], name: str) -> Any:
 
 
 def cifar_subject(seed: int = 0, steps: int = CIFAR_STEPS) -> AccuracySubject:
-    import bench_search
+    from bench import search_data
+    from bench.common import CIFAR_ZIP
 
     _one_thread_training()
     t0 = time.perf_counter()
     # trains on the first run (its cache is keyed by steps), else loads the cached weights; the zip is decoded once
-    subject, note, correct_test = bench_search.build_cifar(seed, bench_search.CIFAR_ZIP, steps=steps)
+    subject, note, correct_test = search_data.build_cifar(seed, CIFAR_ZIP, steps=steps)
     took = time.perf_counter() - t0
     val, test = _closure_var(subject.evaluate, "val"), _closure_var(correct_test, "test")
     train_data, calib = subject.train_data, subject.calibration_data

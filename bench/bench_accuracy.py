@@ -31,12 +31,12 @@ search's seconds per complete trial.
 Outputs: Markdown tables on stdout (progress on stderr); ``<out>/recovery.csv``, ``<out>/searches.csv`` and
 ``<out>/bench_accuracy.json``; hwprune's run folders in ``<out>/runs/``.
 
-    python bench/bench_accuracy.py --quick        # demo only: Part A at ratio 0.5 + one 4-trial search, 1-3 min
-    python bench/bench_accuracy.py                # all subjects, both parts, budgets 0.6x and 0.4x: ~55 min
+    python -m bench.bench_accuracy --quick        # demo only: Part A at ratio 0.5 + one 4-trial search, 1-3 min
+    python -m bench.bench_accuracy                # all subjects, both parts, budgets 0.6x and 0.4x: ~55 min
                                                   # (Part A ~12 min; a 16-trial search 0.5-3.5 min)
-    python bench/bench_accuracy.py --render DIR1 DIR2   # the tables of earlier runs, merged
-    python bench/bench_accuracy.py --parts A
-    python bench/bench_accuracy.py --parts B --subjects demo,vit --budgets 0.6
+    python -m bench.bench_accuracy --render DIR1 DIR2   # the tables of earlier runs, merged
+    python -m bench.bench_accuracy --parts A
+    python -m bench.bench_accuracy --parts B --subjects demo,vit --budgets 0.6
 
 Everything runs on one thread (``torch.set_num_threads(1)``; hwprune's training thread count is pinned to 1 too).
 The first run trains the dense models it lacks (cached under ``~/.cache/hwprune``): demo ~2-3 min, CIFAR ResNet
@@ -59,15 +59,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-import accuracy_subjects  # noqa: E402
+from bench import accuracy_subjects  # noqa: E402
 import hwprune  # noqa: E402
-from accuracy_subjects import AccuracySubject, say  # noqa: E402
-from bench_search import git_commit  # noqa: E402
+from bench.accuracy_subjects import AccuracySubject, say  # noqa: E402
+from bench.common import git_commit  # noqa: E402
 from hwprune import train  # noqa: E402
 from hwprune.errors import BudgetUnreachable, HwpruneError  # noqa: E402
 from hwprune.pruning import PruningSpace, prune  # noqa: E402

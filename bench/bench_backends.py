@@ -12,8 +12,8 @@ For a dense demo-sized model and two narrower ("pruned") variants of it:
 Results: a table on stdout and ``bench/results/bench_backends.{csv,json}``. The tuning database starts empty (a fresh
 cache folder) unless ``--cache`` names one, so the tuning times are from scratch.
 
-    python bench/bench_backends.py                      # ~5-10 min on a 2-core host
-    python bench/bench_backends.py --tuning-trials 16   # shorter
+    python -m bench.bench_backends                      # ~5-10 min on a 2-core host
+    python -m bench.bench_backends --tuning-trials 16   # shorter
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ import csv
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 # Variants: the demo subject "resnet-tiny" (trained on first use, then cached) and two physically pruned copies of it,
 # every channel group pruned uniformly with widths rounded to multiples of 16 (host-cpu's channel multiple).

@@ -23,8 +23,8 @@ measured on 4,000 generated images (seed 4000) that no demo uses.
 Outputs: a Markdown table on stdout, ``<out>/bench_importance.csv`` (one row per subject x ratio x criterion) and
 ``<out>/bench_importance.json`` (the rows, per-seed accuracies, timings and the run's settings).
 
-    python bench/bench_importance.py --quick    # resnet-tiny, ratio 0.5, 1 seed, 30 steps: a smoke test (~1 min)
-    python bench/bench_importance.py            # all three subjects, ratios 0.3/0.5/0.7, 2 seeds, 100 steps
+    python -m bench.bench_importance --quick    # resnet-tiny, ratio 0.5, 1 seed, 30 steps: a smoke test (~1 min)
+    python -m bench.bench_importance            # all three subjects, ratios 0.3/0.5/0.7, 2 seeds, 100 steps
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -56,7 +54,7 @@ from hwprune.pruning.importance import taylor_importance  # noqa: E402
 from hwprune.subjects.base import Subject  # noqa: E402
 from hwprune.subjects.demo import _Batches, build_demo, cache_dir  # noqa: E402
 from hwprune.subjects.shapes import make_shapes  # noqa: E402
-from accuracy_subjects import ViTBlock  # noqa: E402
+from bench.accuracy_subjects import ViTBlock  # noqa: E402
 
 CRITERIA = ("l2", "l1", "bn-scale", "taylor")
 HELD_OUT_SEED = 4000  # the demo uses 1000+ (train) and 2000+ (val), bench_search 3000+ (test)

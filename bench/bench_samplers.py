@@ -27,8 +27,8 @@ The first two trials of every run are the same uniform warm-start candidates (ra
 Outputs: a Markdown table on stdout, ``<out>/bench_samplers.csv`` (one row per run) and ``<out>/bench_samplers.json``
 (runs and medians). Run folders go to ``<out>/runs-samplers/``.
 
-    python bench/bench_samplers.py --quick      # 1 seed x 12 trials per sampler: a smoke test, ~3 min
-    python bench/bench_samplers.py              # 3 seeds x 30 trials per sampler, ~17 min on 2 cores
+    python -m bench.bench_samplers --quick      # 1 seed x 12 trials per sampler: a smoke test, ~3 min
+    python -m bench.bench_samplers              # 3 seeds x 30 trials per sampler, ~17 min on 2 cores
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(r)
     rows = aggregate(runs)
     wall = time.perf_counter() - t0
-    command = "python bench/bench_samplers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.bench_samplers " + " ".join(sys.argv[1:] if argv is None else argv)
     report = "\n".join([
         f"## bench_samplers: hwprune's search per Optuna sampler (mobilenet-tiny, {PROFILE}, budget {args.budget:g}x)",
         "", f"`{command}` — {dt.datetime.now().isoformat(timespec='minutes')}, {wall / 60:.1f} min, load average "

@@ -1,6 +1,6 @@
 """Pool several runs of bench_search.py: hwprune against its baselines, run by run, per subject and budget.
 
-    python bench/summarize_runs.py RUN_A/bench_search.json RUN_B/bench_search.json ... \
+    python -m bench.summarize_runs RUN_A/bench_search.json RUN_B/bench_search.json ... \
         [--baseline uniform-16,uniform-16-matched]
 
 For each baseline, one row per run (its search seed, hwprune's pick and the baseline's, both with their side-by-side

@@ -4,21 +4,18 @@ are pooled. The benchmark's numbers are only as good as these choices."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+from bench import search_baselines as bench_search
+from bench import summarize_runs
+from bench.common import MATCHED, NEAR
+from bench.search_baselines import Final
+from tiny_subject import TinyNet
 
-import bench_search  # noqa: E402
-import summarize_runs  # noqa: E402
-from bench_search import MATCHED, NEAR, Final  # noqa: E402
-from tiny_subject import TinyNet  # noqa: E402
-
-from hwprune.pruning import PruningSpace  # noqa: E402
+from hwprune.pruning import PruningSpace
 
 
 def test_uniform_architecture_ratios_one_per_architecture() -> None:

@@ -1,0 +1,1 @@
+"""hwprune's benchmark scripts, run from the repository root as ``python -m bench.<script>`` (see bench/README.md)."""
