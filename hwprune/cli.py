@@ -111,6 +111,7 @@ def search(
     resume_changed: Annotated[bool, typer.Option("--resume-changed", help="Resume the study even though it was made for another model, example inputs, device or recovery (refused otherwise, since its trials would be mixed into this answer).")] = SearchConfig.resume_changed,
     data: Annotated[Optional[Path], typer.Option("--data", help="A .pt or .npz file of inputs, or inputs and targets (keys inputs/x and targets/y), for BatchNorm re-calibration and fine-tuning.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="Log every trial as an MLflow run (metrics, constraints, ratios; profile and budgets as tags) to this tracking URI (file:./mlruns, sqlite:///mlflow.db, http://host:5000). Needs the mlflow extra: mlflow-skinny and optuna-integration.")] = None,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
     ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
     tuning_trials: TuningOpt = None,
@@ -129,7 +130,7 @@ def search(
         importance=importance,
         final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned,
         allow_estimate=allow_estimate, tune_final_trials=tune_final, max_accuracy_drop=max_accuracy_drop,
-        recovery=recovery, data=data, resume_changed=resume_changed,
+        recovery=recovery, data=data, resume_changed=resume_changed, mlflow=mlflow,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

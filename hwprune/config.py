@@ -7,6 +7,7 @@ import os
 import re
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,9 @@ class SearchConfig:
     progress: bool = True
     run_folder: Path | None = None  # default <out>/<study>; nightly jobs put each night in a folder of its own
     command: str = ""  # the command line that started it, for the report
+    mlflow: str | None = None  # MLflow tracking URI: one MLflow run per trial (hwprune.integrations.mlflow)
+    # more Optuna callbacks, (study, frozen_trial) -> None, called after each trial (API only; not recorded)
+    callbacks: list[Callable[[Any, Any], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.latency_budget_ms, (Budget, type(None))):
@@ -198,9 +202,24 @@ class SearchConfig:
             raise HwpruneError(f"importance: {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
         if self.final_candidates < 1:
             raise HwpruneError(f"final candidates: must be at least 1, got {self.final_candidates}")
+        self._check_tracking()
         for name in ("trial_finetune_steps", "final_finetune_steps", "calibration_batches", "tune_final_trials"):
             if getattr(self, name) < 0:
                 raise HwpruneError(f"{name.replace('_', ' ')}: must not be negative")
+
+    def _check_tracking(self) -> None:
+        """``mlflow`` and ``callbacks``, checked before any work starts (a missing MLflow is found now, not after
+        the dense baseline)."""
+        self.callbacks = list(self.callbacks or [])
+        bad = [c for c in self.callbacks if not callable(c)]
+        if bad:
+            raise HwpruneError(f"callbacks: {bad[0]!r} is not callable (an Optuna callback takes (study, trial))")
+        if self.mlflow is not None:
+            if not isinstance(self.mlflow, str) or not self.mlflow.strip():
+                raise HwpruneError(f"--mlflow: expected a tracking URI (e.g. file:./mlruns), got {self.mlflow!r}")
+            from hwprune.integrations.mlflow import require_mlflow
+
+            require_mlflow()
 
     @property
     def study_name(self) -> str:
@@ -215,7 +234,9 @@ class SearchConfig:
         return Path(self.run_folder) if self.run_folder else self.out / self.study_name
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # callbacks are code (and may hold locks asdict cannot copy): recorded by name only
+        d = dataclasses.asdict(dataclasses.replace(self, callbacks=[]))
+        d["callbacks"] = [getattr(c, "__qualname__", type(c).__qualname__) for c in self.callbacks]
         d["out"] = str(self.out)
         d["run_folder"] = str(self.run_folder) if self.run_folder else None
         d["latency_budget_ms"] = str(self.latency_budget_ms) if self.latency_budget_ms else None

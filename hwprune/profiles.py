@@ -13,6 +13,7 @@ from typing import Any
 
 from hwprune.config import Budget, read_toml
 from hwprune.errors import ProfileError
+from hwprune.hostinfo import DETECT
 
 BACKENDS = ("ort", "tvm", "tvm-rpc", "ssh-ort", "estimate")
 
@@ -21,8 +22,8 @@ BACKENDS = ("ort", "tvm", "tvm-rpc", "ssh-ort", "estimate")
 class Hardware:
     """Facts about the device, used in reports and by the roofline estimate."""
 
-    cpu: str
-    cores: int
+    cpu: str  # "detect" in a profile: this machine's CPU, model, cores and ISA features (hwprune.hostinfo)
+    cores: int  # "detect" in a profile: the cores this process may run on
     clock_ghz: float
     peak_gflops: float
     memory_bandwidth_gbs: float
@@ -249,6 +250,18 @@ def _check_type(where: str, annotation: Any, value: Any) -> Any:
     return value
 
 
+def _detect_hardware(raw: Any) -> Any:
+    """A ``[hardware]`` table with ``cpu = "detect"`` / ``cores = "detect"`` replaced by this machine's CPU
+    (hwprune.hostinfo); anything else as it is, for :func:`_coerce` to check."""
+    if not isinstance(raw, dict) or DETECT not in (raw.get("cpu"), raw.get("cores")):
+        return raw
+    from hwprune.hostinfo import detect_host_cpu
+
+    host = detect_host_cpu()
+    return {**raw, **({"cpu": host.describe()} if raw.get("cpu") == DETECT else {}),
+            **({"cores": host.cores} if raw.get("cores") == DETECT else {})}
+
+
 def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>", default_name: str = "") -> DeviceProfile:
     """Validate a parsed profile; errors name ``source`` and the offending field."""
     top_fields = {"name", "description", "backend", "channel_multiple", "local", *_SECTIONS}
@@ -266,7 +279,8 @@ def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>", default_n
     name = data.get("name", default_name)
     if not isinstance(name, str) or not name:
         raise ProfileError(f"{source}: name: expected a non-empty string")
-    sections = {key: _coerce(f"{source}: {key}", cls, data.get(key, {})) for key, cls in _SECTIONS.items()}
+    raw = {**data, "hardware": _detect_hardware(data["hardware"])}
+    sections = {key: _coerce(f"{source}: {key}", cls, raw.get(key, {})) for key, cls in _SECTIONS.items()}
     for key, names in _POSITIVE.items():
         for fld in names:
             value = getattr(sections[key], fld)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install hwprune into ./.venv (created if missing). Safe to re-run.
-#   HWPRUNE_EXTRAS=dev  (default) also installs TVM, SSH, PostgreSQL and test extras; "" for the core only.
+#   HWPRUNE_EXTRAS=dev  (default) also installs TVM, SSH, PostgreSQL, MLflow, optuna-dashboard and test extras;
+#   "" for the core only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,7 +22,7 @@ import importlib
 for name in ("hwprune.cli", "hwprune.study.run", "hwprune.export", "hwprune.report", "hwprune.nightly",
              "hwprune.backends.ort", "hwprune.backends.tvm", "hwprune.backends.ssh", "torch._dynamo", "torch.export",
              "torch.onnx._internal.exporter._core", "onnxscript", "tvm.relax", "tvm.exec.rpc_server",
-             "tvm.exec.rpc_tracker", "pytest"):
+             "tvm.exec.rpc_tracker", "pytest", "mlflow", "optuna_integration.mlflow", "optuna_dashboard"):
     try:
         importlib.import_module(name)
     except Exception:  # optional extras not installed (HWPRUNE_EXTRAS=""): compiled on first use, if ever

@@ -108,3 +108,60 @@ def test_doctor_cli_says_what_is_wrong_and_how_to_fix_it() -> None:
     bad = run_cli("doctor", "--device", "raspberry-pi-4", "--tracker", "127.0.0.1:9", timeout=120)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "[FAIL] tracker reachable" in bad.stdout and "python -m tvm.exec.rpc_server --tracker" in bad.stdout
+
+
+# /proc/cpuinfo as Linux writes it on an x86 server and on a Raspberry Pi 5 (first processor's block, trimmed)
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu vme sse sse2 avx fma avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_tile
+"""
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU part\t: 0xd0b
+
+Revision\t: d04170
+Model\t\t: Raspberry Pi 5 Model B Rev 1.0
+"""
+
+
+def test_cpuinfo_gives_model_cores_and_isa_features() -> None:
+    from hwprune.hostinfo import parse_cpuinfo
+
+    x86 = parse_cpuinfo(X86_CPUINFO, "x86_64", 8)
+    assert x86.describe() == "Intel(R) Xeon(R) Platinum 8480+, x86_64, 8 cores, AVX2 FMA AVX-512 AVX512-VNNI " \
+                             "AVX512-BF16 AMX"
+    arm = parse_cpuinfo(ARM_CPUINFO, "aarch64", 4)
+    assert arm.model == "Raspberry Pi 5 Model B Rev 1.0" and arm.features == ("NEON", "FP16", "dotprod")
+    bare = parse_cpuinfo("", "riscv64", 1)  # no /proc/cpuinfo (macOS, Windows): the architecture at least
+    assert bare.arch == "riscv64" and bare.cores == 1 and bare.features == ()
+
+
+def test_host_profiles_detect_this_cpu() -> None:
+    import os
+    import platform
+
+    from hwprune.hostinfo import detect_host_cpu
+
+    host = detect_host_cpu()
+    assert host.cores == len(os.sched_getaffinity(0)) and host.arch == platform.machine()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert ("AVX2" in host.features) == (" avx2" in flags)
+    for name in ("host-cpu", "host-cpu-tvm"):
+        hw = load_profile(name).hardware
+        assert hw.cpu == host.describe() and hw.cores == host.cores and hw.cpu != "detect"
+    shown = run_cli("profiles", "show", "host-cpu", check=True)  # as `hwprune profiles show` prints it
+    assert f"cpu={host.describe()!r}" in shown.stdout and "cpu='detect'" not in shown.stdout
+
+
+def test_detect_only_where_a_profile_asks(tmp_path: Path) -> None:
+    path = tmp_path / "fixed.toml"
+    path.write_text(_hw().replace('cpu = "c"', 'cpu = "detect"'))
+    assert load_profile(path).hardware.cpu != "detect" and load_profile(path).hardware.cores == 4
+    path.write_text(_hw(cores='"several"'))
+    with pytest.raises(ProfileError, match="hardware.cores: expected an integer"):
+        load_profile(path)
