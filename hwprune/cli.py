@@ -352,7 +352,8 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .tom
               f"{'' if p.local else ' (remote board)'}, channel multiple {p.channel_multiple}")
     for section in ("hardware", "ort", "tvm", "rpc", "ssh", "measure", "budgets"):
         values = getattr(p, section).__dict__
-        out.print(f"  [{section}] " + ", ".join(f"{k}={v!r}" for k, v in values.items()), highlight=False)
+        # escaped: rich would take "[hardware]" for markup and drop it
+        out.print(escape(f"  [{section}] " + ", ".join(f"{k}={v!r}" for k, v in values.items())), highlight=False)
 
 
 # -- report -------------------------------------------------------------------------------------------------------

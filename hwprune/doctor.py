@@ -344,7 +344,8 @@ def doctor(profile: DeviceProfile | str, *, ssh_options: list[str] | None = None
         profile = load_profile(profile)
     except HwpruneError as exc:
         return [Check("profile", False, str(exc), "hwprune profiles lists the known profiles")]
-    checks = [Check("profile", True, f"{profile.name} ({profile.source or 'in memory'}), backend {profile.backend}")]
+    checks = [Check("profile", True, f"{profile.name} ({profile.source or 'in memory'}), backend {profile.backend}, "
+                                      f"CPU {profile.hardware.cpu}")]
     with tempfile.TemporaryDirectory(prefix="hwprune-doctor-") as tmp:
         model = write_tiny_model(Path(tmp) / "tiny.onnx")
         feed = input_feed(model)
