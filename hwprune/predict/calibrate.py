@@ -165,4 +165,5 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
     return fit_measured(profile, measured)
 
 
-__all__ = ["Measured", "attribute_node_times", "target_ms", "calibrate", "export_design", "fit_measured", "measure_model"]
+__all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_model",
+           "target_ms"]
