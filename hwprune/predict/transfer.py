@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
+
 from hwprune.predict.model import Predictor
 
 TRANSFER_STRENGTH = 0.5  # prior weight in models' worth: 10 device samples outweigh it 20 to 1
@@ -32,11 +34,16 @@ def transfer(host: Predictor, samples: list[tuple[Any, float]], *, profile: str,
     p.runtime_version = runtime_version or host.runtime_version
     p.threads = threads if threads is not None else host.threads
     p.transferred_from = f"{host.profile} {host.runtime} {host.runtime_version} t{host.threads}"
-    p.prior = dict(host.correction)
     p.model_samples = []
     p.validation = None
     for i, (model, ms) in enumerate(samples):
         p.add_model(f"transfer-{i}", model, ms)
+    # the prior is the host's correction times the device's median speed ratio: a few samples then only have to
+    # learn where the device differs per family, not how much slower it is overall
+    ratio = float(np.median([s.measured_ms / host.corrected(s.node_sums_ms) for s in p.model_samples])) \
+        if p.model_samples else 1.0
+    p.prior = {k: v * ratio for k, v in host.correction.items()}
+    p.correction = dict(p.prior)
     p.fit_correction(strength)
     return p
 
