@@ -284,6 +284,8 @@ def measure(
         return
     lat = m.latency
     label = " (estimated)" if m.estimated else ""
+    if m.estimated and m.extra.get("predictor"):
+        label = f" (estimated: {_predictor_line(m.extra['predictor'])})"
     tuned = "" if m.tuned is None else (" tuned" if m.tuned else " untuned")
     out.print(f"{model} on {profile.name} via {m.backend}{tuned}{label}")
     out.print(f"  latency: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms, min {lat.min_ms:.3f} ms, "
@@ -296,6 +298,41 @@ def measure(
     if rounds is not None:
         out.print(f"  beside {beside}: {rounds.ratio:.3f}x its latency (median of {len(rounds.ratios)} interleaved "
                   f"rounds; {rounds.upper:.3f}x with its standard error); the latency above is the middle round's")
+
+
+def _predictor_line(p: dict[str, Any]) -> str:
+    """How an estimate was made and how far off such estimates were on held-out models."""
+    if p.get("kind") != "fitted":
+        return "roofline; run `hwprune calibrate` for a fitted predictor"
+    if p.get("within_10pct") is None:
+        return f"fitted predictor on {p['fitted_on']} models, not validated"
+    return (f"fitted predictor, {p['within_10pct']:.0%} of held-out models within +-10%, "
+            f"{p['within_25pct']:.0%} within +-25%, median error {p['median_abs_error']:.0%}")
+
+
+# -- calibrate ----------------------------------------------------------------------------------------------------
+@app.command()
+def calibrate(
+    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path (measured through ONNX Runtime on this machine).")] = "host-cpu",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Cache root to store the predictor under (DIR/predictors/); default $HWPRUNE_CACHE or ~/.cache/hwprune, where --backend estimate looks.")] = None,
+    budget_seconds: Annotated[float, typer.Option("--budget-seconds", help="Seconds to spend measuring designed models (at least 6 are measured).")] = 300.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the designed calibration models.")] = 0,
+) -> None:
+    """Fit a latency predictor for a device: measure designed models (per-node and whole), fit, validate, store."""
+    from hwprune.predict import store
+    from hwprune.predict.calibrate import calibrate as run_calibrate
+    from hwprune.profiles import load_profile
+
+    if budget_seconds <= 0:
+        raise HwpruneError(f"--budget-seconds {budget_seconds:g}: must be positive")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise HwpruneError(f"--out {out_dir}: not a folder")
+    profile = load_profile(device)
+    predictor = run_calibrate(profile, budget_seconds, seed=seed, log=_log)
+    path = store.save(predictor, out_dir)
+    out.print(f"fitted on {predictor.fitted_on} models ({len(predictor.node_samples)} nodes): "
+              f"{_predictor_line(predictor.describe())}", highlight=False)
+    out.print(f"wrote {path}", highlight=False)
 
 
 def _spread(lat: Any, max_cv: float) -> str:

@@ -1,4 +1,7 @@
-"""Roofline latency estimate from the graph alone, for when the user asks for one and no device is at hand.
+"""Latency estimates for when the user asks for one and no device is at hand: a fitted predictor when
+``hwprune calibrate`` (or a transfer) stored one for the profile (:mod:`hwprune.predict`), else a roofline.
+
+The roofline, the last resort:
 
 Per node: compute time = 2 x MACs / peak FLOP/s, memory time = bytes moved / memory bandwidth; the node takes the
 larger of the two, and the model the sum over nodes. Only Conv, ConvTranspose, Gemm and MatMul count MACs (the rest is
@@ -97,21 +100,42 @@ def roofline(onnx_path_or_model: Any, profile: DeviceProfile) -> dict[str, Any]:
     return {"latency_ms": total_s * 1e3, "macs": macs_total, "bytes": bytes_total, "nodes": per_node}
 
 
+def _find_predictor(profile: DeviceProfile) -> Any:
+    """The stored fitted predictor for the profile and its ORT threads, or None."""
+    from hwprune.predict import store
+
+    try:
+        import onnxruntime
+
+        version = onnxruntime.__version__
+    except ImportError:
+        version = None
+    return store.find(profile.name, profile.ort.intra_op_threads, version)
+
+
 class EstimateBackend:
-    """A roofline estimate from ``profile.hardware``; never a measurement (``estimated=True`` everywhere)."""
+    """A fitted predictor's estimate, else a roofline from ``profile.hardware``; never a measurement
+    (``estimated=True`` everywhere, ``extra["predictor"]`` says which and how wrong it is expected to be)."""
 
     name = "estimate"
     capabilities = Capabilities()
 
-    def __init__(self, profile: DeviceProfile | str) -> None:
+    def __init__(self, profile: DeviceProfile | str, predictor: Any = None) -> None:
         self.profile = load_profile(profile)
+        self.predictor = predictor if predictor is not None else _find_predictor(self.profile)
 
     def measure(self, onnx_path: str | os.PathLike[str] | Any,
                 inputs: dict[str, np.ndarray] | None = None) -> Measurement:
-        """Estimate latency and compute memory from the graph; ``inputs`` are ignored (shapes come from the graph)."""
+        """Estimate latency (fitted predictor, else roofline) and compute memory from the graph; ``inputs`` are
+        ignored (shapes come from the graph)."""
         model = load_model(onnx_path)
         est = roofline(model, self.profile)
         ms = est["latency_ms"]
+        predictor = {"kind": "roofline", "within_10pct": None, "within_25pct": None, "median_abs_error": None,
+                     "fitted_on": 0}
+        if self.predictor is not None:
+            ms = self.predictor.predict_ms(model)
+            predictor = self.predictor.describe()
         latency = Latency(median_ms=ms, p90_ms=ms, min_ms=ms, mean_ms=ms, std_ms=0.0, repeats=0, warmup=0,
                           cpu_median_ms=None, noisy=False, remeasured=0)
         hw = self.profile.hardware
@@ -125,7 +149,8 @@ class EstimateBackend:
             tuned=None,
             load_avg=None,
             stage_seconds={},
-            extra={"method": "roofline", "macs": est["macs"], "bytes_moved": est["bytes"],
+            extra={"method": predictor["kind"], "predictor": predictor, "roofline_ms": est["latency_ms"],
+                   "macs": est["macs"], "bytes_moved": est["bytes"],
                    "peak_gflops": hw.peak_gflops, "memory_bandwidth_gbs": hw.memory_bandwidth_gbs},
         )
 

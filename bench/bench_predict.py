@@ -1,0 +1,141 @@
+"""Latency predictor benchmark: a fitted predictor vs the roofline on held-out architectures, and a transfer.
+
+Run from the repository root:  python -m bench.bench_predict [--budget-seconds 240] [--sizes 64,96] [--out DIR]
+
+1. Calibrate on host-cpu (ORT, 1 thread) with the designed set (hwprune.predict.designs) for --budget-seconds.
+2. Held-out models, none in the calibration set: the demo families (mobilenet-tiny, resnet-tiny) with width-scaled
+   variants, a ResNet-18 and a MobileNetV2 (plain torch) at two input sizes, and a transformer encoder. Each is
+   measured (the CPU-time median with one thread, as calibration learns) and predicted by both estimators.
+3. Transfer: ORT with 2 threads as the "new device": the host predictor plus N of the held-out measurements,
+   validated on the rest, for several N.
+Prints a table and writes predict.csv / predict.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hwprune.backends.estimate import roofline
+from hwprune.backends.ort import OrtBackend
+from hwprune.predict.calibrate import calibrate, export_design, target_ms
+from hwprune.predict.designs import Design
+from hwprune.predict.model import Validation
+from hwprune.predict.transfer import transfer
+from hwprune.profiles import load_profile
+
+
+def _resnet18(width: float, size: int) -> Design:
+    import torch
+    from hwprune.subjects.models import ResNet
+
+    w = tuple(max(8, int(c * width)) for c in (64, 128, 256, 512))
+    # ResNet-18's 4 stages x 2 basic blocks at 64-512 channels (stride-2 3x3 stem; no max-pool in this ResNet)
+    net = ResNet(num_classes=1000, widths=w, blocks=2, stem_stride=2)
+    return Design(f"resnet18-w{width:g}-{size}px", net.eval(), torch.randn(1, 3, size, size))
+
+
+def _mobilenet_v2(width: float, size: int) -> Design:
+    import torch
+    from hwprune.subjects.models import MobileNetV2
+
+    return Design(f"mobilenetv2-w{width:g}-{size}px", MobileNetV2(num_classes=1000, width=width).eval(),
+                  torch.randn(1, 3, size, size))
+
+
+def _demo(name: str, width: float) -> Design:
+    import torch
+    from hwprune.subjects import models
+
+    if name == "resnet-tiny":
+        net = models.ResNet(10, widths=tuple(max(4, int(c * width)) for c in (16, 32, 64)), blocks=2, stem_stride=2)
+    else:
+        net = models.MobileNetV2(10, width=width, stem_stride=2, settings=models.MOBILENET_TINY, last_channels=256,
+                                 se=True)
+    return Design(f"{name}-w{width:g}", net.eval(), torch.randn(1, 3, 32, 32))
+
+
+def _encoder(dim: int, tokens: int) -> Design:
+    import torch
+    from torch import nn
+
+    layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, batch_first=True, norm_first=True)
+    net = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    return Design(f"encoder-d{dim}-t{tokens}", net.eval(), torch.randn(1, tokens, dim))
+
+
+def held_out(sizes: list[int], widths: list[float]) -> list[Design]:
+    """The held-out set: none of these architectures is in the calibration designs."""
+    out = [_demo(n, w) for n in ("mobilenet-tiny", "resnet-tiny") for w in widths]
+    out += [f(w, s) for f in (_resnet18, _mobilenet_v2) for s in sizes for w in widths]
+    out += [_encoder(d, t) for d in (64, 96) for t in (32, 64)]
+    return out
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 2 else float("nan")
+
+
+def _stats(pred: list[float], meas: list[float]) -> dict[str, float]:
+    v = Validation.from_pairs(pred, meas)
+    return {"n": v.n_models, "within_10pct": v.within_10pct, "within_25pct": v.within_25pct,
+            "median_abs_error": v.median_abs_error, "spearman": _spearman(pred, meas)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-seconds", type=float, default=240.0, help="calibration measuring time")
+    ap.add_argument("--sizes", default="64,96", help="input sizes of ResNet-18 / MobileNetV2")
+    ap.add_argument("--widths", default="1,0.75,0.5", help="width multipliers of the held-out CNNs")
+    ap.add_argument("--transfer-n", default="3,5,10", help="device measurements the transfer gets")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/predict"))
+    args = ap.parse_args()
+    profile = load_profile("host-cpu")
+    t0 = time.monotonic()
+    predictor = calibrate(profile, args.budget_seconds)
+    calib_s = time.monotonic() - t0
+    host, dev = OrtBackend(profile), OrtBackend(profile.with_overrides(ort__intra_op_threads=2))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in held_out([int(s) for s in args.sizes.split(",")], [float(w) for w in args.widths.split(",")]):
+            path = export_design(d, Path(tmp))
+            rows.append({"model": d.name, "path": str(path), "measured_ms": target_ms(host.measure(path)),
+                         "fitted_ms": predictor.predict_ms(path), "roofline_ms": roofline(path, profile)["latency_ms"],
+                         "threads2_ms": dev.measure(path).latency.median_ms})
+        df = pd.DataFrame(rows)
+        table = [{"estimator": name, **_stats(df[col].tolist(), df.measured_ms.tolist())}
+                 for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"))]
+        rng = np.random.default_rng(0)
+        for n in [int(x) for x in args.transfer_n.split(",")]:
+            pick = rng.permutation(len(df))
+            fit_i, val_i = pick[:n], pick[n:]
+            dev_p = transfer(predictor, [(df.path[i], df.threads2_ms[i]) for i in fit_i], profile="host-cpu-2t",
+                             threads=2)
+            pred = [dev_p.predict_ms(df.path[i]) for i in val_i]
+            table.append({"estimator": f"transfer to 2 threads, {n} samples",
+                          **_stats(pred, df.threads2_ms[val_i].tolist())})
+            host_as_is = [predictor.predict_ms(df.path[i]) for i in val_i]
+            table.append({"estimator": "host predictor as is, on 2 threads", **_stats(host_as_is,
+                                                                                     df.threads2_ms[val_i].tolist())})
+    res = pd.DataFrame(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.drop(columns="path").to_csv(args.out / "predict_models.csv", index=False)
+    res.to_csv(args.out / "predict.csv", index=False)
+    (args.out / "predict.json").write_text(json.dumps({
+        "calibration": {"seconds": calib_s, "models": predictor.fitted_on, "nodes": len(predictor.node_samples),
+                        "validation": predictor.describe()}, "results": table}, indent=1, default=float))
+    print(df.drop(columns="path").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\ncalibration: {predictor.fitted_on} models in {calib_s:.0f} s; held-out calibration designs: "
+          f"{predictor.describe()['within_10pct']:.0%} within +-10%")
+    print(res.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+
+
+if __name__ == "__main__":
+    main()

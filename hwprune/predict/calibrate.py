@@ -1,0 +1,169 @@
+"""Calibrate a predictor on a profile's ONNX Runtime: measure the designed set (per-node profiles and whole-model
+medians), hold a fifth of the models out to validate, then fit on all of them.
+
+ONNX Runtime's profiler names the nodes of its *optimized* graph; :func:`attribute_node_times` maps them back to the
+exported graph's nodes (a fused ``Conv+Add+Relu`` is charged to the Conv, its folded elementwise nodes get 0), so
+the regressors work on graphs a remote device's runtime would never optimize the same way.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hwprune.errors import HwpruneError
+from hwprune.predict.designs import Design, designs
+from hwprune.predict.features import NodeFeatures, graph_features
+from hwprune.predict.model import NodeSample, Predictor, Validation, fit_predictor
+from hwprune.profiles import DeviceProfile, load_profile
+
+PROFILE_RUNS = 10  # profiled runs per model (median per node); the profiler's timings are whole microseconds
+VALIDATION_EVERY = 4  # every fourth calibration model (i % 4 == 1) is held out of the validation fit
+DEFAULT_BUDGET_S = 300.0
+MIN_MODELS = 6
+_ORT_ALIASES = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul", "NhwcConv": "Conv"}
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One model measured for calibration: its node features, per-node samples and whole-model median."""
+
+    name: str
+    features: list[NodeFeatures]
+    samples: list[NodeSample]
+    measured_ms: float
+    attributed_share: float  # share of the profiled kernel time mapped onto exported nodes
+
+
+def _meta(profile: DeviceProfile) -> dict[str, Any]:
+    import onnxruntime
+
+    return {"profile": profile.name, "runtime": "ort", "runtime_version": onnxruntime.__version__,
+            "threads": profile.ort.intra_op_threads, "channel_multiple": profile.channel_multiple}
+
+
+def attribute_node_times(model: Any, feats: list[NodeFeatures],
+                         profiled: list[dict[str, Any]]) -> tuple[dict[str, float], float]:
+    """Map ORT profiler nodes onto the exported graph's node names.
+
+    Returns:
+        (microseconds per exported node name, microseconds that could not be attributed).
+    """
+    from hwprune.backends.memory import load_model
+
+    graph = load_model(model).graph
+    names = {n.name for n in graph.node}
+    producer = {o: n for n in graph.node for o in n.output}
+    inputs0 = {n.name: n.input[0] if n.input else "" for n in graph.node}
+    fused = {f.name for f in feats if f.fused}
+    times: dict[str, float] = {}
+    lost = 0.0
+    for p in profiled:
+        name = str(p["name"]).removesuffix("_nchwc")
+        target = name if name in names else None
+        if target is None and name in producer:
+            node = producer[name]
+            while node.name in fused and inputs0[node.name] in producer:  # back to the kernel it was folded into
+                node = producer[inputs0[node.name]]
+            target = node.name
+        if target is None:
+            target = next((n for n in names if n and name.startswith(n + "_")), None)
+        if target is None:
+            lost += float(p["median_us"])
+            continue
+        times[target] = times.get(target, 0.0) + float(p["median_us"])
+    return times, lost
+
+
+def measure_model(name: str, onnx_path: Path, profile: DeviceProfile, backend: Any) -> Measured:
+    """Profile one exported model per node and time it whole with the profile's settings."""
+    from hwprune.backends.ort import node_profile
+
+    feats = graph_features(onnx_path, profile.channel_multiple)
+    prof = node_profile(onnx_path, profile, runs=PROFILE_RUNS)
+    times, lost = attribute_node_times(onnx_path, feats, prof["nodes"])
+    total = sum(times.values()) + lost
+    samples = [NodeSample(f.keys, f.basis, times.get(f.name, 0.0), f.log_basis, 1.0 / max(total, 1.0)) for f in feats]
+    ms = target_ms(backend.measure(onnx_path))
+    return Measured(name, feats, samples, ms, sum(times.values()) / total if total > 0 else 1.0)
+
+
+def target_ms(m: Any) -> float:
+    """The latency a predictor learns from a measurement: with one thread, the thread's CPU time (other processes on
+    a shared host stretch wall time 2x and more, not the CPU time the model needs); else the wall-time median."""
+    lat = m.latency
+    return lat.cpu_median_ms if lat.cpu_median_ms and m.threads == 1 else lat.median_ms
+
+
+def export_design(d: Design, folder: Path) -> Path:
+    """Export a design to ``folder/<name>.onnx``."""
+    from hwprune.export import export_onnx
+
+    return export_onnx(d.module, (d.example,), folder / f"{d.name}.onnx")
+
+
+def fit_measured(profile: DeviceProfile, measured: list[Measured]) -> Predictor:
+    """Fit a predictor on every measured model, with its validation from a fit that left every fourth one out."""
+    meta = _meta(profile)
+    held = [m for i, m in enumerate(measured) if i % VALIDATION_EVERY == 1]
+    train = [m for m in measured if m not in held]
+    validation = None
+    if held and len(train) >= 3:
+        part = fit_predictor(meta, [s for m in train for s in m.samples],
+                             [(m.name, m.features, m.measured_ms) for m in train])
+        validation = Validation.from_pairs([part.predict_features(m.features) for m in held],
+                                           [m.measured_ms for m in held])
+    p = fit_predictor(meta, [s for m in measured for s in m.samples],
+                      [(m.name, m.features, m.measured_ms) for m in measured])
+    p.validation = validation
+    return p
+
+
+def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0,
+              log: Callable[[str], None] | None = None, max_models: int = 1000) -> Predictor:
+    """Measure designed models on the profile's ONNX Runtime until ``budget_s`` runs out, then fit.
+
+    Args:
+        profile: a device profile measured through ONNX Runtime on this machine (backend ``ort``).
+        budget_s: wall seconds to spend measuring (the fit after it takes a few seconds more).
+        seed: seed of the designed set.
+        log: called with one progress line per model.
+        max_models: stop after this many models even with budget left.
+
+    Returns:
+        The fitted :class:`Predictor`, its ``validation`` from held-out calibration models.
+
+    Raises:
+        HwpruneError: the profile is not measured through local ONNX Runtime, or too few models fit the budget.
+    """
+    from hwprune.backends.ort import OrtBackend
+
+    profile = load_profile(profile)
+    if profile.backend not in ("ort", "estimate"):
+        raise HwpruneError(f"profile {profile.name} uses backend {profile.backend!r}; calibrate measures through "
+                           "ONNX Runtime on this machine (backend 'ort'); for another device, fit a host predictor "
+                           "and transfer it with a few device measurements (hwprune.predict.transfer)")
+    if budget_s <= 0:
+        raise HwpruneError(f"--budget-seconds {budget_s:g}: must be positive")
+    profile = profile.with_overrides(backend="ort")
+    backend = OrtBackend(profile)
+    measured: list[Measured] = []
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="hwprune-calibrate-") as tmp:
+        for d in designs(max_models, profile.channel_multiple, seed):
+            if time.monotonic() - t0 > budget_s and len(measured) >= MIN_MODELS:
+                break
+            m = measure_model(d.name, export_design(d, Path(tmp)), profile, backend)
+            measured.append(m)
+            if log:
+                log(f"[{time.monotonic() - t0:5.0f} s] {m.name}: {m.measured_ms:.3f} ms, {len(m.samples)} nodes, "
+                    f"{m.attributed_share:.0%} of kernel time mapped")
+    return fit_measured(profile, measured)
+
+
+__all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_model",
+           "target_ms"]

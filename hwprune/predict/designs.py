@@ -1,0 +1,151 @@
+"""The designed calibration set: small random networks covering the kernels pruned CNNs and transformers run.
+
+Each design is a seeded random stack of blocks (plain conv, inverted residual with optional squeeze-excite, basic
+residual, pooling, transformer block) with channel widths drawn both on and off the profile's channel multiple, so
+the regressors see aligned and misaligned kernels of every kind, at several input sizes.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+ACTS = ("relu", "relu6", "silu", "hardswish")
+SIZES = (16, 24, 32, 48, 64)
+
+
+@dataclass(frozen=True)
+class Design:
+    """A calibration network: its name, the torch module and an example input."""
+
+    name: str
+    module: Any
+    example: Any
+
+
+def _act(name: str) -> Any:
+    from torch import nn
+
+    return {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish}[name]()
+
+
+def _width(rng: random.Random, multiple: int, lo: int = 8, hi: int = 96) -> int:
+    if rng.random() < 0.5:
+        return max(multiple, rng.randrange(lo, hi + 1, max(multiple, 1)) // multiple * multiple)
+    return rng.randint(lo, hi)
+
+
+def _conv(cin: int, cout: int, k: int, s: int, groups: int, act: str | None) -> Any:
+    from torch import nn
+
+    layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(_act(act))
+    return nn.Sequential(*layers)
+
+
+def _cnn_blocks(rng: random.Random, multiple: int, cin: int, size: int) -> tuple[list[Any], int]:
+    """A random stack of CNN blocks; returns the blocks and the output channels."""
+    import torch
+    from torch import nn
+
+    class Residual(nn.Module):
+        def __init__(self, body: Any, shortcut: Any | None) -> None:
+            super().__init__()
+            self.body, self.shortcut = body, shortcut
+
+        def forward(self, x: Any) -> Any:
+            return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+
+    class SE(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.fc = nn.Sequential(nn.Conv2d(c, max(4, c // 4), 1), nn.ReLU(), nn.Conv2d(max(4, c // 4), c, 1))
+
+        def forward(self, x: Any) -> Any:
+            return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+    blocks: list[Any] = []
+    c = cin
+    for _ in range(rng.randint(2, 6)):
+        kind = rng.choice(("conv", "conv", "inverted", "basic", "pool"))
+        stride = 2 if size >= 16 and rng.random() < 0.3 else 1
+        act = rng.choice(ACTS)
+        if kind == "conv":
+            cout, k = _width(rng, multiple), rng.choice((1, 3, 3, 5, 7))
+            blocks.append(_conv(c, cout, k, stride, 1, act))
+        elif kind == "inverted":
+            hidden, cout, k = _width(rng, multiple, 16, 192), _width(rng, multiple), rng.choice((3, 3, 5))
+            body = [_conv(c, hidden, 1, 1, 1, act), _conv(hidden, hidden, k, stride, hidden, act)]
+            if rng.random() < 0.4:
+                body.append(SE(hidden))
+            body.append(_conv(hidden, cout, 1, 1, 1, None))
+            residual = stride == 1 and cout == c  # MobileNetV2 adds the input back only where shapes match
+            blocks.append(Residual(nn.Sequential(*body), None) if residual else nn.Sequential(*body))
+        elif kind == "basic":
+            cout = _width(rng, multiple)
+            body = nn.Sequential(_conv(c, cout, 3, stride, 1, "relu"), _conv(cout, cout, 3, 1, 1, None))
+            short = None if (stride == 1 and cout == c) else _conv(c, cout, 1, stride, 1, None)
+            blocks.append(nn.Sequential(Residual(body, short), nn.ReLU()))
+        else:
+            blocks.append(rng.choice((nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2))))
+            stride, cout = 2, c
+        c = cout
+        size = max(1, size // stride)
+    return blocks, c
+
+
+def cnn_design(seed: int, multiple: int) -> Design:
+    """A random CNN (stem, 2-6 blocks, global pool, linear head) at a random input size."""
+    import torch
+    from torch import nn
+
+    rng = random.Random(seed)
+    size = rng.choice(SIZES)
+    stem_out = _width(rng, multiple, 8, 48)
+    stem = _conv(3, stem_out, rng.choice((3, 3, 7)), rng.choice((1, 2)), 1, rng.choice(ACTS))
+    blocks, c = _cnn_blocks(rng, multiple, stem_out, size)
+    net = nn.Sequential(stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, rng.choice((10, 100))))
+    return Design(f"cnn-{seed}", net.eval(), torch.randn(1, 3, size, size))
+
+
+def transformer_design(seed: int, multiple: int) -> Design:
+    """A random pre-norm transformer block stack on a token sequence (LayerNorm, attention, GELU MLP)."""
+    import torch
+    from torch import nn
+
+    rng = random.Random(seed)
+    heads = rng.choice((1, 2, 4))
+    dim = heads * rng.choice((8, 16, 24, 32, 48))
+    tokens = rng.choice((16, 32, 49, 64))
+    hidden = _width(rng, multiple, dim, 4 * dim)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+        def forward(self, x: Any) -> Any:
+            b, t, _ = x.shape
+            q, k, v = self.qkv(self.n1(x)).reshape(b, t, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-2, -1) / (dim // heads) ** 0.5, dim=-1)
+            x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, dim))
+            return x + self.mlp(self.n2(x))
+
+    net = nn.Sequential(*[Block() for _ in range(rng.randint(1, 3))])
+    return Design(f"transformer-{seed}", net.eval(), torch.randn(1, tokens, dim))
+
+
+def designs(count: int, multiple: int, seed: int = 0) -> list[Design]:
+    """``count`` calibration designs, about one in five a transformer, reproducible from ``seed``."""
+    out = []
+    for i in range(count):
+        s = seed * 100_003 + i
+        out.append(transformer_design(s, multiple) if i % 5 == 4 else cnn_design(s, multiple))
+    return out
+
+
+__all__ = ["Design", "cnn_design", "designs", "transformer_design"]

@@ -1,0 +1,190 @@
+"""Per-node features of an ONNX graph, from shape inference: what a latency regressor sees of each node.
+
+Each node gets a regressor key that groups nodes whose kernels cost alike (a depthwise 3x3 conv and a dense 3x3 conv
+run different kernels, and channel counts off the SIMD multiple run different code paths than aligned ones), a
+hierarchy of coarser keys to fall back on when a fine key has too few samples, and a short basis vector the
+regressor is linear in (MACs, MACs with channels padded to the multiple, bytes moved, a constant).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from hwprune.backends.estimate import node_bytes, node_macs
+from hwprune.backends.memory import TensorInfo, tensor_infos
+
+# Elementwise ops ONNX Runtime folds into the kernel that produces their input (Conv/Gemm/MatMul, or an
+# elementwise op already folded). A Relu after a Conv costs nothing of its own once fused.
+FUSABLE_OPS = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu", "Tanh", "Add", "Sum", "HardSwish"})
+_FUSING_PRODUCERS = frozenset({"Conv", "Gemm", "MatMul"})
+# Ops that only relabel memory (no kernel time of note); kept as features, their regressors fit ~0 when so.
+SKIP_OPS = frozenset({"Constant", "Identity"})
+# Basis: [1, MMACs, padded MMACs, MB moved]; scaled to millions so least squares is well conditioned.
+BASIS_NAMES = ("const", "mmacs", "mmacs_padded", "mbytes")
+
+
+@dataclass(frozen=True)
+class NodeFeatures:
+    """What the predictor knows of one ONNX node.
+
+    ``keys`` runs from the finest regressor key to the coarsest (the op type); ``basis`` is the regressor input.
+    """
+
+    name: str
+    op_type: str
+    keys: tuple[str, ...]
+    macs: int
+    bytes_moved: int
+    cin: int
+    cout: int
+    spatial: int
+    kernel: int
+    stride: int
+    groups: int
+    aligned: bool
+    fused: bool
+    basis: tuple[float, ...]
+    log_basis: tuple[float, ...] = ()  # [1, log MACs, log padded MACs, log spatial, log cin, log cout, log bytes]
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _pad(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple) if multiple > 1 else n
+
+
+def _shape(infos: dict[str, TensorInfo], name: str) -> tuple[int, ...]:
+    info = infos.get(name) if name else None
+    return info.shape if info is not None else ()
+
+
+def _conv_geometry(node: Any, infos: dict[str, TensorInfo]) -> tuple[int, int, int, int, int, int]:
+    """(cin, cout, out spatial size, kernel, stride, groups) of a Conv; zeros where shapes are unknown."""
+    w = _shape(infos, node.input[1] if len(node.input) > 1 else "")
+    out = _shape(infos, node.output[0])
+    groups = int(_attr(node, "group", 1))
+    cout = w[0] if w else 0
+    cin = w[1] * groups if len(w) > 1 else 0
+    kernel = max(w[2:]) if len(w) > 2 else 1
+    strides = _attr(node, "strides", [1]) or [1]
+    spatial = math.prod(out[2:]) if len(out) > 2 else 1
+    return cin, cout, spatial, kernel, int(max(strides)), groups
+
+
+def _matmul_geometry(node: Any, infos: dict[str, TensorInfo]) -> tuple[int, int, int]:
+    """(k, n, rows) of a MatMul/Gemm: inner dim, output columns and the product of the other output dims."""
+    a = _shape(infos, node.input[0])
+    out = _shape(infos, node.output[0])
+    k = a[-1] if a else 0
+    if node.op_type == "Gemm" and _attr(node, "transA", 0) and len(a) == 2:
+        k = a[0]
+    n = out[-1] if out else 0
+    rows = math.prod(out[:-1]) if len(out) > 1 else 1
+    return k, n, rows
+
+
+def _conv_keys(cin: int, cout: int, kernel: int, stride: int, groups: int, aligned: bool) -> tuple[str, ...]:
+    if groups > 1 and groups == cin:
+        kind = f"dw{kernel}"
+    elif groups > 1:
+        kind = "grouped"
+    else:
+        kind = "1x1" if kernel == 1 else f"k{kernel}"
+    fine = f"Conv/{kind}/s{stride}/{'a' if aligned else 'u'}"
+    return fine, f"Conv/{kind}/{'a' if aligned else 'u'}", f"Conv/{kind}", "Conv"
+
+
+def _fused_nodes(graph: Any) -> set[str]:
+    """Names of elementwise nodes ONNX Runtime can fold into the kernel producing their first input."""
+    producer: dict[str, Any] = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    fused: set[str] = set()
+    for n in graph.node:  # topological order: a chain Conv -> Add -> Relu folds link by link
+        if n.op_type not in FUSABLE_OPS or not n.input:
+            continue
+        for i in n.input:
+            p = producer.get(i)
+            if p is not None and consumers.get(i, 0) == 1 and (p.op_type in _FUSING_PRODUCERS or p.name in fused):
+                fused.add(n.name)
+                break
+    return fused
+
+
+def node_features(node: Any, infos: dict[str, TensorInfo], channel_multiple: int, fused: bool) -> NodeFeatures:
+    """Features of one node (see :class:`NodeFeatures`); ``channel_multiple`` decides alignment and padding."""
+    op = node.op_type
+    macs = node_macs(node, infos)
+    moved = node_bytes(node, infos)
+    cin = cout = spatial = kernel = stride = groups = 1
+    padded = macs
+    aligned = True
+    if op == "Conv":
+        cin, cout, spatial, kernel, stride, groups = _conv_geometry(node, infos)
+        aligned = cin % channel_multiple == 0 and cout % channel_multiple == 0 if channel_multiple > 1 else True
+        if cin and cout:
+            per_group_in = _pad(cin, channel_multiple) // groups if groups == 1 else max(cin // groups, 1)
+            padded = spatial * _pad(cout, channel_multiple) * per_group_in * kernel * kernel
+        keys = _conv_keys(cin, cout, kernel, stride, groups, aligned)
+    elif op in ("MatMul", "Gemm"):
+        k, n, rows = _matmul_geometry(node, infos)
+        cin, cout, spatial = k, n, rows
+        aligned = (k % channel_multiple == 0 and n % channel_multiple == 0) if channel_multiple > 1 else True
+        padded = rows * _pad(k, channel_multiple) * _pad(n, channel_multiple)
+        weights = len(node.input) > 1 and node.input[1] in _initializer_names(infos)
+        keys = (f"{op}/{'w' if weights else 'act'}/{'a' if aligned else 'u'}", f"{op}/{'w' if weights else 'act'}", op)
+    else:
+        out = _shape(infos, node.output[0]) if node.output else ()
+        cout = out[1] if len(out) > 1 else 1
+        spatial = math.prod(out[2:]) if len(out) > 2 else 1
+        keys = (f"{op}@fused", op) if fused else (op,)
+    basis = (1.0, macs / 1e6, padded / 1e6, moved / 1e6)
+    # kernel efficiency is not linear in size (small maps and thin layers waste SIMD lanes): a power law in the
+    # geometry fits compute kernels far better than a line through MACs
+    log_basis = (1.0, *(math.log1p(v) for v in (macs, padded, spatial, cin, cout, moved)))
+    return NodeFeatures(node.name, op, keys, macs, moved, cin, cout, spatial, kernel, stride, groups, aligned,
+                        fused, basis, log_basis)
+
+
+def _initializer_names(infos: dict[str, TensorInfo]) -> set[str]:
+    # set by graph_features: the names of the graph's weights (a MatMul by a weight is a Linear layer)
+    return getattr(infos, "initializers", set())
+
+
+class _Infos(dict):
+    """Tensor infos plus the set of initializer names (so MatMul keys can tell weights from activations)."""
+
+    initializers: set[str]
+
+
+def graph_features(onnx_path_or_model: Any, channel_multiple: int = 1) -> list[NodeFeatures]:
+    """Features of every node of a graph that runs a kernel (Constant and Identity nodes left out).
+
+    Args:
+        onnx_path_or_model: an ONNX file path or ``onnx.ModelProto``.
+        channel_multiple: the profile's channel multiple (alignment and padded MACs are judged against it).
+
+    Returns:
+        One :class:`NodeFeatures` per node, in graph order.
+    """
+    model, raw = tensor_infos(onnx_path_or_model)
+    infos = _Infos(raw)
+    infos.initializers = {t.name for t in model.graph.initializer}
+    fused = _fused_nodes(model.graph)
+    multiple = max(1, int(channel_multiple))
+    return [node_features(n, infos, multiple, n.name in fused) for n in model.graph.node
+            if n.op_type not in SKIP_OPS]
+
+
+__all__ = ["BASIS_NAMES", "FUSABLE_OPS", "NodeFeatures", "graph_features", "node_features"]

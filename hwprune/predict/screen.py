@@ -1,0 +1,60 @@
+"""Screening for a search: whether a candidate is worth the board's time, from a predictor and its error.
+
+A candidate whose predicted latency, less the predictor's p90 error, is still over the budget is skipped; one
+predicted over the budget but within the error is measured last; the rest are measured now. The measured front is
+never made of predictions: a screen only orders and skips measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from hwprune.predict.model import Predictor
+
+DEFAULT_ERROR = 0.5  # assumed relative error of a predictor that was never validated
+SKIP_MARGIN = 0.05  # a skip needs the optimistic prediction at least this far over the budget
+
+
+@dataclass(frozen=True)
+class ScreenDecision:
+    """What to do with one candidate: ``measure`` now, ``measure_last`` or ``skip``, and why."""
+
+    action: Literal["measure", "measure_last", "skip"]
+    predicted_ms: float
+    low_ms: float  # the prediction less the predictor's p90 relative error
+    budget_ms: float
+    reason: str
+
+
+def screen(predictor: Predictor, onnx_path_or_model: Any, budget_ms: float, dense_ms: float | None = None,
+           dense_onnx: Any = None) -> ScreenDecision:
+    """Decide whether to measure a candidate against a latency budget.
+
+    Args:
+        predictor: a fitted predictor for the search's device.
+        onnx_path_or_model: the candidate's exported ONNX model.
+        budget_ms: the latency budget in ms (a relative budget times the measured dense latency).
+        dense_ms: the measured latency of the dense model; with ``dense_onnx`` it rescales every prediction by
+            measured / predicted dense, so the device's state today cancels out.
+        dense_onnx: the dense model's ONNX, predicted once per call (cache the ratio for many candidates).
+
+    Returns:
+        The :class:`ScreenDecision`.
+    """
+    predicted = predictor.predict_ms(onnx_path_or_model)
+    if dense_ms is not None and dense_onnx is not None:
+        predicted *= dense_ms / predictor.predict_ms(dense_onnx)
+    v = predictor.validation
+    err = v.p90_abs_error if v is not None and v.n_models else DEFAULT_ERROR
+    low = predicted * (1.0 - err)
+    if low > budget_ms * (1.0 + SKIP_MARGIN):
+        action, why = "skip", f"even {low:.3f} ms (prediction less its p90 error {err:.0%}) is over the budget"
+    elif predicted > budget_ms:
+        action, why = "measure_last", "predicted over the budget, but within the predictor's error"
+    else:
+        action, why = "measure", "predicted within the budget"
+    return ScreenDecision(action, predicted, low, budget_ms, why)
+
+
+__all__ = ["ScreenDecision", "screen"]
