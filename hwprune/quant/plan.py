@@ -85,6 +85,9 @@ class PrecisionPlan:
     @classmethod
     def only(cls, units: Mapping[str, tuple[str, ...]], int8_units: Iterable[str]) -> PrecisionPlan:
         chosen = set(int8_units)
+        unknown = sorted(chosen - set(units))
+        if unknown:
+            raise QuantizationError(f"precision plan: unknown unit {unknown[0]!r} (known: {', '.join(units)})")
         return cls(units, {u: INT8 if u in chosen else FP32 for u in units})
 
     def unit_precision(self, unit: str) -> str:
