@@ -166,3 +166,12 @@ def test_profile_switch_is_read_from_toml(tmp_path: Path) -> None:
     bad.write_text(text.replace('int8 = "search"', 'int8 = "always"'))
     with pytest.raises(ProfileError, match=r"quantize\.int8: 'always' is not one of search, measure, off"):
         load_profile(str(bad))
+
+
+def test_module_of_rebuilds_qualified_names_of_nested_sequentials() -> None:
+    from hwprune.quant import module_of
+
+    assert module_of("/stem/stem.0/Conv") == "stem.0"
+    assert module_of("/features/features.1/block/block.0/block.0.0/Conv") == "features.1.block.0.0"
+    assert module_of("/features/features.4/block/block.2/fc1/Conv") == "features.4.block.2.fc1"
+    assert module_of("/Add") == ""

@@ -1,7 +1,8 @@
 """Which weighted nodes run in INT8: a precision per *unit*, a unit being one layer or one coupled channel group.
 
-The exporter names a node after the module that emitted it (torchscript: ``/layer1/layer1.0/conv1/Conv``, the last
-scope being the module's qualified name), so a layer is a module name and its weighted nodes; a coupled group of the
+The torchscript exporter names a node after the scopes of the modules that emitted it (``/layer1/layer1.0/conv1/Conv``;
+a scope restarts at each attribute and accumulates over indexed children: ``/features/features.1/block/block.0/Conv``
+is module ``features.1.block.0``), so a layer is a qualified module name and its weighted nodes; a coupled group of the
 pruning space (:class:`hwprune.pruning.space.GroupSpec`) is the layers among its ``members`` (the layers whose output
 width the group sets, so each layer belongs to at most one group). Weighted layers in no group (the classifier, skipped
 groups) stay units of their own.
@@ -31,9 +32,19 @@ class WeightedNode:
 
 
 def module_of(node_name: str) -> str:
-    """The qualified module name in a torchscript-exported node name (``/a/a.b/Conv`` -> ``a.b``; ``""`` at top)."""
-    parts = node_name.split("/")
-    return parts[-2] if len(parts) >= 3 else ""
+    """The qualified module name in a torchscript-exported node name (``""`` for a node of the top module).
+
+    ``/stem/stem.0/Conv`` -> ``stem.0``; ``/features/features.1/block/block.0/block.0.0/Conv`` ->
+    ``features.1.block.0.0`` (a scope that extends the previous one by ``.<index>`` is an indexed child of it).
+    """
+    qualified, prev = "", ""
+    for comp in node_name.split("/")[1:-1]:
+        if prev and comp.startswith(prev + "."):
+            qualified += comp[len(prev):]
+        else:
+            qualified = f"{qualified}.{comp}" if qualified else comp
+        prev = comp
+    return qualified
 
 
 def weighted_nodes(onnx_model: Any) -> list[WeightedNode]:
