@@ -8,7 +8,7 @@ alternating samples (``hwprune.study.reference.interleaved_rounds`` with the bac
 search judges a relative budget. Output agreement is measured on held-out inputs; accuracy through ONNX Runtime where
 the subject has an evaluator (the demo).
 
-Run from the repository root: ``python -m bench.bench_quant`` (``--quick`` for a smoke run). Results: a table on
+Run from the repository root: ``python -m bench.bench_quant`` (``--granularity both`` adds the per-layer choice; ``--quick``: the demo only). Results: a table on
 stdout and ``bench/results/bench_quant.{csv,json}``.
 """
 
@@ -153,7 +153,9 @@ def _fmt(v: Any) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="the demo only, per-group choice only")
+    ap.add_argument("--quick", action="store_true", help="the demo only")
+    ap.add_argument("--granularity", choices=("group", "layer", "both"), default="group",
+                    help="units of the choice (both: ~800 s on the loaded 2-core build host, group alone ~400 s)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     b = OrtBackend(load_profile("host-cpu"))
     rows: list[Row] = []
     for s in subjects(args.quick):
-        rows += bench_subject(b, s, out / "bench_quant" / s.name, ["group"] if args.quick else ["layer", "group"])
+        grains = ["layer", "group"] if args.granularity == "both" else [args.granularity]
+        rows += bench_subject(b, s, out / "bench_quant" / s.name, grains)
     cols = list(asdict(rows[0]))
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
