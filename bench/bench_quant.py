@@ -8,8 +8,8 @@ alternating samples (``hwprune.study.reference.interleaved_rounds`` with the bac
 search judges a relative budget. Output agreement is measured on held-out inputs; accuracy through ONNX Runtime where
 the subject has an evaluator (the demo).
 
-Run from the repository root: ``python -m bench.bench_quant`` (``--granularity both`` adds the per-layer choice; ``--quick``: the demo only). Results: a table on
-stdout and ``bench/results/bench_quant.{csv,json}``.
+Run from the repository root: ``python -m bench.bench_quant`` (``--granularity both`` adds the per-layer choice;
+``--quick``: the demo only). Results: a table on stdout and ``bench/results/bench_quant.{csv,json}``.
 """
 
 from __future__ import annotations
