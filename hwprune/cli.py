@@ -387,7 +387,7 @@ def profiles_show(name: Annotated[str, typer.Argument(help="Profile name or .tom
         return
     out.print(f"[bold]{p.name}[/]: {p.description}\n  file: {p.source}\n  backend: {p.backend}"
               f"{'' if p.local else ' (remote board)'}, channel multiple {p.channel_multiple}")
-    for section in ("hardware", "ort", "tvm", "rpc", "ssh", "measure", "budgets"):
+    for section in ("hardware", "ort", "tvm", "rpc", "ssh", "measure", "budgets", "quantize"):
         values = getattr(p, section).__dict__
         # escaped: rich would take "[hardware]" for markup and drop it
         out.print(escape(f"  [{section}] " + ", ".join(f"{k}={v!r}" for k, v in values.items())), highlight=False)

@@ -77,6 +77,18 @@ class MeasureSettings:
     remeasure: int = 2  # how many times a noisy measurement is repeated before it is kept, flagged
 
 
+INT8_MODES = ("search", "measure", "off")
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """Whether INT8 is worth searching on the device: ``search`` (a precision knob by default), ``measure`` (only when
+    asked, its gain being doubtful there) or ``off``; ``reason`` says why (see :mod:`hwprune.quant.device`)."""
+
+    int8: str = "search"
+    reason: str = ""
+
+
 @dataclass(frozen=True)
 class Budgets:
     latency_ms: float | None = None
@@ -98,6 +110,7 @@ class DeviceProfile:
     ssh: SshSettings = SshSettings()
     measure: MeasureSettings = MeasureSettings()
     budgets: Budgets = Budgets()
+    quantize: QuantizeSettings = QuantizeSettings()
     local: bool = True  # True when the profile measures on the machine hwprune runs on
     source: str = ""  # the file it was loaded from
 
@@ -195,6 +208,7 @@ _SECTIONS: dict[str, type] = {
     "ssh": SshSettings,
     "measure": MeasureSettings,
     "budgets": Budgets,
+    "quantize": QuantizeSettings,
 }
 
 
@@ -286,6 +300,9 @@ def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>", default_n
             value = getattr(sections[key], fld)
             if value <= 0:
                 raise ProfileError(f"{source}: {key}.{fld}: must be positive, got {value}")
+    int8 = sections["quantize"].int8
+    if int8 not in INT8_MODES:
+        raise ProfileError(f"{source}: quantize.int8: {int8!r} is not one of {', '.join(INT8_MODES)}")
     tvm: TvmSettings = sections["tvm"]
     if "kind" not in tvm.target:
         raise ProfileError(f"{source}: tvm.target: needs a 'kind' (e.g. {{kind = \"llvm\"}})")

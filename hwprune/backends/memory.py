@@ -3,7 +3,10 @@
 Definition (the figures budgets are checked against):
 
 * **weights** = bytes of the graph's initializers (plus tensors held by ``Constant`` nodes, which are weights in all
-  but name), computed from their declared shapes and element types, so external-data files need not be read.
+  but name), computed from their declared shapes and element types, so external-data files need not be read. INT8
+  weights count one byte each. In a quantized (QDQ) graph the FP32 outputs of ``DequantizeLinear`` nodes that read a
+  weight are weights too, counted once at their stored size: ONNX Runtime fuses them into integer kernels
+  (QLinearConv, ...) and never holds them as FP32 tensors.
 * **peak activations** = ONNX shape inference is run (symbolic or unknown dims count as 1); nodes are walked in
   file order, which ONNX requires to be topological. A tensor is live from the step of the node that produces it
   through the step of its last consumer; graph inputs are live from the first step and graph outputs to the last.
@@ -160,6 +163,8 @@ def activation_timeline(onnx_path_or_model: Any) -> Timeline:
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
             weights.update(n.output)
             weights_bytes += _constant_bytes(n)
+        elif n.op_type == "DequantizeLinear" and n.input and n.input[0] in weights:
+            weights.update(n.output)  # a dequantized weight: already counted at its stored (INT8) size
 
     last = len(nodes) - 1
     birth: dict[str, int] = {}

@@ -1,0 +1,51 @@
+"""Whether INT8 is worth searching on a device: its profile's ``[quantize]`` table, and what the backend can measure.
+
+The backend rule overrides the profile: TVM's Relax ONNX importer (0.27) lowers QuantizeLinear/DequantizeLinear to
+float arithmetic, so a QDQ file measured through TVM times FP32 work plus the (de)quantization around it, never INT8
+kernels; such figures would be wrong, so INT8 is refused there. Estimates model no INT8 kernels either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hwprune.profiles import DeviceProfile, load_profile
+from hwprune.quant.base import QuantizationError
+
+TVM_REASON = ("TVM's Relax ONNX importer lowers QuantizeLinear/DequantizeLinear to float ops, so INT8 through TVM "
+              "would time FP32 work plus conversions; measure INT8 with an ONNX Runtime backend (ort, ssh-ort)")
+ESTIMATE_REASON = "the estimate backend models no INT8 kernels; INT8 latency must be measured"
+_REFUSED = {"tvm": TVM_REASON, "tvm-rpc": TVM_REASON, "estimate": ESTIMATE_REASON}
+
+
+@dataclass(frozen=True)
+class Int8Policy:
+    """``mode`` (search | measure | off) for this profile and backend, and the reason shown to the user."""
+
+    mode: str
+    reason: str
+
+    @property
+    def default_on(self) -> bool:
+        """Whether a search quantizes by default (``--quantize`` unset) on this device."""
+        return self.mode == "search"
+
+
+def int8_policy(profile: DeviceProfile | str) -> Int8Policy:
+    """The INT8 policy of ``profile`` as it measures now (its ``backend``, overrides included)."""
+    prof = load_profile(profile)
+    if prof.backend in _REFUSED:
+        return Int8Policy("off", f"{prof.name} ({prof.backend}): {_REFUSED[prof.backend]}")
+    return Int8Policy(prof.quantize.int8, prof.quantize.reason)
+
+
+def require_int8(profile: DeviceProfile | str) -> Int8Policy:
+    """The policy when INT8 was asked for explicitly (``--quantize int8``): allowed unless ``off``.
+
+    Raises:
+        QuantizationError: INT8 is off for this device or backend, with the reason.
+    """
+    policy = int8_policy(profile)
+    if policy.mode == "off":
+        raise QuantizationError(f"INT8 is off for this device: {policy.reason or 'its profile says so'}")
+    return policy
