@@ -59,7 +59,8 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     between. Once the bisection is done, :func:`probe_depth` tries its lower end with one block removed; when no
     uniform model meets the budget, not even the warm start's most pruned one, it tries that one so.
     Latencies are the ones ``budgets`` judges (:meth:`Budgets.judged_ms`), measured again where the study holds a
-    second measurement (``CONFIRMED_ATTR``).
+    second measurement (``CONFIRMED_ATTR``). A relative budget is judged as ``budgets`` hold it (pass
+    :meth:`Budgets.now` while it follows the dense reference).
 
     With ``confirm`` (see :class:`~hwprune.study.refine.EdgeRefiner`), the lower end, when it missed the budget by
     at most ``NEAR_MISS``, is measured again first (once per trial), and so in turn is the end that replaces it if
@@ -70,7 +71,6 @@ def bracket_budget(study: optuna.Study, space: PruningSpace, dense_latency_ms: f
     end that a more pruned uniform trial's miss contradicts is measured again too: a 0.61x model once measured 0.45x
     at 0.6x, and the bisection spent its steps below it.
     """
-    budgets = budgets.now()
     queued = list(study.user_attrs.get(attrs.BRACKETED) or [])
     budget_ms = budgets.latency_ms
     if budget_ms is None:
