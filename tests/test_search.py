@@ -72,6 +72,13 @@ def test_search_writes_machine_readable_outputs(cli_run) -> None:
     assert req["versions"]["onnxruntime"] and req["command"].startswith("hwprune search")
     assert summary["search"]["trials_complete"] == 6
     assert (run_dir / "trials.csv").is_file() and (run_dir / "request.json").is_file()
+    # the typed records read a real summary.json back to the same JSON, keys in the same order
+    from hwprune.study.records import Summary
+
+    typed = Summary.read(run_dir / "summary.json")
+    assert typed.recommended == summary["recommended"]
+    assert typed.dense.latency_ms.median == dense["latency_ms"]["median"]
+    assert typed.to_json() == (run_dir / "summary.json").read_text()
 
 
 def test_pareto_models_meet_budget_when_remeasured_in_fresh_process(cli_run) -> None:

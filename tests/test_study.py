@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import statistics
 from pathlib import Path
 
@@ -471,3 +473,63 @@ def test_depth_probes_follow_the_bracket() -> None:
     assert [t.user_attrs["depth_probe"] for t in probes] == space.blocks
     assert all(t.system_attrs["fixed_params"] == {**space.uniform(top), t.user_attrs["depth_probe"]: top}
                for t in probes)
+
+
+def test_model_and_summary_records_round_trip_through_json_and_read_older_forms(tmp_path: Path) -> None:
+    from hwprune.errors import HwpruneError
+    from hwprune.study.records import SCHEMA, UNSET, ModelRecord, Summary, model_record
+    from hwprune.study.reference import Rounds
+
+    budgets = Budgets(latency_ms=2.4, memory_mb=None, latency_factor=0.6)
+    example = torch.zeros(1, 3, 8, 8)
+    dense = model_record(trial=None, accuracy=0.9, accuracy_proxy=0.9, m=_measured(4.0), params=100, macs=1000,
+                         widths={"conv": (8, 8)}, ratios=None, budgets=budgets, dense=None, example=example)
+    m = _measured(1.9)
+    pruned = model_record(trial=3, accuracy=0.8, accuracy_proxy=0.79, m=m, params=40, macs=300,
+                          widths={"conv": (8, 4)}, ratios={"conv": 0.5}, budgets=budgets, dense=dense,
+                          example=example, rounds=Rounds([m, m, m], [0.45, 0.5, 0.55]))
+    pruned = pruned.replace(removed_blocks=[], accuracy_retention=None).with_file("onnx", {"path": "m.onnx"})
+    d = pruned.to_dict()
+    # the summary.json form: nested statistics, optional keys only when set (a None retention is written as null)
+    assert d["latency_ms"]["median"] == 1.9 and d["memory_mb"]["total"] == 2.0 and d["speedup"] == 2.0
+    assert d["latency_ratio"] == 0.5 and d["latency_ratio_rounds"] == [0.45, 0.5, 0.55]
+    assert d["meets"] == {"latency": True, "memory": True} and d["accuracy_retention"] is None
+    assert "remeasure_note" not in d and "agreement" not in d and "files" not in pruned.to_dict(files=False)
+    assert json.loads(json.dumps(d)) == d and ModelRecord.from_dict(json.loads(json.dumps(d))) == pruned
+    # keys in the order summary.json always had them
+    assert list(d)[:7] == ["trial", "recommended", "accuracy", "accuracy_proxy", "final_finetune_steps",
+                           "latency_ms", "memory_mb"]
+    assert list(d).index("input") < list(d).index("latency_ratio_rounds") < list(d).index("speedup")
+
+    summary = Summary(schema=SCHEMA, hwprune_version="0", created="now", request={"trials": 1}, metric="accuracy",
+                      accuracy_guard={"max_drop": "off"}, recovery={"method": "data"}, dense=dense,
+                      pareto=(pruned,), recommended=3, measurement={"backend": "ort"}, search={"trials_complete": 1})
+    text = summary.to_json()
+    path = tmp_path / "summary.json"
+    path.write_text(text)
+    assert Summary.read(path) == summary and Summary.read(path).to_json() == text
+    # an older summary: a dense record without the statistics added since, and a key this hwprune no longer writes
+    old = json.loads(text)
+    del old["dense"]["latency_ms"]["robust_cv"], old["dense"]["size_ratio"]
+    old["legacy"] = {"kept": True}
+    back = Summary.from_dict(old)
+    assert back.dense.latency_ms.robust_cv is None and back.dense.size_ratio is UNSET
+    assert back.to_dict()["legacy"] == {"kept": True} and "size_ratio" not in back.to_dict()["dense"]
+    newer = {**json.loads(text), "schema": SCHEMA + 1}
+    with pytest.raises(HwpruneError, match="schema"):
+        Summary.from_dict(newer)
+    path.write_text("{not json")
+    with pytest.raises(HwpruneError, match="not a readable summary"):
+        Summary.read(path)
+
+
+def test_a_relative_budget_follows_the_dense_reference_without_being_changed() -> None:
+    dense_ms = [2.0]
+    live = Budgets(latency_ms=1.0, memory_mb=None, latency_factor=0.5, follow=lambda: dense_ms[0])
+    assert live.now().latency_ms == 1.0 and live.now().follow is None
+    dense_ms[0] = 3.0  # a later dense set moved the reference
+    assert live.now().latency_ms == 1.5 and live.latency_ms == 1.0  # derived, never written
+    fixed = Budgets(latency_ms=4.0, memory_mb=None)
+    assert fixed.now() is fixed
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        live.latency_ms = 2.0  # type: ignore[misc]

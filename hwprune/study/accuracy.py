@@ -14,7 +14,7 @@ import pandas as pd
 
 from hwprune.config import AccuracyGuard, SearchConfig
 from hwprune.recovery import RecoveryPlan, distill_loss, iterate, plan_from_inputs, plan_recovery
-from hwprune.study.objective import Budgets
+from hwprune.study.budgets import Budgets
 from hwprune.subjects.base import Subject
 from hwprune.subjects.data import UserData
 from hwprune.subjects.loader import check_evaluate

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from hwprune.errors import HwpruneError
+from hwprune.study import attrs
 
-FINGERPRINT_ATTR = "fingerprint"  # study user attribute
+FINGERPRINT_ATTR = attrs.FINGERPRINT  # study user attribute
 
 
 @dataclass(frozen=True)

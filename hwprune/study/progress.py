@@ -9,6 +9,8 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from hwprune.study import attrs
+
 
 class SearchProgress:
     """An Optuna callback that draws a progress bar on stderr (a no-op when ``enabled`` is False)."""
@@ -37,7 +39,7 @@ class SearchProgress:
         if trial.state == TrialState.FAIL:
             self.failed += 1
             if self.log is not None:
-                self.log(f"trial {trial.number} failed: {trial.user_attrs.get('fail_reason', 'interrupted')}")
+                self.log(f"trial {trial.number} failed: {trial.user_attrs.get(attrs.FAIL_REASON, 'interrupted')}")
         elif trial.state == TrialState.COMPLETE and trial.values:
             feasible = all(v <= 0 for v in (trial.constraints or {}).values())
             if feasible:

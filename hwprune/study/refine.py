@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 
 from hwprune.errors import HwpruneError
 from hwprune.pruning import PruningSpace
-from hwprune.study.objective import CONFIRMED_ATTR, Budgets, ConfirmFn, confirmed_latency, is_feasible
+from hwprune.study import attrs
+from hwprune.study.budgets import CONFIRMED_ATTR, Budgets, ConfirmFn, confirmed_latency, is_feasible
 
 REFINE_FROM = 0.6  # the share of the search (trials, or time) after which refinement starts
 REFINE_EVERY = 2  # then one neighbour per this many completed trials
@@ -42,6 +43,7 @@ def incumbent(study: optuna.Study, budgets: Budgets) -> tuple[optuna.trial.Froze
     measurement again (``CONFIRMED_ATTR``: ``latency_ms`` and, under a relative budget, ``latency_ratio``) where
     there is one: that measurement decides whether the trial fits the latency budget, both ways. None when no trial
     fits."""
+    budgets = budgets.now()  # a relative latency budget follows the dense reference
     confirmed = study.user_attrs.get(CONFIRMED_ATTR) or {}
 
     def fits(t: optuna.trial.FrozenTrial, ms: float) -> bool:
@@ -65,6 +67,7 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
     without a budget), other groups are narrowed a step each. Latencies are the ones ``budgets`` judges
     (:meth:`Budgets.judged_ms`).
     """
+    budgets = budgets.now()
     found = incumbent(study, budgets)
     if found is None:
         return None
@@ -87,7 +90,7 @@ def neighbour(study: optuna.Study, space: PruningSpace, rng: random.Random, macs
                for k, w, fix in zip(knobs, base, fixed)]
     wider = {i: min(c for c in a if c > w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c > w for c in a)}
     narrower = {i: max(c for c in a if c < w) for i, (a, w) in enumerate(zip(allowed, base)) if any(c < w for c in a)}
-    base_macs = best.user_attrs.get("macs") or macs_of(ratios_of(base))
+    base_macs = best.user_attrs.get(attrs.MACS) or macs_of(ratios_of(base))
     target = budgets.latency_ms * (1.0 - BUDGET_MARGIN) if budgets.latency_ms is not None else best_ms
     builds = 0
     ups = list(wider)
@@ -150,7 +153,7 @@ class EdgeRefiner:
             self.log("refining at the budget's edge: neighbours of the most accurate feasible model join the "
                      "sampler's trials")
         self.enqueued += 1
-        study.enqueue_trial(ratios, user_attrs={"neighbour_of": of})
+        study.enqueue_trial(ratios, user_attrs={attrs.NEIGHBOUR_OF: of})
 
     def _confirm_incumbent(self, study: optuna.Study) -> None:
         """Measure the incumbent again until one that was (or ``CONFIRM_TRIES`` were) holds."""

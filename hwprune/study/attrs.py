@@ -1,0 +1,35 @@
+"""Keys of the user attributes hwprune stores on Optuna trials and studies (docs/run-folder.md lists them).
+
+One name per key, so a reader and a writer cannot drift apart; the values are the strings already in every storage,
+so old studies read the same.
+"""
+
+from __future__ import annotations
+
+# -- trial user attributes --------------------------------------------------------------------------------------
+WIDTHS = "widths"  # module name -> [original, kept] output channels
+MACS = "macs"
+PARAMS = "params"
+SIGNATURE = "signature"  # architecture signature: trials with the same one share a measurement
+MEASUREMENT = "measurement"  # Measurement.to_dict()
+ACCURACY_PROXY = "accuracy_proxy"  # the trial's accuracy (after calibration and the short fine-tune)
+MEASURE_CONTEXT = "measure_context"  # hash of what a latency depends on besides the architecture
+LATENCY_RATIO = "latency_ratio"  # relative budgets: latency / the dense model's measured beside it
+CACHED_FROM = "cached_from"  # trial whose measurement was reused (-1: the dense model)
+STAGE_SECONDS = "stage_seconds"
+FAIL_REASON = "fail_reason"
+JUDGED_BY = "budgets"  # the budgets a trial's constraints were computed against
+UNIFORM_RATIO = "uniform_ratio"  # warm-start and bisection trials
+DEPTH_PROBE = "depth_probe"  # the block a depth probe removed
+NEIGHBOUR_OF = "neighbour_of"  # the refinement's trials: the incumbent they neighbour
+
+# what a cached architecture's trial copies from the trial that measured it
+CACHED_KEYS = (WIDTHS, MACS, PARAMS, SIGNATURE, MEASUREMENT, ACCURACY_PROXY, MEASURE_CONTEXT, LATENCY_RATIO)
+
+# -- study user attributes --------------------------------------------------------------------------------------
+REQUEST = "request"  # request.json, as the search started
+DENSE = "dense"  # the dense MODEL record, without files
+BRACKETED = "bracketed"  # uniform ratios queued while bisecting for the budget
+DEPTH_PROBED = "depth_probed"  # blocks the depth probes removed
+CONFIRMED = "edge_confirmed"  # trial number -> its latency measured again
+FINGERPRINT = "fingerprint"  # what the study's trials depend on (hwprune.study.identity)

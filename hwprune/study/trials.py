@@ -1,0 +1,45 @@
+"""The trials table: one plain record per trial, for trials.csv and the report."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from hwprune.study import attrs
+from hwprune.study.budgets import is_feasible, latency_ratio
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    """One plain record per trial (state, values, feasibility, user attributes) for tables and reports."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        constraints = dict(t.constraints or {})
+        row: dict[str, Any] = {
+            "trial": t.number,
+            "state": t.state.name,
+            "accuracy": t.values[0] if t.values else None,
+            "latency_ms": t.values[1] if t.values else None,
+            "memory_mb": t.values[2] if t.values else None,
+            "feasible": is_feasible(t),
+            "constraint_latency": constraints.get("latency"),
+            "constraint_memory": constraints.get("memory"),
+            "constraint_accuracy": constraints.get("accuracy"),
+            "judged_by": json.dumps(t.user_attrs[attrs.JUDGED_BY]) if attrs.JUDGED_BY in t.user_attrs else None,
+            "latency_ratio": latency_ratio(t),
+            "uniform_ratio": t.user_attrs.get(attrs.UNIFORM_RATIO),
+            "signature": t.user_attrs.get(attrs.SIGNATURE),
+            "macs": t.user_attrs.get(attrs.MACS),
+            "params": t.user_attrs.get(attrs.PARAMS),
+            "cached_from": t.user_attrs.get(attrs.CACHED_FROM),
+            "fail_reason": t.user_attrs.get(attrs.FAIL_REASON) or (
+                "its worker stopped without finishing it (interrupted, killed, or its heartbeat was lost)"
+                if t.state == TrialState.FAIL else None),
+            "duration_s": t.duration.total_seconds() if t.duration else None,
+            "stage_seconds": json.dumps(t.user_attrs.get(attrs.STAGE_SECONDS, {})),
+            "ratios": json.dumps(t.params),
+        }
+        rows.append(row)
+    return rows
