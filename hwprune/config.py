@@ -159,7 +159,7 @@ class SearchConfig:
     data: Path | None = None  # a .pt/.npz file of inputs (and targets) for re-calibration and fine-tuning
     resume_changed: bool = False  # resume a study made for another model, inputs, device or recovery (identity.py)
     importance: str = DEFAULT_IMPORTANCE  # channel ranking (hwprune.pruning.importance.resolve_importance)
-    exporter: str | None = None  # torchscript | dynamo; default: dynamo for TVM backends, torchscript otherwise
+    exporter: str | None = None  # torchscript | dynamo; default: the backend's capabilities.exporter
     allow_untuned: bool = False  # let untuned TVM latencies drive a search
     tune_final_trials: int = 0  # TVM: MetaSchedule trials for the recommended model only, after the search
     allow_estimate: bool = False  # let roofline estimates drive a search

@@ -11,12 +11,14 @@ import time
 import urllib.request
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 
+from conftest import GUARD_OFF_ARGS, run_cli
 from hwprune.integrations.dashboard import DashboardConstraints, named_constraints
 
 pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install optuna-dashboard)")
@@ -60,15 +62,12 @@ def get_json(url: str) -> Any:
         return json.loads(reply.read())
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Two studies in one SQLite file (with and without the wrapper), served by optuna-dashboard's own CLI."""
-    folder = tmp_path_factory.mktemp("dashboard")
-    storage = f"sqlite:///{folder / 'study.db'}"
-    studies = {wrap: make_study(storage, f"wrapped-{wrap}", wrap) for wrap in (True, False)}
+@contextmanager
+def serve(storage: str, log_path: Path) -> Iterator[tuple[str, dict[str, int]]]:
+    """optuna-dashboard's own CLI serving ``storage`` on a free local port: its base URL and study ids by name."""
     port = free_port()
     cli = Path(sys.executable).parent / "optuna-dashboard"
-    with open(folder / "dashboard.log", "wb") as log:
+    with open(log_path, "wb") as log:
         server = subprocess.Popen([str(cli), storage, "--host", "127.0.0.1", "--port", str(port)],
                                   stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -80,13 +79,22 @@ def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
                 break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"optuna-dashboard did not start: {(folder / 'dashboard.log').read_text()[-2000:]}")
+                    pytest.fail(f"optuna-dashboard did not start: {log_path.read_text()[-2000:]}")
                 time.sleep(0.3)
-        ids = {s["study_name"]: s["study_id"] for s in listed}
-        yield {"base": base, "folder": folder, "studies": studies, "ids": ids}
+        yield base, {s["study_name"]: s["study_id"] for s in listed}
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Two studies in one SQLite file (with and without the wrapper), served by optuna-dashboard's own CLI."""
+    folder = tmp_path_factory.mktemp("dashboard")
+    storage = f"sqlite:///{folder / 'study.db'}"
+    studies = {wrap: make_study(storage, f"wrapped-{wrap}", wrap) for wrap in (True, False)}
+    with serve(storage, folder / "dashboard.log") as (base, ids):
+        yield {"base": base, "folder": folder, "studies": studies, "ids": ids}
 
 
 def infeasible_numbers(study: optuna.Study) -> set[int]:
@@ -149,3 +157,26 @@ def test_chromium_shows_infeasible_trials_and_metric_names(dashboard: dict[str, 
     # the analytics page: one value distribution per objective, under its name
     for metric in METRICS:
         assert f"EDF for {metric}" in analytics_text, f"{metric} is not on the page"
+
+
+def test_a_real_search_storage_shows_its_infeasible_trials(tmp_path: Path) -> None:
+    """The storage of a real `hwprune search` (tight budget: some trials over it), served as users would serve it:
+    the dashboard's feasibility matches trials.csv's, and the objectives carry hwprune's names."""
+    out = tmp_path / "out"
+    run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms", "0.6x",
+            "--trials", "6", "--out", str(out), "--quiet", timeout=600)  # exit 0 or 3: the storage is what counts
+    run_dir = next(p.parent for p in out.rglob("study.db"))
+    import pandas as pd
+
+    table = pd.read_csv(run_dir / "trials.csv")
+    done = table[table["state"] == "COMPLETE"]
+    expected = {int(n) for n in done.loc[~done["feasible"].astype(bool), "trial"]}
+    assert 0 < len(done), table
+    with serve(f"sqlite:///{run_dir / 'study.db'}", tmp_path / "dashboard.log") as (base, ids):
+        (study_id,) = ids.values()
+        served = get_json(f"{base}/api/studies/{study_id}")
+    complete = [t for t in served["trials"] if t["state"] == "Complete"]
+    assert {t["number"] for t in complete} == {int(n) for n in done["trial"]}
+    assert {t["number"] for t in complete if any(c > 0 for c in t["constraints"])} == expected
+    assert all(t["constraints"] for t in complete)  # every complete trial carries its constraints
+    assert served["objective_names"] == METRICS

@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 
+from hwprune.integrations.dashboard import named_constraints
 from hwprune.study import attrs
 
 CONFIRMED_ATTR = attrs.CONFIRMED  # study user attribute: trial number -> its latency measured again
@@ -108,4 +109,4 @@ def confirmed_latency(trial: optuna.trial.FrozenTrial, budgets: Budgets, confirm
 
 def is_feasible(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a trial has values and met every constraint it stored (the budgets of the run that measured it)."""
-    return bool(trial.values) and all(v <= 0 for v in (trial.constraints or {}).values())
+    return bool(trial.values) and all(v <= 0 for v in named_constraints(trial.system_attrs).values())

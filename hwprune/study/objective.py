@@ -24,10 +24,27 @@ from hwprune.backends.base import Measurement
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
 from hwprune.pruning import PrunedModel, PruningSpace, prune
 from hwprune.study import attrs
-from hwprune.study.bracket import (BRACKET_SCAN, BRACKET_STEPS, DEPTH_PROBES, WARM_START, bracket_budget,  # noqa: F401
-                                   probe_depth, uniform_architectures, uniform_architectures_between, warm_start)
-from hwprune.study.budgets import (CONFIRMED_ATTR, NEAR_MISS, Budgets, ConfirmFn, confirmed_latency,  # noqa: F401
-                                   is_feasible, judged_latency, latency_ratio)
+from hwprune.study.bracket import (  # noqa: F401
+    BRACKET_SCAN,
+    BRACKET_STEPS,
+    DEPTH_PROBES,
+    WARM_START,
+    bracket_budget,
+    probe_depth,
+    uniform_architectures,
+    uniform_architectures_between,
+    warm_start,
+)
+from hwprune.study.budgets import (  # noqa: F401
+    CONFIRMED_ATTR,
+    NEAR_MISS,
+    Budgets,
+    ConfirmFn,
+    confirmed_latency,
+    is_feasible,
+    judged_latency,
+    latency_ratio,
+)
 from hwprune.study.reference import MeasurePair, interleaved_rounds
 from hwprune.study.storage import DIRECTIONS, HEARTBEAT_S, make_sampler, open_study  # noqa: F401
 from hwprune.study.trials import trials_table  # noqa: F401

@@ -16,6 +16,8 @@ from optuna.trial import TrialState
 from hwprune import train
 from hwprune.backends.base import Measurement
 from hwprune.errors import HwpruneError
+from hwprune.integrations.dashboard import DashboardConstraints
+from hwprune.integrations.mlflow import search_callbacks
 from hwprune.pruning import PruningSpace, prune
 from hwprune.pruning.importance import resolve_importance
 from hwprune.recovery import RecoveryPlan
@@ -78,7 +80,7 @@ def run_trials(ctx: RunContext, subject: Subject, request: dict[str, Any], finge
     dense_m = reference.measurement
     runner.add_dense(dense.signature, [dense.accuracy, dense_m.latency.median_ms, dense_m.memory.total_mb],
                      dense.trial_attrs(dense_m, relative=bool(budgets.latency_factor)))
-    interrupted = _optimize(ctx, study, runner, reference, budgets)
+    interrupted = _optimize(ctx, study, runner, reference, budgets, request)
     budgets = budgets.now()
     dense_m = reference.measurement
     if c.latency_budget_ms:
@@ -138,7 +140,7 @@ def _open(ctx: RunContext, subject: Subject, sampler: optuna.samplers.BaseSample
 
 
 def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, reference: DenseReference,
-              budgets: Budgets) -> bool:
+              budgets: Budgets, request: dict[str, Any]) -> bool:
     """Run the trials left to run; whether Ctrl-C interrupted them."""
     c, space, subject = ctx.config, runner.space, runner.subject
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -163,9 +165,11 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
                                         log=ctx.log, confirm=again)]
     if c.trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))
+    callbacks.extend(search_callbacks(c.callbacks, c.mlflow, request))
     try:
         with progress:
-            study.optimize(runner, n_trials=remaining, timeout=c.timeout_s, callbacks=callbacks,
+            # the dashboard reads constraints as one list, which Optuna 5 no longer writes
+            study.optimize(DashboardConstraints(runner), n_trials=remaining, timeout=c.timeout_s, callbacks=callbacks,
                            catch=(HwpruneError,), gc_after_trial=False, show_progress_bar=False)
     except KeyboardInterrupt:
         # Optuna has already marked the trial in flight as failed; completed trials are in the storage

@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from hwprune.integrations.dashboard import named_constraints
 from hwprune.study import attrs
 
 
@@ -41,7 +42,7 @@ class SearchProgress:
             if self.log is not None:
                 self.log(f"trial {trial.number} failed: {trial.user_attrs.get(attrs.FAIL_REASON, 'interrupted')}")
         elif trial.state == TrialState.COMPLETE and trial.values:
-            feasible = all(v <= 0 for v in (trial.constraints or {}).values())
+            feasible = all(v <= 0 for v in named_constraints(trial.system_attrs).values())
             if feasible:
                 acc, lat, mem = trial.values
                 if self.best == "none feasible yet" or acc > self._best_acc:

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hwprune.errors import HwpruneError
+from hwprune.integrations.dashboard import named_constraints
 from hwprune.pruning import PruningSpace
 from hwprune.study import attrs
 from hwprune.study.budgets import CONFIRMED_ATTR, Budgets, ConfirmFn, confirmed_latency, is_feasible
@@ -49,7 +50,8 @@ def incumbent(study: optuna.Study, budgets: Budgets) -> tuple[optuna.trial.Froze
     def fits(t: optuna.trial.FrozenTrial, ms: float) -> bool:
         if str(t.number) not in confirmed or budgets.latency_ms is None:
             return is_feasible(t)
-        return ms <= budgets.latency_ms and all(v <= 0 for k, v in (t.constraints or {}).items() if k != "latency")
+        others = [v for k, v in named_constraints(t.system_attrs).items() if k != "latency"]
+        return ms <= budgets.latency_ms and all(v <= 0 for v in others)
 
     scored = [(t, confirmed_latency(t, budgets, confirmed))
               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]

@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 import torch
 
-from hwprune.backends import create_backend
+from hwprune.backends import backend_capabilities, create_backend
 from hwprune.backends.base import Measurement
 from hwprune.config import SearchConfig, prepare_run_dir
 from hwprune.errors import HwpruneError
@@ -32,8 +32,14 @@ from hwprune.recovery import RecoveryPlan
 from hwprune.study import attrs, run_folder
 from hwprune.study.budgets import NEAR_MISS, Budgets  # noqa: F401 - importable from here, as before
 from hwprune.study.confirm import OVER_BUDGET, REFILL_CONFIRMATIONS  # noqa: F401
-from hwprune.study.context import (RunContext, check_rankable, measurement_context, resolve_profile,  # noqa: F401
-                                   versions, write_request)
+from hwprune.study.context import (  # noqa: F401
+    RunContext,
+    check_rankable,
+    measurement_context,
+    resolve_profile,
+    versions,
+    write_request,
+)
 from hwprune.study.front import Front, select_front
 from hwprune.study.identity import Fingerprint, check_identity, fingerprint, load_existing
 from hwprune.study.optimize import Trials, run_trials
@@ -68,7 +74,8 @@ class Search:
         self.run_dir = config.run_dir
         prepare_run_dir(self.run_dir)  # a folder that cannot be written is an error now, not after the dense model
         self.storage = config.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
-        self.exporter = config.exporter or ("dynamo" if self.profile.backend in ("tvm", "tvm-rpc") else "torchscript")
+        self.capabilities = backend_capabilities(self.profile.backend)
+        self.exporter = config.exporter or self.capabilities.exporter
         self._subject = subject
         self.backend = None
         self.recovery: RecoveryPlan | None = None  # what pruned models recover with when the subject has no data
@@ -91,7 +98,7 @@ class Search:
     @property
     def pair_measure(self) -> Any:
         """:meth:`measure_pair` when the backend can time two models in alternating samples, else None."""
-        return self.measure_pair if hasattr(self.backend, "measure_beside") else None
+        return self.measure_pair if self.capabilities.beside else None
 
     def context(self) -> RunContext:
         """What the stages read, once the backend is open."""

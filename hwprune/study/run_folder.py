@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from hwprune import __version__
+from hwprune.backends import backend_capabilities
 from hwprune.errors import BudgetUnreachable
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.accuracy import best_within_budgets, guard_record, guard_refused, unreachable_message
@@ -100,7 +101,7 @@ def write_model_files(ctx: RunContext, pm: ParetoModel) -> None:
 def node_profile(ctx: RunContext, onnx_path: Path, record: ModelRecord) -> ModelRecord:
     """``record`` with the per-node latency file for the report (ONNX Runtime's profiler); as it is for backends
     the profiler does not describe, or when profiling fails."""
-    if ctx.profile.backend != "ort":
+    if not backend_capabilities(ctx.profile.backend).node_profile:
         return record
     from hwprune.backends.ort import node_profile as ort_node_profile
     from hwprune.export import atomic_write_text, file_record

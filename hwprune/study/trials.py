@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from hwprune.integrations.dashboard import named_constraints
 from hwprune.study import attrs
 from hwprune.study.budgets import is_feasible, latency_ratio
 
@@ -16,7 +17,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
     """One plain record per trial (state, values, feasibility, user attributes) for tables and reports."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        constraints = dict(t.constraints or {})
+        constraints = named_constraints(t.system_attrs)
         row: dict[str, Any] = {
             "trial": t.number,
             "state": t.state.name,
