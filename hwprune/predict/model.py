@@ -1,4 +1,7 @@
-"""A latency predictor: per-op-type linear regressors summed over a graph's nodes, then a whole-model correction.
+"""A latency predictor: per-node regressors summed over a graph's nodes, then a whole-model correction.
+
+Convolutions and matmuls are predicted by a tree per family (:mod:`hwprune.predict.trees`); other ops, and every op
+when scikit-learn is missing, by per-op-type linear regressors (power laws where the nodes are timed kernels).
 
 Node regressors are fitted on per-node kernel times (ONNX Runtime's profiler); the correction
 ``model_ms = scale x sum(node predictions) + overhead`` on whole-model medians, which also absorbs what the profiler
