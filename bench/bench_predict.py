@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="64,96", help="input sizes of ResNet-18 / MobileNetV2")
     ap.add_argument("--widths", default="1,0.75,0.5", help="width multipliers of the held-out CNNs")
     ap.add_argument("--transfer-n", default="3,5,10", help="device measurements the transfer gets")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measuring rounds of the held-out set (median)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/predict"))
     args = ap.parse_args()
     profile = load_profile("host-cpu")
@@ -104,11 +105,20 @@ def main() -> None:
     host, dev = OrtBackend(profile), OrtBackend(profile.with_overrides(ort__intra_op_threads=2))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for d in held_out([int(s) for s in args.sizes.split(",")], [float(w) for w in args.widths.split(",")]):
-            path = export_design(d, Path(tmp))
-            rows.append({"model": d.name, "path": str(path), "measured_ms": target_ms(host.measure(path)),
+        models = held_out([int(s) for s in args.sizes.split(",")], [float(w) for w in args.widths.split(",")])
+        paths = [export_design(d, Path(tmp)) for d in models]
+        # rounds interleave the models (round 1 over all, round 2 over all, ...): a slow spell on the shared host
+        # then hits one round of every model instead of all rounds of a few
+        host_ms: list[list[float]] = [[] for _ in paths]
+        dev_ms: list[list[float]] = [[] for _ in paths]
+        for _ in range(max(1, args.rounds)):
+            for i, path in enumerate(paths):
+                host_ms[i].append(target_ms(host.measure(path)))
+                dev_ms[i].append(dev.measure(path).latency.median_ms)
+        for d, path, h, t2 in zip(models, paths, host_ms, dev_ms):
+            rows.append({"model": d.name, "path": str(path), "measured_ms": float(np.median(h)),
                          "fitted_ms": predictor.predict_ms(path), "roofline_ms": roofline(path, profile)["latency_ms"],
-                         "threads2_ms": dev.measure(path).latency.median_ms})
+                         "threads2_ms": float(np.median(t2))})
         df = pd.DataFrame(rows)
         table = [{"estimator": name, **_stats(df[col].tolist(), df.measured_ms.tolist())}
                  for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"))]

@@ -87,7 +87,8 @@ def measure_model(name: str, onnx_path: Path, profile: DeviceProfile, backend: A
     prof = node_profile(onnx_path, profile, runs=PROFILE_RUNS)
     times, lost = attribute_node_times(onnx_path, feats, prof["nodes"])
     total = sum(times.values()) + lost
-    samples = [NodeSample(f.keys, f.basis, times.get(f.name, 0.0), f.log_basis, 1.0 / max(total, 1.0)) for f in feats]
+    samples = [NodeSample(f.keys, f.basis, times.get(f.name, 0.0), f.log_basis, 1.0 / max(total, 1.0), f.x)
+               for f in feats]
     ms = target_ms(backend.measure(onnx_path))
     return Measured(name, feats, samples, ms, sum(times.values()) / total if total > 0 else 1.0)
 

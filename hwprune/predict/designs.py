@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 ACTS = ("relu", "relu6", "silu", "hardswish")
-SIZES = (16, 24, 32, 48, 64)
+SIZES = (16, 24, 32, 48, 64, 96, 128, 160, 224)
+MAX_WIDTH = 1024
+# a block whose 3x3 conv would exceed this many MACs is made stride-2 instead: keeps one design to tens of ms while
+# the widths still reach 512-1024 channels at the small maps real networks run them on
+MAX_BLOCK_MACS = 120e6
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,13 @@ def _act(name: str) -> Any:
 
 
 def _width(rng: random.Random, multiple: int, lo: int = 8, hi: int = 96) -> int:
-    if rng.random() < 0.5:
-        return max(multiple, rng.randrange(lo, hi + 1, max(multiple, 1)) // multiple * multiple)
-    return rng.randint(lo, hi)
+    """A width between lo and hi (log-uniform), on the channel multiple half the time."""
+    import math
+
+    w = int(round(math.exp(rng.uniform(math.log(max(lo, 1)), math.log(max(hi, lo + 1))))))
+    if rng.random() < 0.5 and multiple > 1:
+        return max(multiple, int(round(w / multiple)) * multiple)
+    return max(1, w)
 
 
 def _conv(cin: int, cout: int, k: int, s: int, groups: int, act: str | None) -> Any:
@@ -68,15 +76,20 @@ def _cnn_blocks(rng: random.Random, multiple: int, cin: int, size: int) -> tuple
 
     blocks: list[Any] = []
     c = cin
-    for _ in range(rng.randint(2, 6)):
-        kind = rng.choice(("conv", "conv", "inverted", "basic", "pool"))
-        stride = 2 if size >= 16 and rng.random() < 0.3 else 1
+    scale = float(max(cin, 8))  # channels grow as maps shrink, as in real networks
+    for _ in range(rng.randint(2, 7)):
+        kind = rng.choice(("conv", "conv", "inverted", "basic", "basic", "pool"))
+        stride = 2 if size >= 4 and (rng.random() < 0.35 or 9 * scale * scale * size * size > MAX_BLOCK_MACS) else 1
+        if stride == 2:
+            scale = min(scale * rng.choice((1.5, 2.0, 2.0)), MAX_WIDTH)
         act = rng.choice(ACTS)
+        lo, hi = max(4, int(scale / 2)), max(8, int(scale * 1.5))
         if kind == "conv":
-            cout, k = _width(rng, multiple), rng.choice((1, 3, 3, 5, 7))
+            cout, k = _width(rng, multiple, lo, hi), rng.choice((1, 3, 3, 5, 7))
             blocks.append(_conv(c, cout, k, stride, 1, act))
         elif kind == "inverted":
-            hidden, cout, k = _width(rng, multiple, 16, 192), _width(rng, multiple), rng.choice((3, 3, 5))
+            hidden, cout = _width(rng, multiple, 2 * lo, 6 * hi), _width(rng, multiple, lo, hi)
+            k = rng.choice((3, 3, 5))
             body = [_conv(c, hidden, 1, 1, 1, act), _conv(hidden, hidden, k, stride, hidden, act)]
             if rng.random() < 0.4:
                 body.append(SE(hidden))
@@ -84,7 +97,7 @@ def _cnn_blocks(rng: random.Random, multiple: int, cin: int, size: int) -> tuple
             residual = stride == 1 and cout == c  # MobileNetV2 adds the input back only where shapes match
             blocks.append(Residual(nn.Sequential(*body), None) if residual else nn.Sequential(*body))
         elif kind == "basic":
-            cout = _width(rng, multiple)
+            cout = _width(rng, multiple, lo, hi)
             body = nn.Sequential(_conv(c, cout, 3, stride, 1, "relu"), _conv(cout, cout, 3, 1, 1, None))
             short = None if (stride == 1 and cout == c) else _conv(c, cout, 1, stride, 1, None)
             blocks.append(nn.Sequential(Residual(body, short), nn.ReLU()))
@@ -103,10 +116,10 @@ def cnn_design(seed: int, multiple: int) -> Design:
 
     rng = random.Random(seed)
     size = rng.choice(SIZES)
-    stem_out = _width(rng, multiple, 8, 48)
+    stem_out = _width(rng, multiple, 8, 96 if size <= 64 else 48)
     stem = _conv(3, stem_out, rng.choice((3, 3, 7)), rng.choice((1, 2)), 1, rng.choice(ACTS))
     blocks, c = _cnn_blocks(rng, multiple, stem_out, size)
-    net = nn.Sequential(stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, rng.choice((10, 100))))
+    net = nn.Sequential(stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, rng.choice((10, 100, 1000))))
     return Design(f"cnn-{seed}", net.eval(), torch.randn(1, 3, size, size))
 
 

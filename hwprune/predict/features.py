@@ -23,6 +23,11 @@ _FUSING_PRODUCERS = frozenset({"Conv", "Gemm", "MatMul"})
 SKIP_OPS = frozenset({"Constant", "Identity"})
 # Basis: [1, MMACs, padded MMACs, MB moved]; scaled to millions so least squares is well conditioned.
 BASIS_NAMES = ("const", "mmacs", "mmacs_padded", "mbytes")
+# Input of the tree regressors (hwprune.predict.model): the kernel's geometry, in logs where it spans decades.
+TREE_NAMES = ("log_macs", "log_padded", "log_bytes", "log_spatial", "log_cin", "log_cout", "kernel", "stride",
+              "log_groups", "depthwise", "cin_aligned", "cout_aligned", "fused", "log_intensity", "cin_pow2",
+              "cout_pow2", "activation_operand")
+MAX_POW2 = 5  # channel counts divisible by 32 and more run the same blocked kernels
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class NodeFeatures:
     fused: bool
     basis: tuple[float, ...]
     log_basis: tuple[float, ...] = ()  # [1, log MACs, log padded MACs, log spatial, log cin, log cout, log bytes]
+    x: tuple[float, ...] = ()  # the tree regressors' input (TREE_NAMES)
 
 
 def _attr(node: Any, name: str, default: Any = None) -> Any:
@@ -56,6 +62,25 @@ def _attr(node: Any, name: str, default: Any = None) -> Any:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def _pow2(n: int) -> float:
+    """How many times 2 divides ``n`` (capped): SIMD blocking cares about 4/8/16-lane alignment, not one multiple."""
+    k = 0
+    while n > 0 and n % 2 == 0 and k < MAX_POW2:
+        n //= 2
+        k += 1
+    return float(k)
+
+
+def const_tensors(graph: Any) -> set[str]:
+    """Tensors computable from initializers and constants alone: ORT folds the nodes producing them at load time,
+    so they cost nothing per run (shape arithmetic in an exported transformer, for one)."""
+    known = {t.name for t in graph.initializer}
+    for n in graph.node:  # graph order is topological
+        if n.op_type == "Shape" or all((not i) or i in known for i in n.input):  # shapes are static here
+            known.update(o for o in n.output if o)
+    return known
 
 
 def _pad(n: int, multiple: int) -> int:
@@ -149,12 +174,21 @@ def node_features(node: Any, infos: dict[str, TensorInfo], channel_multiple: int
         cout = out[1] if len(out) > 1 else 1
         spatial = math.prod(out[2:]) if len(out) > 2 else 1
         keys = (f"{op}@fused", op) if fused else (op,)
+    if op not in ("Conv", "MatMul", "Gemm") and getattr(infos, "const", None) and node.output \
+            and all((not o) or o in infos.const for o in node.output):
+        keys = (f"{op}@const", op)
     basis = (1.0, macs / 1e6, padded / 1e6, moved / 1e6)
     # kernel efficiency is not linear in size (small maps and thin layers waste SIMD lanes): a power law in the
     # geometry fits compute kernels far better than a line through MACs
     log_basis = (1.0, *(math.log1p(v) for v in (macs, padded, spatial, cin, cout, moved)))
+    m = max(channel_multiple, 1)
+    x = (math.log1p(macs), math.log1p(padded), math.log1p(moved), math.log1p(spatial), math.log1p(cin),
+         math.log1p(cout), float(kernel), float(stride), math.log1p(groups), float(groups > 1 and groups == cin),
+         float(cin % m == 0), float(cout % m == 0), float(fused), math.log1p(macs / max(moved, 1)), _pow2(cin),
+         _pow2(cout), float(op in ("MatMul", "Gemm") and not (len(node.input) > 1
+                                                              and node.input[1] in _initializer_names(infos))))
     return NodeFeatures(node.name, op, keys, macs, moved, cin, cout, spatial, kernel, stride, groups, aligned,
-                        fused, basis, log_basis)
+                        fused, basis, log_basis, x)
 
 
 def _initializer_names(infos: dict[str, TensorInfo]) -> set[str]:
@@ -166,6 +200,7 @@ class _Infos(dict):
     """Tensor infos plus the set of initializer names (so MatMul keys can tell weights from activations)."""
 
     initializers: set[str]
+    const: set[str]
 
 
 def graph_features(onnx_path_or_model: Any, channel_multiple: int = 1) -> list[NodeFeatures]:
@@ -181,10 +216,12 @@ def graph_features(onnx_path_or_model: Any, channel_multiple: int = 1) -> list[N
     model, raw = tensor_infos(onnx_path_or_model)
     infos = _Infos(raw)
     infos.initializers = {t.name for t in model.graph.initializer}
+    infos.const = const_tensors(model.graph)
     fused = _fused_nodes(model.graph)
     multiple = max(1, int(channel_multiple))
     return [node_features(n, infos, multiple, n.name in fused) for n in model.graph.node
             if n.op_type not in SKIP_OPS]
 
 
-__all__ = ["BASIS_NAMES", "FUSABLE_OPS", "NodeFeatures", "graph_features", "node_features"]
+__all__ = ["BASIS_NAMES", "FUSABLE_OPS", "TREE_NAMES", "NodeFeatures", "const_tensors", "graph_features",
+           "node_features"]

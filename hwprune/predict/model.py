@@ -1,4 +1,7 @@
-"""A latency predictor: per-op-type linear regressors summed over a graph's nodes, then a whole-model correction.
+"""A latency predictor: per-node regressors summed over a graph's nodes, then a whole-model correction.
+
+Convolutions and matmuls are predicted by a tree per family (:mod:`hwprune.predict.trees`); other ops, and every op
+when scikit-learn is missing, by per-op-type linear regressors (power laws where the nodes are timed kernels).
 
 Node regressors are fitted on per-node kernel times (ONNX Runtime's profiler); the correction
 ``model_ms = scale x sum(node predictions) + overhead`` on whole-model medians, which also absorbs what the profiler
@@ -15,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.predict.features import NodeFeatures, graph_features
+from hwprune.predict.trees import TREE_FAMILIES, fit_trees, predict_trees
 
 MIN_SAMPLES = 6  # fewest node samples a key needs before it gets its own regressor
 RIDGE = 1e-3  # small ridge on the node regressors: keeps rare keys from wild coefficients
@@ -35,6 +39,7 @@ class NodeSample:
     us: float
     log_basis: tuple[float, ...] = ()
     weight: float = 1.0  # 1 / its model's total us: a node's error counts as a share of its model's latency
+    x: tuple[float, ...] = ()  # tree features (hwprune.predict.features.TREE_NAMES)
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,18 @@ class Predictor:
     model_samples: list[ModelSample] = field(default_factory=list)
     transferred_from: str | None = None
     prior: dict[str, float] = field(default_factory=default_correction)  # what fit_correction is pulled toward
+    # fitted trees per family, rebuilt from node_samples on first use (not stored: refitting is deterministic)
+    trees: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+
+    def _trees(self) -> dict[str, Any]:
+        if self.trees is None:
+            groups: dict[str, list[tuple[tuple[float, ...], float, float]]] = {f: [] for f in TREE_FAMILIES}
+            for s in self.node_samples:
+                fam = family(s.keys[0])
+                if fam in groups and s.x:
+                    groups[fam].append((s.x, s.us, s.weight))
+            self.trees = fit_trees(groups)
+        return self.trees
 
     @property
     def fitted_on(self) -> int:
@@ -177,11 +194,23 @@ class Predictor:
                 return max(0.0, float(np.dot(coef, f.basis)))
         return 0.0
 
+    def nodes_us(self, feats: list[NodeFeatures]) -> list[float]:
+        """Predicted kernel time of each node in microseconds: the family's tree where there is one (folded
+        elementwise nodes excepted), else the node's linear regressor."""
+        out = [self.node_us(f) for f in feats]
+        trees = self._trees()
+        for fam in trees:
+            idx = [i for i, f in enumerate(feats) if family(f.keys[0]) == fam and f.x and not f.fused]
+            pred = predict_trees(trees, fam, [feats[i].x for i in idx])
+            for i, us in zip(idx, pred or []):
+                out[i] = us
+        return out
+
     def family_sums_ms(self, feats: list[NodeFeatures]) -> dict[str, float]:
         """Node predictions summed per family, in ms, before the correction (what the correction is fitted on)."""
         sums = dict.fromkeys(FAMILIES, 0.0)
-        for f in feats:
-            sums[family(f.keys[0])] += self.node_us(f) / 1e3
+        for f, us in zip(feats, self.nodes_us(feats)):
+            sums[family(f.keys[0])] += us / 1e3
         return sums
 
     def predict_features(self, feats: list[NodeFeatures]) -> float:

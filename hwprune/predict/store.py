@@ -16,7 +16,7 @@ from typing import Any
 from hwprune.errors import HwpruneError
 from hwprune.predict.model import ModelSample, NodeSample, Predictor, Validation
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: node samples carry tree features
 
 
 def cache_root() -> Path:
@@ -42,7 +42,8 @@ def predictor_path(p: Predictor, root: Path | None = None) -> Path:
 
 def to_dict(p: Predictor) -> dict[str, Any]:
     """A JSON-ready dict of the predictor, samples included (so a later update can refit)."""
-    d = dataclasses.asdict(p)
+    d = dataclasses.asdict(dataclasses.replace(p, trees=None))
+    d.pop("trees")
     d["format"] = FORMAT_VERSION
     return d
 
@@ -56,7 +57,8 @@ def from_dict(d: dict[str, Any]) -> Predictor:
     if d.get("format") != FORMAT_VERSION:
         raise HwpruneError(f"predictor format {d.get('format')!r} is not {FORMAT_VERSION}; calibrate again")
     d = {k: v for k, v in d.items() if k != "format"}
-    d["node_samples"] = [NodeSample(tuple(s["keys"]), tuple(s["basis"]), s["us"], tuple(s["log_basis"]), s["weight"])
+    d["node_samples"] = [NodeSample(tuple(s["keys"]), tuple(s["basis"]), s["us"], tuple(s["log_basis"]), s["weight"],
+                                    tuple(s.get("x", ())))
                          for s in d["node_samples"]]
     d["model_samples"] = [ModelSample(**s) for s in d["model_samples"]]
     d["validation"] = Validation(**d["validation"]) if d.get("validation") else None
