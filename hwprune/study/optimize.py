@@ -28,6 +28,7 @@ from hwprune.study.callbacks import AimAtBudget, FollowReference
 from hwprune.study.confirm import measure_again
 from hwprune.study.context import RunContext, fmt, measurement_context
 from hwprune.study.dense import DenseModel, make_budgets, measure_dense
+from hwprune.study.failfast import FAIL_FAST_TRIALS, FailFast
 from hwprune.study.identity import Fingerprint, check_identity
 from hwprune.study.objective import TrialRunner
 from hwprune.study.progress import SearchProgress
@@ -159,7 +160,9 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
     def macs_of(ratios: dict[str, float]) -> int:
         return prune(subject.model, subject.example_inputs, ratios, space).macs
 
-    callbacks: list[Any] = [FollowReference(reference), progress.callback,
+    # stops the study when the first trials all fail because of the model (checked below, after optimize)
+    fail_fast = FailFast(subject, min(FAIL_FAST_TRIALS, remaining or FAIL_FAST_TRIALS))
+    callbacks: list[Any] = [fail_fast, FollowReference(reference), progress.callback,
                             AimAtBudget(space, reference, budgets, again, ctx.log),
                             EdgeRefiner(space, c.trials, c.timeout_s, c.seed, macs_of=macs_of, budgets=budgets,
                                         log=ctx.log, confirm=again)]
@@ -176,5 +179,6 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
         ctx.log("interrupted: completed trials are saved; the final phase (confirming the front, final "
                 "fine-tunes, report) is skipped: run the same command again to resume and finish it")
         return True
+    fail_fast.check()
     return False
 
