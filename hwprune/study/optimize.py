@@ -31,7 +31,7 @@ from hwprune.study.dense import DenseModel, make_budgets, measure_dense
 from hwprune.study.failfast import FAIL_FAST_TRIALS, FailFast
 from hwprune.study.identity import Fingerprint, check_identity
 from hwprune.study.objective import TrialRunner
-from hwprune.study.progress import SearchProgress
+from hwprune.study.progress import FinalPlan, SearchProgress
 from hwprune.study.reference import START_SETS, DenseReference
 from hwprune.study.refine import EdgeRefiner
 from hwprune.study.storage import make_sampler, open_study
@@ -152,7 +152,8 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
             f"trials; running {remaining if remaining is not None else 'until timeout'} more")
     if remaining == 0:
         return False
-    progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets, log=ctx.log)
+    progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets, log=ctx.log,
+                              final=FinalPlan.of(c, subject))
 
     def again(ratios: dict[str, float]) -> dict[str, float]:
         return measure_again(ctx, ratios, subject, space, runner)
@@ -180,5 +181,6 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
                 "fine-tunes, report) is skipped: run the same command again to resume and finish it")
         return True
     fail_fast.check()
+    progress.final_phase_started()
     return False
 
