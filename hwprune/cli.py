@@ -470,6 +470,11 @@ def doctor(
         raise typer.Exit(1)
 
 
+def _one_line(message: object) -> str:
+    """An error message on one line: messages quoted from torch or ONNX Runtime can hold newlines."""
+    return " ".join(str(message).split())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit code, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -481,18 +486,18 @@ def main(argv: list[str] | None = None) -> None:
         pass
     try:
         # outside standalone mode typer returns exit codes (130 for Ctrl-C, N for typer.Exit(N)) instead of exiting
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False, prog_name="hwprune")
         if rc == EXIT_INTERRUPTED:
             raise KeyboardInterrupt
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except BudgetUnreachable as exc:
         # soft_wrap: the error stays one line however narrow the terminal, for people and for scripts that grep it
-        err.print(f"[bold red]hwprune: no model met the budgets:[/] {escape(str(exc))}", highlight=False,
+        err.print(f"[bold red]hwprune: no model met the budgets:[/] {escape(_one_line(exc))}", highlight=False,
                   soft_wrap=True)
         sys.exit(EXIT_BUDGET)
     except HwpruneError as exc:
-        err.print(f"[bold red]hwprune: error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]hwprune: error:[/] {escape(_one_line(exc))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
         err.print("hwprune: interrupted; completed trials are saved, run the same command to resume")
@@ -503,7 +508,14 @@ def main(argv: list[str] | None = None) -> None:
         # typer 0.2x vendors its own copy of click (typer._click), whose exceptions are not click's: recognise a
         # usage error by what it can do (an unknown option once ended in a traceback here)
         if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()  # type: ignore[attr-defined]
+            if callable(getattr(exc, "format_message", None)) and type(exc).__name__ != "NoArgsIsHelpError":
+                # one line, like every other error, with where to look instead of click's usage block
+                where = getattr(getattr(exc, "ctx", None), "command_path", None) or "hwprune"
+                message = _one_line(exc.format_message())  # type: ignore[attr-defined]
+                err.print(f"[bold red]hwprune: error:[/] {escape(message)} (see `{escape(where)} --help`)",
+                          highlight=False, soft_wrap=True)
+            else:
+                exc.show()  # type: ignore[attr-defined]
             sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         if isinstance(exc, typer.Abort) or type(exc).__name__ == "Abort":
             sys.exit(EXIT_INTERRUPTED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tempfile
@@ -43,6 +44,24 @@ def check_study_name(name: str) -> str:
     return name
 
 
+def check_storage_url(url: str) -> str:
+    """``url`` if SQLAlchemy can parse it and knows its database, else one error: found before any model work rather
+    than after the dense model's measurement.
+
+    Raises:
+        HwpruneError: not a database URL (e.g. a bare file name), or an unknown database.
+    """
+    from sqlalchemy.engine import make_url  # Optuna's RDB storage parses it the same way
+
+    try:
+        make_url(url).get_dialect()
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ValueError alike
+        shown = re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)  # no password in messages
+        raise HwpruneError(f"storage {shown!r}: not a database URL hwprune can open ({exc}); e.g. "
+                           "sqlite:///study.db or postgresql://user:password@host/db") from None
+    return url
+
+
 def prepare_run_dir(path: Path, hint: str = "choose an --out folder you can write to") -> Path:
     """Create the run folder ``path`` (and its parents) and check that a file can be written in it, before any work
     starts; a folder that cannot be made or written is one error naming it."""
@@ -80,8 +99,8 @@ class Budget:
                 raise HwpruneError(f"{what}: {text!r} is not a number (e.g. 20) or a fraction of the dense model "
                                    f"(e.g. 0.6x)")
             value, relative = float(m.group(1)), bool(m.group(2))
-        if value <= 0:
-            raise HwpruneError(f"{what}: must be positive, got {text!r}")
+        if not value > 0 or math.isinf(value):  # NaN fails the first test; 1e999 parses as infinity
+            raise HwpruneError(f"{what}: must be a positive finite number, got {text!r}")
         return cls(value, relative)
 
     def resolve(self, dense_value: float) -> float:
@@ -184,6 +203,8 @@ class SearchConfig:
             self.data = Path(self.data)
         if self.study:
             check_study_name(str(self.study))
+        if self.storage:
+            check_storage_url(self.storage)
         if self.trials is not None and self.trials < 1:
             raise HwpruneError(f"trials: must be at least 1, got {self.trials}")
         if self.trials is None and self.timeout_s is None:

@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -317,6 +318,7 @@ def _torchscript_proto(model: Any, args: tuple[Any, ...], opset: int, input_name
     if _debug():
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _record_control_flow(model, caught)
     if strict:
         for w in caught:
             if w.category.__name__ == "TracerWarning" and "Converting a tensor to a Python" in str(w.message):
@@ -327,6 +329,54 @@ def _torchscript_proto(model: Any, args: tuple[Any, ...], opset: int, input_name
 
 class _StrictTraceError(RuntimeError):
     pass
+
+
+# the tracer's warning for ``if <tensor>:``: the trace follows the branch the example took, and so does pruning
+_BRANCH_WARNING = "Converting a tensor to a Python boolean"
+# model -> (file, line) of its branches on tensor values, as the last TorchScript export of it saw them
+_CONTROL_FLOW: weakref.WeakKeyDictionary[Any, tuple[tuple[str, int], ...]] = weakref.WeakKeyDictionary()
+
+
+def _branch_sites(caught: Sequence[warnings.WarningMessage]) -> tuple[tuple[str, int], ...]:
+    sites = [(w.filename, w.lineno) for w in caught
+             if w.category.__name__ == "TracerWarning" and _BRANCH_WARNING in str(w.message)]
+    return tuple(dict.fromkeys(sites))
+
+
+def _record_control_flow(model: Any, caught: Sequence[warnings.WarningMessage]) -> None:
+    with contextlib.suppress(TypeError):  # a model that cannot be weakly referenced is not recorded
+        _CONTROL_FLOW[model] = _branch_sites(caught)
+
+
+def control_flow_sites(model: Any, example_inputs: Any = None) -> tuple[tuple[str, int], ...]:
+    """Where ``model``'s forward branches on a tensor value (``if x.mean() > 0:``), as ``(file, line)``: what its
+    last TorchScript export saw (the tracer's warnings), or, never exported so, a trace on ``example_inputs``.
+
+    Such a branch hides the code not taken for the example inputs from tracing, and so from pruning's dependency
+    graph: a layer there keeps its width while the layer feeding it is pruned.
+
+    Args:
+        model: an ``nn.Module``.
+        example_inputs: a batch for tracing (a tensor or a tuple); without it only a recorded export answers.
+
+    Returns:
+        Distinct sites in the order the trace met them (empty when there are none or nothing is known).
+    """
+    with contextlib.suppress(TypeError):
+        if model in _CONTROL_FLOW:
+            return _CONTROL_FLOW[model]
+    if example_inputs is None:
+        return ()
+    import torch
+
+    with _silenced(), warnings.catch_warnings(record=True) as caught, _eval_mode(model), torch.no_grad():
+        warnings.simplefilter("always")
+        try:
+            torch.jit.trace(model, _as_args(example_inputs), check_trace=False, strict=False)
+        except Exception:  # noqa: BLE001 - a model the tracer rejects still had its warnings until then
+            pass
+    _record_control_flow(model, caught)
+    return _branch_sites(caught)
 
 
 def _dynamo_proto(model: Any, args: tuple[Any, ...], opset: int, input_names: list[str]) -> Any:
@@ -482,6 +532,7 @@ def input_feed(onnx_path_or_model: Any, seed: int = 0) -> dict[str, np.ndarray]:
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
+    "control_flow_sites",
     "export_onnx",
     "file_record",
     "graph_inputs",

@@ -23,7 +23,7 @@ from hwprune import train
 from hwprune.backends.base import Measurement
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
 from hwprune.pruning import PrunedModel, PruningSpace, prune
-from hwprune.study import attrs
+from hwprune.study import attrs, failfast
 from hwprune.study.bracket import (  # noqa: F401
     BRACKET_SCAN,
     BRACKET_STEPS,
@@ -180,6 +180,7 @@ class TrialRunner:
         # pruning, calibration and evaluation are torch work too: size its thread pool to the free cores, or a
         # busy host makes OpenMP workers wait on each other (measured: 14x slower BN re-calibration)
         torch.set_num_threads(train.training_threads())
+        stage = failfast.PRUNE  # where a failure happened: the fail-fast check tells the model's faults apart
         try:
             t = time.perf_counter()
             # the signature is known before calibration, so a cached architecture skips all the expensive work
@@ -195,21 +196,26 @@ class TrialRunner:
                 acc, lat, mem = cached["values"]
                 self._constrain(trial, lat, mem, cached["attrs"].get(attrs.LATENCY_RATIO), acc)
                 return acc, lat, mem
+            stage = failfast.FORWARD
             pruned = self.prepare(pruned, stages)  # the copy pruned for the signature; no second prune
             trial.set_user_attr(attrs.WIDTHS, {k: list(v) for k, v in pruned.widths.items()})
             trial.set_user_attr(attrs.MACS, int(pruned.macs))
             trial.set_user_attr(attrs.PARAMS, int(pruned.params))
             trial.set_user_attr(attrs.SIGNATURE, pruned.signature)
+            stage = failfast.EXPORT_STAGE
             m, ratio = self.export_and_measure(pruned.module, stages)
+            stage = failfast.EVALUATE
             acc = self.evaluate(pruned.module, stages)
         except (MeasurementError, ExportError, HwpruneError) as exc:
             trial.set_user_attr(attrs.FAIL_REASON, str(exc))
             trial.set_user_attr(attrs.STAGE_SECONDS, stages)
+            _record_failure(trial, exc, stage)
             raise
         except Exception as exc:  # noqa: BLE001 - one bad candidate must not end the study
             reason = f"{type(exc).__name__}: {exc}"
             trial.set_user_attr(attrs.FAIL_REASON, reason)
             trial.set_user_attr(attrs.STAGE_SECONDS, stages)
+            _record_failure(trial, exc, stage)
             raise HwpruneError(reason) from exc
         lat, mem = m.latency.median_ms, m.memory.total_mb
         trial.set_user_attr(attrs.MEASUREMENT, m.to_dict())
@@ -232,6 +238,13 @@ class TrialRunner:
         trial.set_constraint("memory", mem_v)
         if b.accuracy_floor is not None and b.guard_trials:
             trial.set_constraint("accuracy", b.accuracy_violation(acc))
+
+
+def _record_failure(trial: optuna.Trial, exc: BaseException, stage: str) -> None:
+    """The kind and stage of a failed trial, which :class:`~hwprune.study.failfast.FailFast` reads."""
+    kind, stage = failfast.classify(exc, stage)
+    trial.set_user_attr(failfast.FAIL_KIND, kind)
+    trial.set_user_attr(failfast.FAIL_STAGE, stage)
 
 
 def replay_seed(seed: int, signature: str) -> int:

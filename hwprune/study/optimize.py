@@ -28,9 +28,10 @@ from hwprune.study.callbacks import AimAtBudget, FollowReference
 from hwprune.study.confirm import measure_again
 from hwprune.study.context import RunContext, fmt, measurement_context
 from hwprune.study.dense import DenseModel, make_budgets, measure_dense
+from hwprune.study.failfast import FAIL_FAST_TRIALS, FailFast
 from hwprune.study.identity import Fingerprint, check_identity
 from hwprune.study.objective import TrialRunner
-from hwprune.study.progress import SearchProgress
+from hwprune.study.progress import FinalPlan, SearchProgress
 from hwprune.study.reference import START_SETS, DenseReference
 from hwprune.study.refine import EdgeRefiner
 from hwprune.study.storage import make_sampler, open_study
@@ -151,7 +152,8 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
             f"trials; running {remaining if remaining is not None else 'until timeout'} more")
     if remaining == 0:
         return False
-    progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets, log=ctx.log)
+    progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets, log=ctx.log,
+                              final=FinalPlan.of(c, subject))
 
     def again(ratios: dict[str, float]) -> dict[str, float]:
         return measure_again(ctx, ratios, subject, space, runner)
@@ -159,7 +161,9 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
     def macs_of(ratios: dict[str, float]) -> int:
         return prune(subject.model, subject.example_inputs, ratios, space).macs
 
-    callbacks: list[Any] = [FollowReference(reference), progress.callback,
+    # stops the study when the first trials all fail because of the model (checked below, after optimize)
+    fail_fast = FailFast(subject, min(FAIL_FAST_TRIALS, remaining or FAIL_FAST_TRIALS))
+    callbacks: list[Any] = [fail_fast, FollowReference(reference), progress.callback,
                             AimAtBudget(space, reference, budgets, again, ctx.log),
                             EdgeRefiner(space, c.trials, c.timeout_s, c.seed, macs_of=macs_of, budgets=budgets,
                                         log=ctx.log, confirm=again)]
@@ -176,5 +180,7 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
         ctx.log("interrupted: completed trials are saved; the final phase (confirming the front, final "
                 "fine-tunes, report) is skipped: run the same command again to resume and finish it")
         return True
+    fail_fast.check()
+    progress.final_phase_started()
     return False
 
