@@ -22,8 +22,7 @@ from hwprune.errors import BackendUnavailable, ExportError, HwpruneError, Measur
 from hwprune.study import attrs
 
 FAIL_FAST_TRIALS = 3  # model-level failures of one kind, with no trial ever completed, that stop the study
-FAIL_KIND = "fail_kind"  # trial user attribute: what kind of failure (the constants below)
-FAIL_STAGE = "fail_stage"  # trial user attribute: the trial stage it failed in
+FAIL_KIND, FAIL_STAGE = attrs.FAIL_KIND, attrs.FAIL_STAGE  # trial user attributes (hwprune.study.attrs)
 
 # kinds of trial failure
 TRANSIENT = "transient"  # the board, the session or the measurement: not the model's fault, never counted

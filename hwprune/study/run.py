@@ -125,12 +125,13 @@ class Search:
         """
         c = self.config
         t_start = time.perf_counter()
-        self.log(f"device {self.profile.name}: backend {self.profile.backend}, channel multiple "
-                 f"{self.profile.channel_multiple}")
         # the search seed drives sampling and fine-tuning only: the demo subject is the same model for every seed
         subject = self._subject or load_subject(c.model, log=self.log)
         if c.data is not None:
             attach_data(subject, load_data_file(c.data))
+        # after the model loads: an error in the model, factory or data is then the only line on stderr
+        self.log(f"device {self.profile.name}: backend {self.profile.backend}, channel multiple "
+                 f"{self.profile.channel_multiple}")
         self.fingerprint = self._fingerprint(subject)
         existing = load_existing(self.storage, c.study_name)
         if existing is not None:  # before anything is written into a run folder that may be another model's

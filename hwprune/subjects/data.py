@@ -56,7 +56,9 @@ def load_data_file(path: str | Path) -> Any:
         if path.suffix in (".pt", ".pth"):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt or pickled file may raise anything
-        raise SubjectError(f"data file {path}: cannot load it ({type(exc).__name__}: {exc})") from None
+        # torch's message can be a paragraph (weights_only advice): its first line says what went wrong
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise SubjectError(f"data file {path}: cannot load it ({type(exc).__name__}: {first})") from None
     raise SubjectError(f"data file {path}: expected a .pt or .npz file of tensors")
 
 
