@@ -60,9 +60,8 @@ def _summary_section(run: RunData) -> Section:
             ("Recommended", model_label(rec), f"deploy {code(rec['files']['onnx']['path'])}"),
             ("Latency", judged_cell(rec), f"as the budget judges it; own median {latency_cell(rec)}; dense "
                                           f"{judged_cell(dense)}"),
-            ("Speedup vs dense", fmt_x(rec.get("speedup")) + _flags(rec),
-             ("1 / its latency ratio to the dense model, measured side by side = dense latency / latency")
-             if rec.get("latency_ratio") else "dense latency / latency"),
+            ("Speedup vs dense", fmt_x(rec.get("speedup")) + _flags(rec), ("1 / its latency ratio to the dense "
+             "model, measured side by side = " if rec.get("latency_ratio") else "") + "dense latency / latency"),
             ("Memory", fmt_mb(rec["memory_mb"]["total"]),
              f"{_pct_of(rec['memory_mb']['total'], dense['memory_mb']['total'])}; dense "
              f"{fmt_mb(dense['memory_mb']['total'])}"),

@@ -83,7 +83,11 @@ def dense_model(ctx: RunContext, trials: Trials) -> ParetoModel:
     record = model_record(trial=None, accuracy=d.accuracy, accuracy_proxy=d.accuracy, m=trials.dense_m,
                           params=d.params, macs=d.macs, widths=d.widths, ratios=None, budgets=trials.budgets,
                           dense=None, example=trials.subject.example_inputs[0])
-    record = process_peak(ctx, d.path, record.with_file("onnx", file_record(d.path, ctx.run_dir)))
+    record = record.with_file("onnx", file_record(d.path, ctx.run_dir))
+    if not trials.interrupted:  # Ctrl-C stops now; the next run measures it
+        record = process_peak(ctx, d.path, record)
+    else:
+        record = record.replace(memory_mb=dataclasses.replace(record.memory_mb, process_peak=None))
     return ParetoModel(None, record, ctx.run_dir, trials.subject.model)
 
 
