@@ -55,6 +55,7 @@ from hwprune.errors import BudgetUnreachable  # noqa: E402
 from hwprune.export import export_onnx  # noqa: E402
 from hwprune.backends.ort import OrtBackend  # noqa: E402
 from hwprune.study.pareto import hypervolume_history  # noqa: E402
+from hwprune.study.records import ModelRecord  # noqa: E402
 from hwprune.subjects import build_demo  # noqa: E402
 from hwprune.subjects.base import Subject  # noqa: E402
 
@@ -110,6 +111,7 @@ def run_one(base: Subject, sampler: str, seed: int, args: argparse.Namespace, ru
     wall = time.perf_counter() - t0
     run_dir = runs_dir / study
     summary = json.loads((run_dir / "summary.json").read_text())
+    dense_record = ModelRecord.from_dict(summary["dense"])
     s = summary["search"]
     trials = pd.read_csv(run_dir / "trials.csv")
     complete = trials[trials["state"] == "COMPLETE"]
@@ -126,7 +128,7 @@ def run_one(base: Subject, sampler: str, seed: int, args: argparse.Namespace, ru
         "summary_hypervolume": _hv_at(s["hypervolume"], args.trials),
         "feasible_trials": int(len(feasible)), "first_feasible_trial": first_feasible,
         "best_feasible_accuracy": best, "pareto_models": len(summary["pareto"]),
-        "dense_accuracy": summary["dense"]["accuracy"], "dense_latency_ms": summary["dense"]["latency_ms"]["median"],
+        "dense_accuracy": dense_record.accuracy, "dense_latency_ms": dense_record.latency_ms.median,
         "budget_ms": summary["request"].get("latency_budget_ms"), "wall_seconds": round(wall, 1),
         "search_wall_seconds": s["wall_seconds"], "sampler_repr": summary["request"].get("sampler_repr"),
         "run_dir": str(run_dir), "note": note,

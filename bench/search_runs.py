@@ -20,6 +20,7 @@ from hwprune import train
 from hwprune.errors import BudgetUnreachable
 from hwprune.backends.ort import OrtBackend
 from hwprune.pruning import PruningSpace, prune
+from hwprune.study.records import ModelRecord, Summary
 from hwprune.subjects.base import Subject
 
 from bench.common import FINAL_LR, NOISE_TOL, PROFILE, say
@@ -53,10 +54,11 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
     if summary is None:
         final.note = note or "hwprune wrote no summary.json"
         return final, None, run_dir
-    s = summary["search"]
-    final.extra = {"search_dense_ms": summary["dense"]["latency_ms"]["median"],
-                   "search_budget_ms": summary["request"]["latency_budget_ms"], "run_dir": str(run_dir),
-                   "sampler": summary["request"].get("sampler")}
+    typed = Summary.from_dict(summary)
+    s = typed.search
+    final.extra = {"search_dense_ms": typed.dense.latency_ms.median,
+                   "search_budget_ms": typed.request["latency_budget_ms"], "run_dir": str(run_dir),
+                   "sampler": typed.request.get("sampler")}
     final.trials = int(s["trials_complete"])
     final.measurements = int(s["measurements"])  # dense sets, trials, and the confirmation of the front
     rec = next((m for m in summary["pareto"] if m["recommended"]), None)
@@ -68,8 +70,8 @@ def run_hwprune(subject: Subject, budget: float, args: argparse.Namespace, conf:
     final.setting = f"trial {rec['trial']}" + (f", {len(removed)} block{'s' * (len(removed) > 1)} removed"
                                                if removed else "")
     # under a relative budget hwprune judges (and records) the ratio to the dense model measured beside the model
-    final.select_latency_ratio = rec.get("latency_ratio") or (rec["latency_ms"]["median"]
-                                                              / summary["dense"]["latency_ms"]["median"])
+    final.select_latency_ratio = rec.get("latency_ratio") or (ModelRecord.from_dict(rec).latency_ms.median
+                                                              / typed.dense.latency_ms.median)
     final.budget_met_at_selection = bool(rec["meets"]["latency"])
     space = PruningSpace.build(subject.model, subject.example_inputs,
                                channel_multiple=int(summary["request"]["channel_multiple"]),
@@ -148,8 +150,8 @@ def check_front(summary: dict[str, Any], run_dir: Path, backend: OrtBackend, rou
     if all(m.get("latency_ratio") for m in front):  # a relative budget: what the search judged and ranked on
         lat, dense_lat = {m["trial"]: m["latency_ratio"] for m in front}, 1.0
     else:
-        lat = {m["trial"]: m["latency_ms"]["median"] for m in front}
-        dense_lat = summary["dense"]["latency_ms"]["median"]
+        lat = {m.trial: m.latency_ms.median for m in map(ModelRecord.from_dict, front)}
+        dense_lat = ModelRecord.from_dict(summary["dense"]).latency_ms.median
     result["search"] = _front_order(front, lat, dense_lat)
     if rounds > 0:
         paths = {m["trial"]: run_dir / m["files"]["onnx"]["path"] for m in front}

@@ -7,7 +7,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from rich.table import Table
 
 from hwprune.config import SearchConfig
 from hwprune.errors import BudgetUnreachable, HwpruneError
+
+if TYPE_CHECKING:  # the search's records import torch: only once a search has run
+    from hwprune.study.records import ModelRecord
 
 app = typer.Typer(
     name="hwprune",
@@ -154,29 +157,34 @@ def _print_summary_file(run_dir: Path) -> None:
         _print_result(json.loads(path.read_text()), run_dir)
 
 
-def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
-    dense = summary["dense"]
-    metric = summary.get("metric", "accuracy")
-    req = summary["request"]
-    table = Table(title=escape(f"Pareto front: {req['model']} on {req['device']} ({summary['measurement']['backend']})"))
-    for col in ("trial", metric, "latency ms (p90)", "memory MB", "params", "MMACs", "speedup", "budgets"):
-        table.add_column(col, justify="right")
-    est = " (estimated)" if summary["measurement"].get("estimated") else ""
+def _print_result(data: dict[str, Any], run_dir: Path) -> None:
+    """The result of a search (its summary.json) as a table and a few lines."""
+    from hwprune.study.records import JUDGED_BY_RATIO, UNSET, Summary
 
-    def row(r: dict[str, Any], label: str) -> list[str]:
-        meets = "ok" if all(r["meets"].values()) else \
-            ", ".join(("under guard" if k == "accuracy" else f"{k} over") for k, v in r["meets"].items() if not v)
-        noisy = " noisy" if r["latency_ms"].get("noisy") else ""
-        return [label, f"{r['accuracy']:.4f}", f"{r['latency_ms']['median']:.3f} ({r['latency_ms']['p90']:.3f}){noisy}{est}",
-                f"{r['memory_mb']['total']:.2f}", f"{r['params']:,}", f"{r['macs'] / 1e6:.2f}",
-                f"{r.get('speedup', 1.0):.2f}x", meets]
+    summary = Summary.from_dict(data)
+    dense, metric, req = summary.dense, summary.metric, summary.request
+    table = Table(title=escape(f"Pareto front: {req['model']} on {req['device']} ({summary.measurement['backend']})"))
+    # latency ms = what the budget judges (the same figure as the report's and summary.json's latency_ms.judged)
+    for col in ("trial", metric, "latency ms", "own median (p90)", "memory MB", "params", "MMACs", "speedup",
+                "budgets"):
+        table.add_column(col, justify="right")
+    est = " (estimated)" if summary.measurement.get("estimated") else ""
+
+    def row(r: ModelRecord, label: str) -> list[str]:
+        meets = r.meets.to_dict()
+        verdict = "ok" if all(meets.values()) else \
+            ", ".join(("under guard" if k == "accuracy" else f"{k} over") for k, v in meets.items() if not v)
+        noisy = " noisy" if r.latency_ms.noisy else ""
+        speedup = 1.0 if r.speedup is UNSET else r.speedup
+        return [label, f"{r.accuracy:.4f}", f"{r.latency_ms.primary_ms:.3f}{noisy}{est}",
+                f"{r.latency_ms.median:.3f} ({r.latency_ms.p90:.3f})", f"{r.memory_mb.total:.2f}", f"{r.params:,}",
+                f"{r.macs / 1e6:.2f}", f"{speedup:.2f}x", verdict]
 
     table.add_row(*row(dense, "dense"), style="dim")
-    for r in summary["pareto"]:
-        table.add_row(*row(r, f"{r['trial']}{' *' if r['recommended'] else ''}"),
-                      style="bold green" if r["recommended"] else None)
+    for r in summary.pareto:
+        table.add_row(*row(r, f"{r.trial}{' *' if r.recommended else ''}"), style="bold green" if r.recommended else None)
     out.print(table)
-    s = summary["search"]
+    s = summary.search
     def budget(value: Any, unit: str, typed: Any) -> str:
         if value is None:
             return "none"
@@ -186,26 +194,40 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
               f"{budget(req.get('memory_budget_mb'), 'MB', req.get('memory_budget'))} | "
               f"trials: {s['trials_complete']} complete ({s['trials_cached']} reused a measured architecture), "
               f"{s['trials_failed']} failed, {s['trials_feasible']} feasible | {s['wall_seconds']:.0f} s")
-    if any(r.get("latency_ratio") for r in summary["pareto"]):
-        out.print("speedup, order and the latency budget: measured side by side with the dense model (interleaved "
-                  "rounds), which a busy host slows alike; each ms figure is that model's own median")
-    rec = next((r for r in summary["pareto"] if r["recommended"]), None)
-    _print_accuracy_story(summary, rec, metric)
+    if any(r.latency_ms.judged_by == JUDGED_BY_RATIO for r in summary.pareto):
+        out.print(f"latency ms: what the budget judges, the latency ratio measured side by side with the dense model "
+                  f"(interleaved rounds, which a busy host slows alike) x the dense reference "
+                  f"({dense.latency_ms.median:.3f} ms); speedup = 1 / that ratio; own median: each model timed on "
+                  "its own")
+    else:
+        out.print("latency ms: what the budget judges, here each model's own median; speedup = dense latency / "
+                  "latency")
+    rec = next((r for r in summary.pareto if r.recommended), None)
+    _print_accuracy_story(data, rec.to_dict() if rec else None, metric)
     if rec:
-        kept = rec.get("accuracy_retention")
-        out.print(f"[bold]recommended:[/] trial {rec['trial']}: {metric} {rec['accuracy']:.4f} (dense "
-                  f"{dense['accuracy']:.4f}" + (f", {kept:.1%} kept" if kept is not None else "") + "), "
-                  f"{rec['latency_ms']['median']:.3f} ms ({rec.get('speedup', 1):.2f}x faster), "
-                  f"{rec['memory_mb']['total']:.2f} MB -> {run_dir / rec['files']['onnx']['path']}")
-        if rec.get("removed_blocks"):
-            out.print(f"  residual blocks removed whole: {', '.join(rec['removed_blocks'])}")
-        tuned = rec.get("final_tuned")
-        if tuned and "latency_ms" in tuned:
-            out.print(f"tuned on the device ({tuned['tuning_trials']} MetaSchedule trials, {tuned['seconds']:.0f} s): "
-                      f"{tuned['latency_ms']['median']:.3f} ms (p90 {tuned['latency_ms']['p90']:.3f})")
-        elif tuned:
-            out.print(f"tuning the recommended model failed: {escape(tuned['error'])}")
+        _print_recommended(rec, dense, metric, run_dir)
     out.print(f"run folder: {run_dir} (summary.json, pareto.csv{', report.html' if (run_dir / 'report.html').exists() else ''})")
+
+
+def _print_recommended(rec: ModelRecord, dense: ModelRecord, metric: str, run_dir: Path) -> None:
+    """The recommended model in a few lines: its figures beside the dense model's and where its file is."""
+    from hwprune.study.records import UNSET
+
+    kept = None if rec.accuracy_retention is UNSET else rec.accuracy_retention
+    speedup = 1.0 if rec.speedup is UNSET else rec.speedup
+    out.print(f"[bold]recommended:[/] trial {rec.trial}: {metric} {rec.accuracy:.4f} (dense "
+              f"{dense.accuracy:.4f}" + (f", {kept:.1%} kept" if kept is not None else "") + "), "
+              f"{rec.latency_ms.primary_ms:.3f} ms ({speedup:.2f}x faster; own median "
+              f"{rec.latency_ms.median:.3f} ms), {rec.memory_mb.total:.2f} MB -> "
+              f"{run_dir / rec.files['onnx']['path']}")
+    if rec.removed_blocks is not UNSET and rec.removed_blocks:
+        out.print(f"  residual blocks removed whole: {', '.join(rec.removed_blocks)}")
+    tuned = None if rec.final_tuned is UNSET else rec.final_tuned
+    if tuned and "latency_ms" in tuned:
+        out.print(f"tuned on the device ({tuned['tuning_trials']} MetaSchedule trials, {tuned['seconds']:.0f} s): "
+                  f"{tuned['latency_ms']['median']:.3f} ms (p90 {tuned['latency_ms']['p90']:.3f})")
+    elif tuned:
+        out.print(f"tuning the recommended model failed: {escape(tuned['error'])}")
 
 
 def _print_accuracy_story(summary: dict[str, Any], rec: dict[str, Any] | None, metric: str) -> None:

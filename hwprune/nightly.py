@@ -33,7 +33,7 @@ _SEARCH_FIELDS = {f.name for f in dataclasses.fields(SearchConfig)} - {
     "trials", "timeout_s", "storage", "study", "out", "run_folder", "progress", "command"}
 _TOLERANCES = ("latency_tolerance", "accuracy_tolerance", "memory_tolerance")
 HISTORY_COLUMNS = ["night", "created", "trials_total", "trials_tonight", "recommended", "accuracy", "latency_ms",
-                   "memory_mb", "dense_latency_ms", "hypervolume", "regressions", "run_dir"]
+                   "latency_judged_ms", "memory_mb", "dense_latency_ms", "hypervolume", "regressions", "run_dir"]
 
 
 @dataclass
@@ -213,17 +213,21 @@ def run_night(job: NightlyJob, night: str | None = None, log: Callable[[str], No
 
 def _append_history(job: NightlyJob, result: NightResult, state: dict[str, Any]) -> None:
     from hwprune.export import atomic_write_text
+    from hwprune.study.records import Summary
 
-    summary = json.loads((result.run_dir / "summary.json").read_text())
-    rec = next((r for r in summary["pareto"] if r["recommended"]), None)
-    hv = (summary["search"].get("hypervolume") or [[None, None]])[-1][1]
-    total = summary["search"]["trials_complete"]
-    row = {"night": result.night, "created": summary.get("created"), "trials_total": total,
+    summary = Summary.read(result.run_dir / "summary.json")
+    rec = next((r for r in summary.pareto if r.recommended), None)
+    hv = (summary.search.get("hypervolume") or [[None, None]])[-1][1]
+    total = summary.search["trials_complete"]
+    # latency_ms: the recommended model's own median; latency_judged_ms: what its budget judged (compare.json's
+    # regressions are judged on it)
+    row = {"night": result.night, "created": summary.created, "trials_total": total,
            "trials_tonight": total - int(state["trials_at_start"]),
-           "recommended": rec["trial"] if rec else "", "accuracy": rec["accuracy"] if rec else "",
-           "latency_ms": rec["latency_ms"]["median"] if rec else "",
-           "memory_mb": rec["memory_mb"]["total"] if rec else "",
-           "dense_latency_ms": summary["dense"]["latency_ms"]["median"], "hypervolume": hv if hv is not None else "",
+           "recommended": rec.trial if rec else "", "accuracy": rec.accuracy if rec else "",
+           "latency_ms": rec.latency_ms.median if rec else "",
+           "latency_judged_ms": rec.latency_ms.primary_ms if rec else "",
+           "memory_mb": rec.memory_mb.total if rec else "",
+           "dense_latency_ms": summary.dense.latency_ms.median, "hypervolume": hv if hv is not None else "",
            "regressions": len(result.regressions), "run_dir": str(result.run_dir.relative_to(job.folder))}
     path = job.folder / "history.csv"
     rows: list[dict[str, Any]] = []

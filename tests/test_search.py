@@ -47,8 +47,8 @@ def test_search_writes_machine_readable_outputs(cli_run) -> None:
         assert any(kept < orig for orig, kept in r["widths"].values())
         for key in ("onnx", "weights", "module"):
             assert (run_dir / r["files"][key]["path"]).is_file()
-        # the front is confirmed on the exported files: every model met the budget when re-measured
-        assert r["latency_ms"]["median"] <= summary["request"]["latency_budget_ms"]
+        # the front is confirmed on the exported files: every model met the budget when re-measured, as judged
+        assert r["latency_ms"]["judged"] <= summary["request"]["latency_budget_ms"]
         if not r["final_finetune_steps"]:
             # the exported weights are the trial's own (replayed calibration and fine-tune), re-evaluated
             assert r["accuracy"] == pytest.approx(r["accuracy_proxy"], abs=0.02)

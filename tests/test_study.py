@@ -493,6 +493,10 @@ def test_model_and_summary_records_round_trip_through_json_and_read_older_forms(
     # the summary.json form: nested statistics, optional keys only when set (a None retention is written as null)
     assert d["latency_ms"]["median"] == 1.9 and d["memory_mb"]["total"] == 2.0 and d["speedup"] == 2.0
     assert d["latency_ratio"] == 0.5 and d["latency_ratio_rounds"] == [0.45, 0.5, 0.55]
+    # the judged latency: the ratio x the dense reference (2.4 ms / 0.6), beside the model's own median
+    assert d["latency_ms"]["judged"] == pytest.approx(0.5 * 4.0) and d["speedup"] == pytest.approx(1 / 0.5)
+    assert d["latency_ms"]["judged_by"] == "ratio x dense reference"
+    assert dense.latency_ms.judged == 4.0 and dense.latency_ms.judged_by == "own median"
     assert d["meets"] == {"latency": True, "memory": True} and d["accuracy_retention"] is None
     assert "remeasure_note" not in d and "agreement" not in d and "files" not in pruned.to_dict(files=False)
     assert json.loads(json.dumps(d)) == d and ModelRecord.from_dict(json.loads(json.dumps(d))) == pruned
@@ -515,6 +519,11 @@ def test_model_and_summary_records_round_trip_through_json_and_read_older_forms(
     back = Summary.from_dict(old)
     assert back.dense.latency_ms.robust_cv is None and back.dense.size_ratio is UNSET
     assert back.to_dict()["legacy"] == {"kept": True} and "size_ratio" not in back.to_dict()["dense"]
+    # a summary from before the judged latency: read as absent (not written back), the own median stands in
+    del old["pareto"][0]["latency_ms"]["judged"], old["pareto"][0]["latency_ms"]["judged_by"]
+    before = Summary.from_dict(old).pareto[0]
+    assert before.latency_ms.judged is UNSET and before.latency_ms.primary_ms == 1.9
+    assert "judged" not in before.to_dict()["latency_ms"]
     newer = {**json.loads(text), "schema": SCHEMA + 1}
     with pytest.raises(HwpruneError, match="schema"):
         Summary.from_dict(newer)

@@ -8,7 +8,7 @@ from typing import Any
 from hwprune.backends import backend_capabilities
 from hwprune.backends.base import Capabilities
 from hwprune.errors import HwpruneError
-from hwprune.report.data import RunData, model_label
+from hwprune.report.data import JUDGED_BY_RATIO, RunData, model_label
 from hwprune.report.format import DASH, _num, code, esc, fmt_metric, fmt_ms, fmt_pct, sig
 
 
@@ -46,6 +46,29 @@ def _flags(record: dict[str, Any]) -> str:
 def latency_cell(record: dict[str, Any], key: str = "median") -> str:
     """A model's latency statistic with its qualifiers, as the report's tables show it."""
     return fmt_ms((record.get("latency_ms") or {}).get(key)) + _flags(record)
+
+
+def judged_cell(record: dict[str, Any]) -> str:
+    """The latency the budget judges (the report's primary latency), with the model's qualifiers."""
+    return latency_cell(record, "judged")
+
+
+def by_ratio(run: RunData) -> bool:
+    """Whether the run's latencies were judged on ratios to the dense model measured beside each model."""
+    return any((r.get("latency_ms") or {}).get("judged_by") == JUDGED_BY_RATIO for r in run.pareto) or \
+        bool(len(run.trials) and run.trials["latency_ratio"].notna().any())
+
+
+def latency_definition(run: RunData) -> str:
+    """One sentence saying what the judged latency and the own median are, and how the speedup follows."""
+    dense_ms = fmt_ms((run.dense.get("latency_ms") or {}).get("median"))
+    if by_ratio(run):
+        return ("**Latency** is what the latency budget is judged on: the model's latency ratio to the dense model, "
+                f"measured side by side, × the dense reference ({dense_ms}, the dense model's median); the **own "
+                "median** is the model's median timed on its own, which a busy host moves more. "
+                "Speedup = 1 / that ratio = dense latency / latency.")
+    return ("**Latency** is what the latency budget is judged on, here each model's own median (timed on its own); "
+            "speedup = dense latency / latency.")
 
 
 def model_cell(record: dict[str, Any]) -> str:

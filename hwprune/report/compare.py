@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hwprune.report.data import RunData, load_run, model_label
-from hwprune.report.cells import latency_cell
+from hwprune.report.cells import judged_cell, latency_cell
 from hwprune.report.document import Document, Figure, Section, Table, Text
 from hwprune.report.format import DASH, code, esc, fmt_count, fmt_int, fmt_mb, fmt_metric, fmt_ms, fmt_pct, fmt_x, sig
 
@@ -19,6 +19,7 @@ from hwprune.report.format import DASH, code, esc, fmt_count, fmt_int, fmt_mb, f
 _FIELDS: list[tuple[str, Any, bool | None]] = [
     ("accuracy", lambda m: m.get("accuracy"), False),
     ("accuracy_proxy", lambda m: m.get("accuracy_proxy"), False),
+    ("latency_ms_judged", lambda m: m["latency_ms"]["judged"], True),  # what the budget judges: regressions
     ("latency_ms_median", lambda m: m["latency_ms"]["median"], True),
     ("latency_ms_p90", lambda m: m["latency_ms"]["p90"], True),
     ("latency_ms_std", lambda m: m["latency_ms"].get("std"), None),
@@ -30,11 +31,13 @@ _FIELDS: list[tuple[str, Any, bool | None]] = [
     ("file_bytes", lambda m: m.get("file_bytes"), True),
     ("speedup", lambda m: m.get("speedup"), False),
 ]
-_FORMAT = {"accuracy": fmt_metric, "accuracy_proxy": fmt_metric, "latency_ms_median": fmt_ms, "latency_ms_p90": fmt_ms,
+_FORMAT = {"accuracy": fmt_metric, "accuracy_proxy": fmt_metric, "latency_ms_judged": fmt_ms,
+           "latency_ms_median": fmt_ms, "latency_ms_p90": fmt_ms,
            "latency_ms_std": fmt_ms, "memory_mb_total": fmt_mb, "weights_mb": fmt_mb, "peak_activations_mb": fmt_mb,
            "params": fmt_int, "macs": fmt_count, "file_bytes": fmt_int, "speedup": fmt_x}
 _LABEL = {"accuracy": "{metric} (reported)", "accuracy_proxy": "{metric} (search proxy)",
-          "latency_ms_median": "latency median", "latency_ms_p90": "latency p90", "latency_ms_std": "latency std",
+          "latency_ms_judged": "latency (as the budget judges it)", "latency_ms_median": "own median",
+          "latency_ms_p90": "own p90", "latency_ms_std": "latency std",
           "memory_mb_total": "memory (weights + peak activations)", "weights_mb": "weights",
           "peak_activations_mb": "peak activations", "params": "parameters", "macs": "MACs",
           "file_bytes": "ONNX file bytes", "speedup": "speedup vs own dense"}
@@ -76,7 +79,7 @@ def _dominates(p: tuple[float, float, float], q: tuple[float, float, float]) -> 
 
 
 def _point(m: dict[str, Any]) -> tuple[float, float, float]:
-    return float(m["accuracy"]), float(m["latency_ms"]["median"]), float(m["memory_mb"]["total"])
+    return float(m["accuracy"]), float(m["latency_ms"]["judged"]), float(m["memory_mb"]["total"])
 
 
 _REQUEST_KEYS = ("model", "device", "backend", "latency_budget", "latency_budget_ms", "memory_budget",
@@ -172,13 +175,14 @@ def _recommended_regressions(metric: str, rec_a: dict[str, Any], rec_b: dict[str
                              latency_tolerance: float) -> list[dict[str, Any]]:
     """Latency, accuracy, memory and budget regressions of B's recommended model against A's (deltas ``d``)."""
     regressions: list[dict[str, Any]] = []
-    lat = d["latency_ms_median"]
+    lat = d["latency_ms_judged"]
     spread = max(_get(lambda m: m["latency_ms"].get("std"), rec_a) or 0.0,
                  _get(lambda m: m["latency_ms"].get("std"), rec_b) or 0.0,
                  latency_tolerance * (lat["a"] or 0.0))
     if lat["delta"] is not None and lat["delta"] > spread:
         regressions.append({"kind": "latency", "a": lat["a"], "b": lat["b"], "message": (
-            f"recommended model's median latency rose {fmt_ms(lat['delta'])} ({fmt_pct(lat['delta_pct'], True)}), "
+            f"recommended model's latency (as the budget judges it) rose {fmt_ms(lat['delta'])} "
+            f"({fmt_pct(lat['delta_pct'], True)}), "
             f"more than the allowed spread ({fmt_ms(spread)}: the larger run std or the tolerance)")})
     acc = d["accuracy"]
     if acc["delta"] is not None and acc["delta"] < -accuracy_tolerance:
@@ -269,8 +273,9 @@ def _cmp_recommended(ra: RunData, rb: RunData, result: dict[str, Any]) -> Sectio
     s = Section("Recommended model")
     rec_a, rec_b = ra.recommended, rb.recommended
     s.blocks.append(Text(f"Run A recommends {model_label(rec_a) if rec_a else 'nothing'}, run B "
-                         f"{model_label(rec_b) if rec_b else 'nothing'}. The regression rule for latency: B's median "
-                         "exceeds A's by more than the larger of the two runs' latency standard deviations."))
+                         f"{model_label(rec_b) if rec_b else 'nothing'}. The regression rule for latency: B's latency "
+                         "as its budget judges it exceeds A's by more than the larger of the two runs' latency "
+                         "standard deviations (and the tolerance); own median = each model timed on its own."))
     for key, title in (("recommended", "Recommended model, A vs B"), ("dense", "Dense model, A vs B (a change here "
                                                                              "means the host or runtime changed)")):
         d = result[key]
@@ -308,11 +313,12 @@ def _cmp_fronts(ra: RunData, rb: RunData, result: dict[str, Any], label_a: str, 
                            "budgets."))
     rows = []
     for run, tag in ((ra, "A"), (rb, "B")):
-        for m in sorted(run.pareto, key=lambda m: m["latency_ms"]["median"]):
+        for m in sorted(run.pareto, key=lambda m: m["latency_ms"]["judged"]):
             rows.append([tag, model_label(m) + (" (recommended)" if m.get("recommended") else ""),
-                         fmt_metric(m["accuracy"]), latency_cell(m), fmt_mb(m["memory_mb"]["total"]),
+                         fmt_metric(m["accuracy"]), judged_cell(m), latency_cell(m), fmt_mb(m["memory_mb"]["total"]),
                          fmt_x(m.get("speedup"))])
-    s.blocks.append(Table(["Run", "Model", ra.metric, "Latency median", "Memory", "Speedup"], rows, align="llrrrr"))
+    s.blocks.append(Table(["Run", "Model", ra.metric, "Latency", "Own median", "Memory", "Speedup"], rows,
+                          align="llrrrrr"))
     return s
 
 

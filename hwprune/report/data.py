@@ -20,11 +20,18 @@ import pandas as pd
 from hwprune.errors import HwpruneError
 from hwprune.export import sha256_file
 
+# the run folder's names for the latency the budget judges: trials.csv's column and MODEL's latency_ms.judged_by
+# values (hwprune.study.run_folder.JUDGED_COLUMN, hwprune.study.records.JUDGED_BY_*, equal by test; not imported:
+# hwprune.study loads torch and Optuna, which a report does without)
+JUDGED_COLUMN = "latency_judged_ms"
+JUDGED_BY_RATIO = "ratio x dense reference"
+JUDGED_BY_OWN = "own median"
+
 log = logging.getLogger("hwprune")
 
 # columns of trials.csv the report uses; a storage fallback fills the same ones
 TRIAL_COLUMNS = ("trial", "state", "accuracy", "latency_ms", "memory_mb", "feasible", "cached_from", "fail_reason",
-                 "duration_s", "macs", "params")
+                 "duration_s", "macs", "params", "latency_ratio", JUDGED_COLUMN)
 
 
 @dataclass
@@ -203,13 +210,17 @@ def _load_trials(run_dir: Path, request: dict[str, Any], warnings: list[str]) ->
     return pd.DataFrame(columns=list(TRIAL_COLUMNS)), "none"
 
 
-def _normalise_trials(df: pd.DataFrame) -> pd.DataFrame:
+def _normalise_trials(df: pd.DataFrame, dense_ms: float) -> pd.DataFrame:
     df = df.copy()
     for col in TRIAL_COLUMNS:
         if col not in df.columns:
             df[col] = None
-    for col in ("accuracy", "latency_ms", "memory_mb", "duration_s"):
+    for col in ("accuracy", "latency_ms", "memory_mb", "duration_s", "latency_ratio", JUDGED_COLUMN):
         df[col] = pd.to_numeric(df[col], errors="coerce")
+    # a trials table without the judged latency (older run folders, the storage fallback): as the search judged
+    # it, the ratio to the dense model measured beside the trial x the dense reference, else the own median
+    judged = df["latency_ratio"] * dense_ms
+    df[JUDGED_COLUMN] = df[JUDGED_COLUMN].fillna(judged.where(df["latency_ratio"].notna(), df["latency_ms"]))
     df["feasible"] = df["feasible"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
     df["cached_from"] = pd.to_numeric(df["cached_from"], errors="coerce")
     df["fail_reason"] = df["fail_reason"].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
@@ -259,6 +270,19 @@ def _read_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
+def _fill_judged(summary: dict[str, Any]) -> None:
+    """Give every model of a summary written before ``latency_ms.judged`` existed the latency the budget judged: the
+    ratio to the dense model measured beside it x the dense reference (the dense model's median) where it has one,
+    else its own median."""
+    dense_ms = summary["dense"]["latency_ms"]["median"]
+    for m in [summary["dense"], *(summary.get("pareto") or [])]:
+        lat = m["latency_ms"]
+        if lat.get("judged") is None:
+            ratio = m.get("latency_ratio") if m is not summary["dense"] else None
+            lat["judged"] = float(ratio) * float(dense_ms) if ratio else lat["median"]
+            lat["judged_by"] = JUDGED_BY_RATIO if ratio else JUDGED_BY_OWN
+
+
 def load_run(run_dir: str | Path) -> RunData:
     """Load a run folder written by ``hwprune search`` (see docs/run-folder.md)."""
     run_dir = Path(run_dir)
@@ -277,8 +301,9 @@ def load_run(run_dir: str | Path) -> RunData:
         if not isinstance(summary.get("request", {}), dict):
             del summary["request"]
             warnings.append("request.json is not an object: the report shows no search settings")
+    _fill_judged(summary)
     trials, source = _load_trials(run_dir, summary.get("request", {}), warnings)
-    trials = _normalise_trials(trials)
+    trials = _normalise_trials(trials, float(summary["dense"]["latency_ms"]["median"]))
 
     pareto_csv = None
     if (run_dir / "pareto.csv").is_file():

@@ -9,15 +9,18 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-from hwprune.report.data import RunData  # noqa: E402
+from hwprune.report.cells import by_ratio  # noqa: E402
+from hwprune.report.data import JUDGED_COLUMN, RunData  # noqa: E402
 
 DPI = 130
 DENSE = "#222222"
@@ -50,28 +53,65 @@ def _finite(v: Any) -> bool:
         return False
 
 
-def _dense_and_recommended(ax: Any, run: RunData, front: Any) -> list[Any]:
+@dataclass(frozen=True)
+class TradeOff:
+    """What the trade-off plot draws, on one latency scale: the latency the budget judges (ms), as the tables show
+    it, so every feasible trial lies at or left of the budget line."""
+
+    done: pd.DataFrame  # completed trials: trial, x (judged ms), accuracy, memory_mb, feasible
+    front: pd.DataFrame  # the Pareto models' trial points, by x
+    budget_ms: float | None
+    dense: tuple[float, float]  # (x, metric)
+    recommended: tuple[float, float] | None  # the exported, re-measured recommended model
+    arrow_from: tuple[float, float] | None  # its trial's point, where the re-measured model moved from it
+
+
+def trade_off(run: RunData) -> TradeOff:
+    """The points of the trade-off plot (:class:`TradeOff`)."""
+    df = run.trials
+    done = df[(df["state"] == "COMPLETE") & df["accuracy"].notna() & df[JUDGED_COLUMN].notna()] if len(df) else df
+    done = done.assign(x=done[JUDGED_COLUMN]) if len(done) else done.assign(x=[])
+    # the front as the trials measured it (proxy metric, trial latency), so it lines up with the other dots
+    front = done[done["trial"].isin([m["trial"] for m in run.pareto])] if len(done) else done
+    front = front.drop_duplicates("trial").sort_values("x") if len(front) else front
+    budget = run.request.get("latency_budget_ms")
+    rec, star, arrow = run.recommended, None, None
+    if rec is not None:
+        star = (float(rec["latency_ms"]["judged"]), float(rec["accuracy"]))
+        row = front[front["trial"] == rec["trial"]] if len(front) else front
+        if len(row):
+            arrow = (float(row["x"].iloc[0]), float(row["accuracy"].iloc[0]))
+            arrow = None if abs(arrow[0] - star[0]) <= 1e-12 and abs(arrow[1] - star[1]) <= 1e-12 else arrow
+    d = run.dense
+    return TradeOff(done, front, float(budget) if _finite(budget) else None,
+                    (float(d["latency_ms"]["judged"]), float(d["accuracy"])), star, arrow)
+
+
+def _dense_and_recommended(ax: Any, run: RunData, points: TradeOff) -> list[Any]:
     """The dense model's X and the recommended model's star, with an arrow from its trial's dot when the exported,
     re-measured model moved; returns their legend handles."""
     handles: list[Any] = []
-    d = run.dense
-    handles.append(ax.scatter([d["latency_ms"]["median"]], [d["accuracy"]], marker="X", s=130, color=DENSE,
+    handles.append(ax.scatter([points.dense[0]], [points.dense[1]], marker="X", s=130, color=DENSE,
                               label="dense (unpruned)", zorder=6))
     rec = run.recommended
-    if rec is not None:
-        x, y = rec["latency_ms"]["median"], rec["accuracy"]
+    if rec is not None and points.recommended is not None:
+        x, y = points.recommended
         tuned = "final_finetune" in (run.summary.get("search", {}).get("stage_seconds") or {})
         handles.append(ax.scatter([x], [y], marker="*", s=330, color=RECOMMENDED, edgecolors="white", linewidths=0.8,
                                   label=f"recommended T{rec['trial']}: exported file, re-measured"
                                         + (", fine-tuned" if tuned else ""), zorder=7))
-        trial_row = front[front["trial"] == rec["trial"]] if len(front) else front
-        if len(trial_row):
-            tx, ty = float(trial_row["latency_ms"].iloc[0]), float(trial_row["accuracy"].iloc[0])
-            if abs(tx - x) > 1e-12 or abs(ty - y) > 1e-12:
-                ax.annotate("", xy=(x, y), xytext=(tx, ty), zorder=6,
-                            arrowprops={"arrowstyle": "->", "color": RECOMMENDED, "lw": 1.2, "shrinkA": 5,
-                                        "shrinkB": 7})
+        if points.arrow_from is not None:
+            ax.annotate("", xy=(x, y), xytext=points.arrow_from, zorder=6,
+                        arrowprops={"arrowstyle": "->", "color": RECOMMENDED, "lw": 1.2, "shrinkA": 5,
+                                    "shrinkB": 7})
     return handles
+
+
+def latency_axis(run: RunData) -> str:
+    """The latency axis's label: the latency the budget judges, and how it is made."""
+    if by_ratio(run):
+        return "latency (ms) = ratio to the dense model measured beside it x dense reference - lower is better"
+    return "latency, own median (ms) - lower is better"
 
 
 def pareto_plot(run: RunData) -> bytes:
@@ -79,10 +119,9 @@ def pareto_plot(run: RunData) -> bytes:
     from matplotlib.lines import Line2D
 
     metric = run.metric
-    req = run.request
-    lat_budget, mem_budget = req.get("latency_budget_ms"), req.get("memory_budget_mb")
-    df = run.trials
-    done = df[(df["state"] == "COMPLETE") & df["accuracy"].notna() & df["latency_ms"].notna()] if len(df) else df
+    mem_budget = run.request.get("memory_budget_mb")
+    points = trade_off(run)
+    done, front = points.done, points.front
     feasible = done[done["feasible"]] if len(done) else done
     infeasible = done[~done["feasible"]] if len(done) else done
 
@@ -96,27 +135,24 @@ def pareto_plot(run: RunData) -> bytes:
     _style(ax)
     handles: list[Any] = []
     if len(infeasible):
-        handles.append(ax.scatter(infeasible["latency_ms"], infeasible["accuracy"], s=28, color=INFEASIBLE,
+        handles.append(ax.scatter(infeasible["x"], infeasible["accuracy"], s=28, color=INFEASIBLE,
                                   alpha=0.35, linewidths=0, label="trial over a budget (infeasible)", zorder=2))
     if len(feasible):
-        handles.append(ax.scatter(feasible["latency_ms"], feasible["accuracy"], s=34, c=feasible["memory_mb"],
+        handles.append(ax.scatter(feasible["x"], feasible["accuracy"], s=34, c=feasible["memory_mb"],
                                   cmap=CMAP, norm=norm, alpha=0.8, linewidths=0, label="feasible trial", zorder=3))
-    # the front as the trials measured it (proxy metric, trial latency), so it lines up with the other dots; not
-    # joined by a line: with memory as a third objective the front is not a staircase in this projection
-    front = done[done["trial"].isin([m["trial"] for m in run.pareto])] if len(done) else done
-    front = front.drop_duplicates("trial").sort_values("latency_ms") if len(front) else front
+    # not joined by a line: with memory as a third objective the front is not a staircase in this projection
     if len(front):
-        handles.append(ax.scatter(front["latency_ms"], front["accuracy"], s=80, c=front["memory_mb"], cmap=CMAP,
+        handles.append(ax.scatter(front["x"], front["accuracy"], s=80, c=front["memory_mb"], cmap=CMAP,
                                   norm=norm, edgecolors="black", linewidths=1.3, label="Pareto front (T = trial)",
                                   zorder=4))
         for _, r in front.iterrows():
-            ax.annotate(f"T{int(r['trial'])}", (r["latency_ms"], r["accuracy"]), textcoords="offset points",
+            ax.annotate(f"T{int(r['trial'])}", (r["x"], r["accuracy"]), textcoords="offset points",
                         xytext=(7, -3), fontsize=7.5, color="#333333", zorder=5)
 
-    handles += _dense_and_recommended(ax, run, front)
-    if _finite(lat_budget):
-        handles.append(ax.axvline(float(lat_budget), color=BUDGET, linestyle=":", linewidth=1.6,
-                                  label=f"latency budget {float(lat_budget):.3g} ms"))
+    handles += _dense_and_recommended(ax, run, points)
+    if points.budget_ms is not None:
+        handles.append(ax.axvline(points.budget_ms, color=BUDGET, linestyle=":", linewidth=1.6,
+                                  label=f"latency budget {points.budget_ms:.3g} ms"))
     cb = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=CMAP), ax=ax, pad=0.02)
     cb.set_label("memory: weights + peak activations (MB)")
     if _finite(mem_budget):
@@ -126,7 +162,7 @@ def pareto_plot(run: RunData) -> bytes:
         where = "every model is under it" if mb > hi else "every model is over it" if mb < lo else \
             "red mark on the colour bar"
         handles.append(Line2D([], [], color=BUDGET, linewidth=2, label=f"memory budget {mb:.3g} MB ({where})"))
-    ax.set_xlabel("latency, median (ms) - lower is better")
+    ax.set_xlabel(latency_axis(run))
     ax.set_ylabel(f"{metric} - higher is better")
     est = " (ESTIMATED latency)" if run.summary.get("measurement", {}).get("estimated") else ""
     ax.set_title(f"Trade-off of every completed trial{est}", fontsize=11, loc="left")
@@ -228,9 +264,9 @@ def compare_fronts_plot(a: RunData, b: RunData, label_a: str, label_b: str) -> b
     fig, ax = plt.subplots(figsize=(8.6, 4.6))
     _style(ax)
     for run, label, color, marker in ((a, label_a, COLOR_A, "o"), (b, label_b, COLOR_B, "s")):
-        front = sorted(run.pareto, key=lambda m: m["latency_ms"]["median"])
+        front = sorted(run.pareto, key=lambda m: m["latency_ms"]["judged"])
         if front:
-            xs = [m["latency_ms"]["median"] for m in front]
+            xs = [m["latency_ms"]["judged"] for m in front]
             ys = [m["accuracy"] for m in front]
             # the best accuracy available at or below each latency: how the front moved, read along the x axis
             best = [max(ys[:i + 1]) for i in range(len(ys))]
@@ -238,17 +274,18 @@ def compare_fronts_plot(a: RunData, b: RunData, label_a: str, label_b: str) -> b
             ax.scatter(xs, ys, s=60, color=color, marker=marker, edgecolors="black", linewidths=0.8,
                        label=f"{label}: Pareto front", zorder=4)
         d = run.dense
-        ax.scatter([d["latency_ms"]["median"]], [d["accuracy"]], marker="X", s=110, color=color,
+        ax.scatter([d["latency_ms"]["judged"]], [d["accuracy"]], marker="X", s=110, color=color,
                    edgecolors="black", linewidths=0.8, label=f"{label}: dense", zorder=5)
         rec = run.recommended
         if rec is not None:
-            ax.scatter([rec["latency_ms"]["median"]], [rec["accuracy"]], marker="*", s=300, color=color,
+            ax.scatter([rec["latency_ms"]["judged"]], [rec["accuracy"]], marker="*", s=300, color=color,
                        edgecolors="black", linewidths=0.8, label=f"{label}: recommended (T{rec['trial']})", zorder=6)
         budget = run.request.get("latency_budget_ms")
         if _finite(budget):
             ax.axvline(float(budget), color=color, linestyle=":", linewidth=1.3,
                        label=f"{label}: latency budget {float(budget):.3g} ms")
-    ax.set_xlabel("latency, median (ms) - lower is better")
+    ax.set_xlabel(latency_axis(a) if latency_axis(a) == latency_axis(b) else
+                  "latency as each run's budget judges it (ms) - lower is better")
     ax.set_ylabel(f"{a.metric} - higher is better")
     ax.set_title("Pareto fronts of both runs", fontsize=11, loc="left")
     ax.legend(fontsize=8, loc="best", framealpha=0.9)

@@ -7,7 +7,7 @@ and HTML), :mod:`hwprune.report.cells` (one model's cells and the report's warni
 
 from __future__ import annotations
 
-from hwprune.report.cells import STAGES, latency_cell, metric_cell, model_cell, onnx_snippet
+from hwprune.report.cells import STAGES, judged_cell, latency_cell, metric_cell, model_cell, onnx_snippet
 from hwprune.report.document import (
     Block,
     Bullets,
@@ -44,6 +44,6 @@ from hwprune.report.sections import report_document
 __all__ = [
     "DASH", "STAGES", "Block", "Bullets", "Code", "Document", "Figure", "Section", "Table", "Text", "Tiles", "code",
     "esc", "figures", "fmt_bytes", "fmt_count", "fmt_int", "fmt_mb", "fmt_metric", "fmt_ms", "fmt_pct", "fmt_s",
-    "fmt_x", "latency_cell", "metric_cell", "model_cell", "onnx_snippet", "report_document", "sig", "slug",
-    "to_html", "to_markdown", "write_document",
+    "fmt_x", "judged_cell", "latency_cell", "metric_cell", "model_cell", "onnx_snippet", "report_document", "sig",
+    "slug", "to_html", "to_markdown", "write_document",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hwprune.report.data import FileCheck, RunData, model_label
+from hwprune.report.data import JUDGED_COLUMN, FileCheck, RunData, model_label
 from hwprune.report.format import (
     DASH,
     _num,
@@ -34,7 +34,9 @@ from hwprune.report.cells import (
     _meets,
     _pct_of,
     _warnings,
+    judged_cell,
     latency_cell,
+    latency_definition,
     metric_cell,
     model_cell,
     onnx_snippet,
@@ -56,10 +58,10 @@ def _summary_section(run: RunData) -> Section:
     if rec is not None:
         s.blocks.append(Tiles([
             ("Recommended", model_label(rec), f"deploy {code(rec['files']['onnx']['path'])}"),
-            ("Latency (median)", latency_cell(rec), f"dense {latency_cell(dense)}"),
-            ("Speedup vs dense", fmt_x(rec.get("speedup")) + _flags(rec),
-             ("1 / its latency ratio to the dense model, measured side by side (not the ratio of the ms figures, "
-              "each timed on its own)") if rec.get("latency_ratio") else "dense latency / this latency"),
+            ("Latency", judged_cell(rec), f"as the budget judges it; own median {latency_cell(rec)}; dense "
+                                          f"{judged_cell(dense)}"),
+            ("Speedup vs dense", fmt_x(rec.get("speedup")) + _flags(rec), ("1 / its latency ratio to the dense "
+             "model, measured side by side = " if rec.get("latency_ratio") else "") + "dense latency / latency"),
             ("Memory", fmt_mb(rec["memory_mb"]["total"]),
              f"{_pct_of(rec['memory_mb']['total'], dense['memory_mb']['total'])}; dense "
              f"{fmt_mb(dense['memory_mb']['total'])}"),
@@ -77,8 +79,9 @@ def _summary_section(run: RunData) -> Section:
             met.append(("meets" if rec["meets"]["memory"] else "DOES NOT meet") + " the memory budget")
         s.blocks.append(Text(
             f"**Recommended: {model_label(rec)}.** {metric} {metric_cell(run, rec)} vs {fmt_metric(dense['accuracy'])} "
-            f"for the dense model; latency {latency_cell(rec)} median vs {latency_cell(dense)} "
-            f"({fmt_x(rec.get('speedup'))} faster); memory {fmt_mb(rec['memory_mb']['total'])} vs "
+            f"for the dense model; latency {judged_cell(rec)} vs {judged_cell(dense)} "
+            f"({fmt_x(rec.get('speedup'))} faster; own median {latency_cell(rec)}); memory "
+            f"{fmt_mb(rec['memory_mb']['total'])} vs "
             f"{fmt_mb(dense['memory_mb']['total'])}; {fmt_int(rec.get('params'))} parameters vs "
             f"{fmt_int(dense.get('params'))}. It " + (" and ".join(met) if met else "had no budgets to meet") + ". "
             f"The Pareto front holds {len(run.pareto)} model(s) in all."))
@@ -196,21 +199,18 @@ def _answer_section(run: RunData) -> Section:
         + str((req.get("finetune") or {}).get("final_candidates", 1)) + ") get the final fine-tune, and the most "
         "accurate after it is recommended"
         + ("" if _final_finetuned(run) else " (no final fine-tune here: no training data or 0 steps)") + ". "
-        f"Latency is the median of {m.get('repeats')} timed runs after {m.get('warmup')} untimed warm-up runs; p90 is "
-        f"the 90th percentile. "
-        + ("Speedup = 1 / the model's latency ratio to the dense model measured side by side (the budget is judged "
-           "on that ratio); the ms figures are each model's own median, timed on its own."
-           if any(r.get("latency_ratio") for r in run.pareto) else "Speedup = dense latency / model latency.")))
+        f"A model's own median and p90 are over {m.get('repeats')} timed runs after {m.get('warmup')} untimed "
+        f"warm-up runs. " + latency_definition(run)))
     models = run.models()
     classes = ["dense" if r.get("trial") is None else "recommended" if r.get("recommended") else "" for r in models]
     rows = []
     for r in models:
         lat = r.get("latency_ms") or {}
-        rows.append([model_cell(r), metric_cell(run, r), fmt_metric(r.get("accuracy_proxy")), latency_cell(r),
-                     latency_cell(r, "p90"), f"± {sig(lat.get('std'))} ms (min {sig(lat.get('min'))})",
+        rows.append([model_cell(r), metric_cell(run, r), fmt_metric(r.get("accuracy_proxy")), judged_cell(r),
+                     latency_cell(r), latency_cell(r, "p90"), f"± {sig(lat.get('std'))} ms (min {sig(lat.get('min'))})",
                      fmt_x(r.get("speedup")) + _flags(r), _meets(r, "latency", lat_b)])
     s.blocks.append(Table(
-        ["Model", metric, f"{metric} (search proxy)", "Latency median", "Latency p90", "Spread (std, min)",
+        ["Model", metric, f"{metric} (search proxy)", "Latency", "Own median", "Own p90", "Spread (std, min)",
          "Speedup", "Meets latency budget"], rows, row_classes=classes,
         caption=f"Accuracy and speed (latency budget: {fmt_ms(lat_b) if lat_b is not None else 'none'})"))
     rows = []
@@ -227,7 +227,8 @@ def _answer_section(run: RunData) -> Section:
     from hwprune.report import plots
 
     s.blocks.append(Figure("pareto", plots.pareto_plot(run), "Pareto front: latency vs " + metric,
-                           f"Every completed trial at the latency and proxy {metric} the search measured. Colour = "
+                           f"Every completed trial at the latency the budget judges (as in the tables) and the proxy "
+                           f"{metric} the search measured. Colour = "
                            "memory (weights + peak activations); grey, faded = over a budget; outlined = Pareto front "
                            "(labels are trial numbers); X = dense model; star = recommended model as exported and "
                            "re-measured" + (", after its final fine-tune" if _final_finetuned(run) else "") +
@@ -330,8 +331,10 @@ def _measurement_section(run: RunData) -> Section:
     s.blocks.append(Text(
         "Memory = **weights** (the model's parameter tensors) + **peak activations** (the largest total of "
         "intermediate tensors alive at once while the graph runs, input and output included). Both are computed from "
-        "the ONNX graph, so they do not depend on the host; the process peak is the measured growth of the measuring "
-        "process's resident memory, shown for reference only."))
+        "the ONNX graph, so they do not depend on the host."
+        + (" The process peak is the peak resident-memory growth of a fresh process that loads the model with ONNX "
+           "Runtime and runs it (over that process's baseline after its imports): what the runtime itself adds."
+           if _process_peaks(run) else "")))
     est = m.get("estimated")
     tuned = m.get("tuned")
     rows = [
@@ -357,15 +360,22 @@ def _measurement_section(run: RunData) -> Section:
             fmt_pct(100 * float(lat["cv"])) if _num(lat.get("cv")) is not None else DASH,
             "**yes**" if lat.get("noisy") else "no", fmt_ms(lat.get("cpu_median")),
             " / ".join(f"{float(x):.2f}" for x in load) if load else DASH,
-            fmt_mb((r.get("memory_mb") or {}).get("process_peak")),
-        ])
+        ] + ([fmt_mb((r.get("memory_mb") or {}).get("process_peak"))] if _process_peaks(run) else []))
+    # the process peak only where measured in a fresh process: the measuring process's own growth read 0 MB for most
+    # models (it already held the memory), so older run folders show no such column
+    peak = ["Process peak (fresh process)"] if _process_peaks(run) else []
     s.blocks.append(Table(
         ["Model", "Latency source", "Runs (timed / warm-up)", "Re-measured", "CV (std / mean)", "Noisy",
-         "CPU-time median", "Host load avg (1/5/15 min)", "Process peak"], rows, align="llrrrlrrr",
+         "CPU-time median", "Host load avg (1/5/15 min)"] + peak, rows, align="llrrrlrr" + "r" * len(peak),
         caption="Per-model measurement conditions. The recommended model was re-measured from its exported file; the "
                 "other Pareto models keep their trial measurement. CPU-time median = thread CPU time per run (less "
                 "sensitive to other processes than wall time). Load average: the measuring host's, at measurement"))
     return s
+
+
+def _process_peaks(run: RunData) -> bool:
+    """Whether any model's process peak was measured in a fresh process (``memory_mb.process_peak_by``)."""
+    return any((r.get("memory_mb") or {}).get("process_peak_by") for r in run.models())
 
 
 def _artifact_section(run: RunData) -> Section:
@@ -472,16 +482,17 @@ def _trials_table(run: RunData) -> Table | None:
             notes.append(f"failed: {esc(t['fail_reason'])}")
         done = t["state"] == "COMPLETE"
         rows.append([str(n), esc(t["state"]).lower(), fmt_metric(t["accuracy"]) if done else DASH,
-                     fmt_ms(t["latency_ms"]) if done else DASH, fmt_mb(t["memory_mb"]) if done else DASH,
+                     fmt_ms(t[JUDGED_COLUMN]) if done else DASH, fmt_ms(t["latency_ms"]) if done else DASH,
+                     fmt_mb(t["memory_mb"]) if done else DASH,
                      ("yes" if t["feasible"] else "no") if done else DASH, fmt_s(t.get("duration_s")),
                      "; ".join(notes)])
         classes.append("recommended" if n == rec_trial else "" if done and t["feasible"] else "faded")
     est = " (estimated)" if run.summary.get("measurement", {}).get("estimated") else ""
     return Table(
-        ["Trial", "State", f"{run.metric} (proxy)", f"Latency{est}", "Memory", "Feasible", "Duration", "Notes"],
-        rows, align="rlrrrlrl", row_classes=classes,
-        caption=f"Every trial, from {run.trials_source}. Latency and {run.metric} are the trial's own "
-                "measurements (the recommended model was re-measured and fine-tuned afterwards)")
+        ["Trial", "State", f"{run.metric} (proxy)", f"Latency{est}", "Own median", "Memory", "Feasible", "Duration",
+         "Notes"], rows, align="rlrrrrlrl", row_classes=classes,
+        caption=f"Every trial, from {run.trials_source}. Latency (as the budget judged it) and {run.metric} are the "
+                "trial's own measurements (the recommended model was re-measured and fine-tuned afterwards)")
 
 
 def report_document(run: RunData) -> Document:

@@ -22,6 +22,9 @@ from hwprune.study.budgets import Budgets
 from hwprune.study.reference import Rounds
 
 SCHEMA = 1  # summary.json's "schema"
+# ``latency_ms.judged_by``: how the judged latency was made
+JUDGED_BY_RATIO = "ratio x dense reference"
+JUDGED_BY_OWN = "own median"
 
 
 class Unset(enum.Enum):
@@ -50,6 +53,10 @@ class LatencyStats:
     warmup: int
     noisy: bool
     remeasured: int
+    # the latency the budget judges (ms): under a relative budget its ratio to the dense model measured beside it x
+    # the dense reference (the dense model's median), else the median above; absent in summaries before it was written
+    judged: float | Unset = UNSET
+    judged_by: str | Unset = UNSET  # JUDGED_BY_RATIO | JUDGED_BY_OWN
 
     @classmethod
     def from_measurement(cls, m: Measurement) -> LatencyStats:
@@ -60,12 +67,23 @@ class LatencyStats:
                    cpu_median=lat["cpu_median_ms"], repeats=lat["repeats"], warmup=lat["warmup"],
                    noisy=lat["noisy"], remeasured=lat["remeasured"])
 
+    def judged_as(self, judged_ms: float, by_ratio: bool) -> LatencyStats:
+        """A copy that records ``judged_ms`` as the latency the budget judged (``by_ratio``: made from the ratio to
+        the dense model measured beside it)."""
+        return dataclasses.replace(self, judged=judged_ms, judged_by=JUDGED_BY_RATIO if by_ratio else JUDGED_BY_OWN)
+
+    @property
+    def primary_ms(self) -> float:
+        """The judged latency where recorded, else the median (summaries written before it was)."""
+        return self.median if self.judged is UNSET else float(self.judged)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not UNSET}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyStats:
-        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+        optional = {"judged", "judged_by"}
+        return cls(**{f.name: d.get(f.name, UNSET if f.name in optional else None) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,8 @@ class MemoryStats:
     peak_activations: float
     total: float
     process_peak: float | None
+    # how ``process_peak`` was measured (PEAK_FRESH_PROCESS); absent where it is not a real figure (then null)
+    process_peak_by: str | Unset = UNSET
 
     @classmethod
     def from_measurement(cls, m: Measurement) -> MemoryStats:
@@ -83,11 +103,12 @@ class MemoryStats:
                    total=m.memory.total_mb, process_peak=m.memory.process_peak_mb)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not UNSET}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemoryStats:
-        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d.get(f.name, UNSET if f.name == "process_peak_by" else None)
+                      for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -261,9 +282,11 @@ def model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float | 
     else:
         speedup, size_ratio = 1.0, 1.0
     meets = budgets.meets(m.latency.median_ms, m.memory.total_mb, upper)
+    by_ratio = bool(budgets.latency_factor) and budgets.latency_ms is not None and ratio is not None  # as judged_ms
+    latency = LatencyStats.from_measurement(m).judged_as(budgets.judged_ms(m.latency.median_ms, ratio), by_ratio)
     return ModelRecord(
         trial=trial, recommended=False, accuracy=accuracy, accuracy_proxy=accuracy_proxy, final_finetune_steps=0,
-        latency_ms=LatencyStats.from_measurement(m), memory_mb=MemoryStats.from_measurement(m),
+        latency_ms=latency, memory_mb=MemoryStats.from_measurement(m),
         params=int(params), macs=int(macs), widths={k: list(v) for k, v in widths.items()}, ratios=ratios,
         latency_ratio=ratio, meets=Meets(latency=meets[0], memory=meets[1]), estimated=m.estimated, tuned=m.tuned,
         backend=m.backend, load_avg=list(m.load_avg) if m.load_avg else None, files={},

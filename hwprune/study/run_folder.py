@@ -3,6 +3,7 @@ the report; and the error of a search that found nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -20,6 +21,7 @@ from hwprune.study.accuracy import best_within_budgets, guard_record, guard_refu
 from hwprune.study.budgets import Budgets
 from hwprune.study.confirm import OVER_BUDGET
 from hwprune.study.context import RunContext, fmt
+from hwprune.study.process_memory import PEAK_FRESH_PROCESS
 from hwprune.study.records import SCHEMA, UNSET, ModelRecord, Summary, model_record
 from hwprune.study.result import ParetoModel
 from hwprune.study.trials import trials_table
@@ -31,7 +33,9 @@ if TYPE_CHECKING:  # imported by the stages that run before them
 PARETO_COLUMNS = ["trial", "recommended", "accuracy", "accuracy_proxy", "final_finetune_steps", "latency_ms_median",
                   "latency_ms_p90", "latency_ms_std", "latency_ratio", "latency_noisy", "memory_mb_total",
                   "weights_mb", "peak_activations_mb", "params", "macs", "speedup", "meets_latency", "meets_memory",
-                  "estimated", "onnx_path", "weights_path", "widths"]
+                  "estimated", "onnx_path", "weights_path", "widths",
+                  "latency_ms_judged"]  # the latency the budget judges (MODEL's latency_ms.judged)
+JUDGED_COLUMN = "latency_judged_ms"  # trials.csv: the latency the budget judges
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,16 @@ def write_trials(ctx: RunContext, trials: Trials) -> TrialsTable:
             state == "COMPLETE" and budgets.feasible(lat, mem, None if pd.isna(ratio) else ratio, acc)
             for state, lat, mem, ratio, acc in zip(frame["state"], frame["latency_ms"], frame["memory_mb"],
                                                    frame["latency_ratio"], frame["accuracy"])]
+        # the latency the budget judges, on the scale of the budget in ms: under a relative budget the ratio to the
+        # dense model measured beside the trial x this run's dense reference (a trial measured in a slow spell is
+        # not slower for it), else the trial's own median
+        frame[JUDGED_COLUMN] = [
+            budgets.judged_ms(lat, None if pd.isna(ratio) else ratio) if state == "COMPLETE" else None
+            for state, lat, ratio in zip(frame["state"], frame["latency_ms"], frame["latency_ratio"])]
     atomic_write_text(ctx.run_dir / "trials.csv", frame.to_csv(index=False))
     complete = frame[frame["state"] == "COMPLETE"] if not frame.empty else frame
-    # latency is ranked as the budget judges it: under a relative budget, by the ratio to the dense model
-    # measured beside each trial (a trial measured in a slow spell is not slower for it)
-    ranked = complete
-    if not complete.empty:
-        ranked = complete.assign(latency_ms=[
-            budgets.judged_ms(lat, None if pd.isna(ratio) else ratio)
-            for lat, ratio in zip(complete["latency_ms"], complete["latency_ratio"])])
+    # latency is ranked as the budget judges it
+    ranked = complete.assign(latency_ms=complete[JUDGED_COLUMN]) if not complete.empty else complete
     failed = frame[frame["state"] == "FAIL"] if not frame.empty else frame
     return TrialsTable(frame, complete, ranked, failed)
 
@@ -79,7 +84,33 @@ def dense_model(ctx: RunContext, trials: Trials) -> ParetoModel:
                           params=d.params, macs=d.macs, widths=d.widths, ratios=None, budgets=trials.budgets,
                           dense=None, example=trials.subject.example_inputs[0])
     record = record.with_file("onnx", file_record(d.path, ctx.run_dir))
+    if not trials.interrupted:  # Ctrl-C stops now; the next run measures it
+        record = process_peak(ctx, d.path, record)
+    else:
+        record = record.replace(memory_mb=dataclasses.replace(record.memory_mb, process_peak=None))
     return ParetoModel(None, record, ctx.run_dir, trials.subject.model)
+
+
+def process_peak(ctx: RunContext, onnx_path: Path, record: ModelRecord) -> ModelRecord:
+    """``record`` with a process peak that is real or null.
+
+    The measuring process's resident-memory growth read 0 MB for most models (it already held memory earlier
+    sessions freed), so it is not reported: with ONNX Runtime on this host a fresh process per listed model measures
+    it (:mod:`hwprune.study.process_memory`); the SSH backend's figure already comes from a fresh process on the
+    board; other backends report none.
+    """
+    settings = backend_capabilities(ctx.profile.backend).settings
+    if "ssh" in settings and record.memory_mb.process_peak is not None:
+        peak: float | None = record.memory_mb.process_peak
+    elif "ort" in settings and "ssh" not in settings:
+        from hwprune.study.process_memory import fresh_process_peak_mb
+
+        peak = fresh_process_peak_mb(onnx_path, ctx.profile)
+    else:
+        peak = None
+    memory = dataclasses.replace(record.memory_mb, process_peak=peak,
+                                 process_peak_by=PEAK_FRESH_PROCESS if peak is not None else UNSET)
+    return record.replace(memory_mb=memory)
 
 
 def write_model_files(ctx: RunContext, pm: ParetoModel) -> None:
@@ -95,6 +126,7 @@ def write_model_files(ctx: RunContext, pm: ParetoModel) -> None:
                                        "weights": file_record(folder / "weights.pt", ctx.run_dir),
                                        "module": file_record(folder / "model.pt", ctx.run_dir)})
     pm.entry = node_profile(ctx, folder / "model.onnx", pm.entry)
+    pm.entry = process_peak(ctx, folder / "model.onnx", pm.entry)
     pm.entry = pm.entry.replace(file_bytes=pm.entry.files["onnx"]["bytes"])
 
 
@@ -168,10 +200,11 @@ def summary(ctx: RunContext, trials: Trials, table: TrialsTable, dense: ModelRec
 
 
 def best_infeasible(front: Front, table: TrialsTable) -> dict[str, float] | None:
-    """When nothing was listed: the least latency and memory any complete trial reached."""
+    """When nothing was listed: the least latency (as the budget judges it, so it compares with the budget) and memory
+    any complete trial reached."""
     if front.models or table.complete.empty:
         return None
-    return {"latency_ms": float(table.complete["latency_ms"].min()),
+    return {"latency_ms": float(table.ranked["latency_ms"].min()),
             "memory_mb": float(table.complete["memory_mb"].min())}
 
 
@@ -191,6 +224,7 @@ def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
             "meets_latency": r["meets"]["latency"], "meets_memory": r["meets"]["memory"],
             "estimated": r["estimated"], "onnx_path": r["files"]["onnx"]["path"],
             "weights_path": r["files"]["weights"]["path"], "widths": json.dumps(r["widths"]),
+            "latency_ms_judged": r["latency_ms"].get("judged"),
         })
     return pd.DataFrame(rows, columns=PARETO_COLUMNS)
 
