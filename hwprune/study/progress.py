@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from hwprune.integrations.dashboard import named_constraints
 from hwprune.study import attrs
+from hwprune.study.budgets import Budgets, judged_latency
 
 REPORT_SECONDS = 5.0  # trials.csv, the dense node profile, summary.json and the report: a few seconds on the demo
 STEP_FORWARDS = 3.0  # a training step costs about three forward passes (forward, backward): a rate from calibration
@@ -93,7 +94,7 @@ class FinalPhase:
 class SearchProgress:
     """An Optuna callback that draws a progress bar on stderr (a no-op when ``enabled`` is False)."""
 
-    def __init__(self, total: int | None, enabled: bool, budgets: Any, log: Any = None,
+    def __init__(self, total: int | None, enabled: bool, budgets: Budgets | None, log: Any = None,
                  final: FinalPlan | None = None) -> None:
         self.enabled = enabled
         self.final = FinalPhase(final) if final is not None else None
@@ -125,7 +126,7 @@ class SearchProgress:
             if self.final is not None:
                 self.final.observe(trial, feasible)
             if feasible:
-                acc, lat, mem = trial.values
+                acc, lat, mem = self._judged(trial)
                 if self.best == "none feasible yet" or acc > self._best_acc:
                     self._best_acc = acc
                     self.best = f"best feasible: acc {acc:.3f} @ {lat:.3f} ms, {mem:.2f} MB (trial {trial.number})"
@@ -139,11 +140,18 @@ class SearchProgress:
             task = self._progress.tasks[0]
             eta = f", ETA {task.time_remaining:.0f} s" if task.time_remaining else ""
             eta += f"{',' if eta else ''} {then}" if then else ""
-            acc, lat, mem = trial.values
+            acc, lat, mem = self._judged(trial)
             self.log(f"trial {trial.number} ({task.completed:.0f}/{task.total or '?'}{eta}): {acc:.4f}, "
                      f"{lat:.3f} ms, {mem:.2f} MB | {status}")
 
     _best_acc: float = float("-inf")
+
+    def _judged(self, trial: optuna.trial.FrozenTrial) -> tuple[float, float, float]:
+        """accuracy, latency as the budget judges it (as the final tables show it), memory."""
+        acc, _, mem = trial.values
+        if self.budgets is None:
+            return acc, trial.values[1], mem
+        return acc, judged_latency(trial, self.budgets.now()), mem
 
     def final_phase_started(self) -> None:
         """Log the stage line of the final phase, with its estimate."""
