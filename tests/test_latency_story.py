@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -145,8 +146,10 @@ def test_an_older_run_folder_gets_the_judged_latency_and_no_process_peak_column(
     assert not any(h.startswith("Process peak") for h in header)
 
 
-def test_the_report_and_the_search_name_the_judged_latency_alike() -> None:
-    from hwprune.study import records, run_folder
-
-    assert (JUDGED_BY_RATIO, JUDGED_BY_OWN) == (records.JUDGED_BY_RATIO, records.JUDGED_BY_OWN)
-    assert JUDGED_COLUMN == run_folder.JUDGED_COLUMN
+def test_the_report_reads_the_typed_records_without_torch_or_optuna() -> None:
+    """The report takes the judged-latency names from hwprune.study.records; importing it must not load torch or
+    Optuna (a report is rebuilt on machines and in jobs that have only the run folder)."""
+    code = ("import sys, hwprune.report.data, hwprune.study.records, hwprune.study.attrs; "
+            "print(sorted(m for m in ('torch', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -19,13 +19,9 @@ import pandas as pd
 
 from hwprune.errors import HwpruneError
 from hwprune.export import sha256_file
+# the run folder's names for the latency the budget judges (hwprune.study.records imports without torch and Optuna)
+from hwprune.study.records import JUDGED_BY_OWN, JUDGED_BY_RATIO, JUDGED_COLUMN  # noqa: F401
 
-# the run folder's names for the latency the budget judges: trials.csv's column and MODEL's latency_ms.judged_by
-# values (hwprune.study.run_folder.JUDGED_COLUMN, hwprune.study.records.JUDGED_BY_*, equal by test; not imported:
-# hwprune.study loads torch and Optuna, which a report does without)
-JUDGED_COLUMN = "latency_judged_ms"
-JUDGED_BY_RATIO = "ratio x dense reference"
-JUDGED_BY_OWN = "own median"
 
 log = logging.getLogger("hwprune")
 

@@ -12,17 +12,20 @@ import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from hwprune.backends.base import Measurement
 from hwprune.errors import HwpruneError
-from hwprune.study.budgets import Budgets
-from hwprune.study.reference import Rounds
+
+if TYPE_CHECKING:  # annotations only: the report reads records without loading torch and Optuna
+    import torch
+
+    from hwprune.backends.base import Measurement
+    from hwprune.study.budgets import Budgets
+    from hwprune.study.reference import Rounds
 
 SCHEMA = 1  # summary.json's "schema"
 # ``latency_ms.judged_by``: how the judged latency was made
+JUDGED_COLUMN = "latency_judged_ms"  # trials.csv: the latency the budget judges
 JUDGED_BY_RATIO = "ratio x dense reference"
 JUDGED_BY_OWN = "own median"
 

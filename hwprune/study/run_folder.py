@@ -22,7 +22,7 @@ from hwprune.study.budgets import Budgets
 from hwprune.study.confirm import OVER_BUDGET
 from hwprune.study.context import RunContext, fmt
 from hwprune.study.process_memory import PEAK_FRESH_PROCESS
-from hwprune.study.records import SCHEMA, UNSET, ModelRecord, Summary, model_record
+from hwprune.study.records import JUDGED_COLUMN, SCHEMA, UNSET, ModelRecord, Summary, model_record
 from hwprune.study.result import ParetoModel
 from hwprune.study.trials import trials_table
 
@@ -35,7 +35,6 @@ PARETO_COLUMNS = ["trial", "recommended", "accuracy", "accuracy_proxy", "final_f
                   "weights_mb", "peak_activations_mb", "params", "macs", "speedup", "meets_latency", "meets_memory",
                   "estimated", "onnx_path", "weights_path", "widths",
                   "latency_ms_judged"]  # the latency the budget judges (MODEL's latency_ms.judged)
-JUDGED_COLUMN = "latency_judged_ms"  # trials.csv: the latency the budget judges
 
 
 @dataclass(frozen=True)
