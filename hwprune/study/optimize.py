@@ -76,6 +76,8 @@ def run_trials(ctx: RunContext, subject: Subject, request: dict[str, Any], finge
                         c.quantize_tolerance, ctx.log)
     if quant is not None:
         quant.enqueue_anchors(study, space.uniform, c.max_ratio)
+    elif ctx.quantize.on:  # the profile's default, with nothing to calibrate on: FP32 only (warned)
+        request["quantize"] = "off"
     runner = TrialRunner(subject=subject, space=space, measure=ctx.measure, budgets=budgets,
                          exporter=ctx.exporter, calibration_batches=c.calibration_batches,
                          finetune_steps=c.trial_finetune_steps, seed=c.seed,
