@@ -113,6 +113,7 @@ def search(
     recovery: Annotated[str, typer.Option("--recovery", help="When the model source gives no data: auto (default), inputs (the inputs evaluate feeds the dense model), synthetic (fitted to its BatchNorm statistics) or none; used for BatchNorm re-calibration and distillation from the dense model.")] = SearchConfig.recovery,
     resume_changed: Annotated[bool, typer.Option("--resume-changed", help="Resume the study even though it was made for another model, example inputs, device or recovery (refused otherwise, since its trials would be mixed into this answer).")] = SearchConfig.resume_changed,
     data: Annotated[Optional[Path], typer.Option("--data", help="A .pt or .npz file of inputs, or inputs and targets (keys inputs/x and targets/y), for BatchNorm re-calibration and fine-tuning.")] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="[off|int8]", help="int8: each trial also chooses FP32 or INT8 (ONNX Runtime static QDQ) per channel group, measured and evaluated as the quantized file; off: FP32 only. Default: the profile's quantize.int8 (on where it says search; host-cpu: off).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="Log every trial as an MLflow run (metrics, constraints, ratios; profile and budgets as tags) to this tracking URI (file:./mlruns, sqlite:///mlflow.db, http://host:5000). Needs the mlflow extra: mlflow-skinny and optuna-integration.")] = None,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
@@ -133,7 +134,7 @@ def search(
         importance=importance,
         final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned,
         allow_estimate=allow_estimate, tune_final_trials=tune_final, max_accuracy_drop=max_accuracy_drop,
-        recovery=recovery, data=data, resume_changed=resume_changed, mlflow=mlflow,
+        recovery=recovery, data=data, resume_changed=resume_changed, mlflow=mlflow, quantize=quantize,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
@@ -182,7 +183,9 @@ def _print_result(data: dict[str, Any], run_dir: Path) -> None:
 
     table.add_row(*row(dense, "dense"), style="dim")
     for r in summary.pareto:
-        table.add_row(*row(r, f"{r.trial}{' *' if r.recommended else ''}"), style="bold green" if r.recommended else None)
+        precision = r.precision.get("label", "fp32") if isinstance(r.precision, dict) else "fp32"
+        shown = f"{r.trial}" + (f" ({precision})" if precision != "fp32" else "")  # --quantize int8: "17 (int8)"
+        table.add_row(*row(r, f"{shown}{' *' if r.recommended else ''}"), style="bold green" if r.recommended else None)
     out.print(table)
     s = summary.search
     def budget(value: Any, unit: str, typed: Any) -> str:

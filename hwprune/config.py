@@ -16,6 +16,8 @@ from typing import Any
 from hwprune.errors import HwpruneError
 
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
+QUANTIZE_MODES = (None, "off", "int8")  # SearchConfig.quantize; None: the profile's default
+DEFAULT_QUANTIZE_TOLERANCE = 0.25  # hwprune.quant.check.DEFAULT_TOLERANCE (kept here so config imports no onnx)
 RECOVERY_METHODS = ("auto", "inputs", "synthetic", "none")  # hwprune.recovery; kept here so config imports no torch
 DEFAULT_RECOVERY = "auto"
 # channel ranking criteria: hwprune.pruning.importance.IMPORTANCES plus "auto" (per model family, docs/benchmarks.md,
@@ -179,6 +181,9 @@ class SearchConfig:
     resume_changed: bool = False  # resume a study made for another model, inputs, device or recovery (identity.py)
     importance: str = DEFAULT_IMPORTANCE  # channel ranking (hwprune.pruning.importance.resolve_importance)
     exporter: str | None = None  # torchscript | dynamo; default: the backend's capabilities.exporter
+    quantize: str | None = None  # off | int8: a precision knob per channel group; None: the profile's [quantize]
+    # INT8 candidates whose outputs move more than this (relative error, held-out inputs) fail (hwprune.quant.check)
+    quantize_tolerance: float = DEFAULT_QUANTIZE_TOLERANCE
     allow_untuned: bool = False  # let untuned TVM latencies drive a search
     tune_final_trials: int = 0  # TVM: MetaSchedule trials for the recommended model only, after the search
     allow_estimate: bool = False  # let roofline estimates drive a search
@@ -219,6 +224,10 @@ class SearchConfig:
             raise HwpruneError(f"channel multiple: must be at least 1, got {self.channel_multiple}")
         if self.exporter not in (None, "torchscript", "dynamo"):
             raise HwpruneError(f"exporter: {self.exporter!r} is not 'torchscript' or 'dynamo'")
+        if self.quantize not in QUANTIZE_MODES:
+            raise HwpruneError(f"quantize: {self.quantize!r} is not one of off, int8")
+        if not self.quantize_tolerance > 0:
+            raise HwpruneError(f"quantize tolerance: must be positive, got {self.quantize_tolerance}")
         if self.importance not in IMPORTANCES:
             raise HwpruneError(f"importance: {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
         if self.final_candidates < 1:

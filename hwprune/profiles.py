@@ -83,9 +83,10 @@ INT8_MODES = ("search", "measure", "off")
 @dataclass(frozen=True)
 class QuantizeSettings:
     """Whether INT8 is worth searching on the device: ``search`` (a precision knob by default), ``measure`` (only when
-    asked, its gain being doubtful there) or ``off``; ``reason`` says why (see :mod:`hwprune.quant.device`)."""
+    asked, its gain being doubtful there) or ``off``; ``reason`` says why (see :mod:`hwprune.quant.device`). A
+    profile without the table says ``measure``: INT8 is searched by default only where a profile says it pays."""
 
-    int8: str = "search"
+    int8: str = "measure"
     reason: str = ""
 
 

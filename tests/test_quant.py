@@ -151,7 +151,7 @@ def test_feeds_are_cut_to_the_graph_batch(quantized) -> None:
 
 
 def test_profile_switch_is_read_from_toml(tmp_path: Path) -> None:
-    assert int8_policy("host-cpu").mode == "search"
+    assert int8_policy("host-cpu").mode == "measure"
     pi4 = load_profile("raspberry-pi-4")
     assert pi4.quantize.int8 == "measure" and "dot-product" in pi4.quantize.reason
     assert int8_policy(pi4).mode == "off" and TVM_REASON in int8_policy(pi4).reason  # through TVM RPC: refused
@@ -160,10 +160,10 @@ def test_profile_switch_is_read_from_toml(tmp_path: Path) -> None:
         require_int8("host-cpu-tvm")
     text = Path(load_profile("host-cpu").source).read_text()
     off = tmp_path / "off.toml"
-    off.write_text(text.replace('int8 = "search"', 'int8 = "off"').replace('name = "host-cpu"', 'name = "off"'))
+    off.write_text(text.replace('int8 = "measure"', 'int8 = "off"').replace('name = "host-cpu"', 'name = "off"'))
     assert int8_policy(str(off)).mode == "off"
     bad = tmp_path / "bad.toml"
-    bad.write_text(text.replace('int8 = "search"', 'int8 = "always"'))
+    bad.write_text(text.replace('int8 = "measure"', 'int8 = "always"'))
     with pytest.raises(ProfileError, match=r"quantize\.int8: 'always' is not one of search, measure, off"):
         load_profile(str(bad))
 

@@ -112,8 +112,11 @@ class RunData:
 
 
 def model_label(record: dict[str, Any]) -> str:
-    """How the report names a model: ``dense`` or ``trial N``."""
-    return "dense" if record.get("trial") is None else f"trial {record['trial']}"
+    """How the report names a model: ``dense`` or ``trial N``, with its precision when not FP32 (``trial N (int8)``)."""
+    if record.get("trial") is None:
+        return "dense"
+    precision = (record.get("precision") or {}).get("label", "fp32")
+    return f"trial {record['trial']}" + (f" ({precision})" if precision != "fp32" else "")
 
 
 def _read_json(path: Path) -> Any:

@@ -249,6 +249,10 @@ def _widths_section(run: RunData) -> Section | None:
     if rec.get("removed_blocks"):
         s.blocks.append(Text("Residual blocks removed whole (each replaced by its skip connection, so its layers show "
                              "0 kept channels): " + ", ".join(code(b) for b in rec["removed_blocks"]) + "."))
+    units = (rec.get("precision") or {}).get("units") or {}
+    if any(v != "fp32" for v in units.values()):  # --quantize int8: the precision chosen per channel group / layer
+        s.blocks.append(Text(f"Precision ({esc(rec['precision'].get('label'))}, ONNX Runtime static QDQ): INT8 "
+                             + ", ".join(code(u) for u, v in units.items() if v == "int8") + "; FP32 the rest."))
     png = plots.widths_plot(run)
     if png:
         s.blocks.append(Figure("widths", png, "Per-layer widths", "Grey = original width, blue = kept channels."))

@@ -24,9 +24,14 @@ JUDGED_BY = "budgets"  # the budgets a trial's constraints were computed against
 UNIFORM_RATIO = "uniform_ratio"  # warm-start and bisection trials
 DEPTH_PROBE = "depth_probe"  # the block a depth probe removed
 NEIGHBOUR_OF = "neighbour_of"  # the refinement's trials: the incumbent they neighbour
+PRECISION = "precision"  # --quantize int8: fp32 / int8 / "mixed k/n" (INT8 weighted nodes / all), read from the file
+OUTPUT_ERROR = "int8_output_error"  # the INT8 file's relative output error against the FP32 one (held-out inputs)
+INT8_ANCHOR = "int8_anchor"  # the INT8-everywhere warm-start trials: their uniform ratio
+PRECISION_PARAM = "precision:"  # prefix of the precision parameters (one per unit: fp32 | int8)
 
 # what a cached architecture's trial copies from the trial that measured it
-CACHED_KEYS = (WIDTHS, MACS, PARAMS, SIGNATURE, MEASUREMENT, ACCURACY_PROXY, MEASURE_CONTEXT, LATENCY_RATIO)
+CACHED_KEYS = (WIDTHS, MACS, PARAMS, SIGNATURE, MEASUREMENT, ACCURACY_PROXY, MEASURE_CONTEXT, LATENCY_RATIO,
+               PRECISION, OUTPUT_ERROR)
 
 # -- study user attributes --------------------------------------------------------------------------------------
 REQUEST = "request"  # request.json, as the search started

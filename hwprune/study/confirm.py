@@ -24,13 +24,16 @@ from hwprune.study import attrs
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.budgets import Budgets, latency_ratio
 from hwprune.study.context import RunContext
+from hwprune.quant.base import QuantizationError
 from hwprune.study.objective import TrialRunner
+from hwprune.study.precision import has_int8, precision_record, write_calibration
 from hwprune.study.records import ModelRecord, model_record
 from hwprune.study.reference import ROUNDS, Rounds, interleaved_rounds
 from hwprune.study.result import ParetoModel
 from hwprune.subjects.base import Subject
 
 OVER_BUDGET = "over budget when re-measured"  # a rejected_on_remeasure reason
+QUANTIZATION_FAILED = "INT8 quantization failed when rebuilt"  # a rejected_on_remeasure reason
 # when front models go over a budget on re-measure, the trials behind them get up to this many times the first
 # front's size in extra confirmations (each a rebuild and a few interleaved measurements)
 REFILL_CONFIRMATIONS = 2
@@ -128,22 +131,27 @@ def confirm_trial(ctx: RunContext, t: optuna.trial.FrozenTrial, subject: Subject
     the trial about a budget is settled by a third measurement (the median of three), so one preempted run on
     a shared host neither admits nor rejects a model.
     """
-    from hwprune.export import export_onnx
-
     number = t.number
-    ratios = {k: float(v) for k, v in t.params.items()}
+    ratios, choice = runner.split(t.params)
     pruned = runner.build(ratios)
     acc_proxy = float(t.user_attrs.get(attrs.ACCURACY_PROXY, t.values[0]))
-    accuracy = runner.evaluate(pruned.module, {})
     folder = ctx.model_dir(number)
     folder.mkdir(parents=True, exist_ok=True)
-    onnx_path = export_onnx(pruned.module, subject.example_inputs, folder / "model.onnx", exporter=ctx.exporter)
+    try:
+        onnx_path, accuracy, precision = export_model(ctx, pruned.module, choice, subject, runner, folder)
+    except QuantizationError as exc:  # the trial quantized fine; its rebuild did not: not a model to list
+        ctx.log(f"trial {number} left out: {exc}")
+        shutil.rmtree(folder, ignore_errors=True)
+        return {"trial": number, "latency_ms": t.values[1], "memory_mb": t.values[2],
+                "reason": f"{QUANTIZATION_FAILED}: {exc}"}
     m, rounds, note = confirm_latency(ctx, Measurement.from_dict(t.user_attrs[attrs.MEASUREMENT]), latency_ratio(t),
                                       onnx_path, budgets, runner.beside)
     record = model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m, params=pruned.params,
                           macs=pruned.macs, widths=pruned.widths, ratios=ratios, budgets=budgets, dense=dense,
                           example=subject.example_inputs[0], rounds=rounds)
     record = record.replace(removed_blocks=list(pruned.removed), **({"remeasure_note": note} if note else {}))
+    if precision is not None:
+        record = record.replace(precision=precision)
     if not (record.meets.latency and record.meets.memory):
         beside = (f" ({record.latency_ratio:.3f}x the dense model beside it, "
                   f"{record.latency_ratio_upper:.3f}x with its standard error)") if rounds else ""
@@ -157,6 +165,27 @@ def confirm_trial(ctx: RunContext, t: optuna.trial.FrozenTrial, subject: Subject
         return entry
     record = record.replace(files={"onnx": {"path": onnx_path.relative_to(ctx.run_dir).as_posix()}})
     return ParetoModel(number, record, ctx.run_dir, pruned.module, m)
+
+
+def export_model(ctx: RunContext, module: Any, choice: dict[str, str], subject: Subject, runner: TrialRunner,
+                 folder: Path) -> tuple[Path, float, dict[str, Any] | None]:
+    """Export a listed model into ``folder``: model.onnx, the file to deploy (with INT8 units: the quantized file,
+    beside its FP32 source model.fp32.onnx and calibration.json), its accuracy (through ONNX Runtime when quantized)
+    and its ``precision`` record (None when the search does not quantize).
+
+    Raises:
+        QuantizationError: the model could not be quantized again, or its outputs moved too far.
+    """
+    from hwprune.export import export_onnx
+
+    if runner.quant is None or not has_int8(choice):
+        accuracy = runner.evaluate(module, {})
+        path = export_onnx(module, subject.example_inputs, folder / "model.onnx", exporter=ctx.exporter)
+        return path, accuracy, (precision_record(None, choice) if runner.quant is not None else None)
+    fp32 = export_onnx(module, subject.example_inputs, folder / "model.fp32.onnx", exporter=ctx.exporter)
+    q = runner.quant.apply(fp32, folder / "model.onnx", choice)
+    write_calibration(q, folder)
+    return q.model.path, runner.quant.evaluate(q.model.path, subject.evaluate), precision_record(q, choice)
 
 
 def confirm_latency(ctx: RunContext, trial_m: Measurement, trial_ratio: float | None, onnx_path: Path,
@@ -198,10 +227,13 @@ def measure_again(ctx: RunContext, ratios: dict[str, float], subject: Subject, s
     from hwprune.export import export_onnx
 
     t0 = time.perf_counter()
+    ratios, choice = runner.split(ratios)
     pruned = prune(subject.model, subject.example_inputs, ratios, space)
     pruned.module.eval()
     with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
         path = export_onnx(pruned.module, subject.example_inputs, Path(tmp) / "incumbent.onnx", exporter=ctx.exporter)
+        if runner.quant is not None and has_int8(choice):  # the INT8 file is what was measured; its outputs are not
+            path = runner.quant.apply(path, Path(tmp) / "incumbent.int8.onnx", choice, check=False).model.path
         if runner.beside is not None:
             rounds = interleaved_rounds(ctx.measure, path, runner.beside, runner.budgets.latency_factor,
                                         ctx.pair_measure)

@@ -22,6 +22,7 @@ from hwprune.config import SearchConfig
 from hwprune.errors import HwpruneError
 from hwprune.profiles import DeviceProfile, load_profile
 from hwprune.study.identity import Fingerprint
+from hwprune.study.precision import QuantChoice
 from hwprune.study.reference import MeasurePair
 
 # module name -> distributions that install it (the first one installed is reported)
@@ -41,6 +42,7 @@ class RunContext:
     log: Callable[[str], None]
     measure: Callable[[Path], Measurement]  # one whole measurement (counted by the Search)
     pair_measure: MeasurePair | None  # both models in alternating samples, where the backend can
+    quantize: QuantChoice = QuantChoice("off", False)  # --quantize, resolved against the profile
 
     def model_dir(self, trial: int) -> Path:
         """The folder of trial ``trial``'s exported model."""
@@ -105,7 +107,7 @@ def check_rankable(profile: DeviceProfile, config: SearchConfig) -> None:
 
 
 def write_request(config: SearchConfig, profile: DeviceProfile, storage: str, exporter: str,
-                  fingerprint: Fingerprint, run_dir: Path) -> dict[str, Any]:
+                  fingerprint: Fingerprint, run_dir: Path, quantize: QuantChoice | None = None) -> dict[str, Any]:
     """Write request.json (what was asked, as the search starts) and return it; later stages add the resolved
     budgets, the importance, the sampler and the dense latency sets to the summary's copy."""
     from hwprune.export import atomic_write_text
@@ -126,6 +128,7 @@ def write_request(config: SearchConfig, profile: DeviceProfile, storage: str, ex
         "finetune": {"trial_steps": c.trial_finetune_steps, "final_steps": c.final_finetune_steps,
                      "final_candidates": c.final_candidates},
         "calibration_batches": c.calibration_batches,
+        **({"quantize": quantize.mode} if quantize is not None and quantize.on else {}),
         "max_accuracy_drop": str(c.max_accuracy_drop) if c.max_accuracy_drop else "off",
         "recovery": c.recovery,
         "data": str(c.data) if c.data else None,

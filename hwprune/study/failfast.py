@@ -19,6 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from hwprune.errors import BackendUnavailable, ExportError, HwpruneError, MeasurementError
+from hwprune.quant.base import QuantizationError
 from hwprune.study import attrs
 
 FAIL_FAST_TRIALS = 3  # model-level failures of one kind, with no trial ever completed, that stop the study
@@ -30,6 +31,8 @@ NAN = "nan"  # evaluate returned NaN
 SHAPE = "shape"  # a forward pass of the pruned model hit mismatched shapes
 EXPORT = "export"  # the pruned model could not be exported
 OTHER = "error"  # any other exception in a trial (with its stage)
+QUANTIZE = "quantize"  # an INT8 candidate's quantization failed: its FP32 twin may work, so never counted
+UNCOUNTED = (TRANSIENT, QUANTIZE)
 
 # trial stages, as the objective names them
 PRUNE, FORWARD, EXPORT_STAGE, MEASURE, EVALUATE = "prune", "forward", "export", "measure", "evaluate"
@@ -72,6 +75,8 @@ def classify(exc: BaseException, stage: str) -> tuple[str, str]:
     """
     if isinstance(exc, (MeasurementError, BackendUnavailable)):
         return TRANSIENT, MEASURE
+    if isinstance(exc, QuantizationError):
+        return QUANTIZE, stage
     text = f"{exc}\n{exc.__cause__ or ''}"
     if stage == EVALUATE and NAN_MARK in text:
         return NAN, stage
@@ -102,7 +107,7 @@ class FailFast:
             self.armed = False
             return
         kind = trial.user_attrs.get(FAIL_KIND)
-        if trial.state != TrialState.FAIL or kind in (None, TRANSIENT):
+        if trial.state != TrialState.FAIL or kind is None or kind in UNCOUNTED:
             return
         if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             self.armed = False  # the model worked before (an earlier run or another worker): not the model

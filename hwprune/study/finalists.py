@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import optuna
@@ -23,6 +23,7 @@ from hwprune.study.budgets import NEAR_MISS, Budgets
 from hwprune.study.confirm import confirm_trial, drop_dominated, judged_ms, objectives, rejected_entry
 from hwprune.study.context import RunContext
 from hwprune.study.objective import TrialRunner
+from hwprune.study.precision import has_int8, precision_record, write_calibration
 from hwprune.study.records import Meets, ModelRecord
 from hwprune.study.result import ParetoModel
 from hwprune.subjects.base import Subject
@@ -159,10 +160,42 @@ def final_finetune(ctx: RunContext, pm: ParetoModel, subject: Subject, runner: T
     torch.manual_seed(ctx.config.seed)
     train.finetune(pm.module, subject.train_data, ctx.config.final_finetune_steps, loss_fn=subject.loss_fn,
                    lr=0.02, teacher=subject.teacher or subject.model)
+    # same architecture, new weights: the measured latency and memory still hold
+    choice = pm.entry.precision["units"] if isinstance(pm.entry.precision, dict) else {}
+    if runner.quant is not None and has_int8(choice):
+        requantize(ctx, pm, choice, subject, runner)
+        return
     pm.entry = pm.entry.replace(accuracy=runner.evaluate(pm.module, {}),
                                 final_finetune_steps=ctx.config.final_finetune_steps)
-    # same architecture, new weights: the measured latency and memory still hold
     export_onnx(pm.module, subject.example_inputs, pm.onnx_path, exporter=ctx.exporter)
+
+
+def requantize(ctx: RunContext, pm: ParetoModel, choice: dict[str, str], subject: Subject,
+               runner: TrialRunner) -> None:
+    """An INT8 finalist after its fine-tune: the new FP32 weights exported, quantized again (its calibration ranges
+    and output check are the new weights'), and its accuracy taken from the new quantized file through ONNX Runtime.
+    A new quantization that fails keeps the file from before the fine-tune, and says so."""
+    from hwprune.export import export_onnx
+
+    assert runner.quant is not None and pm.module is not None
+    folder = pm.onnx_path.parent
+    fp32 = export_onnx(pm.module, subject.example_inputs, folder / "model.fp32.new.onnx", exporter=ctx.exporter)
+    try:
+        q = runner.quant.apply(fp32, folder / "model.new.onnx", choice)
+        accuracy = runner.quant.evaluate(q.model.path, subject.evaluate)
+    except HwpruneError as exc:
+        ctx.log(f"trial {pm.trial}: re-quantizing after the final fine-tune failed ({exc}); its INT8 file and "
+                "accuracy are from before the fine-tune")
+        pm.entry = pm.entry.replace(remeasure_note=f"re-quantizing after the final fine-tune failed: {exc}")
+        for p in (fp32, folder / "model.new.onnx"):
+            p.unlink(missing_ok=True)
+        return
+    fp32.replace(folder / "model.fp32.onnx")
+    q.model.path.replace(pm.onnx_path)
+    result = replace(q, model=replace(q.model, path=pm.onnx_path, source=folder / "model.fp32.onnx"))
+    write_calibration(result, folder)
+    pm.entry = pm.entry.replace(accuracy=accuracy, final_finetune_steps=ctx.config.final_finetune_steps,
+                                precision=precision_record(result, choice))
 
 
 def guard(ctx: RunContext, models: list[ParetoModel], budgets: Budgets, dense_accuracy: float,

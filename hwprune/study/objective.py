@@ -45,6 +45,7 @@ from hwprune.study.budgets import (  # noqa: F401
     judged_latency,
     latency_ratio,
 )
+from hwprune.study.precision import QuantResult, QuantSearch, has_int8, signature_with, split_params
 from hwprune.study.reference import MeasurePair, interleaved_rounds
 from hwprune.study.storage import DIRECTIONS, HEARTBEAT_S, make_sampler, open_study  # noqa: F401
 from hwprune.study.trials import trials_table  # noqa: F401
@@ -69,6 +70,7 @@ class TrialRunner:
     context: str = ""  # measurement context (device, runtime, versions): cached measurements must share it
     beside: Path | None = None  # the dense model's ONNX, measured right after each candidate (relative budgets)
     measure_pair: MeasurePair | None = None  # both models in alternating samples, where the backend can
+    quant: QuantSearch | None = None  # --quantize int8: a precision per unit on top of the widths
     stage_seconds: dict[str, float] = field(default_factory=dict)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -127,42 +129,72 @@ class TrialRunner:
         return pruned
 
     def export_and_measure(self, module: Any, stages: dict[str, float]) -> tuple[Measurement, float | None]:
-        """The candidate's measurement, and (with ``beside``) its latency divided by the dense model's: the median
-        ratio of ``ROUNDS`` interleaved rounds, the measurement then the round with the middle latency.
+        """The candidate's measurement, and (with ``beside``) its latency divided by the dense model's
+        (:meth:`measure_file`)."""
+        from hwprune.export import export_onnx
+
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
+            path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx",
+                               exporter=self.exporter)
+            self._tick("export", t, stages)
+            return self.measure_file(path, stages)
+
+    def export_quantize_measure(self, module: Any, choice: dict[str, str],
+                                stages: dict[str, float]) -> tuple[Measurement, float | None, float, QuantResult]:
+        """--quantize int8: export, quantize as ``choice`` says, check the outputs, measure the quantized file and
+        score it through ONNX Runtime (the PyTorch module is not the INT8 model).
+
+        Raises:
+            QuantizationError: ORT cannot quantize it, or its outputs moved beyond the tolerance.
+        """
+        from hwprune.export import export_onnx
+
+        assert self.quant is not None
+        t = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
+            path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx",
+                               exporter=self.exporter)
+            t = self._tick("export", t, stages)
+            q = self.quant.apply(path, Path(tmp) / "candidate.int8.onnx", choice)
+            self._tick("quantize", t, stages)
+            m, ratio = self.measure_file(q.model.path, stages)
+            t = time.perf_counter()
+            acc = self.quant.evaluate(q.model.path, self.subject.evaluate)
+            self._tick("evaluate", t, stages)
+        return m, ratio, acc, q
+
+    def measure_file(self, path: Path, stages: dict[str, float]) -> tuple[Measurement, float | None]:
+        """The measurement of the exported ``path``, and (with ``beside``) its latency divided by the dense model's:
+        the median ratio of ``ROUNDS`` interleaved rounds, the measurement then the round with the middle latency.
 
         One pair is not enough on a shared host: a slow spell as long as one measurement doubled a model's latency
         and not the dense model's beside it (the demo at 0.4x: a 0.35x model measured 0.67x once), which steered the
         bisection and the sampler; the median of three rounds drops such a round."""
-        from hwprune.export import export_onnx
-
-        def timed(path: Path) -> Measurement:
-            m = self.measure(path)
-            if path == self.beside:
+        def timed(p: Path) -> Measurement:
+            m = self.measure(p)
+            if p == self.beside:
                 self.book("dense_beside", sum(m.stage_seconds.values()), stages)
             else:
                 for k, v in m.stage_seconds.items():
                     self.book(k, v, stages)
             return m
 
-        def timed_pair(path: Path, reference: Path) -> tuple[Measurement, Measurement, list[float]]:
+        def timed_pair(p: Path, reference: Path) -> tuple[Measurement, Measurement, list[float]]:
             assert self.measure_pair is not None
-            m, dense, ratios = self.measure_pair(path, reference)
+            m, dense, ratios = self.measure_pair(p, reference)
             self.book("dense_beside", sum(dense.stage_seconds.values()), stages)
             for k, v in m.stage_seconds.items():
                 self.book(k, v, stages)
             return m, dense, ratios
 
         t = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="hwprune-") as tmp:
-            path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx",
-                               exporter=self.exporter)
-            t = self._tick("export", t, stages)
-            if self.beside is None:
-                m, ratio = timed(path), None
-            else:
-                rounds = interleaved_rounds(timed, path, self.beside,
-                                            measure_pair=timed_pair if self.measure_pair is not None else None)
-                m, ratio = rounds.middle, rounds.ratio
+        if self.beside is None:
+            m, ratio = timed(path), None
+        else:
+            rounds = interleaved_rounds(timed, path, self.beside,
+                                        measure_pair=timed_pair if self.measure_pair is not None else None)
+            m, ratio = rounds.middle, rounds.ratio
         self._tick("measure", t, {})
         return m, ratio
 
@@ -176,6 +208,7 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float, float]:
         ratios = {k.name: trial.suggest_float(k.name, 0.0, k.max_ratio) for k in self.space.knobs}
+        choice = self.quant.suggest(trial) if self.quant is not None else {}
         stages: dict[str, float] = {}
         # pruning, calibration and evaluation are torch work too: size its thread pool to the free cores, or a
         # busy host makes OpenMP workers wait on each other (measured: 14x slower BN re-calibration)
@@ -186,7 +219,8 @@ class TrialRunner:
             # the signature is known before calibration, so a cached architecture skips all the expensive work
             pruned = prune(self.subject.model, self.subject.example_inputs, ratios, self.space)
             self._tick("prune", t, stages)
-            cached = self._cache.get(pruned.signature)
+            signature = signature_with(pruned.signature, choice)  # fp32 and int8 variants are other candidates
+            cached = self._cache.get(signature)
             if cached is not None:
                 for key in attrs.CACHED_KEYS:
                     if key in cached["attrs"]:
@@ -201,11 +235,19 @@ class TrialRunner:
             trial.set_user_attr(attrs.WIDTHS, {k: list(v) for k, v in pruned.widths.items()})
             trial.set_user_attr(attrs.MACS, int(pruned.macs))
             trial.set_user_attr(attrs.PARAMS, int(pruned.params))
-            trial.set_user_attr(attrs.SIGNATURE, pruned.signature)
+            trial.set_user_attr(attrs.SIGNATURE, signature)
             stage = failfast.EXPORT_STAGE
-            m, ratio = self.export_and_measure(pruned.module, stages)
-            stage = failfast.EVALUATE
-            acc = self.evaluate(pruned.module, stages)
+            if has_int8(choice):
+                m, ratio, acc, q = self.export_quantize_measure(pruned.module, choice, stages)
+                trial.set_user_attr(attrs.PRECISION, q.model.label)
+                if q.check is not None:
+                    trial.set_user_attr(attrs.OUTPUT_ERROR, q.check.relative_error)
+            else:
+                m, ratio = self.export_and_measure(pruned.module, stages)
+                stage = failfast.EVALUATE
+                acc = self.evaluate(pruned.module, stages)
+                if self.quant is not None:
+                    trial.set_user_attr(attrs.PRECISION, "fp32")
         except (MeasurementError, ExportError, HwpruneError) as exc:
             trial.set_user_attr(attrs.FAIL_REASON, str(exc))
             trial.set_user_attr(attrs.STAGE_SECONDS, stages)
@@ -225,9 +267,14 @@ class TrialRunner:
         trial.set_user_attr(attrs.ACCURACY_PROXY, acc)
         trial.set_user_attr(attrs.STAGE_SECONDS, stages)
         self._constrain(trial, lat, mem, ratio, acc)
-        self._cache[pruned.signature] = {"trial": trial.number, "values": [acc, lat, mem],
+        self._cache[signature] = {"trial": trial.number, "values": [acc, lat, mem],
                                          "attrs": dict(trial.user_attrs)}
         return acc, lat, mem
+
+    def split(self, params: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+        """A trial's parameters as pruning ratios and its precision choice (empty when the search is FP32 only)."""
+        ratios, choice = split_params(params)
+        return ratios, (choice if self.quant is not None else {})
 
     def _constrain(self, trial: optuna.Trial, lat: float, mem: float, ratio: float | None, acc: float) -> None:
         b = self.budgets.now()  # a relative latency budget follows the dense reference

@@ -31,6 +31,7 @@ from hwprune.study.dense import DenseModel, make_budgets, measure_dense
 from hwprune.study.failfast import FAIL_FAST_TRIALS, FailFast
 from hwprune.study.identity import Fingerprint, check_identity
 from hwprune.study.objective import TrialRunner
+from hwprune.study.precision import channel_groups, recorded_inputs, setup_quant
 from hwprune.study.progress import FinalPlan, SearchProgress
 from hwprune.study.reference import START_SETS, DenseReference
 from hwprune.study.refine import EdgeRefiner
@@ -72,11 +73,18 @@ def run_trials(ctx: RunContext, subject: Subject, request: dict[str, Any], finge
     request["sampler_repr"] = f"{type(sampler).__name__}"
     study = _open(ctx, subject, sampler, fingerprint, request)
     warm_start(study, space)
+    quant = setup_quant(ctx.quantize, dense.path, subject, channel_groups(space), recorded_inputs(recovery),
+                        c.quantize_tolerance, ctx.log)
+    if quant is not None:
+        quant.enqueue_anchors(study, space.uniform, c.max_ratio)
+    elif ctx.quantize.on:  # the profile's default, with nothing to calibrate on: FP32 only (warned)
+        request["quantize"] = "off"
     runner = TrialRunner(subject=subject, space=space, measure=ctx.measure, budgets=budgets,
                          exporter=ctx.exporter, calibration_batches=c.calibration_batches,
                          finetune_steps=c.trial_finetune_steps, seed=c.seed,
                          context=measurement_context(ctx.profile, ctx.exporter),
-                         beside=dense.path if budgets.latency_factor else None, measure_pair=ctx.pair_measure)
+                         beside=dense.path if budgets.latency_factor else None, measure_pair=ctx.pair_measure,
+                         quant=quant)
     runner.load_cache(study)
     dense_m = reference.measurement
     runner.add_dense(dense.signature, [dense.accuracy, dense_m.latency.median_ms, dense_m.memory.total_mb],

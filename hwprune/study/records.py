@@ -133,7 +133,7 @@ class Meets:
 
 # MODEL keys written only when a model has them, in the order they are written
 _OPTIONAL = ("latency_ratio_rounds", "latency_ratio_upper", "speedup", "size_ratio", "removed_blocks",
-             "remeasure_note", "accuracy_retention", "final_tuned", "file_bytes", "agreement")
+             "remeasure_note", "accuracy_retention", "final_tuned", "file_bytes", "agreement", "precision")
 _NESTED = {"latency_ms": LatencyStats, "memory_mb": MemoryStats, "meets": Meets}
 
 
@@ -170,6 +170,7 @@ class ModelRecord:
     final_tuned: dict[str, Any] | Unset = UNSET
     file_bytes: int | Unset = UNSET
     agreement: dict[str, Any] | Unset = UNSET
+    precision: dict[str, Any] | Unset = UNSET  # --quantize int8: label, units, per-node precision, calibration, check
     extra: dict[str, Any] = field(default_factory=dict)  # keys this record does not know, kept as read
 
     def replace(self, **changes: Any) -> ModelRecord:

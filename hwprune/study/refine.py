@@ -155,7 +155,10 @@ class EdgeRefiner:
             self.log("refining at the budget's edge: neighbours of the most accurate feasible model join the "
                      "sampler's trials")
         self.enqueued += 1
-        study.enqueue_trial(ratios, user_attrs={attrs.NEIGHBOUR_OF: of})
+        # a neighbour changes widths only: it keeps the incumbent's precision per unit (--quantize int8)
+        precision = {k: v for t in study.get_trials(deepcopy=False) if t.number == of
+                     for k, v in t.params.items() if k.startswith(attrs.PRECISION_PARAM)}
+        study.enqueue_trial({**ratios, **precision}, user_attrs={attrs.NEIGHBOUR_OF: of})
 
     def _confirm_incumbent(self, study: optuna.Study) -> None:
         """Measure the incumbent again until one that was (or ``CONFIRM_TRIES`` were) holds."""

@@ -43,6 +43,7 @@ from hwprune.study.context import (  # noqa: F401
 from hwprune.study.front import Front, select_front
 from hwprune.study.identity import Fingerprint, check_identity, fingerprint, load_existing
 from hwprune.study.optimize import Trials, run_trials
+from hwprune.study.precision import resolve_quantize
 from hwprune.study.records import SCHEMA  # noqa: F401
 from hwprune.study.result import ParetoModel, SearchResult
 from hwprune.study.run_folder import pareto_table  # noqa: F401
@@ -68,6 +69,7 @@ class Search:
         config.latency_budget_ms, config.memory_budget_mb = default_budgets(  # the profile's where none is given
             self.profile, config.latency_budget_ms, config.memory_budget_mb)
         check_rankable(self.profile, config)
+        self.quantize = resolve_quantize(config.quantize, self.profile)  # int8 refused here: one line, exit 2
         if config.tune_final_trials and self.profile.backend not in ("tvm", "tvm-rpc"):
             raise HwpruneError(f"--tune-final tunes TVM kernels, but profile {self.profile.name} measures with "
                                f"{self.profile.backend}; add --backend tvm or --backend tvm-rpc")
@@ -103,14 +105,15 @@ class Search:
     def context(self) -> RunContext:
         """What the stages read, once the backend is open."""
         return RunContext(config=self.config, profile=self.profile, run_dir=self.run_dir, storage=self.storage,
-                          exporter=self.exporter, log=self.log, measure=self.measure, pair_measure=self.pair_measure)
+                          exporter=self.exporter, log=self.log, measure=self.measure, pair_measure=self.pair_measure,
+                          quantize=self.quantize)
 
     def _fingerprint(self, subject: Subject) -> Fingerprint:
         """What this run's trials depend on (:mod:`hwprune.study.identity`)."""
         c = self.config
         has_data = any(x is not None for x in (subject.calibration_data, subject.train_data, subject.data))
         budgets = (f"latency {c.latency_budget_ms or 'none'}, memory {c.memory_budget_mb or 'none'}, "
-                   f"accuracy drop {c.max_accuracy_drop or 'off'}")
+                   f"accuracy drop {c.max_accuracy_drop or 'off'}" + (", int8" if self.quantize.on else ""))
         importance = auto_importance(subject.model) if c.importance == "auto" else c.importance
         return fingerprint(subject.model, subject.example_inputs, measurement_context(self.profile, self.exporter),
                            "data" if has_data else c.recovery, importance, budgets)
@@ -137,7 +140,8 @@ class Search:
         if existing is not None:  # before anything is written into a run folder that may be another model's
             check_identity(existing, self.fingerprint, resume_changed=c.resume_changed, storage=self.storage,
                            log=self.log)
-        request = write_request(c, self.profile, self.storage, self.exporter, self.fingerprint, self.run_dir)
+        request = write_request(c, self.profile, self.storage, self.exporter, self.fingerprint, self.run_dir,
+                                self.quantize)
         self.backend = create_backend(self.profile)
         try:
             trials = run_trials(self.context(), subject, request, self.fingerprint)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # imported by the stages that run before them
 PARETO_COLUMNS = ["trial", "recommended", "accuracy", "accuracy_proxy", "final_finetune_steps", "latency_ms_median",
                   "latency_ms_p90", "latency_ms_std", "latency_ratio", "latency_noisy", "memory_mb_total",
                   "weights_mb", "peak_activations_mb", "params", "macs", "speedup", "meets_latency", "meets_memory",
-                  "estimated", "onnx_path", "weights_path", "widths",
+                  "estimated", "onnx_path", "weights_path", "widths", "precision",
                   "latency_ms_judged"]  # the latency the budget judges (MODEL's latency_ms.judged)
 
 
@@ -124,6 +124,9 @@ def write_model_files(ctx: RunContext, pm: ParetoModel) -> None:
     pm.entry = pm.entry.replace(files={"onnx": file_record(folder / "model.onnx", ctx.run_dir),
                                        "weights": file_record(folder / "weights.pt", ctx.run_dir),
                                        "module": file_record(folder / "model.pt", ctx.run_dir)})
+    for name, file in (("onnx_fp32", "model.fp32.onnx"), ("calibration", "calibration.json")):  # INT8 models
+        if (folder / file).exists():
+            pm.entry = pm.entry.with_file(name, file_record(folder / file, ctx.run_dir))
     pm.entry = node_profile(ctx, folder / "model.onnx", pm.entry)
     pm.entry = process_peak(ctx, folder / "model.onnx", pm.entry)
     pm.entry = pm.entry.replace(file_bytes=pm.entry.files["onnx"]["bytes"])
@@ -223,6 +226,7 @@ def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
             "meets_latency": r["meets"]["latency"], "meets_memory": r["meets"]["memory"],
             "estimated": r["estimated"], "onnx_path": r["files"]["onnx"]["path"],
             "weights_path": r["files"]["weights"]["path"], "widths": json.dumps(r["widths"]),
+            "precision": (r.get("precision") or {}).get("label", "fp32"),
             "latency_ms_judged": r["latency_ms"].get("judged"),
         })
     return pd.DataFrame(rows, columns=PARETO_COLUMNS)

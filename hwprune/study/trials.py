@@ -40,7 +40,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
                 if t.state == TrialState.FAIL else None),
             "duration_s": t.duration.total_seconds() if t.duration else None,
             "stage_seconds": json.dumps(t.user_attrs.get(attrs.STAGE_SECONDS, {})),
-            "ratios": json.dumps(t.params),
+            "ratios": json.dumps({k: v for k, v in t.params.items() if not k.startswith(attrs.PRECISION_PARAM)}),
+            "precision": t.user_attrs.get(attrs.PRECISION, "fp32"),
         }
         rows.append(row)
     return rows

@@ -1,0 +1,144 @@
+"""Pruning only vs INT8 everywhere after pruning vs the joint search (``--quantize int8``), at equal budgets.
+
+For each budget setting (relative latency budgets, and a tight memory budget where INT8's 4x smaller weights matter):
+
+- ``prune only``: ``hwprune.search(..., quantize="off")``, its recommended model;
+- ``int8 after pruning``: that model's FP32 file quantized everywhere (ORT static QDQ, per-channel weights, calibrated
+  like the search does), as a user would quantize a pruned model afterwards;
+- ``joint``: ``hwprune.search(..., quantize="int8")``, its recommended model (a precision per channel group chosen
+  with the widths, each candidate measured as its quantized file).
+
+The three deployed files are then timed side by side in one process, each beside the dense FP32 file in interleaved
+rounds of alternating samples (``ratio``: the median ratio, as a search judges a relative budget); memory is the
+backend's (INT8 weights at one byte), accuracy the subject's evaluator (through ONNX Runtime for INT8 files).
+
+Run from the repository root: ``python -m bench.bench_joint`` (``--trials``, ``--settings``). Results: a table on
+stdout and ``bench/results/bench_joint.{csv,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hwprune import search
+from hwprune.backends.ort import OrtBackend
+from hwprune.errors import BudgetUnreachable
+from hwprune.export import export_onnx
+from hwprune.profiles import load_profile
+from hwprune.quant import calibration_set, evaluate_onnx, plan_for, quantize
+from hwprune.study.reference import interleaved_rounds
+from hwprune.subjects.demo import build_demo
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "mobilenet-tiny"
+# name -> (latency budget, memory budget)
+SETTINGS = {"lat 0.6x": ("0.6x", None), "lat 0.4x": ("0.4x", None), "lat 0.6x + mem 0.15x": ("0.6x", "0.15x")}
+TRIALS = 20
+
+
+@dataclass
+class Row:
+    setting: str
+    arm: str
+    trial: int | None
+    precision: str
+    accuracy: float | None
+    ratio: float | None  # latency / dense FP32 latency, measured beside it in this run
+    memory_mb: float | None
+    file_kb: float | None
+    meets: bool | None  # within the setting's budgets, on this run's side-by-side measurement
+    search_s: float
+    note: str = ""
+
+
+def _search(setting: str, quantize_mode: str, out: Path, trials: int) -> tuple[Any, float]:
+    lat, mem = SETTINGS[setting]
+    t0 = time.perf_counter()
+    try:
+        result = search(MODEL, "host-cpu", latency_budget_ms=lat, memory_budget_mb=mem, trials=trials,
+                        out=out, study=f"{setting.replace(' ', '_').replace('+', '')}-{quantize_mode}",
+                        quantize=quantize_mode, max_accuracy_drop="off", progress=False)
+    except BudgetUnreachable as exc:
+        print(f"{setting} {quantize_mode}: nothing within the budgets ({str(exc)[:120]})")
+        return None, time.perf_counter() - t0
+    return result, time.perf_counter() - t0
+
+
+def _quantize_all(fp32: Path, subject: Any, out: Path) -> Path:
+    cal = calibration_set(fp32, subject)
+    return quantize(fp32, out, plan_for(fp32), cal).path
+
+
+def _row(b: OrtBackend, setting: str, arm: str, path: Path | None, dense: Path, subject: Any, trial: int | None,
+         label: str, spent: float, note: str = "") -> Row:
+    if path is None:
+        return Row(setting, arm, None, "-", None, None, None, None, False, spent, note or "nothing within budgets")
+    rounds = interleaved_rounds(b.measure, path, dense, measure_pair=b.measure_beside)
+    dense_mb = b.measure(dense).memory.total_mb
+    mem = rounds.middle.memory.total_mb
+    lat, memb = SETTINGS[setting]
+    meets = rounds.ratio <= float(lat.rstrip("x")) and (memb is None or mem <= float(memb.rstrip("x")) * dense_mb)
+    return Row(setting, arm, trial, label, float(evaluate_onnx(path, subject.evaluate)), rounds.ratio, mem,
+               path.stat().st_size / 1e3, meets, spent, note)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=TRIALS)
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    runs = out / "bench_joint"
+    start = time.perf_counter()
+    subject = build_demo(MODEL, log=lambda m: None)
+    dense = export_onnx(subject.model, subject.example_inputs, runs / "dense.onnx")
+    found: dict[tuple[str, str], tuple[Any, float]] = {}
+    for setting in args.settings:
+        for mode in ("off", "int8"):
+            found[setting, mode] = _search(setting, mode, runs, args.trials)
+    b = OrtBackend(load_profile("host-cpu"))  # the side-by-side measurements, after all searches
+    rows: list[Row] = []
+    for setting in args.settings:
+        (pruned, s_off), (joint, s_int8) = found[setting, "off"], found[setting, "int8"]
+        rec = pruned.recommended if pruned is not None else None
+        rows.append(_row(b, setting, "prune only", rec.onnx_path if rec else None, dense, subject,
+                         rec.trial if rec else None, "fp32", s_off))
+        q = _quantize_all(rec.onnx_path, subject, runs / f"{setting.replace(' ', '_')}-int8-after.onnx") \
+            if rec else None
+        rows.append(_row(b, setting, "int8 after pruning", q, dense, subject, rec.trial if rec else None, "int8",
+                         0.0))
+        jrec = joint.recommended if joint is not None else None
+        precision = jrec.entry.precision if jrec else None
+        label = precision.get("label", "fp32") if isinstance(precision, dict) else "fp32"
+        rows.append(_row(b, setting, "joint", jrec.onnx_path if jrec else None, dense, subject,
+                         jrec.trial if jrec else None, label, s_int8))
+    cols = list(asdict(rows[0]))
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(_fmt(v) for v in asdict(r).values()) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_joint.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(asdict(r) for r in rows)
+    (out / "bench_joint.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "trials": args.trials,
+                                                      "settings": {k: SETTINGS[k] for k in args.settings},
+                                                      "wall_s": time.perf_counter() - start}, indent=1))
+    print(f"\nwall {time.perf_counter() - start:.0f} s; results in {out}/bench_joint.csv and .json")
+
+
+if __name__ == "__main__":
+    main()

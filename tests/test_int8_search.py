@@ -1,0 +1,123 @@
+"""Pruning and INT8 searched together (--quantize int8) on real components: real searches, ORT's quantizer and
+sessions, the CLI's measure, profile TOML files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from conftest import GUARD_OFF, GUARD_OFF_ARGS, load_summary, run_cli
+from tiny_subject import TinyNet, tiny_cnn_trained
+
+import hwprune
+from hwprune.profiles import load_profile
+from hwprune.quant import QuantizationError, evaluate_onnx
+from hwprune.study.precision import signature_with, split_params
+
+FAST_MEASURE = "[measure]\nwarmup = 2\nrepeats = 5\nmin_repeat_ms = 0.5\nmax_cv = 10.0\nremeasure = 0\n"
+
+
+def _profile(folder: Path, int8: str) -> Path:
+    """host-cpu with fast measurements and ``[quantize] int8 = <int8>``."""
+    text = Path(load_profile("host-cpu").source).read_text()
+    head = text[:text.index("[measure]")].replace('name = "host-cpu"', f'name = "int8-{int8}"')
+    path = folder / f"int8-{int8}.toml"
+    path.write_text(head + FAST_MEASURE + f'[quantize]\nint8 = "{int8}"\nreason = "test"\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real `hwprune search --quantize int8` on a trained tiny CNN with calibration data."""
+    out = tmp_path_factory.mktemp("int8-search")
+    run_cli("search", "--model", "tiny_subject:tiny_cnn_trained", "--device", str(_profile(out, "measure")),
+            "--quantize", "int8", "--memory-budget-mb", "0.6x", "--trials", "7", "--final-finetune-steps", "5",
+            "--final-candidates", "1", "--trial-finetune-steps", "0", "--out", str(out), "--study", "q",
+            *GUARD_OFF_ARGS, check=True)
+    return out / "q"
+
+
+def test_trials_and_pareto_carry_their_precision(int8_run: Path) -> None:
+    import pandas as pd
+
+    trials = pd.read_csv(int8_run / "trials.csv")
+    done = trials[trials["state"] == "COMPLETE"]
+    assert set(done["precision"]) >= {"fp32", "int8"}  # the uniform warm start is FP32, the INT8 anchors INT8
+    uniform = done[done["uniform_ratio"].notna()]
+    assert not uniform.empty and (uniform["precision"] == "fp32").all()
+    assert all(set(json.loads(r)) <= {"stem.0", "branch_a.0", "branch_b.0"} for r in done["ratios"])  # no precision
+    summary = load_summary(int8_run)
+    assert summary["request"]["quantize"] == "int8"
+    pareto = pd.read_csv(int8_run / "pareto.csv")
+    labels = {m["trial"]: m["precision"]["label"] for m in summary["pareto"]}
+    assert dict(zip(pareto["trial"], pareto["precision"])) == labels
+    assert any(label != "fp32" for label in labels.values())
+
+
+def test_deployed_int8_file_remeasures_within_budget_and_scores_through_ort(int8_run: Path) -> None:
+    summary = load_summary(int8_run)
+    model = next(m for m in summary["pareto"] if m["precision"]["label"] != "fp32")
+    p = model["precision"]
+    assert p["mode"] == "static" and p["calibration"]["source"] == "calibration_data"
+    assert p["output_check"]["relative_error"] < 0.25 and p["weight_bytes"] < p["fp32_weight_bytes"]
+    onnx_path = int8_run / model["files"]["onnx"]["path"]
+    assert {"onnx_fp32", "calibration"} <= set(model["files"])
+    calibration = json.loads((int8_run / model["files"]["calibration"]["path"]).read_text())
+    assert calibration["precision"] == p["nodes"]
+    graph = onnx.load(str(onnx_path)).graph
+    assert sum(t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2 for t in graph.initializer) == \
+        sum(v == "int8" for v in p["nodes"].values())
+    # the deployed file, measured again by the CLI, holds the memory budget it was listed under
+    measured = json.loads(run_cli("measure", str(onnx_path), "--json", check=True).stdout)
+    budget = summary["request"]["memory_budget_mb"]
+    assert measured["memory"]["total_mb"] == pytest.approx(model["memory_mb"]["total"], rel=1e-6)
+    assert measured["memory"]["total_mb"] <= budget
+    # its accuracy is the INT8 file's through ONNX Runtime (after the final fine-tune it was re-quantized)
+    subject = tiny_cnn_trained()
+    assert evaluate_onnx(onnx_path, subject.evaluate) == pytest.approx(model["accuracy"], abs=1e-9)
+
+
+def test_failing_quantization_fails_only_that_trial(tmp_path: Path) -> None:
+    # a profile whose [quantize] says search turns INT8 on without --quantize; a tolerance no INT8 file keeps makes
+    # every INT8 candidate fail with its reason, and the study goes on with the FP32 ones
+    model, example, evaluate = __import__("tiny_subject").tiny_cnn()
+    result = hwprune.search(model, str(_profile(tmp_path, "search")), example_inputs=example, evaluate=evaluate,
+                            trials=5, out=tmp_path, study="fail", quantize_tolerance=1e-9,
+                            memory_budget_mb="0.9x", **GUARD_OFF)
+    summary = load_summary(result.run_dir)
+    assert summary["request"]["quantize"] == "int8"
+    reasons = [f["reason"] for f in summary["search"]["failures"]]
+    assert reasons and all("INT8 outputs moved too far" in r and "tolerance 1e-09" in r for r in reasons)
+    assert summary["search"]["trials_complete"] >= 3
+    assert all(m["precision"]["label"] == "fp32" for m in summary["pareto"])
+
+
+def test_int8_on_a_refusing_profile_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--device", "host-cpu-tvm", "--allow-untuned",
+                   "--quantize", "int8", "--trials", "1", "--out", str(tmp_path), *GUARD_OFF_ARGS)
+    assert proc.returncode == 2, proc.stderr
+    assert "Relax ONNX importer" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "tiny_cnn-host-cpu-tvm").exists()
+    bad = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--quantize", "fp16", "--trials", "1",
+                  "--out", str(tmp_path))
+    assert bad.returncode == 2 and "quantize: 'fp16' is not one of off, int8" in bad.stderr
+
+
+def test_nothing_to_calibrate_refuses_explicit_int8_and_falls_back_from_the_default(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    blind = {"example_inputs": torch.zeros(1, 3, 32, 32), "evaluate": lambda m: 0.5, "trials": 1, **GUARD_OFF}
+    with pytest.raises(QuantizationError, match="nothing to calibrate INT8 quantization on"):
+        hwprune.search(TinyNet().eval(), str(_profile(tmp_path, "measure")), out=tmp_path, study="a",
+                       quantize="int8", **blind)
+    result = hwprune.search(TinyNet().eval(), str(_profile(tmp_path, "search")), out=tmp_path, study="b", **blind)
+    assert load_summary(result.run_dir)["request"]["quantize"] == "off"  # FP32 only, with a warning
+
+
+def test_precision_params_and_signatures() -> None:
+    ratios, choice = split_params({"stem.0": 0.5, "precision:stem.0": "int8", "precision:head.2": "fp32"})
+    assert ratios == {"stem.0": 0.5} and choice == {"stem.0": "int8", "head.2": "fp32"}
+    assert signature_with("abc", {"head.2": "fp32"}) == "abc"  # an FP32 candidate is the architecture itself
+    assert signature_with("abc", choice) != signature_with("abc", {"head.2": "int8"}) != "abc"
