@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-system-deps.sh
 bash scripts/setup.sh
-# an emulated Raspberry Pi (AArch64 python under qemu-aarch64) for tests/test_cross_compile.py: built once (root,
+# an emulated Raspberry Pi (AArch64 python under qemu-aarch64) for tests/backends/test_cross_compile.py: built once (root,
 # network), then reused; prints nothing and the test is skipped where it cannot be built. A value you set is kept.
 if [ -z "${HWPRUNE_AARCH64_PYTHON:-}" ]; then
   aarch64_python=$(bash scripts/setup-aarch64-emulator.sh | tail -n 1) || aarch64_python=""

@@ -1,5 +1,5 @@
 """A small BatchNorm CNN that really learns (a generated 4-class task, trained in seconds), in the minimal form a
-user would give it: the subject of the accuracy-guard and recovery tests (tests/test_accuracy.py)."""
+user would give it: the subject of the accuracy-guard and recovery tests (tests/study/test_accuracy.py)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from hwprune.report.data import JUDGED_BY_OWN, JUDGED_BY_RATIO, JUDGED_COLUMN, l
 from hwprune.report.plots import trade_off
 from hwprune.report.render import fmt_mb, judged_cell, latency_cell, model_cell
 from conftest import GUARD_OFF_ARGS, run_cli
-from test_report import find_table, md_tables, row_of
+from report_helpers import find_table, md_tables, row_of
 
 # a fresh ONNX Runtime process holds its runtime, thread pools and arena: tens of MB, never a few GB for a tiny net
 PEAK_PLAUSIBLE_MB = (1.0, 2000.0)

@@ -491,7 +491,7 @@ def test_ctrl_c_keeps_completed_trials_and_resumes(tmp_path: Path) -> None:
 
 def test_measurements_are_reused_only_in_the_same_measurement_context(tmp_path: Path) -> None:
     """A resumed (or nightly) search after the device settings or runtime changed measures again (resuming across
-    such a change is refused unless asked for: tests/test_identity.py)."""
+    such a change is refused unless asked for: tests/study/test_identity.py)."""
     from hwprune.pruning import PruningSpace
     from tiny_subject import tiny_cnn
 

@@ -22,7 +22,7 @@ from conftest import GUARD_OFF_ARGS, run_cli
 from hwprune.integrations.dashboard import DashboardConstraints, named_constraints
 
 pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install optuna-dashboard)")
-from test_report_browser import CHROMIUM, Browser  # noqa: E402  (skips the module where Chromium is missing)
+from browser import CHROMIUM, Browser  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="Chromium is not installed (Debian package `chromium`)")
