@@ -29,6 +29,7 @@ INFEASIBLE = "#9e9e9e"
 BUDGET = "#d62728"
 COLOR_A = "#1f77b4"
 COLOR_B = "#ff7f0e"
+INT8_COLOR = "#ff7f0e"  # layers a model runs in INT8 (widths plot)
 CMAP = "viridis"
 
 
@@ -171,8 +172,20 @@ def pareto_plot(run: RunData) -> bytes:
     return _png(fig)
 
 
+def int8_layers(record: dict[str, Any]) -> set[str]:
+    """The layers (qualified module names) whose weighted nodes a model runs in INT8, from its ``precision`` record's
+    node precision (empty for FP32 models and searches that do not quantize)."""
+    nodes = (record.get("precision") or {}).get("nodes") or {}
+    if not any(p == "int8" for p in nodes.values()):
+        return set()
+    from hwprune.quant.plan import module_of  # lazy: the report's import stays light
+
+    return {module_of(n) or n for n, p in nodes.items() if p == "int8"}
+
+
 def widths_plot(run: RunData) -> bytes | None:
-    """Per-layer output channels: original (grey) and kept by the recommended model (coloured)."""
+    """Per-layer output channels: original (grey) and kept by the recommended model (coloured; hatched in orange
+    where the layer runs in INT8)."""
     rec = run.recommended
     if rec is None or not rec.get("widths"):
         return None
@@ -185,7 +198,14 @@ def widths_plot(run: RunData) -> bytes | None:
     orig = [int(w[0]) for _, w in layers]
     kept = [int(w[1]) for _, w in layers]
     ax.barh(ys, orig, color="#d9d9d9", height=0.75, label="original (dense)")
-    ax.barh(ys, kept, color=COLOR_A, height=0.45, label=f"kept by trial {rec['trial']} (recommended)")
+    int8 = int8_layers(rec)
+    q = [name in int8 for name, _ in layers]
+    suffix = " in FP32" if any(q) else ""
+    ax.barh([y for y, i in zip(ys, q) if not i], [k for k, i in zip(kept, q) if not i], color=COLOR_A, height=0.45,
+            label=f"kept by trial {rec['trial']} (recommended){suffix}")
+    if any(q):  # --quantize int8: the same widths, marked by precision
+        ax.barh([y for y, i in zip(ys, q) if i], [k for k, i in zip(kept, q) if i], color=INT8_COLOR, height=0.45,
+                hatch="///", edgecolor="white", label="kept, INT8")
     for y, o, k in zip(ys, orig, kept):
         ax.text(o, y, f" {k}/{o}", va="center", fontsize=7.5, color="#333333")
     ax.set_yticks(ys, [name for name, _ in layers], fontsize=8 if n < 40 else 6)

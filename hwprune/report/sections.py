@@ -255,7 +255,9 @@ def _widths_section(run: RunData) -> Section | None:
                              + ", ".join(code(u) for u, v in units.items() if v == "int8") + "; FP32 the rest."))
     png = plots.widths_plot(run)
     if png:
-        s.blocks.append(Figure("widths", png, "Per-layer widths", "Grey = original width, blue = kept channels."))
+        note = " (FP32), orange hatched = kept channels of INT8 layers" if plots.int8_layers(rec) else ""
+        s.blocks.append(Figure("widths", png, "Per-layer widths",
+                               f"Grey = original width, blue = kept channels{note}."))
     rows = []
     for name, (orig, kept) in rec["widths"].items():
         ratio = (rec.get("ratios") or {}).get(name)
@@ -282,6 +284,11 @@ def _node_section(run: RunData) -> Section | None:
         f"Time per node from {tool}, averaged over {runs} profiled runs, summed by operator type. Node names and op "
         "types are those of the runtime's optimized graph (fused nodes get new names). Profiled runs carry profiler "
         "overhead, so their sum is not the end-to-end latency above; use them to see which layers dominate."))
+    label = ((rec or {}).get("precision") or {}).get("label", "fp32")
+    if rec_prof and label != "fp32":  # --quantize int8: the deployed file is the quantized one, and so is its profile
+        s.blocks.append(Text(f"The recommended model ({esc(label)}) is profiled as its deployed quantized file: its "
+                             f"INT8 layers show as the runtime's quantized ops (e.g. {code('QLinearConv')}), with "
+                             f"{code('QuantizeLinear')}/{code('DequantizeLinear')} nodes between INT8 and FP32 parts."))
     for prof, record in ((dense_prof, run.dense), (rec_prof, rec)):
         if not prof or record is None:
             continue

@@ -15,6 +15,7 @@ import torch
 from hwprune import train
 from hwprune.backends import create_backend
 from hwprune.errors import HwpruneError
+from hwprune.quant.base import FP32
 from hwprune.recovery import RecoveryPlan, agreement
 from hwprune.study import attrs
 from hwprune.study import pareto as pareto_mod
@@ -260,8 +261,16 @@ def tune_final(ctx: RunContext, pm: ParetoModel, trials: int) -> None:
 
 def add_agreement(pm: ParetoModel, plan: RecoveryPlan | None) -> None:
     """The model's top-1 agreement with the dense model on recorded inputs recovery never saw, and on those it
-    did (a gap between the two shows how much the recovery fitted its own inputs)."""
+    did (a gap between the two shows how much the recovery fitted its own inputs). An INT8 model's is its deployed
+    quantized file's, run through ONNX Runtime: the PyTorch module is its FP32 source, not the INT8 model."""
     if plan is None or pm.module is None:
         return
-    pm.entry = pm.entry.replace(agreement={"heldout": agreement(pm.module, plan.heldout),
-                                           "recovery_inputs": agreement(pm.module, plan.batches)})
+    model = pm.module
+    precision = pm.entry.precision
+    if isinstance(precision, dict) and precision.get("label", FP32) != FP32:
+        from hwprune.quant.evaluate import OrtModule
+
+        model = OrtModule(pm.onnx_path)
+    with torch.no_grad():
+        pm.entry = pm.entry.replace(agreement={"heldout": agreement(model, plan.heldout),
+                                               "recovery_inputs": agreement(model, plan.batches)})

@@ -121,3 +121,66 @@ def test_precision_params_and_signatures() -> None:
     assert ratios == {"stem.0": 0.5} and choice == {"stem.0": "int8", "head.2": "fp32"}
     assert signature_with("abc", {"head.2": "fp32"}) == "abc"  # an FP32 candidate is the architecture itself
     assert signature_with("abc", choice) != signature_with("abc", {"head.2": "int8"}) != "abc"
+
+
+def _int8_model(summary: dict) -> dict:
+    """The listed model with the most INT8 nodes."""
+    return max(summary["pareto"], key=lambda m: sum(p == "int8" for p in (m["precision"].get("nodes") or {}).values()))
+
+
+def test_report_marks_int8_layers_and_profiles_the_quantized_file(int8_run: Path) -> None:
+    from hwprune.report import plots
+    from hwprune.report.data import load_run
+
+    run = load_run(int8_run)
+    model = _int8_model(run.summary)
+    run.summary["recommended"] = model["trial"]  # the report of a run whose recommended model is INT8
+    units, int8 = model["precision"]["units"], plots.int8_layers(model)
+    layer_units = [w for w in model["widths"] if w in units]
+    assert layer_units and any(units[w] == "int8" for w in layer_units)
+    assert all((w in int8) == (units[w] == "int8") for w in layer_units)
+    marked = plots.widths_plot(run)
+    model["precision"] = {"label": "fp32", "units": {}}  # the same widths without precision: the plot must differ
+    assert marked is not None and plots.widths_plot(run) != marked
+    # the per-node breakdown is the deployed INT8 file's: ORT's quantized ops, not the FP32 source's Conv nodes
+    profile = json.loads((int8_run / model["files"]["node_latency"]["path"]).read_text())
+    ops = {n["op_type"] for n in profile["nodes"]}
+    assert ops & {"QLinearConv", "QuantizeLinear", "DequantizeLinear", "ConvInteger"}, ops
+
+
+def test_node_section_says_the_int8_profile_is_the_quantized_files(int8_run: Path) -> None:
+    from hwprune.report import sections
+    from hwprune.report.data import load_run
+
+    run = load_run(int8_run)
+    run.summary["recommended"] = _int8_model(run.summary)["trial"]
+    text = " ".join(getattr(b, "text", "") for b in sections._node_section(run).blocks)
+    assert "profiled as its deployed quantized file" in text
+    run.summary["recommended"] = next((m["trial"] for m in run.pareto if m["precision"]["label"] == "fp32"), None)
+    if run.summary["recommended"] is not None:
+        section = sections._node_section(run)
+        assert section is None or "deployed quantized file" not in " ".join(getattr(b, "text", "")
+                                                                            for b in section.blocks)
+
+
+def test_agreement_of_an_int8_model_is_its_quantized_files_through_ort(int8_run: Path) -> None:
+    from hwprune.quant.evaluate import OrtModule
+    from hwprune.recovery import RecoveryPlan, agreement
+    from hwprune.study.finalists import add_agreement
+    from hwprune.study.records import ModelRecord
+    from hwprune.study.result import ParetoModel
+
+    model = _int8_model(load_summary(int8_run))
+    onnx_path = int8_run / model["files"]["onnx"]["path"]
+    module = torch.load(int8_run / model["files"]["module"]["path"], weights_only=False)
+    with torch.no_grad():
+        for p in module.parameters():  # the module says class 0 for every input: the file must be what is scored
+            p.zero_()
+    subject, ort = tiny_cnn_trained(), OrtModule(onnx_path)
+    with torch.no_grad():
+        heldout = [(x, ort(x)) for x, _ in subject.calibration_data[:2]]  # the INT8 file's own outputs
+        seen = [(x, subject.model(x)) for x, _ in subject.calibration_data[2:4]]  # the dense FP32 model's
+    assert agreement(module, heldout) < 1.0  # the FP32 module would not give the file's answer
+    pm = ParetoModel(model["trial"], ModelRecord.from_dict(model), int8_run, module)
+    add_agreement(pm, RecoveryPlan("inputs", "inputs", batches=seen, heldout=heldout))
+    assert pm.entry.agreement == {"heldout": 1.0, "recovery_inputs": agreement(ort, seen)}
