@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from hwprune.errors import HwpruneError
 from hwprune.profiles import DeviceProfile
@@ -27,11 +29,18 @@ from hwprune.quant.device import int8_policy, require_int8
 from hwprune.quant.plan import PrecisionPlan, group_units, weighted_nodes
 from hwprune.study import attrs
 
+log = logging.getLogger("hwprune")
+
 OFF, ON = "off", "int8"
 # uniform ratios (fractions of --max-ratio) of the INT8-everywhere warm-start trials: the unpruned model in INT8 (the
 # "quantize it all" baseline) and the warm start's middle; without them a memory budget only INT8 meets waits for the
 # sampler to draw every big group in INT8 at once
 INT8_ANCHORS = (0.0, 2 / 3)
+# an INT8 anchor this many times slower than its FP32 twin is beyond this host's noise (FP32 timed against itself
+# reads 0.94-1.10, docs/benchmarks.md); the demo's anchors measured 3-3.5x
+INT8_SLOWER = 1.25
+FP32_LOCK = "int8_fp32_lock"  # study user attribute: why the rest of the study samples FP32 only
+PRECISION_LOCKED = "precision_locked"  # trial user attribute: its precision was fixed to FP32 by the lock
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,9 @@ class QuantSearch:
         bisection reasons about are FP32 models)."""
         if attrs.UNIFORM_RATIO in trial.user_attrs or attrs.DEPTH_PROBE in trial.user_attrs:
             return {u: FP32 for u in self.units}
+        if attrs.INT8_ANCHOR not in trial.user_attrs and fp32_lock(trial.study) is not None:
+            trial.set_user_attr(PRECISION_LOCKED, True)
+            return {u: FP32 for u in self.units}
         return {u: str(trial.suggest_categorical(self.param(u), (FP32, INT8))) for u in self.units}
 
     def enqueue_anchors(self, study: optuna.Study, uniform: Callable[[float], dict[str, float]],
@@ -146,6 +158,47 @@ class QuantSearch:
         if score != score:
             raise HwpruneError("evaluate(model) returned NaN on the INT8 file")
         return score
+
+
+def _slowdown(anchor: optuna.trial.FrozenTrial, trials: list[optuna.trial.FrozenTrial]) -> float | None:
+    """How many times slower an INT8 anchor ran than its FP32 twin (same architecture): the dense model, whose
+    latency its own ratio is relative to, or a complete FP32 trial; None without a comparable twin."""
+    sig = str(anchor.user_attrs.get(attrs.SIGNATURE, "")).split("-int8-")[0]
+    ratio = anchor.user_attrs.get(attrs.LATENCY_RATIO)
+    if float(anchor.user_attrs[attrs.INT8_ANCHOR]) == 0.0 and ratio is not None:
+        return float(ratio)  # the unpruned architecture: its twin is the dense model it was measured beside
+    twin = next((t for t in trials if t.user_attrs.get(attrs.SIGNATURE) == sig and t.values
+                 and t.user_attrs.get(attrs.PRECISION, FP32) == FP32), None)
+    if twin is None:
+        return None
+    twin_ratio = twin.user_attrs.get(attrs.LATENCY_RATIO)
+    if ratio is not None and twin_ratio is not None:
+        return float(ratio) / float(twin_ratio)
+    return float(anchor.values[1]) / float(twin.values[1])
+
+
+def fp32_lock(study: optuna.Study) -> dict[str, Any] | None:
+    """The study's FP32 lock: once every INT8 anchor is done and each measured more than :data:`INT8_SLOWER` times
+    its FP32 twin while no memory budget is set (where INT8 only costs latency), the sampler's trials run in FP32 for
+    the rest of the study instead of spending trials on precision parameters that never pay. Decided once, logged
+    and stored (:data:`FP32_LOCK`); None while INT8 is still searched."""
+    lock = study.user_attrs.get(FP32_LOCK)
+    if lock is not None or (study.user_attrs.get(attrs.REQUEST) or {}).get("memory_budget_mb") is not None:
+        return lock
+    trials = study.get_trials(deepcopy=False)
+    anchors = [t for t in trials if attrs.INT8_ANCHOR in t.user_attrs]
+    if not anchors or any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in anchors):
+        return None
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    slow = {t.number: _slowdown(t, complete) for t in anchors if t.state == TrialState.COMPLETE}
+    measured = {n: round(v, 3) for n, v in slow.items() if v is not None}
+    if not measured or min(measured.values()) <= INT8_SLOWER:
+        return None
+    lock = {"after_trial": max(t.number for t in anchors), "slowdown": measured, "threshold": INT8_SLOWER}
+    study.set_user_attr(FP32_LOCK, lock)
+    log.info("INT8 anchors ran %s x their FP32 twins (threshold %.2f) and no memory budget is set: the rest of the "
+             "study samples FP32 only", ", ".join(f"{v:.2f}" for v in measured.values()), INT8_SLOWER)
+    return lock
 
 
 def precision_record(result: QuantResult | None, choice: Mapping[str, str]) -> dict[str, Any]:

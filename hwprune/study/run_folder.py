@@ -22,6 +22,7 @@ from hwprune.study.budgets import Budgets
 from hwprune.study.confirm import OVER_BUDGET
 from hwprune.study.context import RunContext, fmt
 from hwprune.study.process_memory import PEAK_FRESH_PROCESS
+from hwprune.study.precision import FP32_LOCK
 from hwprune.study.records import JUDGED_COLUMN, SCHEMA, UNSET, ModelRecord, Summary, model_record
 from hwprune.study.result import ParetoModel
 from hwprune.study.trials import trials_table
@@ -186,6 +187,9 @@ def summary(ctx: RunContext, trials: Trials, table: TrialsTable, dense: ModelRec
         "knobs": len(trials.space.knobs),
         "blocks": trials.space.blocks,
     }
+    lock = trials.study.user_attrs.get(FP32_LOCK)
+    if lock is not None:  # --quantize int8: the sampler searched FP32 only after its INT8 anchors measured slower
+        search["int8_fp32_lock"] = lock
     m = ctx.profile.measure
     return Summary(
         schema=SCHEMA, hwprune_version=__version__,
