@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import onnx
+import optuna
 import pytest
 import torch
 from conftest import GUARD_OFF, GUARD_OFF_ARGS, load_summary, run_cli
@@ -184,3 +185,41 @@ def test_agreement_of_an_int8_model_is_its_quantized_files_through_ort(int8_run:
     pm = ParetoModel(model["trial"], ModelRecord.from_dict(model), int8_run, module)
     add_agreement(pm, RecoveryPlan("inputs", "inputs", batches=seen, heldout=heldout))
     assert pm.entry.agreement == {"heldout": 1.0, "recovery_inputs": agreement(ort, seen)}
+
+
+def _lock_study(slowdown: float, memory_budget: float | None) -> optuna.Study:
+    """A real in-memory study as a search leaves it after its warm start: an FP32 uniform trial and the two INT8
+    anchors (the unpruned one measured beside the dense model, the other twin of the FP32 one), ``slowdown`` x."""
+    from optuna.distributions import FloatDistribution
+
+    from hwprune.study import attrs
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr(attrs.REQUEST, {"memory_budget_mb": memory_budget})
+    dist = {"g": FloatDistribution(0.0, 0.8)}
+
+    def add(ratio: float, sig: str, latency: float, user: dict) -> None:
+        study.add_trial(optuna.trial.create_trial(params={"g": ratio}, distributions=dist, values=[0.9, latency, 1.0],
+                                                  user_attrs={attrs.SIGNATURE: sig, **user}))
+    add(0.5, "a", 2.0, {attrs.UNIFORM_RATIO: 0.5, attrs.LATENCY_RATIO: 0.5})
+    add(0.0, "dense-int8-x", 4.0 * slowdown, {attrs.INT8_ANCHOR: 0.0, attrs.LATENCY_RATIO: slowdown,
+                                               attrs.PRECISION: "int8"})
+    add(0.5, "a-int8-y", 2.0 * slowdown, {attrs.INT8_ANCHOR: 0.5, attrs.LATENCY_RATIO: 0.5 * slowdown,
+                                          attrs.PRECISION: "int8"})
+    return study
+
+
+def test_int8_slower_than_fp32_locks_the_sampler_to_fp32_only_without_a_memory_budget() -> None:
+    from hwprune.study.precision import FP32_LOCK, INT8_SLOWER, PRECISION_LOCKED, QuantSearch, fp32_lock
+
+    quant = QuantSearch(units={"g": ("/g/Conv",), "head": ("/head/Gemm",)}, groups={}, calibration=None)  # type: ignore[arg-type]
+    study = _lock_study(3.0, None)
+    trial = study.ask()
+    assert quant.suggest(trial) == {"g": "fp32", "head": "fp32"} and trial.user_attrs[PRECISION_LOCKED]
+    assert not any(k.startswith("precision:") for k in trial.params)  # no parameter left for the sampler
+    assert study.user_attrs[FP32_LOCK] == {"after_trial": 2, "slowdown": {1: 3.0, 2: 3.0}, "threshold": INT8_SLOWER}
+    # a memory budget: INT8 may be what meets it, so it stays searched; so it does when INT8 is within the noise
+    for study in (_lock_study(3.0, 0.5), _lock_study(1.1, None)):
+        trial = study.ask()
+        assert fp32_lock(study) is None and PRECISION_LOCKED not in trial.user_attrs
+        assert set(quant.suggest(trial)) == {"g", "head"} and "precision:g" in trial.params
