@@ -40,3 +40,5 @@ BRACKETED = "bracketed"  # uniform ratios queued while bisecting for the budget
 DEPTH_PROBED = "depth_probed"  # blocks the depth probes removed
 CONFIRMED = "edge_confirmed"  # trial number -> its latency measured again
 FINGERPRINT = "fingerprint"  # what the study's trials depend on (hwprune.study.identity)
+FP32_LOCK = "int8_fp32_lock"  # study: why the rest of the study samples FP32 only (--quantize int8)
+PRECISION_LOCKED = "precision_locked"  # trial: its precision was fixed to FP32 by that lock

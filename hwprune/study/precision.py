@@ -39,8 +39,7 @@ INT8_ANCHORS = (0.0, 2 / 3)
 # an INT8 anchor this many times slower than its FP32 twin is beyond this host's noise (FP32 timed against itself
 # reads 0.94-1.10, docs/benchmarks.md); the demo's anchors measured 3-3.5x
 INT8_SLOWER = 1.25
-FP32_LOCK = "int8_fp32_lock"  # study user attribute: why the rest of the study samples FP32 only
-PRECISION_LOCKED = "precision_locked"  # trial user attribute: its precision was fixed to FP32 by the lock
+FP32_LOCK, PRECISION_LOCKED = attrs.FP32_LOCK, attrs.PRECISION_LOCKED  # (hwprune.study.attrs)
 
 
 @dataclass(frozen=True)

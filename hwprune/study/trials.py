@@ -42,6 +42,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "stage_seconds": json.dumps(t.user_attrs.get(attrs.STAGE_SECONDS, {})),
             "ratios": json.dumps({k: v for k, v in t.params.items() if not k.startswith(attrs.PRECISION_PARAM)}),
             "precision": t.user_attrs.get(attrs.PRECISION, "fp32"),
+            "precision_locked": bool(t.user_attrs.get(attrs.PRECISION_LOCKED, False)),
         }
         rows.append(row)
     return rows
