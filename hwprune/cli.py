@@ -110,6 +110,7 @@ def search(
     recovery: Annotated[str, typer.Option("--recovery", help="When the model source gives no data: auto (default), inputs (the inputs evaluate feeds the dense model), synthetic (fitted to its BatchNorm statistics) or none; used for BatchNorm re-calibration and distillation from the dense model.")] = SearchConfig.recovery,
     resume_changed: Annotated[bool, typer.Option("--resume-changed", help="Resume the study even though it was made for another model, example inputs, device or recovery (refused otherwise, since its trials would be mixed into this answer).")] = SearchConfig.resume_changed,
     data: Annotated[Optional[Path], typer.Option("--data", help="A .pt or .npz file of inputs, or inputs and targets (keys inputs/x and targets/y), for BatchNorm re-calibration and fine-tuning.")] = None,
+    screen: Annotated[str, typer.Option("--screen", metavar="[off|on]", help="on: a latency predictor stored for the profile (`hwprune calibrate`) predicts each candidate first, and one predicted over the latency budget by more than the predictor's p90 error is recorded as screened, not measured; the search's measurements are added to the predictor. Default off: the search-cost benchmark has not shown it pays (docs/benchmarks.md).")] = SearchConfig.screen,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="Log every trial as an MLflow run (metrics, constraints, ratios; profile and budgets as tags) to this tracking URI (file:./mlruns, sqlite:///mlflow.db, http://host:5000). Needs the mlflow extra: mlflow-skinny and optuna-integration.")] = None,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
@@ -130,7 +131,7 @@ def search(
         importance=importance,
         final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned,
         allow_estimate=allow_estimate, tune_final_trials=tune_final, max_accuracy_drop=max_accuracy_drop,
-        recovery=recovery, data=data, resume_changed=resume_changed, mlflow=mlflow,
+        recovery=recovery, data=data, resume_changed=resume_changed, mlflow=mlflow, screen=screen,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )

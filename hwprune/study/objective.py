@@ -70,6 +70,7 @@ class TrialRunner:
     beside: Path | None = None  # the dense model's ONNX, measured right after each candidate (relative budgets)
     measure_pair: MeasurePair | None = None  # both models in alternating samples, where the backend can
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    screening: Any = None  # hwprune.study.screening.Screening with --screen on
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def book(self, stage: str, seconds: float, into: dict[str, float] | None = None) -> None:
@@ -195,13 +196,25 @@ class TrialRunner:
                 acc, lat, mem = cached["values"]
                 self._constrain(trial, lat, mem, cached["attrs"].get(attrs.LATENCY_RATIO), acc)
                 return acc, lat, mem
+            if self.screening is not None:  # --screen on: a candidate predicted well over budget is not measured
+                t = time.perf_counter()
+                try:
+                    self.screening.check(trial, pruned.module, self.subject.example_inputs, self.budgets,
+                                         self.exporter)
+                finally:
+                    self._tick("screen", t, stages)
             pruned = self.prepare(pruned, stages)  # the copy pruned for the signature; no second prune
             trial.set_user_attr(attrs.WIDTHS, {k: list(v) for k, v in pruned.widths.items()})
             trial.set_user_attr(attrs.MACS, int(pruned.macs))
             trial.set_user_attr(attrs.PARAMS, int(pruned.params))
             trial.set_user_attr(attrs.SIGNATURE, pruned.signature)
             m, ratio = self.export_and_measure(pruned.module, stages)
+            if self.screening is not None:
+                self.screening.record(m)
             acc = self.evaluate(pruned.module, stages)
+        except optuna.TrialPruned:
+            trial.set_user_attr(attrs.STAGE_SECONDS, stages)
+            raise
         except (MeasurementError, ExportError, HwpruneError) as exc:
             trial.set_user_attr(attrs.FAIL_REASON, str(exc))
             trial.set_user_attr(attrs.STAGE_SECONDS, stages)
