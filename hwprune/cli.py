@@ -163,6 +163,9 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
     for col in ("trial", metric, "latency ms (p90)", "memory MB", "params", "MMACs", "speedup", "budgets"):
         table.add_column(col, justify="right")
     est = " (estimated)" if summary["measurement"].get("estimated") else ""
+    if est:  # every estimate says how far off such estimates were
+        label = _predictor_line(summary["measurement"].get("predictor"))
+        table.caption = escape(f"latencies estimated, not measured: {label}")
 
     def row(r: dict[str, Any], label: str) -> list[str]:
         meets = "ok" if all(r["meets"].values()) else \
@@ -301,14 +304,11 @@ def measure(
                   f"rounds; {rounds.upper:.3f}x with its standard error); the latency above is the middle round's")
 
 
-def _predictor_line(p: dict[str, Any]) -> str:
+def _predictor_line(p: dict[str, Any] | None) -> str:
     """How an estimate was made and how far off such estimates were on held-out models."""
-    if p.get("kind") != "fitted":
-        return "roofline; run `hwprune calibrate` for a fitted predictor"
-    if p.get("within_10pct") is None:
-        return f"fitted predictor on {p['fitted_on']} models, not validated"
-    return (f"fitted predictor, {p['within_10pct']:.0%} of held-out models within +-10%, "
-            f"{p['within_25pct']:.0%} within +-25%, median error {p['median_abs_error']:.0%}")
+    from hwprune.predict.labels import estimate_label
+
+    return estimate_label(p)
 
 
 # -- calibrate ----------------------------------------------------------------------------------------------------
