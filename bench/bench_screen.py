@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from hwprune.config import SearchConfig
 from hwprune.predict import store
 from hwprune.profiles import load_profile
 
@@ -48,7 +49,7 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     per_trial = [sum(json.loads(s).get(k, 0.0) for k in TRIAL_BOARD) for s in trials.stage_seconds]
     row = trials[trials.trial == rec].iloc[0] if rec is not None else None
     rec_entry = next((r for r in summary["pareto"] if r["trial"] == rec), None)
-    screened = trials.fail_reason.fillna("").str.startswith("screened").sum()
+    screened = trials.fail_reason.astype(str).str.startswith("screened").sum()
     return {"screen": mode, "exit": proc.returncode, "recommended_trial": rec,
             "signature": None if row is None else str(row.signature)[:12],
             "accuracy": None if rec_entry is None else rec_entry["accuracy"],
@@ -64,7 +65,8 @@ def main() -> None:
     ap.add_argument("--model", default="mobilenet-tiny")
     ap.add_argument("--budget", default="0.6x")
     ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--final-finetune", type=int, default=0, help="final fine-tune steps (0: the proxy decides)")
+    ap.add_argument("--final-finetune", type=int, default=SearchConfig.final_finetune_steps,
+                    help="final fine-tune steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/screen"))
     args = ap.parse_args()
@@ -90,9 +92,9 @@ def main() -> None:
                                                      indent=1, default=float))
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     off, on = rows
-    if off["board_s"] and on["board_s"]:
-        print(f"\nboard-seconds with / without screening: {on['board_s'] / off['board_s']:.2f}; same recommended "
-              f"architecture: {off['signature'] == on['signature']}")
+    same = off["signature"] is not None and off["signature"] == on["signature"]
+    print(f"\nboard-seconds with / without screening: {on['board_s'] / off['board_s']:.2f}; same recommended "
+          f"architecture: {same}")
 
 
 if __name__ == "__main__":
