@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hwprune.errors import HwpruneError
+from hwprune.errors import ExportError, HwpruneError, MeasurementError
 from hwprune.predict.designs import Design, designs
 from hwprune.predict.features import NodeFeatures, graph_features
 from hwprune.predict.model import NodeSample, Predictor, Validation, fit_predictor
@@ -197,7 +197,12 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
         for d in designs(max_models, profile.channel_multiple, seed):
             if time.monotonic() - t0 > budget_s and len(measured) >= MIN_MODELS:
                 break
-            m = measure_model(d.name, export_design(d, Path(tmp)), profile, backend)
+            try:
+                m = measure_model(d.name, export_design(d, Path(tmp)), profile, backend)
+            except (ExportError, MeasurementError) as exc:  # a random design can shrink a map to nothing
+                if log:
+                    log(f"{d.name}: skipped ({exc})")
+                continue
             measured.append(m)
             if log:
                 log(f"[{time.monotonic() - t0:5.0f} s] {m.name}: {m.measured_ms:.3f} ms, {len(m.samples)} nodes, "
