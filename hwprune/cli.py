@@ -114,6 +114,7 @@ def search(
     resume_changed: Annotated[bool, typer.Option("--resume-changed", help="Resume the study even though it was made for another model, example inputs, device or recovery (refused otherwise, since its trials would be mixed into this answer).")] = SearchConfig.resume_changed,
     data: Annotated[Optional[Path], typer.Option("--data", help="A .pt or .npz file of inputs, or inputs and targets (keys inputs/x and targets/y), for BatchNorm re-calibration and fine-tuning.")] = None,
     quantize: Annotated[Optional[str], typer.Option("--quantize", metavar="[off|int8]", help="int8: each trial also chooses FP32 or INT8 (ONNX Runtime static QDQ) per channel group, measured and evaluated as the quantized file; off: FP32 only. Default: the profile's quantize.int8 (on where it says search; host-cpu: off).")] = None,
+    screen: Annotated[str, typer.Option("--screen", metavar="[off|on]", help="on: a latency predictor stored for the profile (`hwprune calibrate`) predicts each candidate first, and one predicted over the latency budget by more than the predictor's p90 error is recorded as screened, not measured; the search's measurements are added to the predictor. Default off: the search-cost benchmark has not shown it pays (docs/benchmarks.md).")] = SearchConfig.screen,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     mlflow: Annotated[Optional[str], typer.Option("--mlflow", metavar="URI", help="Log every trial as an MLflow run (metrics, constraints, ratios; profile and budgets as tags) to this tracking URI (file:./mlruns, sqlite:///mlflow.db, http://host:5000). Needs the mlflow extra: mlflow-skinny and optuna-integration.")] = None,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
@@ -134,7 +135,7 @@ def search(
         importance=importance,
         final_finetune_steps=final_finetune, final_candidates=final_candidates, allow_untuned=allow_untuned,
         allow_estimate=allow_estimate, tune_final_trials=tune_final, max_accuracy_drop=max_accuracy_drop,
-        recovery=recovery, data=data, resume_changed=resume_changed, mlflow=mlflow, quantize=quantize,
+        recovery=recovery, data=data, resume_changed=resume_changed, mlflow=mlflow, quantize=quantize, screen=screen,
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
@@ -170,6 +171,9 @@ def _print_result(data: dict[str, Any], run_dir: Path) -> None:
                 "budgets"):
         table.add_column(col, justify="right")
     est = " (estimated)" if summary.measurement.get("estimated") else ""
+    if est:  # every estimate says how far off such estimates were
+        label = _predictor_line(summary.measurement.get("predictor"))
+        table.caption = escape(f"latencies estimated, not measured: {label}")
 
     def row(r: ModelRecord, label: str) -> list[str]:
         meets = r.meets.to_dict()
@@ -325,14 +329,11 @@ def measure(
                   f"rounds; {rounds.upper:.3f}x with its standard error); the latency above is the middle round's")
 
 
-def _predictor_line(p: dict[str, Any]) -> str:
+def _predictor_line(p: dict[str, Any] | None) -> str:
     """How an estimate was made and how far off such estimates were on held-out models."""
-    if p.get("kind") != "fitted":
-        return "roofline; run `hwprune calibrate` for a fitted predictor"
-    if p.get("within_10pct") is None:
-        return f"fitted predictor on {p['fitted_on']} models, not validated"
-    return (f"fitted predictor, {p['within_10pct']:.0%} of held-out models within +-10%, "
-            f"{p['within_25pct']:.0%} within +-25%, median error {p['median_abs_error']:.0%}")
+    from hwprune.predict.labels import estimate_label
+
+    return estimate_label(p)
 
 
 # -- calibrate ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ DEFAULT_RECOVERY = "auto"
 # "Channel importance")
 IMPORTANCES = ("auto", "l2", "l1", "bn-scale", "taylor")
 DEFAULT_IMPORTANCE = "auto"
+SCREEN_MODES = ("off", "on")  # --screen: a stored latency predictor skips candidates predicted well over budget
+DEFAULT_SCREEN = "off"  # the search-cost benchmark has not shown screening pays (docs/benchmarks.md)
 
 
 def read_toml(path: Path, what: str, error: type[HwpruneError] = HwpruneError) -> dict[str, Any]:
@@ -192,6 +194,8 @@ class SearchConfig:
     run_folder: Path | None = None  # default <out>/<study>; nightly jobs put each night in a folder of its own
     command: str = ""  # the command line that started it, for the report
     mlflow: str | None = None  # MLflow tracking URI: one MLflow run per trial (hwprune.integrations.mlflow)
+    # a stored latency predictor skips candidates predicted well over the latency budget (hwprune.study.screening)
+    screen: str = DEFAULT_SCREEN
     # more Optuna callbacks, (study, frozen_trial) -> None, called after each trial (API only; not recorded)
     callbacks: list[Callable[[Any, Any], None]] = field(default_factory=list)
 
@@ -230,6 +234,8 @@ class SearchConfig:
             raise HwpruneError(f"quantize tolerance: must be positive, got {self.quantize_tolerance}")
         if self.importance not in IMPORTANCES:
             raise HwpruneError(f"importance: {self.importance!r} is not one of {', '.join(IMPORTANCES)}")
+        if self.screen not in SCREEN_MODES:
+            raise HwpruneError(f"screen: {self.screen!r} is not one of {', '.join(SCREEN_MODES)}")
         if self.final_candidates < 1:
             raise HwpruneError(f"final candidates: must be at least 1, got {self.final_candidates}")
         self._check_tracking()

@@ -102,7 +102,9 @@ def _cnn_blocks(rng: random.Random, multiple: int, cin: int, size: int) -> tuple
             short = None if (stride == 1 and cout == c) else _conv(c, cout, 1, stride, 1, None)
             blocks.append(nn.Sequential(Residual(body, short), nn.ReLU()))
         else:
-            blocks.append(rng.choice((nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2))))
+            pool = rng.choice((nn.MaxPool2d(3, 2, 1), nn.AvgPool2d(2)))
+            # a 2x2 average pool of a 1x1 map has no output (the draw is kept: later designs stay the same)
+            blocks.append(nn.MaxPool2d(3, 2, 1) if size < 2 else pool)
             stride, cout = 2, c
         c = cout
         size = max(1, size // stride)

@@ -164,6 +164,7 @@ class Predictor:
     node_samples: list[NodeSample] = field(default_factory=list)
     model_samples: list[ModelSample] = field(default_factory=list)
     transferred_from: str | None = None
+    profiler_us: float = 0.0  # the profiler's per-node cost taken off the node samples before fitting
     prior: dict[str, float] = field(default_factory=default_correction)  # what fit_correction is pulled toward
     # fitted trees per family, rebuilt from node_samples on first use (not stored: refitting is deterministic)
     trees: dict[str, Any] | None = field(default=None, repr=False, compare=False)
@@ -224,7 +225,10 @@ class Predictor:
         return max(ms, 0.01 * raw, 1e-6)
 
     def predict_ms(self, onnx_path_or_model: Any) -> float:
-        """Predicted median latency in ms of an ONNX model on this predictor's device."""
+        """Predicted median latency in ms of an ONNX model (a path, a ``ModelProto``, or its node features already
+        computed by :func:`graph_features`) on this predictor's device."""
+        if isinstance(onnx_path_or_model, list):
+            return self.predict_features(onnx_path_or_model)
         return self.predict_features(graph_features(onnx_path_or_model, self.channel_multiple))
 
     def fit_correction(self, strength: float = PRIOR_STRENGTH) -> None:
@@ -240,7 +244,10 @@ class Predictor:
 
     def add_model(self, name: str, onnx_path_or_model: Any, measured_ms: float) -> ModelSample:
         """Record one whole-model measurement (its node sums under the current regressors); refit separately."""
-        feats = graph_features(onnx_path_or_model, self.channel_multiple)
+        return self.add_features(name, graph_features(onnx_path_or_model, self.channel_multiple), measured_ms)
+
+    def add_features(self, name: str, feats: list[NodeFeatures], measured_ms: float) -> ModelSample:
+        """:meth:`add_model` from node features already computed."""
         sample = ModelSample(name, float(measured_ms), self.family_sums_ms(feats))
         self.model_samples.append(sample)
         return sample
@@ -261,7 +268,7 @@ class Predictor:
                 "within_25pct": None if v is None else v.within_25pct,
                 "median_abs_error": None if v is None else v.median_abs_error,
                 "p90_abs_error": None if v is None else v.p90_abs_error,
-                "validated_on": None if v is None else v.n_models,
+                "validated_on": None if v is None else v.n_models, "profiler_us_per_node": self.profiler_us,
                 "transferred_from": self.transferred_from}
 
 

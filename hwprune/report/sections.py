@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hwprune.predict.labels import estimate_label
 from hwprune.report.data import JUDGED_COLUMN, FileCheck, RunData, model_label
 from hwprune.report.format import (
     DASH,
@@ -354,7 +355,8 @@ def _measurement_section(run: RunData) -> Section:
         ["Warm-up runs / timed runs", f"{m.get('warmup')} / {m.get('repeats')}"],
         ["Minimum duration of one timed run", f"{sig(min_repeat)} ms" if min_repeat > 0 else "none (one call per run)"],
         ["Noise limit (robust CV)", fmt_pct(100 * float(m.get("max_cv") or 0))],
-        ["Latency source", "**estimated** (roofline model, not measured)" if est else "measured on the device"],
+        ["Latency source", f"**estimated**, not measured: {esc(estimate_label(m.get('predictor')))}" if est
+         else "measured on the device"],
     ]
     if tuned is not None:
         rows.append(["TVM kernels", "tuned (MetaSchedule)" if tuned else "**untuned**"])

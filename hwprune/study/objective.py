@@ -72,6 +72,7 @@ class TrialRunner:
     measure_pair: MeasurePair | None = None  # both models in alternating samples, where the backend can
     quant: QuantSearch | None = None  # --quantize int8: a precision per unit on top of the widths
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    screening: Any = None  # hwprune.study.screening.Screening with --screen on
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def book(self, stage: str, seconds: float, into: dict[str, float] | None = None) -> None:
@@ -230,6 +231,14 @@ class TrialRunner:
                 acc, lat, mem = cached["values"]
                 self._constrain(trial, lat, mem, cached["attrs"].get(attrs.LATENCY_RATIO), acc)
                 return acc, lat, mem
+            # --screen on: an FP32 candidate predicted well over budget is not measured (a predictor of FP32 graphs)
+            if self.screening is not None and not has_int8(choice):
+                t = time.perf_counter()
+                try:
+                    self.screening.check(trial, pruned.module, self.subject.example_inputs, self.budgets,
+                                         self.exporter)
+                finally:
+                    self._tick("screen", t, stages)
             stage = failfast.FORWARD
             pruned = self.prepare(pruned, stages)  # the copy pruned for the signature; no second prune
             trial.set_user_attr(attrs.WIDTHS, {k: list(v) for k, v in pruned.widths.items()})
@@ -244,10 +253,15 @@ class TrialRunner:
                     trial.set_user_attr(attrs.OUTPUT_ERROR, q.check.relative_error)
             else:
                 m, ratio = self.export_and_measure(pruned.module, stages)
+                if self.screening is not None:
+                    self.screening.record(m)
                 stage = failfast.EVALUATE
                 acc = self.evaluate(pruned.module, stages)
                 if self.quant is not None:
                     trial.set_user_attr(attrs.PRECISION, "fp32")
+        except optuna.TrialPruned:
+            trial.set_user_attr(attrs.STAGE_SECONDS, stages)
+            raise
         except (MeasurementError, ExportError, HwpruneError) as exc:
             trial.set_user_attr(attrs.FAIL_REASON, str(exc))
             trial.set_user_attr(attrs.STAGE_SECONDS, stages)

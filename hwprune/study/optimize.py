@@ -35,6 +35,7 @@ from hwprune.study.precision import channel_groups, recorded_inputs, setup_quant
 from hwprune.study.progress import FinalPlan, SearchProgress
 from hwprune.study.reference import START_SETS, DenseReference
 from hwprune.study.refine import EdgeRefiner
+from hwprune.study.screening import open_screening
 from hwprune.study.storage import make_sampler, open_study
 from hwprune.subjects.base import Subject
 
@@ -89,7 +90,10 @@ def run_trials(ctx: RunContext, subject: Subject, request: dict[str, Any], finge
     dense_m = reference.measurement
     runner.add_dense(dense.signature, [dense.accuracy, dense_m.latency.median_ms, dense_m.memory.total_mb],
                      dense.trial_attrs(dense_m, relative=bool(budgets.latency_factor)))
+    runner.screening = open_screening(c.screen, ctx.profile, dense.path, dense_m.latency.median_ms, ctx.log)
     interrupted = _optimize(ctx, study, runner, reference, budgets, request)
+    if runner.screening is not None:
+        runner.screening.finish()
     budgets = budgets.now()
     dense_m = reference.measurement
     if c.latency_budget_ms:

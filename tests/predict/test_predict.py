@@ -9,12 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import budget_profile, run_cli
+from conftest import GUARD_OFF_ARGS, budget_profile, run_cli
 from hwprune.backends.estimate import EstimateBackend, roofline
 from hwprune.backends.ort import OrtBackend
 from hwprune.predict import screen, transfer
 from hwprune.predict import store
-from hwprune.predict.calibrate import attribute_node_times, export_design, fit_measured, measure_model
+from hwprune.predict.calibrate import (
+    MAX_PROFILER_US,
+    attribute_node_times,
+    export_design,
+    fit_measured,
+    measure_model,
+    profiler_overhead_us,
+    without_profiler,
+)
 from hwprune.predict.designs import designs
 from hwprune.predict.features import graph_features
 from hwprune.predict.model import Validation
@@ -135,3 +143,62 @@ def test_calibrate_bad_input_exits_2(args: tuple[str, ...], tmp_path: Path) -> N
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_profiler_cost_per_node_is_taken_off_before_fitting(measured) -> None:
+    profile, ms, _ = measured
+    overhead = profiler_overhead_us(ms)
+    # measured on this host: ORT's profiler charges each timed node 2-3.5 us of its own bookkeeping
+    assert 0.5 < overhead <= MAX_PROFILER_US
+    clean = without_profiler(ms[0], overhead)
+    timed = [(a.us, b.us) for a, b in zip(ms[0].samples, clean.samples) if a.us > 0]
+    assert timed and all(b == max(a - overhead, 0.5) for a, b in timed)
+    assert fit_measured(profile, ms).profiler_us == pytest.approx(overhead)
+
+
+def test_screening_adds_measurements_and_saves(measured, tmp_path: Path) -> None:
+    import optuna
+    import torch
+
+    from hwprune.study.budgets import Budgets
+    from hwprune.study.screening import Screening
+
+    profile, ms, paths = measured
+    p = fit_measured(profile, ms)
+    n = p.fitted_on
+    scr = Screening(p, paths[0], ms[0].measured_ms, log=lambda _: None, root=tmp_path)
+    trial = optuna.create_study().ask()
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    scr.check(trial, net, torch.zeros(1, 3, 16, 16), Budgets(latency_ms=1e6, memory_mb=None), "torchscript")
+    assert "screened" not in trial.user_attrs  # far within the budget: measured
+    scr.record(OrtBackend(profile).measure(paths[1]))
+    path = scr.finish()
+    assert path is not None and store.load(path).fitted_on == n + 1
+    with pytest.raises(optuna.TrialPruned):  # a budget no model meets: screened, never measured
+        scr.check(trial, net, torch.zeros(1, 3, 16, 16), Budgets(latency_ms=1e-6, memory_mb=None), "torchscript")
+    assert trial.user_attrs["screened"] > 0 and trial.user_attrs["fail_reason"].startswith("screened")
+
+
+def test_search_with_screen_on_records_screened_trials(measured, tmp_path: Path) -> None:
+    import pandas as pd
+
+    profile, ms, _ = measured
+    store.save(fit_measured(profile, ms), tmp_path / "cache")
+    out = tmp_path / "out"
+    # 0.05x of the tiny CNN: no candidate comes near it, so every one is predicted far over and screened
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms", "0.05x",
+                   "--trials", "3", "--screen", "on", "--out", str(out), "--quiet",
+                   env={"HWPRUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode in (0, 3), proc.stderr
+    assert "screening: candidates predicted well over" in proc.stderr
+    run_dir = next(p.parent for p in out.rglob("trials.csv"))
+    trials = pd.read_csv(run_dir / "trials.csv")
+    screened = trials[trials.fail_reason.fillna("").str.startswith("screened")]
+    assert len(screened) > 0 and (screened.state == "PRUNED").all()
+    assert screened.latency_ms.isna().all()  # never a latency: a prediction is not a measurement
+
+
+def test_screen_bad_value_exits_2(tmp_path: Path) -> None:
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--screen", "maybe", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()

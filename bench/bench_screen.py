@@ -1,0 +1,101 @@
+"""Search cost with and without screening (issue #22): board-seconds and trials to reach the recommended model.
+
+Run from the repository root, after a predictor is stored for host-cpu (``hwprune calibrate --device host-cpu``):
+
+    python -m bench.bench_screen [--model mobilenet-tiny] [--budget 0.6x] [--trials 30] [--out DIR]
+
+Runs the same search (same seed) twice, ``--screen off`` then ``--screen on``, each with a private copy of the stored
+predictor (the screened run adds its measurements to its copy, not to the stored one). Board-seconds are the
+seconds the backend spent measuring (trials' ``stage_seconds``: session, timing, dense beside, re-measures of the
+incumbent and the front's confirmation). Prints a table and writes screen.csv / screen.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from hwprune.config import SearchConfig
+from hwprune.predict import store
+from hwprune.profiles import load_profile
+
+# backend measuring time, per trial and per search (trials.csv / summary.json stage_seconds keys)
+TRIAL_BOARD = ("session", "timing", "dense_beside")
+SEARCH_BOARD = (*TRIAL_BOARD, "measure_incumbent", "confirm_front")
+
+
+def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[str, object]:
+    env = {**os.environ, "HWPRUNE_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", args.model, "--latency-budget-ms", args.budget,
+           "--trials", str(args.trials), "--final-finetune-steps", str(args.final_finetune), "--screen", mode,
+           "--seed", str(args.seed), "--out", str(out), "--quiet"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    run_dir = next(p.parent for p in out.rglob("summary.json"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    trials = pd.read_csv(run_dir / "trials.csv")
+    rec = summary.get("recommended")
+    board = sum(summary["search"]["stage_seconds"].get(k, 0.0) for k in SEARCH_BOARD)
+    per_trial = [sum(json.loads(s).get(k, 0.0) for k in TRIAL_BOARD) for s in trials.stage_seconds]
+    row = trials[trials.trial == rec].iloc[0] if rec is not None else None
+    rec_entry = next((r for r in summary["pareto"] if r["trial"] == rec), None)
+    screened = trials.fail_reason.astype(str).str.startswith("screened").sum()
+    return {"screen": mode, "exit": proc.returncode, "recommended_trial": rec,
+            "signature": None if row is None else str(row.signature)[:12],
+            "accuracy": None if rec_entry is None else rec_entry["accuracy"],
+            "latency_ms": None if rec_entry is None else rec_entry["latency_ms"]["median"],
+            "trials_to_recommended": None if rec is None else int(rec) + 1,
+            "board_s_to_recommended": None if rec is None else sum(per_trial[: int(rec) + 1]),
+            "measured_trials": int((trials.state == "COMPLETE").sum()), "screened": int(screened),
+            "board_s": board, "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mobilenet-tiny")
+    ap.add_argument("--budget", default="0.6x")
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--final-finetune", type=int, default=SearchConfig.final_finetune_steps,
+                    help="final fine-tune steps")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/screen"))
+    args = ap.parse_args()
+    profile = load_profile("host-cpu")
+    predictor = store.find(profile.name, profile.ort.intra_op_threads)
+    if predictor is None:
+        sys.exit("no stored predictor for host-cpu: run `hwprune calibrate --device host-cpu` first")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-screen-") as tmp:
+        for mode in ("off", "on"):
+            cache = Path(tmp) / f"cache-{mode}"
+            store.save(predictor, cache)
+            subjects = store.cache_root() / "subjects"  # the trained demo weights, not trained again
+            if subjects.is_dir():
+                os.symlink(subjects, cache / "subjects")
+            rows.append(_run(mode, args, cache, Path(tmp) / f"out-{mode}"))
+        shutil.rmtree(tmp, ignore_errors=True)
+    df = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / "screen.csv", index=False)
+    (args.out / "screen.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                      "predictor": predictor.describe(), "rows": rows},
+                                                     indent=1, default=float))
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    off, on = rows
+    same = off["signature"] is not None and off["signature"] == on["signature"]
+    print(f"\nboard-seconds with / without screening: {on['board_s'] / off['board_s']:.2f}; same recommended "
+          f"architecture: {same}")
+
+
+if __name__ == "__main__":
+    main()

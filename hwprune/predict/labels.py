@@ -1,0 +1,30 @@
+"""How an estimated latency is labelled wherever it appears (CLI, report): the estimator and its held-out error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+UNKNOWN = "by the estimate backend (a fitted predictor where `hwprune calibrate` stored one, else the roofline)"
+
+
+def estimate_label(predictor: dict[str, Any] | None) -> str:
+    """One phrase naming the estimator of a latency and how far off it was on held-out models.
+
+    Args:
+        predictor: ``Measurement.extra["predictor"]`` (:meth:`hwprune.predict.model.Predictor.describe`, or the
+            roofline's ``{"kind": "roofline"}``); None when the record does not say.
+
+    Returns:
+        E.g. "fitted predictor, 69% of held-out models within +-10%, 91% within +-25%, median error 7%".
+    """
+    if not predictor:
+        return UNKNOWN
+    if predictor.get("kind") != "fitted":
+        return "roofline; run `hwprune calibrate` for a fitted predictor"
+    if predictor.get("within_10pct") is None:
+        return f"fitted predictor on {predictor.get('fitted_on')} models, not validated"
+    return (f"fitted predictor, {predictor['within_10pct']:.0%} of held-out models within +-10%, "
+            f"{predictor['within_25pct']:.0%} within +-25%, median error {predictor['median_abs_error']:.0%}")
+
+
+__all__ = ["estimate_label"]

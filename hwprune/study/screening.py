@@ -1,0 +1,144 @@
+"""Screening in a measured search (``--screen on``): a stored latency predictor for the profile predicts each
+candidate's judged latency before the board measures it, and a candidate predicted well over the latency budget (by
+more than the predictor's p90 validation error, :func:`hwprune.predict.screen.screen`) is not measured: its trial is
+recorded as pruned, with the user attribute ``screened`` (the predicted ms) and a ``fail_reason``. A screened trial
+never has values, so the measured front is never made of predictions.
+
+Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
+is refitted), and the predictor is saved back beside the measurement cache when the trials end.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from hwprune.config import DEFAULT_SCREEN, SCREEN_MODES
+from hwprune.study import attrs
+
+SCREENED_ATTR = "screened"  # trial user attribute: the predicted judged latency (ms) of a candidate left unmeasured
+REFIT_EVERY = 5  # measured candidates between refits of the predictor's correction (a refit is a small solve)
+
+
+@dataclass
+class Screening:
+    """The screen of one search: the predictor, the dense model it is judged against and the measurements to add.
+
+    ``dense_ms`` is the dense model's measured latency; predictions are rescaled by ``dense_ms / predicted dense``,
+    so only the predictor's *relative* error between the candidate and the dense model matters.
+    """
+
+    predictor: Any  # hwprune.predict.model.Predictor
+    dense_onnx: Path
+    dense_ms: float
+    log: Any = print
+    root: Path | None = None  # where the predictor is saved (default: the measurement cache)
+    screened: int = 0
+    measured: int = 0
+    _dense_pred: float | None = None
+    _pending: Any = None  # features of the candidate last screened (measured next, unless skipped)
+    _new: list[tuple[Any, float]] = field(default_factory=list)
+
+    def dense_pred(self) -> float:
+        """The predictor's latency of the dense model (predicted once)."""
+        if self._dense_pred is None:
+            self._dense_pred = self.predictor.predict_ms(self.dense_onnx)
+        return self._dense_pred
+
+    def check(self, trial: optuna.Trial, module: Any, example_inputs: Any, budgets: Any, exporter: str) -> None:
+        """Predict the candidate's judged latency; skip it (raise ``optuna.TrialPruned``) when predicted well over
+        the latency budget of ``budgets`` (resolved now: a relative budget follows the dense reference).
+
+        Raises:
+            optuna.TrialPruned: the candidate was screened out (its trial records why).
+        """
+        from hwprune.export import export_onnx
+        from hwprune.predict.features import graph_features
+        from hwprune.predict.screen import screen
+
+        module.eval()  # BatchNorm in train mode exports another graph; re-calibration sets train mode itself
+        with tempfile.TemporaryDirectory(prefix="hwprune-screen-") as tmp:
+            path = export_onnx(module, example_inputs, Path(tmp) / "candidate.onnx", exporter=exporter)
+            feats = graph_features(path, self.predictor.channel_multiple)
+        self._pending = feats
+        b = budgets.now()
+        budget_ms = b.latency_ms
+        if budget_ms is None:
+            return
+        # a relative budget judges the ratio to the dense model: the dense reference now is budget / factor
+        dense_ms = budget_ms / b.latency_factor if b.latency_factor else self.dense_ms
+        scale = dense_ms / self.dense_pred()
+        # screen() compares in the predictor's own units: the budget goes there, not the prediction here
+        decision = screen(self.predictor, feats, budget_ms / scale)
+        predicted = decision.predicted_ms * scale
+        if decision.action != "skip":
+            return
+        self.screened += 1
+        self._pending = None
+        trial.set_user_attr(SCREENED_ATTR, predicted)
+        reason = (f"screened: predicted {predicted:.3f} ms against a {budget_ms:.3f} ms budget by the "
+                  f"{self.predictor.profile} predictor ({decision.reason}); not measured")
+        trial.set_user_attr(attrs.FAIL_REASON, reason)
+        raise optuna.TrialPruned(reason)
+
+    def record(self, measurement: Any) -> None:
+        """Add the candidate just measured to the predictor (refitting its correction every few)."""
+        from hwprune.predict.calibrate import target_ms
+
+        if self._pending is None:
+            return
+        self.predictor.add_features(f"search-{len(self.predictor.model_samples)}", self._pending,
+                                    target_ms(measurement))
+        self._pending = None
+        self.measured += 1
+        if self.measured % REFIT_EVERY == 0:
+            self.predictor.fit_correction()
+
+    def finish(self) -> Path | None:
+        """Refit and save the predictor with the search's measurements; returns its path (None if none were added)."""
+        from hwprune.predict import store
+
+        if not self.measured:
+            return None
+        self.predictor.fit_correction()
+        path = store.save(self.predictor, self.root)
+        self.log(f"screening: {self.screened} candidates skipped unmeasured; {self.measured} measurements added to "
+                 f"the predictor ({path})")
+        return path
+
+
+def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, log: Any,
+                   root: Path | None = None) -> Screening | None:
+    """The search's screen, or None when ``mode`` is off or no predictor is stored for the profile (logged).
+
+    Args:
+        mode: ``off`` or ``on``.
+        profile: the search's device profile (its name, backend and ORT threads find the predictor).
+        dense_onnx: the dense model's exported ONNX file.
+        dense_ms: the dense model's measured latency (the reference predictions are rescaled to).
+        log: one line per message.
+        root: the predictor store's root (default: the measurement cache).
+    """
+    if mode != "on":
+        return None
+    from hwprune.predict import store
+
+    runtime = "ort" if profile.backend in ("ort", "estimate") else profile.backend
+    predictor = store.find(profile.name, profile.ort.intra_op_threads, root=root)
+    if predictor is None or predictor.runtime != runtime:
+        log(f"screening: no stored {runtime} predictor for {profile.name} (run `hwprune calibrate --device "
+            f"{profile.name}`); every candidate is measured")
+        return None
+    v = predictor.validation
+    err = f"p90 error {v.p90_abs_error:.0%} on {v.n_models} held-out models" if v is not None and v.n_models else \
+        "never validated"
+    log(f"screening: candidates predicted well over the latency budget are skipped unmeasured (fitted predictor, "
+        f"{err})")
+    return Screening(predictor, Path(dense_onnx), float(dense_ms), log, root)
+
+
+__all__ = ["DEFAULT_SCREEN", "SCREENED_ATTR", "SCREEN_MODES", "Screening", "open_screening"]
