@@ -42,3 +42,4 @@ CONFIRMED = "edge_confirmed"  # trial number -> its latency measured again
 FINGERPRINT = "fingerprint"  # what the study's trials depend on (hwprune.study.identity)
 FP32_LOCK = "int8_fp32_lock"  # study: why the rest of the study samples FP32 only (--quantize int8)
 PRECISION_LOCKED = "precision_locked"  # trial: its precision was fixed to FP32 by that lock
+SCREENED = "screened"  # trial: the predicted judged latency (ms) of a candidate --screen left unmeasured

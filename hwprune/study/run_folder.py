@@ -35,7 +35,8 @@ PARETO_COLUMNS = ["trial", "recommended", "accuracy", "accuracy_proxy", "final_f
                   "latency_ms_p90", "latency_ms_std", "latency_ratio", "latency_noisy", "memory_mb_total",
                   "weights_mb", "peak_activations_mb", "params", "macs", "speedup", "meets_latency", "meets_memory",
                   "estimated", "onnx_path", "weights_path", "widths", "precision",
-                  "latency_ms_judged"]  # the latency the budget judges (MODEL's latency_ms.judged)
+                  "latency_ms_judged",  # the latency the budget judges (MODEL's latency_ms.judged)
+                  "estimate_error"]  # estimates only: the predictor's median error on held-out models
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,9 @@ def summary(ctx: RunContext, trials: Trials, table: TrialsTable, dense: ModelRec
         pareto=tuple(pm.entry for pm in front.models), recommended=front.recommended,
         measurement={"backend": dense_m.backend, "threads": dense_m.threads, "warmup": m.warmup,
                      "repeats": m.repeats, "max_cv": m.max_cv, "estimated": dense_m.estimated,
-                     "tuned": dense_m.tuned},
+                     "tuned": dense_m.tuned,
+                     # estimates only: the predictor (fitted or roofline) and its held-out error, for every label
+                     "predictor": dense_m.extra.get("predictor") if dense_m.estimated else None},
         search=search)
 
 
@@ -217,6 +220,7 @@ def best_infeasible(front: Front, table: TrialsTable) -> dict[str, float] | None
 def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
     """The ``pareto.csv`` table: one flat row per Pareto model (see docs/run-folder.md)."""
     rows = []
+    predictor = (summary.get("measurement") or {}).get("predictor") or {}
     for r in summary["pareto"]:
         rows.append({
             "trial": r["trial"], "recommended": r["recommended"], "accuracy": r["accuracy"],
@@ -232,6 +236,7 @@ def pareto_table(summary: dict[str, Any]) -> pd.DataFrame:
             "weights_path": r["files"]["weights"]["path"], "widths": json.dumps(r["widths"]),
             "precision": (r.get("precision") or {}).get("label", "fp32"),
             "latency_ms_judged": r["latency_ms"].get("judged"),
+            "estimate_error": predictor.get("median_abs_error") if r["estimated"] else None,
         })
     return pd.DataFrame(rows, columns=PARETO_COLUMNS)
 

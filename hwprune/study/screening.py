@@ -20,7 +20,7 @@ import optuna
 from hwprune.config import DEFAULT_SCREEN, SCREEN_MODES
 from hwprune.study import attrs
 
-SCREENED_ATTR = "screened"  # trial user attribute: the predicted judged latency (ms) of a candidate left unmeasured
+SCREENED_ATTR = attrs.SCREENED  # trial user attribute (hwprune.study.attrs)
 REFIT_EVERY = 5  # measured candidates between refits of the predictor's correction (a refit is a small solve)
 
 

@@ -43,6 +43,7 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "ratios": json.dumps({k: v for k, v in t.params.items() if not k.startswith(attrs.PRECISION_PARAM)}),
             "precision": t.user_attrs.get(attrs.PRECISION, "fp32"),
             "precision_locked": bool(t.user_attrs.get(attrs.PRECISION_LOCKED, False)),
+            "screened": t.user_attrs.get(attrs.SCREENED),  # --screen on: the predicted ms of a trial left unmeasured
         }
         rows.append(row)
     return rows
