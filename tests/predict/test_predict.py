@@ -28,12 +28,13 @@ from hwprune.predict.features import graph_features
 from hwprune.predict.model import Validation
 from hwprune.profiles import load_profile
 
-N_MODELS = 20
+N_MODELS = 40
+N_TRAIN = 28  # 12 held out: with 14 training models of 20 the fit was no better than the roofline
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory):
-    """20 designed models measured on host-cpu with quick settings: (profile, [Measured], onnx paths)."""
+    """40 designed models measured on host-cpu with quick settings: (profile, [Measured], onnx paths)."""
     folder = tmp_path_factory.mktemp("predict")
     profile = load_profile(budget_profile(folder))
     backend = OrtBackend(profile)
@@ -47,14 +48,14 @@ def measured(tmp_path_factory: pytest.TempPathFactory):
 
 def test_fitted_predictor_beats_the_roofline_on_held_out_models(measured) -> None:
     profile, ms, paths = measured
-    train, held = ms[:14], ms[14:]
+    train, held = ms[:N_TRAIN], ms[N_TRAIN:]
     p = fit_measured(profile, train)
     fitted = Validation.from_pairs([p.predict_features(m.features) for m in held], [m.measured_ms for m in held])
-    roof = Validation.from_pairs([roofline(path, profile)["latency_ms"] for path in paths[14:]],
+    roof = Validation.from_pairs([roofline(path, profile)["latency_ms"] for path in paths[N_TRAIN:]],
                                  [m.measured_ms for m in held])
-    # measured on this loaded 2-core host: the fit's median error on held-out designs was 0.10-0.25, the roofline's
-    # 0.6-0.9 (it ignores kernel efficiency)
-    assert fitted.median_abs_error < 0.4
+    # measured here on four seeds: the fit's median held-out error was 0.05-0.09, the roofline's 0.21-0.41 (it
+    # ignores kernel efficiency)
+    assert fitted.median_abs_error < 0.2
     assert fitted.median_abs_error < roof.median_abs_error
     assert p.validation is not None and p.validation.n_models == len(range(1, len(train), 4))
 
