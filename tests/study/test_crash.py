@@ -3,6 +3,7 @@ loses none of the completed ones."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import subprocess
@@ -16,17 +17,28 @@ import pandas as pd
 from conftest import GUARD_OFF_ARGS, ROOT, TESTS
 
 
+SLOW_EVAL_S = 4.0  # each trial's evaluation sleeps this long, so the worker is killed mid-trial
+
+
 def _states(db: Path) -> dict[str, int]:
+    return _census(db)[0]
+
+
+def _census(db: Path) -> tuple[dict[str, int], float | None]:
+    """Trial counts by state, and how long ago the running trial (if any) started, in seconds."""
     study = optuna.load_study(study_name="crash", storage=f"sqlite:///{db}")
     out: dict[str, int] = {}
+    age = None
     for t in study.trials:
         out[t.state.name] = out.get(t.state.name, 0) + 1
-    return out
+        if t.state.name == "RUNNING" and t.datetime_start is not None:
+            age = (datetime.datetime.now() - t.datetime_start).total_seconds()
+    return out, age
 
 
 def test_a_killed_worker_leaves_no_running_trial_and_loses_no_completed_one(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               TINY_SLOW_EVAL="1.5", HWPRUNE_HEARTBEAT_S="1")
+               TINY_SLOW_EVAL=str(SLOW_EVAL_S), HWPRUNE_HEARTBEAT_S="1")
     args = [sys.executable, "-m", "hwprune.cli", "search", "--model", "tiny_subject:tiny_cnn_slow", *GUARD_OFF_ARGS,
             "--latency-budget-ms", "2x", "--trials", "20", "--out", str(tmp_path), "--study", "crash",
             "--final-finetune-steps", "0", "--quiet"]
@@ -38,10 +50,11 @@ def test_a_killed_worker_leaves_no_running_trial_and_loses_no_completed_one(tmp_
     while time.time() < deadline:
         time.sleep(0.5)
         try:
-            states = _states(db) if db.exists() else {}
+            states, age = _census(db) if db.exists() else ({}, None)
         except Exception:  # noqa: BLE001 - the study may not exist yet
             continue
-        if states.get("COMPLETE", 0) >= 2 and states.get("RUNNING"):
+        # Kill only early in a trial, so that the trial cannot finish between this look and the signal.
+        if states.get("COMPLETE", 0) >= 2 and age is not None and age < SLOW_EVAL_S / 2:
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
