@@ -12,8 +12,12 @@ The three deployed files are then timed side by side in one process, each beside
 rounds of alternating samples (``ratio``: the median ratio, as a search judges a relative budget); memory is the
 backend's (INT8 weights at one byte), accuracy the subject's evaluator (through ONNX Runtime for INT8 files).
 
-Run from the repository root: ``python -m bench.bench_joint`` (``--trials``, ``--settings``). Results: a table on
-stdout and ``bench/results/bench_joint.{csv,json}``.
+Subjects (``--model``): ``demo`` (mobilenet-tiny), ``cifar`` (bench_search's ResNet 32/64/128 trained on the CIFAR-10
+JPEG zip, ``--cifar-zip``) and ``mobilenetv2`` (full-size MobileNetV2 at 224x224 on generated images); the last two are
+trained on first use and cached. Accuracy is the subject's own evaluator (what the search's guard reads).
+
+Run from the repository root: ``python -m bench.bench_joint`` (``--model``, ``--trials``, ``--settings``). Results: a
+table on stdout and ``bench/results/bench_joint-<model>.{csv,json}``.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.common import CIFAR_ZIP
+from bench.search_data import build_subject
 from hwprune import search
 from hwprune.backends.ort import OrtBackend
 from hwprune.errors import BudgetUnreachable
@@ -33,10 +39,9 @@ from hwprune.export import export_onnx
 from hwprune.profiles import load_profile
 from hwprune.quant import calibration_set, evaluate_onnx, plan_for, quantize
 from hwprune.study.reference import interleaved_rounds
-from hwprune.subjects.demo import build_demo
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "mobilenet-tiny"
+MODELS = ("demo", "cifar", "mobilenetv2")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ TRIALS = 20
 
 @dataclass
 class Row:
+    model: str
     setting: str
     arm: str
     trial: int | None
@@ -71,11 +77,11 @@ class Row:
     note: str = ""
 
 
-def _search(setting: str, quantize_mode: str, out: Path, trials: int) -> tuple[Any, float]:
+def _search(subject: Any, setting: str, quantize_mode: str, out: Path, trials: int) -> tuple[Any, float]:
     st = SETTINGS[setting]
     t0 = time.perf_counter()
     try:
-        result = search(MODEL, "host-cpu", latency_budget_ms=st.latency, memory_budget_mb=st.memory,
+        result = search(subject, "host-cpu", latency_budget_ms=st.latency, memory_budget_mb=st.memory,
                         trials=st.trials or trials, out=out, study=f"{_slug(setting)}-{quantize_mode}",
                         quantize=quantize_mode, max_accuracy_drop=st.guard, progress=False)
     except BudgetUnreachable as exc:
@@ -93,17 +99,18 @@ def _quantize_all(fp32: Path, subject: Any, out: Path) -> Path:
     return quantize(fp32, out, plan_for(fp32), cal).path
 
 
-def _row(b: OrtBackend, setting: str, arm: str, path: Path | None, dense: Path, subject: Any, trial: int | None,
-         label: str, spent: float, note: str = "") -> Row:
+def _row(b: OrtBackend, model: str, setting: str, arm: str, path: Path | None, dense: Path, subject: Any,
+         trial: int | None, label: str, spent: float, note: str = "") -> Row:
     if path is None:
-        return Row(setting, arm, None, "-", None, None, None, None, False, spent, note or "nothing within budgets")
+        return Row(model, setting, arm, None, "-", None, None, None, None, False, spent,
+                   note or "nothing within budgets")
     rounds = interleaved_rounds(b.measure, path, dense, measure_pair=b.measure_beside)
     dense_mb = b.measure(dense).memory.total_mb
     mem = rounds.middle.memory.total_mb
     st = SETTINGS[setting]
     meets = (st.latency is None or rounds.ratio <= float(st.latency.rstrip("x"))) and \
         (st.memory is None or mem <= float(st.memory.rstrip("x")) * dense_mb)
-    return Row(setting, arm, trial, label, float(evaluate_onnx(path, subject.evaluate)), rounds.ratio, mem,
+    return Row(model, setting, arm, trial, label, float(evaluate_onnx(path, subject.evaluate)), rounds.ratio, mem,
                path.stat().st_size / 1e3, meets, spent, note)
 
 
@@ -115,48 +122,54 @@ def _fmt(v: Any) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=MODELS, default="demo")
+    ap.add_argument("--cifar-zip", default=str(CIFAR_ZIP), help="the CIFAR-10 JPEG zip for --model cifar")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the cifar/mobilenetv2 subjects' training")
     ap.add_argument("--trials", type=int, default=TRIALS)
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     out = Path(args.out)
-    runs = out / "bench_joint"
+    runs = out / f"bench_joint-{args.model}"
     start = time.perf_counter()
-    subject = build_demo(MODEL, log=lambda m: None)
+    subject, note, _ = build_subject(args.model, args.seed, Path(args.cifar_zip))
+    print(note)
     dense = export_onnx(subject.model, subject.example_inputs, runs / "dense.onnx")
     found: dict[tuple[str, str], tuple[Any, float]] = {}
     for setting in args.settings:
         for mode in ("off", "int8"):
-            found[setting, mode] = _search(setting, mode, runs, args.trials)
+            found[setting, mode] = _search(subject, setting, mode, runs, args.trials)
     b = OrtBackend(load_profile("host-cpu"))  # the side-by-side measurements, after all searches
     rows: list[Row] = []
     for setting in args.settings:
         (pruned, s_off), (joint, s_int8) = found[setting, "off"], found[setting, "int8"]
         rec = pruned.recommended if pruned is not None else None
-        rows.append(_row(b, setting, "prune only", rec.onnx_path if rec else None, dense, subject,
+        rows.append(_row(b, args.model, setting, "prune only", rec.onnx_path if rec else None, dense, subject,
                          rec.trial if rec else None, "fp32", s_off))
         q = _quantize_all(rec.onnx_path, subject, runs / f"{_slug(setting)}-int8-after.onnx") \
             if rec else None
-        rows.append(_row(b, setting, "int8 after pruning", q, dense, subject, rec.trial if rec else None, "int8",
-                         0.0))
+        rows.append(_row(b, args.model, setting, "int8 after pruning", q, dense, subject,
+                         rec.trial if rec else None, "int8", 0.0))
         jrec = joint.recommended if joint is not None else None
         precision = jrec.entry.precision if jrec else None
         label = precision.get("label", "fp32") if isinstance(precision, dict) else "fp32"
-        rows.append(_row(b, setting, "joint", jrec.onnx_path if jrec else None, dense, subject,
+        rows.append(_row(b, args.model, setting, "joint", jrec.onnx_path if jrec else None, dense, subject,
                          jrec.trial if jrec else None, label, s_int8))
     cols = list(asdict(rows[0]))
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(_fmt(v) for v in asdict(r).values()) + " |")
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_joint.csv", "w", newline="") as f:
+    name = f"bench_joint-{args.model}"
+    with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(asdict(r) for r in rows)
-    (out / "bench_joint.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "trials": args.trials,
+    (out / f"{name}.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "trials": args.trials,
+                                                    "model": args.model, "subject": note,
                                                       "settings": {k: asdict(SETTINGS[k]) for k in args.settings},
                                                       "wall_s": time.perf_counter() - start}, indent=1))
-    print(f"\nwall {time.perf_counter() - start:.0f} s; results in {out}/bench_joint.csv and .json")
+    print(f"\nwall {time.perf_counter() - start:.0f} s; results in {out}/{name}.csv and .json")
 
 
 if __name__ == "__main__":
