@@ -55,9 +55,11 @@ class Setting:
 
 
 # the memory-only setting is the one "only INT8 can meet": dense 3.3 MB (weights 3.15 MB), pruning alone reaches
-# 0.07x only by pruning so hard that it loses more than the 2% guard, INT8 weights are 3.5x smaller
+# 0.07x only by pruning so hard that it loses more than the 2% guard, INT8 weights are 3.5x smaller. The CIFAR-10
+# ResNet (2.9 MB) loses its 2% at 0.07x and 0.15x in either form (its dense INT8 file is 0.28x)
 SETTINGS = {"lat 0.6x": Setting("0.6x", None), "lat 0.4x": Setting("0.4x", None),
-            "mem 0.07x, guard 2%": Setting(None, "0.07x", "2%", 16)}
+            "mem 0.07x, guard 2%": Setting(None, "0.07x", "2%", 16),
+            "mem 0.15x, guard 2%": Setting(None, "0.15x", "2%", 16)}
 TRIALS = 20
 
 
