@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     out = Path(args.out)
-    runs = out / f"bench_joint-{args.model}"
+    name = f"bench_joint-{args.model}"  # the run folder and the result files share it
+    runs = out / name
     start = time.perf_counter()
     subject, note, _ = build_subject(args.model, args.seed, Path(args.cifar_zip))
     print(note)
@@ -162,15 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print("| " + " | ".join(_fmt(v) for v in asdict(r).values()) + " |")
     out.mkdir(parents=True, exist_ok=True)
-    name = f"bench_joint-{args.model}"
     with open(out / f"{name}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(asdict(r) for r in rows)
     (out / f"{name}.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "trials": args.trials,
-                                                    "model": args.model, "subject": note,
-                                                      "settings": {k: asdict(SETTINGS[k]) for k in args.settings},
-                                                      "wall_s": time.perf_counter() - start}, indent=1))
+                                                 "model": args.model, "subject": note,
+                                                 "settings": {k: asdict(SETTINGS[k]) for k in args.settings},
+                                                 "wall_s": time.perf_counter() - start}, indent=1))
     print(f"\nwall {time.perf_counter() - start:.0f} s; results in {out}/{name}.csv and .json")
 
 
