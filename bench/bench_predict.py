@@ -122,6 +122,12 @@ def main() -> None:
         df = pd.DataFrame(rows)
         table = [{"estimator": name, **_stats(df[col].tolist(), df.measured_ms.tolist())}
                  for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"))]
+        if args.rounds >= 3:
+            # the noise ceiling: how often one round of measurement lands within +-10% of the median of the other
+            # rounds. No predictor can be judged more precisely than the measurement it is judged against
+            one = [h[0] for h in host_ms]
+            rest = [float(np.median(h[1:])) for h in host_ms]
+            table.append({"estimator": "noise: one round vs the other rounds' median", **_stats(one, rest)})
         rng = np.random.default_rng(0)
         for n in [int(x) for x in args.transfer_n.split(",")]:
             pick = rng.permutation(len(df))

@@ -17,6 +17,10 @@ MAX_WIDTH = 1024
 # a block whose 3x3 conv would exceed this many MACs is made stride-2 instead: keeps one design to tens of ms while
 # the widths still reach 512-1024 channels at the small maps real networks run them on
 MAX_BLOCK_MACS = 120e6
+# share of CNN designs ending in a wide 1x1 conv (512-1280 channels) before the classifier, as MobileNets do: without
+# them, the designs had too few wide 1x1 kernels on small maps and large classifier Gemms, and MobileNetV2's head and
+# classifier were mispredicted
+WIDE_HEAD_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,8 @@ def _cnn_blocks(rng: random.Random, multiple: int, cin: int, size: int) -> tuple
 
 
 def cnn_design(seed: int, multiple: int) -> Design:
-    """A random CNN (stem, 2-6 blocks, global pool, linear head) at a random input size."""
+    """A random CNN (stem, 2-7 blocks, sometimes a wide 1x1 head, global pool, linear classifier) at a random input
+    size."""
     import torch
     from torch import nn
 
@@ -121,7 +126,12 @@ def cnn_design(seed: int, multiple: int) -> Design:
     stem_out = _width(rng, multiple, 8, 96 if size <= 64 else 48)
     stem = _conv(3, stem_out, rng.choice((3, 3, 7)), rng.choice((1, 2)), 1, rng.choice(ACTS))
     blocks, c = _cnn_blocks(rng, multiple, stem_out, size)
-    net = nn.Sequential(stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, rng.choice((10, 100, 1000))))
+    classes = rng.choice((10, 100, 1000))
+    if rng.random() < WIDE_HEAD_SHARE:  # drawn last, so the designs before it stay as they were
+        head = _width(rng, multiple, 512, 1280)
+        blocks.append(_conv(c, head, 1, 1, 1, rng.choice(ACTS)))
+        c = head
+    net = nn.Sequential(stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
     return Design(f"cnn-{seed}", net.eval(), torch.randn(1, 3, size, size))
 
 
