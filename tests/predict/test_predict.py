@@ -28,13 +28,16 @@ from hwprune.predict.features import graph_features
 from hwprune.predict.model import Validation
 from hwprune.profiles import load_profile
 
-N_MODELS = 40
-N_TRAIN = 28  # 12 held out: with 14 training models of 20 the fit was no better than the roofline
+N_MODELS = 64
+# 12 held out. With 14 training models of 20 the fit was no better than the roofline; once the designs gained wide
+# 1x1 heads (a third of the CNNs), 28 of 40 left the heads' regime thin (held-out median error 0.26) and 52 of 64 did
+# not (0.07)
+N_TRAIN = 52
 
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory):
-    """40 designed models measured on host-cpu with quick settings: (profile, [Measured], onnx paths)."""
+    """64 designed models measured on host-cpu with quick settings: (profile, [Measured], onnx paths)."""
     folder = tmp_path_factory.mktemp("predict")
     profile = load_profile(budget_profile(folder))
     backend = OrtBackend(profile)
@@ -53,8 +56,7 @@ def test_fitted_predictor_beats_the_roofline_on_held_out_models(measured) -> Non
     fitted = Validation.from_pairs([p.predict_features(m.features) for m in held], [m.measured_ms for m in held])
     roof = Validation.from_pairs([roofline(path, profile)["latency_ms"] for path in paths[N_TRAIN:]],
                                  [m.measured_ms for m in held])
-    # measured here on four seeds: the fit's median held-out error was 0.05-0.09, the roofline's 0.21-0.41 (it
-    # ignores kernel efficiency)
+    # measured here: the fit's median held-out error 0.07, the roofline's 0.45 (it ignores kernel efficiency)
     assert fitted.median_abs_error < 0.2
     assert fitted.median_abs_error < roof.median_abs_error
     assert p.validation is not None and p.validation.n_models == len(range(1, len(train), 4))
