@@ -66,7 +66,10 @@ def run_trials(ctx: RunContext, subject: Subject, request: dict[str, Any], finge
     subject, recovery = scored.subject, scored.recovery
     budgets = make_budgets(c, reference, dense.accuracy, subject)
     request = {**request, "latency_budget_ms": budgets.latency_ms, "memory_budget_mb": budgets.memory_mb,
-               "accuracy_floor": budgets.accuracy_floor}
+               "accuracy_floor": budgets.accuracy_floor,
+               # whether the memory budget binds the dense FP32 model (precision.memory_budget_binds) is asked
+               # while trials run, before the dense record is stored
+               "dense_memory_mb": reference.measurement.memory.total_mb}
     _log_dense(ctx, subject, dense, reference.measurement, budgets)
     space = _space(ctx, subject, recovery, fingerprint)
     request["importance"] = fingerprint.importance

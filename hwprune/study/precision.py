@@ -176,13 +176,26 @@ def _slowdown(anchor: optuna.trial.FrozenTrial, trials: list[optuna.trial.Frozen
     return float(anchor.values[1]) / float(twin.values[1])
 
 
+def memory_budget_binds(study: optuna.Study) -> bool:
+    """Whether the study's memory budget excludes the dense FP32 model (so INT8 weights may be what meets it).
+
+    A budget the dense model already meets (host-cpu's default 64 MB against a 3 MB model) leaves INT8 nothing to win
+    there; unknown dense memory counts as binding, which keeps INT8 searched."""
+    request = study.user_attrs.get(attrs.REQUEST) or {}
+    budget, dense = request.get("memory_budget_mb"), request.get("dense_memory_mb")
+    if budget is None:
+        return False
+    return dense is None or float(dense) > float(budget)
+
+
 def fp32_lock(study: optuna.Study) -> dict[str, Any] | None:
     """The study's FP32 lock: once every INT8 anchor is done and each measured more than :data:`INT8_SLOWER` times
-    its FP32 twin while no memory budget is set (where INT8 only costs latency), the sampler's trials run in FP32 for
+    its FP32 twin while no memory budget binds (:func:`memory_budget_binds`: INT8 then only costs latency), the
+    sampler's trials run in FP32 for
     the rest of the study instead of spending trials on precision parameters that never pay. Decided once, logged
     and stored (:data:`FP32_LOCK`); None while INT8 is still searched."""
     lock = study.user_attrs.get(FP32_LOCK)
-    if lock is not None or (study.user_attrs.get(attrs.REQUEST) or {}).get("memory_budget_mb") is not None:
+    if lock is not None or memory_budget_binds(study):
         return lock
     trials = study.get_trials(deepcopy=False)
     anchors = [t for t in trials if attrs.INT8_ANCHOR in t.user_attrs]
@@ -195,7 +208,7 @@ def fp32_lock(study: optuna.Study) -> dict[str, Any] | None:
         return None
     lock = {"after_trial": max(t.number for t in anchors), "slowdown": measured, "threshold": INT8_SLOWER}
     study.set_user_attr(FP32_LOCK, lock)
-    log.info("INT8 anchors ran %s x their FP32 twins (threshold %.2f) and no memory budget is set: the rest of the "
+    log.info("INT8 anchors ran %s x their FP32 twins (threshold %.2f) and no memory budget binds: the rest of the "
              "study samples FP32 only", ", ".join(f"{v:.2f}" for v in measured.values()), INT8_SLOWER)
     return lock
 

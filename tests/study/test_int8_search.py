@@ -187,6 +187,9 @@ def test_agreement_of_an_int8_model_is_its_quantized_files_through_ort(int8_run:
     assert pm.entry.agreement == {"heldout": 1.0, "recovery_inputs": agreement(ort, seen)}
 
 
+DENSE_MB = 3.3  # the dense FP32 model's memory in the lock tests
+
+
 def _lock_study(slowdown: float, memory_budget: float | None) -> optuna.Study:
     """A real in-memory study as a search leaves it after its warm start: an FP32 uniform trial and the two INT8
     anchors (the unpruned one measured beside the dense model, the other twin of the FP32 one), ``slowdown`` x."""
@@ -195,7 +198,7 @@ def _lock_study(slowdown: float, memory_budget: float | None) -> optuna.Study:
     from hwprune.study import attrs
 
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
-    study.set_user_attr(attrs.REQUEST, {"memory_budget_mb": memory_budget})
+    study.set_user_attr(attrs.REQUEST, {"memory_budget_mb": memory_budget, "dense_memory_mb": DENSE_MB})
     dist = {"g": FloatDistribution(0.0, 0.8)}
 
     def add(ratio: float, sig: str, latency: float, user: dict) -> None:
@@ -209,17 +212,23 @@ def _lock_study(slowdown: float, memory_budget: float | None) -> optuna.Study:
     return study
 
 
-def test_int8_slower_than_fp32_locks_the_sampler_to_fp32_only_without_a_memory_budget() -> None:
+@pytest.mark.parametrize("memory_budget", [None, 64.0], ids=["no-memory-budget", "budget-the-dense-model-meets"])
+def test_int8_slower_than_fp32_locks_the_sampler_to_fp32_only_where_no_memory_budget_binds(
+        memory_budget: float | None) -> None:
     from hwprune.study.precision import FP32_LOCK, INT8_SLOWER, PRECISION_LOCKED, QuantSearch, fp32_lock
 
     quant = QuantSearch(units={"g": ("/g/Conv",), "head": ("/head/Gemm",)}, groups={}, calibration=None)  # type: ignore[arg-type]
-    study = _lock_study(3.0, None)
+    # host-cpu's default 64 MB budget against a 3.3 MB dense model binds nothing: before this case was told apart,
+    # the profile default kept the lock off in every host-cpu search
+    study = _lock_study(3.0, memory_budget)
     trial = study.ask()
     assert quant.suggest(trial) == {"g": "fp32", "head": "fp32"} and trial.user_attrs[PRECISION_LOCKED]
     assert not any(k.startswith("precision:") for k in trial.params)  # no parameter left for the sampler
     assert study.user_attrs[FP32_LOCK] == {"after_trial": 2, "slowdown": {1: 3.0, 2: 3.0}, "threshold": INT8_SLOWER}
-    # a memory budget: INT8 may be what meets it, so it stays searched; so it does when INT8 is within the noise
-    for study in (_lock_study(3.0, 0.5), _lock_study(1.1, None)):
+    assert fp32_lock(study) == study.user_attrs[FP32_LOCK]
+    # a memory budget under the dense model: INT8 may be what meets it, so it stays searched; so it does when INT8 is
+    # within the noise
+    for study in (_lock_study(3.0, DENSE_MB / 2), _lock_study(1.1, None)):
         trial = study.ask()
         assert fp32_lock(study) is None and PRECISION_LOCKED not in trial.user_attrs
         assert set(quant.suggest(trial)) == {"g", "head"} and "precision:g" in trial.params
