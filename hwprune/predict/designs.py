@@ -21,6 +21,9 @@ MAX_BLOCK_MACS = 120e6
 # them, the designs had too few wide 1x1 kernels on small maps and large classifier Gemms, and MobileNetV2's head and
 # classifier were mispredicted
 WIDE_HEAD_SHARE = 0.3
+# every MOBILE_EVERY-th design is a MobileNet-like chain of inverted residual blocks: in the mixed CNN designs only one
+# block in six is inverted, which left the depthwise kernels with a few dozen samples and MobileNetV2 mispredicted
+MOBILE_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,55 @@ def cnn_design(seed: int, multiple: int) -> Design:
     return Design(f"cnn-{seed}", net.eval(), torch.randn(1, 3, size, size))
 
 
+def mobile_design(seed: int, multiple: int) -> Design:
+    """A MobileNet-like network: a stride-2 stem, 3-8 inverted residual blocks (expansion 1-6, 3x3 or 5x5 depthwise,
+    sometimes squeeze-excite), sometimes a wide 1x1 head, global pool and a linear classifier."""
+    import torch
+    from torch import nn
+
+    class Add(nn.Module):
+        def __init__(self, body: Any) -> None:
+            super().__init__()
+            self.body = body
+
+        def forward(self, x: Any) -> Any:
+            return x + self.body(x)
+
+    class Gate(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.fc = nn.Sequential(nn.Conv2d(c, max(4, c // 4), 1), nn.ReLU(), nn.Conv2d(max(4, c // 4), c, 1))
+
+        def forward(self, x: Any) -> Any:
+            return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+    rng = random.Random(seed)
+    in_size = rng.choice(SIZES)
+    act = rng.choice(ACTS)
+    c = _width(rng, multiple, 8, 48)
+    layers: list[Any] = [_conv(3, c, 3, 2, 1, act)]
+    size = max(1, in_size // 2)
+    for _ in range(rng.randint(3, 8)):
+        stride = 2 if size >= 4 and rng.random() < 0.4 else 1
+        cout = _width(rng, multiple, c, int(c * (2.0 if stride == 2 else 1.3)) + 1) if rng.random() < 0.6 else c
+        hidden = c * rng.choice((1, 3, 4, 6, 6))
+        if rng.random() < 0.5:  # pruned networks: the expanded width off its round multiple of the input
+            hidden = _width(rng, multiple, max(4, hidden // 2), hidden)
+        body = [] if hidden == c else [_conv(c, hidden, 1, 1, 1, act)]
+        body.append(_conv(hidden, hidden, rng.choice((3, 3, 5)), stride, hidden, act))
+        if rng.random() < 0.3:
+            body.append(Gate(hidden))
+        body.append(_conv(hidden, cout, 1, 1, 1, None))
+        layers.append(Add(nn.Sequential(*body)) if stride == 1 and cout == c else nn.Sequential(*body))
+        c, size = cout, max(1, size // stride)
+    if rng.random() < WIDE_HEAD_SHARE:
+        head = _width(rng, multiple, 512, 1280)
+        layers.append(_conv(c, head, 1, 1, 1, act))
+        c = head
+    net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, rng.choice((10, 100, 1000))))
+    return Design(f"mobile-{seed}", net.eval(), torch.randn(1, 3, in_size, in_size))
+
+
 def transformer_design(seed: int, multiple: int) -> Design:
     """A random pre-norm transformer block stack on a token sequence (LayerNorm, attention, GELU MLP)."""
     import torch
@@ -165,12 +217,18 @@ def transformer_design(seed: int, multiple: int) -> Design:
 
 
 def designs(count: int, multiple: int, seed: int = 0) -> list[Design]:
-    """``count`` calibration designs, about one in five a transformer, reproducible from ``seed``."""
+    """``count`` calibration designs, one in five a transformer and one in :data:`MOBILE_EVERY` MobileNet-like,
+    reproducible from ``seed``."""
     out = []
     for i in range(count):
         s = seed * 100_003 + i
-        out.append(transformer_design(s, multiple) if i % 5 == 4 else cnn_design(s, multiple))
+        if i % 5 == 4:
+            out.append(transformer_design(s, multiple))
+        elif i % MOBILE_EVERY == 2:
+            out.append(mobile_design(s, multiple))
+        else:
+            out.append(cnn_design(s, multiple))
     return out
 
 
-__all__ = ["Design", "cnn_design", "designs", "transformer_design"]
+__all__ = ["Design", "cnn_design", "designs", "mobile_design", "transformer_design"]

@@ -21,6 +21,8 @@ FUSABLE_OPS = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu", 
 _FUSING_PRODUCERS = frozenset({"Conv", "Gemm", "MatMul"})
 # Ops that only relabel memory (no kernel time of note); kept as features, their regressors fit ~0 when so.
 SKIP_OPS = frozenset({"Constant", "Identity"})
+# binary elementwise ops keyed by how their operands broadcast (:func:`_broadcast_kind`)
+BROADCAST_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 # Basis: [1, MMACs, padded MMACs, MB moved]; scaled to millions so least squares is well conditioned.
 BASIS_NAMES = ("const", "mmacs", "mmacs_padded", "mbytes")
 # Input of the tree regressors (hwprune.predict.model): the kernel's geometry, in logs where it spans decades.
@@ -117,6 +119,17 @@ def _matmul_geometry(node: Any, infos: dict[str, TensorInfo]) -> tuple[int, int,
     return k, n, rows
 
 
+def _broadcast_kind(a: tuple[int, ...], b: tuple[int, ...]) -> str:
+    """How a binary elementwise node's inputs meet: ``same`` shapes, a ``scalar`` operand, or a ``bcast`` (a
+    squeeze-excite gate [N, C, 1, 1] over a [N, C, H, W] map runs a broadcasting kernel, and a layout reorder in and
+    out of ORT's blocked format; same-shape ones are mostly folded into activations)."""
+    if a == b:
+        return "same"
+    if math.prod(a or (1,)) == 1 or math.prod(b or (1,)) == 1:
+        return "scalar"
+    return "bcast"
+
+
 def _conv_keys(cin: int, cout: int, kernel: int, stride: int, groups: int, aligned: bool) -> tuple[str, ...]:
     if groups > 1 and groups == cin:
         kind = f"dw{kernel}"
@@ -174,6 +187,8 @@ def node_features(node: Any, infos: dict[str, TensorInfo], channel_multiple: int
         cout = out[1] if len(out) > 1 else 1
         spatial = math.prod(out[2:]) if len(out) > 2 else 1
         keys = (f"{op}@fused", op) if fused else (op,)
+        if not fused and op in BROADCAST_OPS and len(node.input) == 2:
+            keys = (f"{op}/{_broadcast_kind(_shape(infos, node.input[0]), _shape(infos, node.input[1]))}", op)
     if op not in ("Conv", "MatMul", "Gemm") and getattr(infos, "const", None) and node.output \
             and all((not o) or o in infos.const for o in node.output):
         keys = (f"{op}@const", op)

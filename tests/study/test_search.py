@@ -248,15 +248,37 @@ def test_front_models_over_budget_on_remeasure_give_way_to_the_trials_behind(tmp
         assert r["meets"]["latency"] and r["latency_ratio_upper"] <= 0.8
 
 
-def test_trial_measured_just_over_the_budget_can_still_be_a_final_candidate(tmp_path: Path) -> None:
+FIRST_STUDY = "first"
+FIRST_KW = dict(latency_budget_ms="0.8x", trials=6, study=FIRST_STUDY, final_finetune_steps=2, trial_finetune_steps=0,
+                seed=0)
+
+
+@pytest.fixture(scope="module")
+def first_search_08x(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 6-trial search at 0.8x of the tiny net, the start the next two tests add recorded trials to (each on its
+    own copy: the search is the same for both, so it runs once)."""
+    out = tmp_path_factory.mktemp("first-08x")
+    hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **GUARD_OFF, **FIRST_KW, out=out)
+    return out
+
+
+def _copy_first_search(src: Path, tmp_path: Path) -> tuple[dict, Path]:
+    """A private copy of :func:`first_search_08x`'s output folder: (search keywords resuming it, its run folder)."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    return {**FIRST_KW, "out": out}, out / FIRST_STUDY
+
+
+def test_trial_measured_just_over_the_budget_can_still_be_a_final_candidate(tmp_path: Path,
+                                                                           first_search_08x: Path) -> None:
     """One measurement cannot tell 2% over a budget from 2% under: a trial measured just over it (NEAR_MISS) is
     confirmed on interleaved rounds like any candidate, and joins the final candidates if it meets the budget."""
     from hwprune.study.run import NEAR_MISS
 
-    kw = dict(latency_budget_ms="0.8x", trials=6, out=tmp_path, study="near", final_finetune_steps=2,
-              trial_finetune_steps=0, seed=0)
-    first = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **GUARD_OFF, **kw)
-    study = optuna.load_study(study_name="near", storage=f"sqlite:///{first.run_dir / 'study.db'}")
+    kw, run_dir = _copy_first_search(first_search_08x, tmp_path)
+    study = optuna.load_study(study_name=FIRST_STUDY, storage=f"sqlite:///{run_dir / 'study.db'}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     fastest = min(complete, key=lambda t: t.user_attrs["latency_ratio"])
     assert fastest.user_attrs["latency_ratio"] < 0.6, "the most pruned trial must be well inside a 0.8x budget"
@@ -280,16 +302,15 @@ def test_trial_measured_just_over_the_budget_can_still_be_a_final_candidate(tmp_
         assert listed[number]["meets"]["latency"] and listed[number]["latency_ratio_upper"] <= 0.8
 
 
-def test_the_best_uniform_model_within_the_budgets_is_always_a_final_candidate(tmp_path: Path) -> None:
+def test_the_best_uniform_model_within_the_budgets_is_always_a_final_candidate(tmp_path: Path,
+                                                                              first_search_08x: Path) -> None:
     """The proxy can rank the uniform baseline below three other models that the final fine-tune then leaves less
     accurate than it; so it is fine-tuned too, one finalist more, and the recommendation is never a model the same
     fine-tune leaves behind it."""
-    kw = dict(latency_budget_ms="0.8x", trials=6, out=tmp_path, study="base", final_finetune_steps=2,
-              trial_finetune_steps=0, seed=0)
-    first = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", **GUARD_OFF, **kw)
-    study = optuna.load_study(study_name="base", storage=f"sqlite:///{first.run_dir / 'study.db'}")
+    kw, run_dir = _copy_first_search(first_search_08x, tmp_path)
+    study = optuna.load_study(study_name=FIRST_STUDY, storage=f"sqlite:///{run_dir / 'study.db'}")
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    trials = pd.read_csv(first.run_dir / "trials.csv")
+    trials = pd.read_csv(run_dir / "trials.csv")
     uniform = trials[trials["uniform_ratio"].notna() & trials["feasible"]]
     assert len(uniform), "a uniform trial must meet a 0.8x budget on the tiny net"
     fastest = min(complete, key=lambda t: t.user_attrs["latency_ratio"])
