@@ -52,6 +52,10 @@ def test_trials_and_pareto_carry_their_precision(int8_run: Path) -> None:
     assert all(set(json.loads(r)) <= {"stem.0", "branch_a.0", "branch_b.0"} for r in done["ratios"])  # no precision
     summary = load_summary(int8_run)
     assert summary["request"]["quantize"] == "int8"
+    # a 0.6x memory budget excludes the dense FP32 model, so INT8 stays searched: no FP32 lock, whatever INT8 measured
+    request = summary["request"]
+    assert request["dense_memory_mb"] > request["memory_budget_mb"] > 0
+    assert summary["search"].get("int8_fp32_lock") is None and not trials["precision_locked"].any()
     pareto = pd.read_csv(int8_run / "pareto.csv")
     labels = {m["trial"]: m["precision"]["label"] for m in summary["pareto"]}
     assert dict(zip(pareto["trial"], pareto["precision"])) == labels
