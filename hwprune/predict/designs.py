@@ -7,6 +7,7 @@ the regressors see aligned and misaligned kernels of every kind, at several inpu
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +61,9 @@ def _conv(cin: int, cout: int, k: int, s: int, groups: int, act: str | None) -> 
     return nn.Sequential(*layers)
 
 
-def _cnn_blocks(rng: random.Random, multiple: int, cin: int, size: int) -> tuple[list[Any], int]:
-    """A random stack of CNN blocks; returns the blocks and the output channels."""
+@functools.cache
+def _block_modules() -> tuple[type, type]:
+    """The (Residual, SE) module classes the CNN and MobileNet-like designs share, defined once torch is imported."""
     import torch
     from torch import nn
 
@@ -81,6 +83,14 @@ def _cnn_blocks(rng: random.Random, multiple: int, cin: int, size: int) -> tuple
         def forward(self, x: Any) -> Any:
             return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
 
+    return Residual, SE
+
+
+def _cnn_blocks(rng: random.Random, multiple: int, cin: int, size: int) -> tuple[list[Any], int]:
+    """A random stack of CNN blocks; returns the blocks and the output channels."""
+    from torch import nn
+
+    Residual, SE = _block_modules()
     blocks: list[Any] = []
     c = cin
     scale = float(max(cin, 8))  # channels grow as maps shrink, as in real networks
@@ -144,22 +154,7 @@ def mobile_design(seed: int, multiple: int) -> Design:
     import torch
     from torch import nn
 
-    class Add(nn.Module):
-        def __init__(self, body: Any) -> None:
-            super().__init__()
-            self.body = body
-
-        def forward(self, x: Any) -> Any:
-            return x + self.body(x)
-
-    class Gate(nn.Module):
-        def __init__(self, c: int) -> None:
-            super().__init__()
-            self.fc = nn.Sequential(nn.Conv2d(c, max(4, c // 4), 1), nn.ReLU(), nn.Conv2d(max(4, c // 4), c, 1))
-
-        def forward(self, x: Any) -> Any:
-            return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
-
+    Residual, SE = _block_modules()
     rng = random.Random(seed)
     in_size = rng.choice(SIZES)
     act = rng.choice(ACTS)
@@ -175,9 +170,9 @@ def mobile_design(seed: int, multiple: int) -> Design:
         body = [] if hidden == c else [_conv(c, hidden, 1, 1, 1, act)]
         body.append(_conv(hidden, hidden, rng.choice((3, 3, 5)), stride, hidden, act))
         if rng.random() < 0.3:
-            body.append(Gate(hidden))
+            body.append(SE(hidden))
         body.append(_conv(hidden, cout, 1, 1, 1, None))
-        layers.append(Add(nn.Sequential(*body)) if stride == 1 and cout == c else nn.Sequential(*body))
+        layers.append(Residual(nn.Sequential(*body), None) if stride == 1 and cout == c else nn.Sequential(*body))
         c, size = cout, max(1, size // stride)
     if rng.random() < WIDE_HEAD_SHARE:
         head = _width(rng, multiple, 512, 1280)

@@ -191,9 +191,8 @@ def memory_budget_binds(study: optuna.Study) -> bool:
 def fp32_lock(study: optuna.Study) -> dict[str, Any] | None:
     """The study's FP32 lock: once every INT8 anchor is done and each measured more than :data:`INT8_SLOWER` times
     its FP32 twin while no memory budget binds (:func:`memory_budget_binds`: INT8 then only costs latency), the
-    sampler's trials run in FP32 for
-    the rest of the study instead of spending trials on precision parameters that never pay. Decided once, logged
-    and stored (:data:`FP32_LOCK`); None while INT8 is still searched."""
+    sampler's trials run in FP32 for the rest of the study instead of spending trials on precision parameters that
+    never pay. Decided once, logged and stored (:data:`FP32_LOCK`); None while INT8 is still searched."""
     lock = study.user_attrs.get(FP32_LOCK)
     if lock is not None or memory_budget_binds(study):
         return lock
