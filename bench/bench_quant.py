@@ -9,7 +9,8 @@ search judges a relative budget. Output agreement is measured on held-out inputs
 the subject has an evaluator (the demo).
 
 Run from the repository root: ``python -m bench.bench_quant`` (``--granularity both`` adds the per-layer choice;
-``--quick``: the demo only). Results: a table on stdout and ``bench/results/bench_quant.{csv,json}``.
+``--quick``: the demo only; ``--models``: which models, e.g. ``cifar-widehead``). Results: a table on stdout and
+``bench/results/bench_quant.{csv,json}``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from hwprune.profiles import load_profile
 from hwprune.pruning import PruningSpace
 from hwprune.quant import (CalibrationSet, PrecisionPlan, calibration_set, compare_outputs, evaluate_onnx,
                            group_units, layer_units, quantize, weighted_nodes)
+from hwprune.quant.device import reduce_range
 from hwprune.study.reference import interleaved_rounds
 from hwprune.subjects import models
 from hwprune.subjects.base import Subject
@@ -57,6 +59,11 @@ class Row:
     choice_s: float  # seconds spent choosing (quantizing and timing units)
 
 
+def _quantize(*args: Any, **kwargs: Any) -> Any:
+    """hwprune's quantize as a search on host-cpu calls it (7-bit weights where INT8 saturates there)."""
+    return quantize(*args, reduce_range=reduce_range("host-cpu"), **kwargs)
+
+
 def _plain(name: str, model: torch.nn.Module, size: int) -> Subject:
     """An untrained plain-torch model with random calibration images (no evaluator: output agreement only)."""
     torch.manual_seed(0)
@@ -65,13 +72,27 @@ def _plain(name: str, model: torch.nn.Module, size: int) -> Subject:
                    name=name, calibration_data=images)
 
 
-def subjects(quick: bool) -> list[Subject]:
-    demo = build_demo("mobilenet-tiny", log=print)
-    if quick:
-        return [demo]
-    return [demo,
-            _plain("resnet-cifar", models.ResNet(10, widths=(32, 64, 128), blocks=2, stem_stride=1), 32),
-            _plain("mobilenetv2-0.5-96", models.MobileNetV2(1000, width=0.5), 96)]
+def _widehead() -> Subject:
+    from bench.search_data import WideHeadCNN
+
+    return _plain("cifar-widehead", WideHeadCNN(10), 32)
+
+
+# the models of the table, by name; the demo is trained (accuracy measured), the others untrained (outputs only)
+BUILDERS = {
+    "mobilenet-tiny": lambda: build_demo("mobilenet-tiny", log=print),
+    "resnet-cifar": lambda: _plain("resnet-cifar", models.ResNet(10, widths=(32, 64, 128), blocks=2, stem_stride=1),
+                                   32),
+    "mobilenetv2-0.5-96": lambda: _plain("mobilenetv2-0.5-96", models.MobileNetV2(1000, width=0.5), 96),
+    "cifar-widehead": _widehead,
+}
+DEFAULT_MODELS = ("mobilenet-tiny", "resnet-cifar", "mobilenetv2-0.5-96")
+
+
+def subjects(quick: bool, names: list[str] | None = None) -> list[Subject]:
+    """The subjects of the table: ``names`` (default :data:`DEFAULT_MODELS`), or the demo alone when ``quick``."""
+    chosen = ["mobilenet-tiny"] if quick else list(names or DEFAULT_MODELS)
+    return [BUILDERS[n]() for n in chosen]
 
 
 def _ratio(b: OrtBackend, path: Path, ref: Path) -> tuple[float, float]:
@@ -93,20 +114,20 @@ def greedy(b: OrtBackend, fp32: Path, units: dict[str, tuple[str, ...]], cal: Ca
     """
     start = time.perf_counter()
     everything = PrecisionPlan.uniform(units, "int8")
-    all8 = quantize(fp32, folder / "all8.onnx", everything, cal).path
+    all8 = _quantize(fp32, folder / "all8.onnx", everything, cal).path
     drop, add = [], []
     for unit in units:
-        alone_fp32 = quantize(fp32, folder / "unit.onnx", PrecisionPlan.only(units, set(units) - {unit}), cal).path
+        alone_fp32 = _quantize(fp32, folder / "unit.onnx", PrecisionPlan.only(units, set(units) - {unit}), cal).path
         if _pair_ratio(b, alone_fp32, all8) < 1.0 - MARGIN:
             drop.append(unit)
-        alone_int8 = quantize(fp32, folder / "unit.onnx", PrecisionPlan.only(units, [unit]), cal).path
+        alone_int8 = _quantize(fp32, folder / "unit.onnx", PrecisionPlan.only(units, [unit]), cal).path
         if _pair_ratio(b, alone_int8, fp32) < 1.0 - MARGIN:
             add.append(unit)
     candidates = [PrecisionPlan.uniform(units, "fp32"), everything,
                   PrecisionPlan.only(units, set(units) - set(drop)), PrecisionPlan.only(units, add)]
     timed: list[tuple[float, int]] = []
     for i, plan in enumerate(candidates):
-        path = quantize(fp32, folder / f"candidate{i}.onnx", plan, cal).path
+        path = _quantize(fp32, folder / f"candidate{i}.onnx", plan, cal).path
         timed.append((_ratio(b, path, fp32)[0], i))
     return candidates[min(timed)[1]], time.perf_counter() - start
 
@@ -129,7 +150,7 @@ def bench_subject(b: OrtBackend, subject: Subject, folder: Path, granularities: 
         plans.append((f"best per {g} ({len(units)} units)", plan, spent))
     rows = [_row(b, subject, "fp32", fp32, fp32, cal, 0.0, "fp32")]
     for i, (variant, plan, spent) in enumerate(plans):
-        q = quantize(fp32, folder / f"variant{i}.onnx", plan, cal)
+        q = _quantize(fp32, folder / f"variant{i}.onnx", plan, cal)
         rows.append(_row(b, subject, variant, q.path, fp32, cal, spent, q.label))
     return rows
 
@@ -154,6 +175,8 @@ def _fmt(v: Any) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the demo only")
+    ap.add_argument("--models", nargs="*", choices=list(BUILDERS), default=list(DEFAULT_MODELS),
+                    help="the models of the table (cifar-widehead: convs 32/64 and a 4096-1024-1024 classifier)")
     ap.add_argument("--granularity", choices=("group", "layer", "both"), default="group",
                     help="units of the choice (both: ~800 s on the loaded 2-core build host, group alone ~400 s)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -162,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     b = OrtBackend(load_profile("host-cpu"))
     rows: list[Row] = []
-    for s in subjects(args.quick):
+    for s in subjects(args.quick, args.models):
         grains = ["layer", "group"] if args.granularity == "both" else [args.granularity]
         rows += bench_subject(b, s, out / "bench_quant" / s.name, grains)
     cols = list(asdict(rows[0]))

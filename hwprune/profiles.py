@@ -78,6 +78,7 @@ class MeasureSettings:
 
 
 INT8_MODES = ("search", "measure", "off")
+REDUCE_RANGE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class QuantizeSettings:
 
     int8: str = "measure"
     reason: str = ""
+    reduce_range: str = "auto"  # 7-bit weights: on | off | auto (on for x86 CPUs without VNNI, hwprune.quant.device)
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,9 @@ def profile_from_dict(data: dict[str, Any], *, source: str = "<dict>", default_n
     int8 = sections["quantize"].int8
     if int8 not in INT8_MODES:
         raise ProfileError(f"{source}: quantize.int8: {int8!r} is not one of {', '.join(INT8_MODES)}")
+    if sections["quantize"].reduce_range not in REDUCE_RANGE_MODES:
+        raise ProfileError(f"{source}: quantize.reduce_range: {sections['quantize'].reduce_range!r} is not one of "
+                           f"{', '.join(REDUCE_RANGE_MODES)}")
     tvm: TvmSettings = sections["tvm"]
     if "kind" not in tvm.target:
         raise ProfileError(f"{source}: tvm.target: needs a 'kind' (e.g. {{kind = \"llvm\"}})")

@@ -55,6 +55,7 @@ class QuantizedModel:
     file_bytes: int
     seconds: float = 0.0
     notes: tuple[str, ...] = field(default_factory=tuple)
+    reduce_range: bool = False  # weights quantized to 7 bits (x86 without VNNI: see hwprune.quant.device)
 
     @property
     def int8_nodes(self) -> list[str]:
@@ -72,6 +73,7 @@ class QuantizedModel:
             "calibration": self.calibration.to_dict() if self.calibration else None,
             "weight_bytes": self.weight_bytes, "fp32_weight_bytes": self.fp32_weight_bytes,
             "file_bytes": self.file_bytes, "seconds": self.seconds, "notes": list(self.notes),
+            "reduce_range": self.reduce_range,
         }
 
 

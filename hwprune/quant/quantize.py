@@ -70,8 +70,12 @@ def read_precision(path: str | Path, nodes: list[str], mode: str) -> dict[str, s
 
 
 def quantize(source: str | Path, out: str | Path, plan: PrecisionPlan, calibration: CalibrationSet | None = None,
-             *, mode: str = DEFAULT_MODE, calibrate_method: str = DEFAULT_CALIBRATION) -> QuantizedModel:
+             *, mode: str = DEFAULT_MODE, calibrate_method: str = DEFAULT_CALIBRATION,
+             reduce_range: bool = False) -> QuantizedModel:
     """Write ``out``: ``source`` with ``plan``'s INT8 nodes quantized (``mode`` static needs ``calibration``).
+
+    ``reduce_range`` quantizes weights to 7 bits: what x86 CPUs without VNNI need, where ORT's u8 x s8 kernels sum
+    pairs of products in 16 bits and saturate on full-range weights (:func:`hwprune.quant.device.reduce_range`).
 
     A plan without INT8 nodes writes nothing and returns a record of ``source`` itself (mode ``none``).
 
@@ -92,7 +96,7 @@ def quantize(source: str | Path, out: str | Path, plan: PrecisionPlan, calibrati
     pre, tmp = _tmp_path(out.with_name(out.name + ".pre")), _tmp_path(out)
     try:
         model_in = _preprocessed(source, pre, list(plan.node_precision))
-        _run_ort(model_in, tmp, plan, calibration, mode, calibrate_method)
+        _run_ort(model_in, tmp, plan, calibration, mode, calibrate_method, reduce_range)
         os.replace(tmp, out)
     finally:
         for p in (pre, tmp):
@@ -104,11 +108,11 @@ def quantize(source: str | Path, out: str | Path, plan: PrecisionPlan, calibrati
     record = calibration.record(calibrate_method if mode == "static" else "none") if calibration else None
     weight_bytes = int(round(graph_memory(out).weights_mb * 1e6))
     return QuantizedModel(out, source, mode, precision, record, weight_bytes, fp32_bytes, out.stat().st_size,
-                          time.perf_counter() - start, notes)
+                          time.perf_counter() - start, notes, reduce_range)
 
 
 def _run_ort(model_in: Path, tmp: Path, plan: PrecisionPlan, calibration: CalibrationSet | None, mode: str,
-             calibrate_method: str) -> None:
+             calibrate_method: str, reduce_range: bool) -> None:
     q = _quant()
     try:
         if mode == "static":
@@ -117,9 +121,10 @@ def _run_ort(model_in: Path, tmp: Path, plan: PrecisionPlan, calibration: Calibr
                 str(model_in), str(tmp), FeedReader(calibration.calibrate), quant_format=q.QuantFormat.QDQ,
                 per_channel=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
                 nodes_to_exclude=plan.fp32_nodes, calibrate_method=getattr(q.CalibrationMethod, calibrate_method),
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+                reduce_range=reduce_range, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         else:
             q.quantize_dynamic(str(model_in), str(tmp), weight_type=q.QuantType.QInt8, per_channel=False,
+                               reduce_range=reduce_range,
                                op_types_to_quantize=list(DYNAMIC_OPS), nodes_to_exclude=plan.fp32_nodes)
     except QuantizationError:
         raise

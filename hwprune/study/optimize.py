@@ -20,6 +20,7 @@ from hwprune.integrations.dashboard import DashboardConstraints
 from hwprune.integrations.mlflow import search_callbacks
 from hwprune.pruning import PruningSpace, prune
 from hwprune.pruning.importance import resolve_importance
+from hwprune.quant.device import reduce_range as int8_reduce_range
 from hwprune.recovery import RecoveryPlan
 from hwprune.study import attrs
 from hwprune.study.bracket import warm_start
@@ -78,7 +79,7 @@ def run_trials(ctx: RunContext, subject: Subject, request: dict[str, Any], finge
     study = _open(ctx, subject, sampler, fingerprint, request)
     warm_start(study, space)
     quant = setup_quant(ctx.quantize, dense.path, subject, channel_groups(space), recorded_inputs(recovery),
-                        c.quantize_tolerance, ctx.log)
+                        c.quantize_tolerance, ctx.log, reduce_range=int8_reduce_range(ctx.profile))
     if quant is not None:
         quant.enqueue_anchors(study, space.uniform, c.max_ratio)
     elif ctx.quantize.on:  # the profile's default, with nothing to calibrate on: FP32 only (warned)

@@ -109,6 +109,7 @@ class QuantSearch:
     groups: Mapping[str, Any]  # knob name -> GroupSpec: units of the candidates' graphs
     calibration: CalibrationSet
     tolerance: float = DEFAULT_TOLERANCE
+    reduce_range: bool = False  # 7-bit weights (the device's profile: hwprune.quant.device.reduce_range)
 
     def param(self, unit: str) -> str:
         return attrs.PRECISION_PARAM + unit
@@ -141,7 +142,7 @@ class QuantSearch:
 
         units = group_units(weighted_nodes(fp32_path), self.groups)
         plan = PrecisionPlan(units, {u: choice.get(u, FP32) for u in units})
-        q = quantize(fp32_path, out, plan, self.calibration)
+        q = quantize(fp32_path, out, plan, self.calibration, reduce_range=self.reduce_range)
         result = check_outputs(fp32_path, q.path, self.calibration.heldout, self.tolerance) if check else None
         return QuantResult(q, result, dict(plan.choice))
 
@@ -219,7 +220,7 @@ def precision_record(result: QuantResult | None, choice: Mapping[str, str]) -> d
         return {"label": FP32, "units": dict(choice)}
     q = result.model
     return {"label": q.label, "mode": q.mode, "units": dict(result.choice), "nodes": dict(q.precision),
-            "calibration": q.calibration.to_dict() if q.calibration else None,
+            "calibration": q.calibration.to_dict() if q.calibration else None, "reduce_range": q.reduce_range,
             "output_check": result.check.to_dict() if result.check else None,
             "weight_bytes": q.weight_bytes, "fp32_weight_bytes": q.fp32_weight_bytes, "notes": list(q.notes)}
 
@@ -230,6 +231,7 @@ def write_calibration(result: QuantResult, folder: Path) -> Path:
 
     record = {"calibration": result.model.calibration.to_dict() if result.model.calibration else None,
               "mode": result.model.mode, "precision": dict(result.model.precision),
+              "reduce_range": result.model.reduce_range,
               "output_check": result.check.to_dict() if result.check else None}
     return atomic_write_text(folder / "calibration.json", json.dumps(record, indent=2))
 
@@ -248,8 +250,10 @@ def recorded_inputs(recovery: Any) -> list[Any] | None:
 
 
 def setup_quant(choice: QuantChoice, dense_path: Path, subject: Any, groups: Mapping[str, Any],
-                recorded: list[Any] | None, tolerance: float, log: Callable[[str], None]) -> QuantSearch | None:
-    """The study's :class:`QuantSearch`, or None when it does not quantize.
+                recorded: list[Any] | None, tolerance: float, log: Callable[[str], None],
+                reduce_range: bool = False) -> QuantSearch | None:
+    """The study's :class:`QuantSearch`, or None when it does not quantize; ``reduce_range``: 7-bit weights (the
+    device's, :func:`hwprune.quant.device.reduce_range`).
 
     Nothing to calibrate on refuses an explicit ``--quantize int8``; a profile's default falls back to FP32 with a
     warning.
@@ -269,5 +273,6 @@ def setup_quant(choice: QuantChoice, dense_path: Path, subject: Any, groups: Map
     units = group_units(weighted_nodes(dense_path), groups)
     rec = cal.record("MinMax")
     log(f"INT8 searched per unit: {len(units)} units ({len(groups)} channel groups, the rest single layers), "
-        f"calibrated on {rec.samples} samples ({cal.source})")
-    return QuantSearch(units=units, groups=groups, calibration=cal, tolerance=tolerance)
+        f"calibrated on {rec.samples} samples ({cal.source})"
+        + ("; 7-bit weights (x86 without VNNI: full-range INT8 saturates there)" if reduce_range else ""))
+    return QuantSearch(units=units, groups=groups, calibration=cal, tolerance=tolerance, reduce_range=reduce_range)

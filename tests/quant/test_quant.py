@@ -175,3 +175,57 @@ def test_module_of_rebuilds_qualified_names_of_nested_sequentials() -> None:
     assert module_of("/features/features.1/block/block.0/block.0.0/Conv") == "features.1.block.0.0"
     assert module_of("/features/features.4/block/block.2/fc1/Conv") == "features.4.block.2.fc1"
     assert module_of("/Add") == ""
+
+
+def _profile_with(tmp_path: Path, cpu: str, reduce_range: str | None = None) -> str:
+    text = Path(load_profile("host-cpu").source).read_text().replace('cpu = "detect"', f'cpu = "{cpu}"')
+    if reduce_range is not None:
+        text = text.replace('reduce_range = "auto"', f'reduce_range = "{reduce_range}"')
+    path = tmp_path / f"p{abs(hash((cpu, reduce_range)))}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_reduce_range_follows_the_cpu_and_the_profile(tmp_path: Path) -> None:
+    from hwprune.hostinfo import detect_host_cpu
+    from hwprune.quant.device import reduce_range
+
+    assert reduce_range(_profile_with(tmp_path, "AMD EPYC, x86_64, 2 cores, AVX2 FMA")) is True
+    assert reduce_range(_profile_with(tmp_path, "Intel Xeon, x86_64, 4 cores, AVX2 AVX-512 AVX512-VNNI")) is False
+    assert reduce_range("raspberry-pi-4") is False and reduce_range("android-sd8gen2") is False  # Arm: no saturation
+    assert reduce_range(_profile_with(tmp_path, "AMD EPYC, x86_64, 2 cores, AVX2", "off")) is False
+    assert reduce_range(_profile_with(tmp_path, "4x Cortex-A72", "on")) is True
+    host = detect_host_cpu()
+    expected = host.arch in ("x86_64", "AMD64") and not any("VNNI" in f or f == "AMX" for f in host.features)
+    assert reduce_range("host-cpu") is expected
+    with pytest.raises(ProfileError, match=r"quantize\.reduce_range: 'yes' is not one of auto, on, off"):
+        load_profile(_profile_with(tmp_path, "x86_64", "yes"))
+
+
+def test_seven_bit_weights_reach_ort_and_avoid_saturation(tmp_path: Path) -> None:
+    """A first conv whose weights all sit near their channel's maximum, on inputs spanning their range: the
+    u8 x s8 pairs of x86 without VNNI saturate at 8-bit weights; 7-bit weights (reduce_range) do not."""
+    from hwprune.hostinfo import detect_host_cpu
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(0.5 + 0.5 * torch.rand_like(conv.weight))
+    model = torch.nn.Sequential(conv, torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10)).eval()
+    fp32 = export_onnx(model, (torch.zeros(1, 3, 8, 8),), tmp_path / "fp32.onnx")
+    g = torch.Generator().manual_seed(1)
+    feeds = to_feeds(fp32, [(torch.rand(16, 3, 8, 8, generator=g) * 2 - 1,) for _ in range(3)], 48)
+    cal = CalibrationSet(feeds[:2], feeds[2:], "given")
+    errors, ranges = {}, {}
+    for rr in (False, True):
+        q = quantize(fp32, tmp_path / f"rr{rr}.onnx", plan_for(fp32, ["0"]), cal, reduce_range=rr)
+        assert q.reduce_range is rr and q.to_dict()["reduce_range"] is rr
+        w = [onnx.numpy_helper.to_array(t) for t in onnx.load(q.path).graph.initializer
+             if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4][0]
+        ranges[rr] = int(np.abs(w.astype(int)).max())
+        errors[rr] = compare_outputs(fp32, q.path, cal.heldout).relative_error
+    assert ranges == {False: 127, True: 64}
+    assert errors[True] < 0.25, errors
+    host = detect_host_cpu()
+    if host.arch == "x86_64" and not any("VNNI" in f or f == "AMX" for f in host.features):
+        assert errors[False] > 2 * errors[True] and errors[False] > 0.3, errors  # measured 0.55 vs 0.13 (AVX2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import optuna
 import pytest
@@ -16,6 +17,7 @@ from tiny_subject import TinyNet, tiny_cnn_trained
 import hwprune
 from hwprune.profiles import load_profile
 from hwprune.quant import QuantizationError, evaluate_onnx
+from hwprune.quant.device import reduce_range
 from hwprune.study.precision import signature_with, split_params
 
 FAST_MEASURE = "[measure]\nwarmup = 2\nrepeats = 5\nmin_repeat_ms = 0.5\nmax_cv = 10.0\nremeasure = 0\n"
@@ -72,9 +74,12 @@ def test_deployed_int8_file_remeasures_within_budget_and_scores_through_ort(int8
     assert {"onnx_fp32", "calibration"} <= set(model["files"])
     calibration = json.loads((int8_run / model["files"]["calibration"]["path"]).read_text())
     assert calibration["precision"] == p["nodes"]
+    assert p["reduce_range"] is calibration["reduce_range"] is reduce_range("host-cpu")  # as this CPU needs
     graph = onnx.load(str(onnx_path)).graph
-    assert sum(t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2 for t in graph.initializer) == \
-        sum(v == "int8" for v in p["nodes"].values())
+    weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]
+    assert len(weights) == sum(v == "int8" for v in p["nodes"].values())
+    top = max(int(np.abs(onnx.numpy_helper.to_array(t).astype(int)).max()) for t in weights)
+    assert top <= 64 if p["reduce_range"] else top == 127
     # the deployed file, measured again by the CLI, holds the memory budget it was listed under
     measured = json.loads(run_cli("measure", str(onnx_path), "--json", check=True).stdout)
     budget = summary["request"]["memory_budget_mb"]
