@@ -14,9 +14,10 @@ backend's (INT8 weights at one byte); ``accuracy`` is the subject's evaluator (t
 ``test_accuracy`` the same file on held-out data no search saw, both through ONNX Runtime.
 
 Subjects (``--model``): ``demo`` (mobilenet-tiny), ``cifar`` (bench_search's ResNet 32/64/128 trained on the CIFAR-10
-JPEG zip, ``--cifar-zip``), ``mobilenetv2`` (full-size MobileNetV2 at 224x224 on generated images) and
-``cifar-widehead`` (two conv blocks and a 4096-1024-1024 classifier on CIFAR-10: INT8 helps its head and hurts its
-convs on x86); all but the demo are trained on first use and cached.
+JPEG zip, ``--cifar-zip``), ``mobilenetv2`` (full-size MobileNetV2 at 224x224 on generated images),
+``cifar-widehead`` (two conv blocks and a 4096-1024-1024 classifier on CIFAR-10: INT8 pays in its head) and
+``cifar-se-widehead`` (the same with depthwise + squeeze-excitation blocks, where INT8 costs); all but the demo are
+trained on first use and cached.
 
 Run from the repository root: ``python -m bench.bench_joint`` (``--model``, ``--trials``, ``--settings``). Results: a
 table on stdout and ``bench/results/bench_joint-<model>.{csv,json}``; the searches' folders under
@@ -47,7 +48,7 @@ from hwprune.quant.device import reduce_range
 from hwprune.study.reference import interleaved_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("demo", "cifar", "mobilenetv2", "cifar-widehead")
+MODELS = ("demo", "cifar", "mobilenetv2", "cifar-widehead", "cifar-se-widehead")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ SETTINGS = {"lat 0.6x": Setting("0.6x", None), "lat 0.4x": Setting("0.4x", None)
             "mem 0.15x, guard 2%": Setting(None, "0.15x", "2%", 16),
             "mem 0.3x, guard 2%": Setting(None, "0.3x", "2%", 16),
             "lat 0.7x + mem 0.3x, guard 2%": Setting("0.7x", "0.3x", "2%", 16),
-            "mem 0.1x": Setting(None, "0.1x"), "lat 0.5x + mem 0.1x": Setting("0.5x", "0.1x")}
+            "mem 0.1x": Setting(None, "0.1x"), "lat 0.5x + mem 0.1x": Setting("0.5x", "0.1x"),
+            "lat 0.6x + mem 0.1x": Setting("0.6x", "0.1x")}
 TRIALS = 20
 
 

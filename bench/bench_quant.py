@@ -72,10 +72,10 @@ def _plain(name: str, model: torch.nn.Module, size: int) -> Subject:
                    name=name, calibration_data=images)
 
 
-def _widehead() -> Subject:
+def _widehead(se: bool) -> Subject:
     from bench.search_data import WideHeadCNN
 
-    return _plain("cifar-widehead", WideHeadCNN(10), 32)
+    return _plain("cifar-se-widehead" if se else "cifar-widehead", WideHeadCNN(10, se=se), 32)
 
 
 # the models of the table, by name; the demo is trained (accuracy measured), the others untrained (outputs only)
@@ -84,7 +84,8 @@ BUILDERS = {
     "resnet-cifar": lambda: _plain("resnet-cifar", models.ResNet(10, widths=(32, 64, 128), blocks=2, stem_stride=1),
                                    32),
     "mobilenetv2-0.5-96": lambda: _plain("mobilenetv2-0.5-96", models.MobileNetV2(1000, width=0.5), 96),
-    "cifar-widehead": _widehead,
+    "cifar-widehead": lambda: _widehead(False),
+    "cifar-se-widehead": lambda: _widehead(True),
 }
 DEFAULT_MODELS = ("mobilenet-tiny", "resnet-cifar", "mobilenetv2-0.5-96")
 
@@ -176,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the demo only")
     ap.add_argument("--models", nargs="*", choices=list(BUILDERS), default=list(DEFAULT_MODELS),
-                    help="the models of the table (cifar-widehead: convs 32/64 and a 4096-1024-1024 classifier)")
+                    help="the models of the table (cifar-widehead: convs 32/64 and a 4096-1024-1024 classifier; "
+                         "cifar-se-widehead: depthwise + squeeze-excitation blocks before it)")
     ap.add_argument("--granularity", choices=("group", "layer", "both"), default="group",
                     help="units of the choice (both: ~800 s on the loaded 2-core build host, group alone ~400 s)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))

@@ -27,6 +27,7 @@ NEIGHBOUR_OF = "neighbour_of"  # the refinement's trials: the incumbent they nei
 PRECISION = "precision"  # --quantize int8: fp32 / int8 / "mixed k/n" (INT8 weighted nodes / all), read from the file
 OUTPUT_ERROR = "int8_output_error"  # the INT8 file's relative output error against the FP32 one (held-out inputs)
 INT8_ANCHOR = "int8_anchor"  # the INT8-everywhere warm-start trials: their uniform ratio
+GEMM_ANCHOR = "int8_gemm_anchor"  # the warm-start trial with only the Gemm/MatMul units in INT8
 PRECISION_PARAM = "precision:"  # prefix of the precision parameters (one per unit: fp32 | int8)
 
 # what a cached architecture's trial copies from the trial that measured it

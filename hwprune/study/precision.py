@@ -36,6 +36,11 @@ OFF, ON = "off", "int8"
 # "quantize it all" baseline) and the warm start's middle; without them a memory budget only INT8 meets waits for the
 # sampler to draw every big group in INT8 at once
 INT8_ANCHORS = (0.0, 2 / 3)
+# ops whose units make the "dense layers in INT8" anchor: at batch 1 their weights, read once per inference, are the
+# cost INT8 cuts 4x, while convs on small maps and squeeze-excite gates pay Q/DQ around little work (the CIFAR-10 SE
+# CNN: Gemms alone in INT8 0.59x of FP32, everything 0.79x, the conv blocks alone 1.64x); a sampler drawing one
+# precision per unit rarely draws that split among 2^units in a short study
+GEMM_OPS = ("Gemm", "MatMul")
 # an INT8 anchor this many times slower than its FP32 twin is beyond this host's noise (FP32 timed against itself
 # reads 0.94-1.10, docs/benchmarks.md); the demo's anchors measured 3-3.5x
 INT8_SLOWER = 1.25
@@ -110,6 +115,7 @@ class QuantSearch:
     calibration: CalibrationSet
     tolerance: float = DEFAULT_TOLERANCE
     reduce_range: bool = False  # 7-bit weights (the device's profile: hwprune.quant.device.reduce_range)
+    gemm_units: frozenset[str] = frozenset()  # units whose weighted nodes are all Gemm/MatMul (GEMM_OPS)
 
     def param(self, unit: str) -> str:
         return attrs.PRECISION_PARAM + unit
@@ -119,18 +125,23 @@ class QuantSearch:
         bisection reasons about are FP32 models)."""
         if attrs.UNIFORM_RATIO in trial.user_attrs or attrs.DEPTH_PROBE in trial.user_attrs:
             return {u: FP32 for u in self.units}
-        if attrs.INT8_ANCHOR not in trial.user_attrs and fp32_lock(trial.study) is not None:
+        anchor = attrs.INT8_ANCHOR in trial.user_attrs or attrs.GEMM_ANCHOR in trial.user_attrs
+        if not anchor and fp32_lock(trial.study) is not None:
             trial.set_user_attr(PRECISION_LOCKED, True)
             return {u: FP32 for u in self.units}
         return {u: str(trial.suggest_categorical(self.param(u), (FP32, INT8))) for u in self.units}
 
     def enqueue_anchors(self, study: optuna.Study, uniform: Callable[[float], dict[str, float]],
                         max_ratio: float) -> None:
-        """Queue the INT8-everywhere warm-start trials (:data:`INT8_ANCHORS`), once per study."""
+        """Queue the INT8-everywhere warm-start trials (:data:`INT8_ANCHORS`), once per study, and where the units
+        mix Gemm/MatMul units with others, the unpruned model with only those in INT8 (:data:`GEMM_OPS`)."""
         int8 = {self.param(u): INT8 for u in self.units}
         for f in INT8_ANCHORS:
             study.enqueue_trial({**uniform(f * max_ratio), **int8}, user_attrs={attrs.INT8_ANCHOR: f * max_ratio},
                                 skip_if_exists=True)
+        if self.gemm_units and set(self.units) - self.gemm_units:
+            gemm = {self.param(u): INT8 if u in self.gemm_units else FP32 for u in self.units}
+            study.enqueue_trial({**uniform(0.0), **gemm}, user_attrs={attrs.GEMM_ANCHOR: 0.0}, skip_if_exists=True)
 
     def apply(self, fp32_path: Path, out: Path, choice: Mapping[str, str], check: bool = True) -> QuantResult:
         """Quantize ``fp32_path`` into ``out`` as ``choice`` says, and check its outputs against the FP32 file.
@@ -270,9 +281,13 @@ def setup_quant(choice: QuantChoice, dense_path: Path, subject: Any, groups: Map
             raise
         log(f"warning: INT8 is not searched ({exc}); pass --quantize off to silence this")
         return None
-    units = group_units(weighted_nodes(dense_path), groups)
+    nodes = weighted_nodes(dense_path)
+    units = group_units(nodes, groups)
+    ops = {n.name: n.op_type for n in nodes}
+    gemm_units = frozenset(u for u, names in units.items() if names and all(ops.get(n) in GEMM_OPS for n in names))
     rec = cal.record("MinMax")
     log(f"INT8 searched per unit: {len(units)} units ({len(groups)} channel groups, the rest single layers), "
         f"calibrated on {rec.samples} samples ({cal.source})"
         + ("; 7-bit weights (x86 without VNNI: full-range INT8 saturates there)" if reduce_range else ""))
-    return QuantSearch(units=units, groups=groups, calibration=cal, tolerance=tolerance, reduce_range=reduce_range)
+    return QuantSearch(units=units, groups=groups, calibration=cal, tolerance=tolerance, reduce_range=reduce_range,
+                       gemm_units=gemm_units)

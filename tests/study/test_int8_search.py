@@ -241,3 +241,32 @@ def test_int8_slower_than_fp32_locks_the_sampler_to_fp32_only_where_no_memory_bu
         trial = study.ask()
         assert fp32_lock(study) is None and PRECISION_LOCKED not in trial.user_attrs
         assert set(quant.suggest(trial)) == {"g", "head"} and "precision:g" in trial.params
+
+
+def test_gemm_anchor_puts_only_the_dense_layers_in_int8_and_runs_under_the_lock() -> None:
+    from optuna.distributions import FloatDistribution
+
+    from hwprune.study import attrs
+    from hwprune.study.precision import QuantSearch
+
+    units = {"g": ("/g/Conv",), "head.1": ("/head/head.1/Gemm",), "head.3": ("/head/head.3/Gemm",)}
+    quant = QuantSearch(units=units, groups={}, calibration=None, gemm_units=frozenset({"head.1", "head.3"}))  # type: ignore[arg-type]
+    study = _lock_study(3.0, None)  # INT8 everywhere ran 3x its FP32 twins: the sampler is locked to FP32
+    dist = FloatDistribution(0.0, 0.8)
+    quant.enqueue_anchors(study, lambda r: {"g": r}, 0.8)
+    queued = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.WAITING]
+    assert sum(attrs.GEMM_ANCHOR in t.user_attrs for t in queued) == 1
+    while True:  # run the queue: the INT8-everywhere anchors are in the fixture already, skip_if_exists drops them
+        trial = study.ask({"g": dist})
+        if attrs.GEMM_ANCHOR in trial.user_attrs:
+            break
+        study.tell(trial, [0.9, 1.0, 1.0])
+    # the lock holds the sampler's trials, not the anchor that tests whether the Gemms alone pay
+    assert trial.params["g"] == 0.0  # the unpruned model
+    assert quant.suggest(trial) == {"g": "fp32", "head.1": "int8", "head.3": "int8"}
+    # without both kinds of units there is nothing to split: no such anchor
+    only_gemm = QuantSearch(units={"head.1": units["head.1"]}, groups={}, calibration=None,  # type: ignore[arg-type]
+                            gemm_units=frozenset({"head.1"}))
+    fresh = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    only_gemm.enqueue_anchors(fresh, lambda r: {"g": r}, 0.8)
+    assert not any(attrs.GEMM_ANCHOR in t.user_attrs for t in fresh.get_trials(deepcopy=False))
