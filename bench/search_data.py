@@ -150,6 +150,36 @@ class AugmentedBatches:
         return -(-self.x.shape[0] // self.batch_size)
 
 
+def _trained_on_cifar(model: nn.Module, name: str, seed: int, zip_path: Path, steps: int, lr: float,
+                      description: str) -> tuple[Subject, float, float, Any]:
+    """``model`` trained ``steps`` SGD steps on 40,000 augmented CIFAR-10 images (cached by ``name``, steps and
+    seed), as a subject that evaluates on 5,000 other training images; returns it with its validation and test
+    accuracy and the test batches (10,000 images nothing chose on)."""
+    from hwprune.subjects.demo import _Batches
+
+    splits = load_cifar(zip_path, {"train": ("train", 0, 4000), "val": ("train", 4000, 500),
+                                   "test": ("test", 0, 1000)})
+    (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits["train"], splits["val"], splits["test"]
+    key = hashlib.sha256(f"{name}|{zip_path.name}|40k-aug|{steps}|{seed}|{torch.__version__}".encode())
+    path = cache_dir() / "subjects" / f"bench-{name}-{key.hexdigest()[:12]}.pt"
+    val = _Batches(x_val, y_val, 1000, shuffle=False)
+    test = _Batches(x_test, y_test, 1000, shuffle=False)
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    else:
+        say(f"training the CIFAR-10 {name} ({steps} steps on 40,000 augmented images, first run only)...")
+        train.finetune(model, AugmentedBatches(x_train, y_train, 128, seed=seed), steps, lr=lr,
+                       progress=lambda step, loss: step % 250 == 0 and say(f"  step {step}/{steps}, loss {loss:.3f}"))
+        atomic_torch_save(model.state_dict(), path)
+    model.eval()
+    subject = Subject(
+        model=model, example_inputs=(torch.zeros(1, 3, 32, 32),), evaluate=lambda m: train.accuracy(m, val),
+        name=name, calibration_data=_Batches(x_train[:1024], y_train[:1024], 128, shuffle=False),
+        train_data=_Batches(x_train, y_train, 128, shuffle=True), loss_fn=nn.functional.cross_entropy,
+        description=description)
+    return subject, train.accuracy(model, val), train.accuracy(model, test), test
+
+
 def build_cifar(seed: int, zip_path: Path,
                 steps: int = 3000) -> tuple[Subject, str, Callable[[nn.Module], torch.Tensor]]:
     """A ResNet (widths 32/64/128, ~5x the demo's MACs) trained on 40,000 CIFAR-10 images with augmentation.
@@ -157,31 +187,10 @@ def build_cifar(seed: int, zip_path: Path,
     The search sees only a validation split (5,000 other training images); the table's accuracy is measured on the
     10,000 test images, which nothing chose on.
     """
-    from hwprune.subjects.demo import _Batches
-
-    splits = load_cifar(zip_path, {"train": ("train", 0, 4000), "val": ("train", 4000, 500),
-                                   "test": ("test", 0, 1000)})
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits["train"], splits["val"], splits["test"]
     torch.manual_seed(seed)
     model = models.ResNet(10, widths=(32, 64, 128), blocks=2, stem_stride=2)
-    key = hashlib.sha256(f"cifar-resnet|{zip_path.name}|40k-aug|{steps}|{seed}|{torch.__version__}".encode())
-    path = cache_dir() / "subjects" / f"bench-cifar-resnet-{key.hexdigest()[:12]}.pt"
-    val = _Batches(x_val, y_val, 1000, shuffle=False)
-    test = _Batches(x_test, y_test, 1000, shuffle=False)
-    if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        say(f"training the CIFAR-10 ResNet ({steps} steps on 40,000 augmented images, first run only)...")
-        train.finetune(model, AugmentedBatches(x_train, y_train, 128, seed=seed), steps, lr=0.1,
-                       progress=lambda step, loss: step % 250 == 0 and say(f"  step {step}/{steps}, loss {loss:.3f}"))
-        atomic_torch_save(model.state_dict(), path)
-    model.eval()
-    subject = Subject(
-        model=model, example_inputs=(torch.zeros(1, 3, 32, 32),), evaluate=lambda m: train.accuracy(m, val),
-        name="cifar-resnet", calibration_data=_Batches(x_train[:1024], y_train[:1024], 128, shuffle=False),
-        train_data=_Batches(x_train, y_train, 128, shuffle=True), loss_fn=nn.functional.cross_entropy,
-        description="ResNet 32/64/128 on CIFAR-10 (lossy JPEG copy)")
-    acc_val, acc_test = train.accuracy(model, val), train.accuracy(model, test)
+    subject, acc_val, acc_test, test = _trained_on_cifar(model, "cifar-resnet", seed, zip_path, steps, 0.1,
+                                                         "ResNet 32/64/128 on CIFAR-10 (lossy JPEG copy)")
     return subject, (f"ResNet (widths 32/64/128) trained {steps} steps on 40,000 augmented CIFAR-10 images from the "
                      f"lossy JPEG copy (dense accuracy {acc_test:.3f} on the 10,000 test images, {acc_val:.3f} on the "
                      "5,000 validation images the search evaluates on; real data, relative comparisons only)"), \
@@ -226,34 +235,13 @@ def build_cifar_widehead(seed: int, zip_path: Path, steps: int = 3000,
     search. On this x86 host INT8 pays in the head's large Gemms; with ``se`` it costs in the depthwise and
     squeeze-excitation blocks (INT8 everywhere 0.79x of FP32, the head alone 0.59x, the blocks alone 1.6x), without
     it the plain convs are about even. Splits as :func:`build_cifar`."""
-    from hwprune.subjects.demo import _Batches
-
-    splits = load_cifar(zip_path, {"train": ("train", 0, 4000), "val": ("train", 4000, 500),
-                                   "test": ("test", 0, 1000)})
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits["train"], splits["val"], splits["test"]
     torch.manual_seed(seed)
     model = WideHeadCNN(10, se=se)
     name = "cifar-se-widehead" if se else "cifar-widehead"
-    key = hashlib.sha256(f"{name}|{zip_path.name}|40k-aug|{steps}|{seed}|{torch.__version__}".encode())
-    path = cache_dir() / "subjects" / f"bench-{name}-{key.hexdigest()[:12]}.pt"
-    val = _Batches(x_val, y_val, 1000, shuffle=False)
-    test = _Batches(x_test, y_test, 1000, shuffle=False)
-    if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    else:
-        say(f"training the CIFAR-10 {name} CNN ({steps} steps on 40,000 augmented images, first run only)...")
-        train.finetune(model, AugmentedBatches(x_train, y_train, 128, seed=seed), steps, lr=0.02,
-                       progress=lambda step, loss: step % 250 == 0 and say(f"  step {step}/{steps}, loss {loss:.3f}"))
-        atomic_torch_save(model.state_dict(), path)
-    model.eval()
-    subject = Subject(
-        model=model, example_inputs=(torch.zeros(1, 3, 32, 32),), evaluate=lambda m: train.accuracy(m, val),
-        name=name, calibration_data=_Batches(x_train[:1024], y_train[:1024], 128, shuffle=False),
-        train_data=_Batches(x_train, y_train, 128, shuffle=True), loss_fn=nn.functional.cross_entropy,
-        description=f"CNN 32/64{' (depthwise + SE blocks)' if se else ''} with a 4096-1024-1024 classifier on "
-                    "CIFAR-10 (lossy JPEG copy)")
-    acc_val, acc_test = train.accuracy(model, val), train.accuracy(model, test)
     blocks = "depthwise + squeeze-excitation blocks 32/64" if se else "convs 32/64"
+    subject, acc_val, acc_test, test = _trained_on_cifar(
+        model, name, seed, zip_path, steps, 0.02,
+        f"CNN ({blocks}) with a 4096-1024-1024 classifier on CIFAR-10 (lossy JPEG copy)")
     return subject, (f"CNN ({blocks}, classifier 4096-1024-1024) trained {steps} steps on 40,000 augmented CIFAR-10 "
                      f"images from the lossy JPEG copy (dense accuracy {acc_test:.3f} on the 10,000 test images, "
                      f"{acc_val:.3f} on the 5,000 validation images the search evaluates on)"), \
