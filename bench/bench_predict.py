@@ -6,8 +6,6 @@ Run from the repository root:  python -m bench.bench_predict [--budget-seconds 2
 2. Held-out models, none in the calibration set: the demo families (mobilenet-tiny, resnet-tiny) with width-scaled
    variants, a ResNet-18 and a MobileNetV2 (plain torch) at two input sizes, and a transformer encoder. Each is
    measured (the CPU-time median with one thread, as calibration learns) and predicted by both estimators.
-   The narrower CNN variants are also predicted as a measured search's screen predicts its candidates: scaled by
-   their widest variant's measured / predicted latency (hwprune.predict.screen's dense-model anchor).
 3. Transfer: ORT with 2 threads as the "new device": the host predictor plus N of the held-out measurements,
    validated on the rest, for several N.
 Prints a table and writes predict.csv / predict.json to --out.
@@ -20,7 +18,6 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,23 +89,6 @@ def _stats(pred: list[float], meas: list[float]) -> dict[str, float]:
             "median_abs_error": v.median_abs_error, "spearman": _spearman(pred, meas)}
 
 
-def _anchored(df: pd.DataFrame, anchor_width: float) -> list[dict[str, Any]]:
-    """Rows for the narrower CNN variants predicted as a measured search's screen does: scaled by the measured /
-    predicted latency of their family's widest model (the "dense" one, measured first in a search), beside the
-    plain fitted predictions of the same models."""
-    family = df.model.str.replace(r"-w[0-9.]+", "", regex=True)
-    tag = f"-w{anchor_width:g}"
-    anchors = {family[i]: i for i in range(len(df)) if tag in df.model[i]}
-    rows = [i for i in range(len(df)) if family[i] in anchors and i != anchors[family[i]]]
-    if not rows:
-        return []
-    meas = df.measured_ms[rows].tolist()
-    anchored = [df.fitted_ms[i] * df.measured_ms[anchors[family[i]]] / df.fitted_ms[anchors[family[i]]]
-                for i in rows]
-    return [{"estimator": "fitted, narrower variants", **_stats(df.fitted_ms[rows].tolist(), meas)},
-            {"estimator": "fitted, narrower variants anchored on the widest's measurement", **_stats(anchored, meas)}]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-seconds", type=float, default=240.0, help="calibration measuring time")
@@ -142,7 +122,6 @@ def main() -> None:
         df = pd.DataFrame(rows)
         table = [{"estimator": name, **_stats(df[col].tolist(), df.measured_ms.tolist())}
                  for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"))]
-        table += _anchored(df, max(float(w) for w in args.widths.split(",")))
         if args.rounds >= 3:
             # the noise ceiling: how often one round of measurement lands within +-10% of the median of the other
             # rounds. No predictor can be judged more precisely than the measurement it is judged against
