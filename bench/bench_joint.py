@@ -31,10 +31,10 @@ import csv
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 from bench.common import CIFAR_ZIP
 from bench.search_data import build_subject

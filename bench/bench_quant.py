@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import statistics
 import time
@@ -59,9 +60,14 @@ class Row:
     choice_s: float  # seconds spent choosing (quantizing and timing units)
 
 
+@functools.cache
+def _host_reduce_range() -> bool:
+    return reduce_range("host-cpu")
+
+
 def _quantize(*args: Any, **kwargs: Any) -> Any:
     """hwprune's quantize as a search on host-cpu calls it (7-bit weights where INT8 saturates there)."""
-    return quantize(*args, reduce_range=reduce_range("host-cpu"), **kwargs)
+    return quantize(*args, reduce_range=_host_reduce_range(), **kwargs)
 
 
 def _plain(name: str, model: torch.nn.Module, size: int) -> Subject:

@@ -288,6 +288,6 @@ def setup_quant(choice: QuantChoice, dense_path: Path, subject: Any, groups: Map
     rec = cal.record("MinMax")
     log(f"INT8 searched per unit: {len(units)} units ({len(groups)} channel groups, the rest single layers), "
         f"calibrated on {rec.samples} samples ({cal.source})"
-        + ("; 7-bit weights (x86 without VNNI: full-range INT8 saturates there)" if reduce_range else ""))
+        + ("; 7-bit weights (the profile's quantize.reduce_range)" if reduce_range else ""))
     return QuantSearch(units=units, groups=groups, calibration=cal, tolerance=tolerance, reduce_range=reduce_range,
                        gemm_units=gemm_units)
