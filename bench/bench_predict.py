@@ -99,14 +99,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/predict"))
     args = ap.parse_args()
     profile = load_profile("host-cpu")
-    t0 = time.monotonic()
-    predictor = calibrate(profile, args.budget_seconds)
-    calib_s = time.monotonic() - t0
     host, dev = OrtBackend(profile), OrtBackend(profile.with_overrides(ort__intra_op_threads=2))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = held_out([int(s) for s in args.sizes.split(",")], [float(w) for w in args.widths.split(",")])
         paths = [export_design(d, Path(tmp)) for d in models]
+        # one round before calibration: how far the host itself drifts between calibrating and using a predictor
+        before = [target_ms(host.measure(path)) for path in paths]
+        t0 = time.monotonic()
+        predictor = calibrate(profile, args.budget_seconds)
+        calib_s = time.monotonic() - t0
         # rounds interleave the models (round 1 over all, round 2 over all, ...): a slow spell on the shared host
         # then hits one round of every model instead of all rounds of a few
         host_ms: list[list[float]] = [[] for _ in paths]
@@ -128,6 +130,8 @@ def main() -> None:
             one = [h[0] for h in host_ms]
             rest = [float(np.median(h[1:])) for h in host_ms]
             table.append({"estimator": "noise: one round vs the other rounds' median", **_stats(one, rest)})
+        table.append({"estimator": "drift: a round before calibration vs the median after",
+                      **_stats(before, df.measured_ms.tolist())})
         rng = np.random.default_rng(0)
         for n in [int(x) for x in args.transfer_n.split(",")]:
             pick = rng.permutation(len(df))

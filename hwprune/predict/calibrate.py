@@ -54,9 +54,16 @@ def _meta(profile: DeviceProfile) -> dict[str, Any]:
             "threads": profile.ort.intra_op_threads, "channel_multiple": profile.channel_multiple}
 
 
-def attribute_node_times(model: Any, feats: list[NodeFeatures],
-                         profiled: list[dict[str, Any]]) -> tuple[dict[str, float], float]:
+def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[dict[str, Any]],
+                         counts: dict[str, int] | None = None) -> tuple[dict[str, float], float]:
     """Map ORT profiler nodes onto the exported graph's node names.
+
+    Args:
+        model: the exported ONNX model (path or proto).
+        feats: its node features.
+        profiled: ORT profiler nodes (``name``, ``median_us``).
+        counts: if given, filled with the number of profiled kernels charged to each exported node (the profiler's
+            own cost is per kernel).
 
     Returns:
         (microseconds per exported node name, microseconds that could not be attributed).
@@ -80,10 +87,15 @@ def attribute_node_times(model: Any, feats: list[NodeFeatures],
             target = node.name
         if target is None:
             target = next((n for n in names if n and name.startswith(n + "_")), None)
+        if target is None and "/" in name and name.rsplit("/", 1)[0] in names:
+            # a fusion ORT names under the node it starts from ("/attn/MatMul/MatMulAddFusion"): that node's kernel
+            target = name.rsplit("/", 1)[0]
         if target is None:
             lost += float(p["median_us"])
             continue
         times[target] = times.get(target, 0.0) + float(p["median_us"])
+        if counts is not None:
+            counts[target] = counts.get(target, 0) + 1
     return times, lost
 
 
@@ -93,11 +105,12 @@ def measure_model(name: str, onnx_path: Path, profile: DeviceProfile, backend: A
 
     feats = graph_features(onnx_path, profile.channel_multiple)
     prof = node_profile(onnx_path, profile, runs=PROFILE_RUNS)
-    times, lost = attribute_node_times(onnx_path, feats, prof["nodes"])
+    counts: dict[str, int] = {}
+    times, lost = attribute_node_times(onnx_path, feats, prof["nodes"], counts)
     total = sum(times.values()) + lost
-    samples = [NodeSample(f.keys, f.basis, times.get(f.name, 0.0), f.log_basis, 1.0 / max(total, 1.0), f.x)
-               for f in feats]
     ms = target_ms(backend.measure(onnx_path))
+    samples = [NodeSample(f.keys, f.basis, times.get(f.name, 0.0), f.log_basis, 1.0 / max(total, 1.0), f.x, name,
+                          ms, f.fused, counts.get(f.name, 1)) for f in feats]
     return Measured(name, feats, samples, ms, sum(times.values()) / total if total > 0 else 1.0)
 
 
@@ -116,8 +129,8 @@ def export_design(d: Design, folder: Path) -> Path:
 
 
 def profiler_overhead_us(measured: list[Measured]) -> float:
-    """The profiler's own cost per timed node, in microseconds: the median over small models of (profiled kernel
-    time - whole-model time) / timed nodes.
+    """The profiler's own cost per profiled kernel, in microseconds: the median over small models of (profiled
+    kernel time - whole-model time) / profiled kernels.
 
     ORT's per-node profiler charges every kernel a few microseconds of its own bookkeeping (measured here: a
     mobilenet-tiny's 48 kernels summed to 2.2x the unprofiled run, ~2-3 us per node, and the same per node in a
@@ -126,7 +139,7 @@ def profiler_overhead_us(measured: list[Measured]) -> float:
     """
     excess = []
     for m in measured:
-        timed = sum(1 for s in m.samples if s.us > 0)
+        timed = sum(s.kernels for s in m.samples if s.us > 0)
         if timed and m.measured_ms < PROFILER_SMALL_MS and m.attributed_share > 0:
             total_us = sum(s.us for s in m.samples) / m.attributed_share
             excess.append((total_us - m.measured_ms * 1e3) / timed)
@@ -134,8 +147,10 @@ def profiler_overhead_us(measured: list[Measured]) -> float:
 
 
 def without_profiler(m: Measured, overhead_us: float) -> Measured:
-    """``m`` with ``overhead_us`` taken off every timed node (floored at :data:`MIN_NODE_US`)."""
-    samples = [dataclasses.replace(s, us=max(s.us - overhead_us, MIN_NODE_US)) if s.us > 0 else s for s in m.samples]
+    """``m`` with ``overhead_us`` taken off every profiled kernel of every timed node (floored at
+    :data:`MIN_NODE_US`)."""
+    samples = [dataclasses.replace(s, us=max(s.us - overhead_us * s.kernels, MIN_NODE_US)) if s.us > 0 else s
+               for s in m.samples]
     return dataclasses.replace(m, samples=samples)
 
 

@@ -25,6 +25,8 @@ WIDE_HEAD_SHARE = 0.3
 # every MOBILE_EVERY-th design is a MobileNet-like chain of inverted residual blocks: in the mixed CNN designs only one
 # block in six is inverted, which left the depthwise kernels with a few dozen samples and MobileNetV2 mispredicted
 MOBILE_EVERY = 5
+# sequence lengths of the nn.TransformerEncoder designs (the benchmark's held-out encoders run 32 and 64 tokens)
+ENCODER_TOKENS = (16, 24, 49, 96, 128)
 
 
 @dataclass(frozen=True)
@@ -182,12 +184,32 @@ def mobile_design(seed: int, multiple: int) -> Design:
     return Design(f"mobile-{seed}", net.eval(), torch.randn(1, 3, in_size, in_size))
 
 
-def transformer_design(seed: int, multiple: int) -> Design:
-    """A random pre-norm transformer block stack on a token sequence (LayerNorm, attention, GELU MLP)."""
+def torch_encoder_design(seed: int, multiple: int) -> Design:
+    """A random stack of PyTorch's own ``nn.TransformerEncoderLayer``: it exports differently from a hand-written
+    block (fused multi-head attention: packed in-projection, Gather/Squeeze splits, MatMul+Add fusions in ORT), and
+    it is the block users ship."""
     import torch
     from torch import nn
 
     rng = random.Random(seed)
+    heads = rng.choice((1, 2, 4, 8))
+    dim = heads * rng.choice((8, 16, 24, 32))
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=_width(rng, multiple, dim, 4 * dim),
+                                       batch_first=True, norm_first=rng.random() < 0.5,
+                                       activation=rng.choice(("relu", "gelu")))
+    net = nn.TransformerEncoder(layer, num_layers=rng.randint(1, 3), enable_nested_tensor=False)
+    return Design(f"encoder-{seed}", net.eval(), torch.randn(1, rng.choice(ENCODER_TOKENS), dim))
+
+
+def transformer_design(seed: int, multiple: int) -> Design:
+    """A random pre-norm transformer block stack on a token sequence (LayerNorm, attention, GELU MLP); every other
+    one PyTorch's ``nn.TransformerEncoder`` (:func:`torch_encoder_design`)."""
+    import torch
+    from torch import nn
+
+    rng = random.Random(seed)
+    if rng.random() < 0.5:
+        return torch_encoder_design(seed + 1, multiple)
     heads = rng.choice((1, 2, 4))
     dim = heads * rng.choice((8, 16, 24, 32, 48))
     tokens = rng.choice((16, 32, 49, 64))
@@ -226,4 +248,4 @@ def designs(count: int, multiple: int, seed: int = 0) -> list[Design]:
     return out
 
 
-__all__ = ["Design", "cnn_design", "designs", "mobile_design", "transformer_design"]
+__all__ = ["Design", "cnn_design", "designs", "mobile_design", "torch_encoder_design", "transformer_design"]

@@ -191,7 +191,7 @@ def node_features(node: Any, infos: dict[str, TensorInfo], channel_multiple: int
             keys = (f"{op}/{_broadcast_kind(_shape(infos, node.input[0]), _shape(infos, node.input[1]))}", op)
     if op not in ("Conv", "MatMul", "Gemm") and getattr(infos, "const", None) and node.output \
             and all((not o) or o in infos.const for o in node.output):
-        keys = (f"{op}@const", op)
+        keys = (f"{op}@const", op)  # hwprune.predict.model.CONST_SUFFIX: predicted 0
     basis = (1.0, macs / 1e6, padded / 1e6, moved / 1e6)
     # kernel efficiency is not linear in size (small maps and thin layers waste SIMD lanes): a power law in the
     # geometry fits compute kernels far better than a line through MACs

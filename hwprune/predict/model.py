@@ -1,7 +1,8 @@
 """A latency predictor: per-node regressors summed over a graph's nodes, then a whole-model correction.
 
 Convolutions and matmuls are predicted by a tree per family (:mod:`hwprune.predict.trees`); other ops, and every op
-when scikit-learn is missing, by per-op-type linear regressors (power laws where the nodes are timed kernels).
+when scikit-learn is missing, by per-op-type linear regressors (power laws where the nodes are timed kernels). Every
+node prediction is then multiplied by a factor boosted on whole-model measurements (:mod:`hwprune.predict.residual`).
 
 Node regressors are fitted on per-node kernel times (ONNX Runtime's profiler); the correction
 ``model_ms = scale x sum(node predictions) + overhead`` on whole-model medians, which also absorbs what the profiler
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.predict.features import NodeFeatures, graph_features
+from hwprune.predict.residual import ResidualTrees, fit_residual, node_row
 from hwprune.predict.trees import TREE_FAMILIES, fit_trees, predict_trees
 
 MIN_SAMPLES = 6  # fewest node samples a key needs before it gets its own regressor
@@ -28,6 +30,7 @@ LOG_MIN_US = 1.0  # nodes under a microsecond are timer resolution: left out of 
 LOG_RIDGE = 1e-2
 FAMILIES = ("conv", "conv-dw", "matmul", "other")
 OVERHEAD = "overhead_ms"
+CONST_SUFFIX = "@const"  # hwprune.predict.features keys a node ORT constant-folds <op>@const
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,15 @@ class NodeSample:
     log_basis: tuple[float, ...] = ()
     weight: float = 1.0  # 1 / its model's total us: a node's error counts as a share of its model's latency
     x: tuple[float, ...] = ()  # tree features (hwprune.predict.features.TREE_NAMES)
+    model: str = ""  # the calibration model it was timed in (groups nodes for the residual trees)
+    model_ms: float = 0.0  # that model's measured whole-model ms (what the residual trees fit to)
+    fused: bool = False  # an elementwise node folded into the kernel before it
+    kernels: int = 1  # profiled kernels charged to it (the profiler's own cost is per kernel)
+
+    def as_features(self) -> NodeFeatures:
+        """The node features a prediction needs (keys, bases, tree input, fused), for refits from stored samples."""
+        return NodeFeatures("", self.keys[-1], self.keys, 0, 0, 0, 0, 0, 0, 0, 1, False, self.fused, self.basis,
+                            self.log_basis, self.x)
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,8 @@ class Predictor:
     prior: dict[str, float] = field(default_factory=default_correction)  # what fit_correction is pulled toward
     # fitted trees per family, rebuilt from node_samples on first use (not stored: refitting is deterministic)
     trees: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # the residual trees, rebuilt likewise from the node samples (which carry their models' ms); False: none to fit
+    residual: ResidualTrees | bool | None = field(default=None, repr=False, compare=False)
 
     def _trees(self) -> dict[str, Any]:
         if self.trees is None:
@@ -178,6 +192,11 @@ class Predictor:
                     groups[fam].append((s.x, s.us, s.weight))
             self.trees = fit_trees(groups)
         return self.trees
+
+    @property
+    def has_residual(self) -> bool:
+        """Whether the residual trees are fitted (enough calibration models, scikit-learn present)."""
+        return self._residual() is not None
 
     @property
     def fitted_on(self) -> int:
@@ -195,10 +214,11 @@ class Predictor:
                 return max(0.0, float(np.dot(coef, f.basis)))
         return 0.0
 
-    def nodes_us(self, feats: list[NodeFeatures]) -> list[float]:
-        """Predicted kernel time of each node in microseconds: the family's tree where there is one (folded
-        elementwise nodes excepted), else the node's linear regressor."""
-        out = [self.node_us(f) for f in feats]
+    def base_nodes_us(self, feats: list[NodeFeatures]) -> list[float]:
+        """Kernel time of each node in microseconds as the node regressors predict it: the family's tree where there
+        is one (folded elementwise nodes excepted), else the node's linear regressor."""
+        # nodes computable from constants alone are folded when the session loads: they never run
+        out = [0.0 if f.keys[0].endswith(CONST_SUFFIX) else self.node_us(f) for f in feats]
         trees = self._trees()
         for fam in trees:
             idx = [i for i, f in enumerate(feats) if family(f.keys[0]) == fam and f.x and not f.fused]
@@ -206,6 +226,32 @@ class Predictor:
             for i, us in zip(idx, pred or []):
                 out[i] = us
         return out
+
+    def _residual_rows(self, feats: list[NodeFeatures]) -> tuple[np.ndarray, np.ndarray]:
+        base = np.asarray(self.base_nodes_us(feats), float)
+        rows = np.asarray([node_row(f.keys[-1], family(f.keys[0]), f.x, us) for f, us in zip(feats, base)], float)
+        return rows, base
+
+    def _residual(self) -> ResidualTrees | None:
+        if self.residual is None:
+            by_model: dict[str, list[NodeSample]] = {}
+            for s in self.node_samples:
+                if s.model and s.model_ms > 0:
+                    by_model.setdefault(s.model, []).append(s)
+            models = []
+            for group in by_model.values():
+                rows, base = self._residual_rows([s.as_features() for s in group])
+                models.append((rows, base / 1e3, group[0].model_ms))
+            self.residual = fit_residual(models) or False
+        return self.residual or None
+
+    def nodes_us(self, feats: list[NodeFeatures]) -> list[float]:
+        """Predicted time of each node in microseconds: :meth:`base_nodes_us` times the residual trees' factor."""
+        residual = self._residual()
+        if residual is None or not feats:
+            return self.base_nodes_us(feats)
+        rows, base = self._residual_rows(feats)
+        return [float(v) for v in base * residual.factors(rows)]
 
     def family_sums_ms(self, feats: list[NodeFeatures]) -> dict[str, float]:
         """Node predictions summed per family, in ms, before the correction (what the correction is fitted on)."""
@@ -269,6 +315,7 @@ class Predictor:
                 "median_abs_error": None if v is None else v.median_abs_error,
                 "p90_abs_error": None if v is None else v.p90_abs_error,
                 "validated_on": None if v is None else v.n_models, "profiler_us_per_node": self.profiler_us,
+                "residual_trees": self.has_residual,
                 "transferred_from": self.transferred_from}
 
 
@@ -279,8 +326,7 @@ def fit_predictor(meta: dict[str, Any], node_samples: list[NodeSample],
     ``meta`` gives the identity fields: profile, runtime, runtime_version, threads, channel_multiple.
     """
     p = Predictor(regressors=fit_regressors(node_samples), node_samples=list(node_samples), **meta)
-    for name, feats, ms in models:
-        p.model_samples.append(ModelSample(name, float(ms), p.family_sums_ms(feats)))
+    p.model_samples = [ModelSample(name, float(ms), p.family_sums_ms(feats)) for name, feats, ms in models]
     p.fit_correction()
     return p
 

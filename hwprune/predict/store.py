@@ -42,8 +42,9 @@ def predictor_path(p: Predictor, root: Path | None = None) -> Path:
 
 def to_dict(p: Predictor) -> dict[str, Any]:
     """A JSON-ready dict of the predictor, samples included (so a later update can refit)."""
-    d = dataclasses.asdict(dataclasses.replace(p, trees=None))
+    d = dataclasses.asdict(dataclasses.replace(p, trees=None, residual=None))
     d.pop("trees")
+    d.pop("residual")
     d["format"] = FORMAT_VERSION
     return d
 
@@ -58,7 +59,9 @@ def from_dict(d: dict[str, Any]) -> Predictor:
         raise HwpruneError(f"predictor format {d.get('format')!r} is not {FORMAT_VERSION}; calibrate again")
     d = {k: v for k, v in d.items() if k != "format"}
     d["node_samples"] = [NodeSample(tuple(s["keys"]), tuple(s["basis"]), s["us"], tuple(s["log_basis"]), s["weight"],
-                                    tuple(s.get("x", ())))
+                                    tuple(s.get("x", ())), s.get("model", ""),
+                                    float(s.get("model_ms", 0.0)), bool(s.get("fused", False)),
+                                    int(s.get("kernels", 1)))
                          for s in d["node_samples"]]
     d["model_samples"] = [ModelSample(**s) for s in d["model_samples"]]
     d["validation"] = Validation(**d["validation"]) if d.get("validation") else None
