@@ -28,11 +28,19 @@ from hwprune.predict.features import graph_features
 from hwprune.predict.model import Validation
 from hwprune.profiles import load_profile
 
-N_MODELS = 64
-# 12 held out. With 14 training models of 20 the fit was no better than the roofline; once the designs gained wide
-# 1x1 heads (a third of the CNNs), 28 of 40 left the heads' regime thin (held-out median error 0.26) and 52 of 64 did
-# not (0.07)
-N_TRAIN = 52
+N_MODELS = 96
+# every HELD_EVERY-th model is held out (16 of 96), spread over the run so that a host that slows down part way
+# through (a shared CI machine) biases training and held-out models alike. With 14 training models of 20 the fit was
+# no better than the roofline; once the designs gained wide 1x1 heads and encoders, the last 12 of 64 held out gave
+# a median error of 0.07-0.15 here and 0.21 on a CI host: too few training models and too few held out for a stable
+# median
+HELD_EVERY = 6
+
+
+def split(items: list) -> tuple[list, list]:
+    """(training, held-out) items of the module's measured set."""
+    return ([x for i, x in enumerate(items) if i % HELD_EVERY != HELD_EVERY - 1],
+            [x for i, x in enumerate(items) if i % HELD_EVERY == HELD_EVERY - 1])
 
 
 @pytest.fixture(scope="module")
@@ -51,30 +59,31 @@ def measured(tmp_path_factory: pytest.TempPathFactory):
 
 def test_fitted_predictor_beats_the_roofline_on_held_out_models(measured) -> None:
     profile, ms, paths = measured
-    train, held = ms[:N_TRAIN], ms[N_TRAIN:]
+    train, held = split(ms)
     p = fit_measured(profile, train)
     fitted = Validation.from_pairs([p.predict_features(m.features) for m in held], [m.measured_ms for m in held])
-    roof = Validation.from_pairs([roofline(path, profile)["latency_ms"] for path in paths[N_TRAIN:]],
+    roof = Validation.from_pairs([roofline(path, profile)["latency_ms"] for path in split(paths)[1]],
                                  [m.measured_ms for m in held])
-    # measured here: the fit's median held-out error 0.07, the roofline's 0.45 (it ignores kernel efficiency)
+    # measured here on three design seeds: the fit's median held-out error 0.06-0.14, the roofline's 0.26-0.33 (it
+    # ignores kernel efficiency); these are 0.03-10 ms models timed with quick settings (run-to-run median 4%)
     assert fitted.median_abs_error < 0.2
-    assert fitted.median_abs_error < roof.median_abs_error
+    assert fitted.median_abs_error < 0.7 * roof.median_abs_error
     assert p.validation is not None and p.validation.n_models == len(range(1, len(train), 4))
 
 
 def test_residual_trees_bring_node_sums_to_the_whole_model_times(measured, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     profile, ms, paths = measured
-    few = fit_measured(profile, ms[:N_TRAIN])  # under MIN_RESIDUAL_MODELS: too few to fit it without overfitting
+    few = fit_measured(profile, split(ms)[0])  # under MIN_RESIDUAL_MODELS: too few to fit it without overfitting
     assert not few.has_residual
     assert few.nodes_us(ms[0].features) == few.base_nodes_us(ms[0].features)
-    # the mechanism on this test's 52 models (a real calibration measures ~500)
+    # the mechanism on this test's 80 training models (a real calibration measures ~500)
     monkeypatch.setattr(residual, "MIN_RESIDUAL_MODELS", 20)
-    p = fit_measured(profile, ms[:N_TRAIN])
+    p = fit_measured(profile, split(ms)[0])
     assert p.has_residual and p.describe()["residual_trees"]
 
     def median_error(nodes_us) -> float:
-        return float(np.median([abs(sum(nodes_us(m.features)) / 1e3 / m.measured_ms - 1) for m in ms[:N_TRAIN]]))
+        return float(np.median([abs(sum(nodes_us(m.features)) / 1e3 / m.measured_ms - 1) for m in split(ms)[0]]))
 
     # what the boosting minimises: each model's node sum against its measured time (the profiled node times, less
     # the profiler's per-node cost, are a biased target for small kernels)
