@@ -28,7 +28,7 @@ class ScreenDecision:
 
 
 def screen(predictor: Predictor, onnx_path_or_model: Any, budget_ms: float, dense_ms: float | None = None,
-           dense_onnx: Any = None) -> ScreenDecision:
+           dense_onnx: Any = None, error: float | None = None) -> ScreenDecision:
     """Decide whether to measure a candidate against a latency budget.
 
     Args:
@@ -38,6 +38,8 @@ def screen(predictor: Predictor, onnx_path_or_model: Any, budget_ms: float, dens
         dense_ms: the measured latency of the dense model; with ``dense_onnx`` it rescales every prediction by
             measured / predicted dense, so the device's state today cancels out.
         dense_onnx: the dense model's ONNX, predicted once per call (cache the ratio for many candidates).
+        error: the relative error to allow for (default: the predictor's p90 validation error); a search passes
+            the error measured on its own candidates once it has a few.
 
     Returns:
         The :class:`ScreenDecision`.
@@ -46,7 +48,7 @@ def screen(predictor: Predictor, onnx_path_or_model: Any, budget_ms: float, dens
     if dense_ms is not None and dense_onnx is not None:
         predicted *= dense_ms / predictor.predict_ms(dense_onnx)
     v = predictor.validation
-    err = v.p90_abs_error if v is not None and v.n_models else DEFAULT_ERROR
+    err = error if error is not None else v.p90_abs_error if v is not None and v.n_models else DEFAULT_ERROR
     low = predicted * (1.0 - err)
     if low > budget_ms * (1.0 + SKIP_MARGIN):
         action, why = "skip", f"even {low:.3f} ms (prediction less its p90 error {err:.0%}) is over the budget"

@@ -254,7 +254,7 @@ class TrialRunner:
             else:
                 m, ratio = self.export_and_measure(pruned.module, stages)
                 if self.screening is not None:
-                    self.screening.record(m)
+                    self.screening.record(m, self.budgets.now().judged_ms(m.latency.median_ms, ratio))
                 stage = failfast.EVALUATE
                 acc = self.evaluate(pruned.module, stages)
                 if self.quant is not None:

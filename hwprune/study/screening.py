@@ -4,6 +4,11 @@ more than the predictor's p90 validation error, :func:`hwprune.predict.screen.sc
 recorded as pruned, with the user attribute ``screened`` (the predicted ms) and a ``fail_reason``. A screened trial
 never has values, so the measured front is never made of predictions.
 
+The predictor's validation error is measured on other models; what matters to a search is its error on this model's
+candidates. So each measured candidate's prediction is kept beside its judged latency (trial attribute
+``predicted_ms``), and once a few are measured the screen rescales predictions by their median ratio and allows for
+the p90 of the errors left (floored at the measurement noise) instead of the validation error.
+
 Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
 is refitted), and the predictor is saved back beside the measurement cache when the trials end.
 """
@@ -15,13 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
 from hwprune.config import DEFAULT_SCREEN, SCREEN_MODES
 from hwprune.study import attrs
 
 SCREENED_ATTR = attrs.SCREENED  # trial user attribute (hwprune.study.attrs)
+PREDICTED_ATTR = attrs.PREDICTED
 REFIT_EVERY = 5  # measured candidates between refits of the predictor's correction (a refit is a small solve)
+MIN_STUDY_SAMPLES = 5  # measured candidates before the screen trusts their errors over the predictor's validation
+STUDY_ERROR_FLOOR = 0.05  # the least error allowed for: the measurement's own run-to-run noise
 
 
 @dataclass
@@ -41,7 +50,18 @@ class Screening:
     measured: int = 0
     _dense_pred: float | None = None
     _pending: Any = None  # features of the candidate last screened (measured next, unless skipped)
-    _new: list[tuple[Any, float]] = field(default_factory=list)
+    _pending_ms: float | None = None  # its predicted judged latency, before the study's own rescaling
+    ratios: list[float] = field(default_factory=list)  # measured / predicted judged latency of measured candidates
+
+    def study_error(self) -> tuple[float, float | None]:
+        """(rescaling, relative error) from this search's measured candidates: their median measured / predicted
+        ratio and the p90 of the errors left after it (at least ``STUDY_ERROR_FLOOR``); ``(1.0, None)``, i.e. the
+        predictor's validation error, until ``MIN_STUDY_SAMPLES`` are measured."""
+        if len(self.ratios) < MIN_STUDY_SAMPLES:
+            return 1.0, None
+        r = np.asarray(self.ratios)
+        bias = float(np.median(r))
+        return bias, max(float(np.quantile(np.abs(r / bias - 1.0), 0.9)), STUDY_ERROR_FLOOR)
 
     def dense_pred(self) -> float:
         """The predictor's latency of the dense model (predicted once)."""
@@ -71,26 +91,33 @@ class Screening:
             return
         # a relative budget judges the ratio to the dense model: the dense reference now is budget / factor
         dense_ms = budget_ms / b.latency_factor if b.latency_factor else self.dense_ms
+        bias, error = self.study_error()
         scale = dense_ms / self.dense_pred()
         # screen() compares in the predictor's own units: the budget goes there, not the prediction here
-        decision = screen(self.predictor, feats, budget_ms / scale)
-        predicted = decision.predicted_ms * scale
+        decision = screen(self.predictor, feats, budget_ms / (scale * bias), error=error)
+        self._pending_ms = decision.predicted_ms * scale
+        predicted = self._pending_ms * bias
+        trial.set_user_attr(PREDICTED_ATTR, predicted)
         if decision.action != "skip":
             return
         self.screened += 1
-        self._pending = None
+        self._pending = self._pending_ms = None
         trial.set_user_attr(SCREENED_ATTR, predicted)
         reason = (f"screened: predicted {predicted:.3f} ms against a {budget_ms:.3f} ms budget by the "
                   f"{self.predictor.profile} predictor ({decision.reason}); not measured")
         trial.set_user_attr(attrs.FAIL_REASON, reason)
         raise optuna.TrialPruned(reason)
 
-    def record(self, measurement: Any) -> None:
-        """Add the candidate just measured to the predictor (refitting its correction every few)."""
+    def record(self, measurement: Any, judged_ms: float | None = None) -> None:
+        """Add the candidate just measured to the predictor (refitting its correction every few), and with
+        ``judged_ms`` (its latency as the budget judges it) its error to the search's own."""
         from hwprune.predict.calibrate import target_ms
 
         if self._pending is None:
             return
+        if judged_ms is not None and self._pending_ms:
+            self.ratios.append(judged_ms / self._pending_ms)
+        self._pending_ms = None
         self.predictor.add_features(f"search-{len(self.predictor.model_samples)}", self._pending,
                                     target_ms(measurement))
         self._pending = None
@@ -106,8 +133,11 @@ class Screening:
             return None
         self.predictor.fit_correction()
         path = store.save(self.predictor, self.root)
+        bias, error = self.study_error()
+        own = (f"; on this model's candidates measured {bias:.2f}x the prediction, p90 error {error:.0%}"
+               if error is not None else "")
         self.log(f"screening: {self.screened} candidates skipped unmeasured; {self.measured} measurements added to "
-                 f"the predictor ({path})")
+                 f"the predictor ({path}){own}")
         return path
 
 
@@ -141,4 +171,4 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
     return Screening(predictor, Path(dense_onnx), float(dense_ms), log, root)
 
 
-__all__ = ["DEFAULT_SCREEN", "SCREENED_ATTR", "SCREEN_MODES", "Screening", "open_screening"]
+__all__ = ["DEFAULT_SCREEN", "PREDICTED_ATTR", "SCREENED_ATTR", "SCREEN_MODES", "Screening", "open_screening"]

@@ -44,6 +44,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "precision": t.user_attrs.get(attrs.PRECISION, "fp32"),
             "precision_locked": bool(t.user_attrs.get(attrs.PRECISION_LOCKED, False)),
             "screened": t.user_attrs.get(attrs.SCREENED),  # --screen on: the predicted ms of a trial left unmeasured
+            # --screen on: the judged latency predicted before measuring (an estimate beside the measurement)
+            "predicted_ms": t.user_attrs.get(attrs.PREDICTED),
         }
         rows.append(row)
     return rows

@@ -12,6 +12,7 @@ import pytest
 from conftest import GUARD_OFF_ARGS, budget_profile, run_cli
 from hwprune.backends.estimate import EstimateBackend, roofline
 from hwprune.backends.ort import OrtBackend
+from hwprune.export import export_onnx
 from hwprune.predict import screen, transfer
 from hwprune.predict import residual, store
 from hwprune.predict.calibrate import (
@@ -237,6 +238,43 @@ def test_screening_adds_measurements_and_saves(measured, tmp_path: Path) -> None
     with pytest.raises(optuna.TrialPruned):  # a budget no model meets: screened, never measured
         scr.check(trial, net, torch.zeros(1, 3, 16, 16), Budgets(latency_ms=1e-6, memory_mb=None), "torchscript")
     assert trial.user_attrs["screened"] > 0 and trial.user_attrs["fail_reason"].startswith("screened")
+
+
+def test_screen_learns_its_error_on_the_searched_models_candidates(measured, tmp_path: Path) -> None:
+    import optuna
+    import torch
+
+    from hwprune.study.budgets import Budgets
+    from hwprune.study.screening import MIN_STUDY_SAMPLES, STUDY_ERROR_FLOOR, Screening
+
+    profile, ms, paths = measured
+    scr = Screening(fit_measured(profile, ms), paths[0], ms[0].measured_ms, log=lambda _: None, root=tmp_path)
+    net, x = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()), torch.zeros(1, 3, 16, 16)
+    measurement = OrtBackend(profile).measure(export_onnx(net.eval(), x, tmp_path / "net.onnx", exporter="torchscript"))
+    study = optuna.create_study()
+
+    def check(budget_ms: float) -> optuna.Trial:
+        trial = study.ask()
+        scr.check(trial, net, x, Budgets(latency_ms=budget_ms, memory_mb=None), "torchscript")
+        return trial
+
+    predicted = check(1e6).user_attrs["predicted_ms"]
+    assert scr.study_error() == (1.0, None)  # nothing measured yet: the predictor's validation error applies
+    # a candidate that measures 1.3x its prediction, 20% over this budget: the validation error cannot rule it out
+    assert "screened" not in check(1.3 * predicted / 1.2).user_attrs
+    # this model's candidates all measure 1.3x their prediction: after a few, the screen rescales and narrows
+    for _ in range(MIN_STUDY_SAMPLES):
+        scr.record(measurement, judged_ms=1.3 * check(1e6).user_attrs["predicted_ms"])
+    bias, error = scr.study_error()
+    assert bias == pytest.approx(1.3) and error == STUDY_ERROR_FLOOR
+    # the records refitted the predictor's correction: the rescaled prediction now, and a budget 20% under it
+    rescaled = check(1e6).user_attrs["predicted_ms"]
+    with pytest.raises(optuna.TrialPruned):
+        check(rescaled / 1.2)
+    # the trial a skip leaves: the rescaled prediction, never a measurement
+    skipped = study.trials[-1]
+    assert skipped.user_attrs["screened"] == pytest.approx(rescaled)
+    assert skipped.state != optuna.trial.TrialState.COMPLETE
 
 
 def test_search_with_screen_on_records_screened_trials(measured, tmp_path: Path) -> None:
