@@ -7,7 +7,8 @@ Run from the repository root, after a predictor is stored for host-cpu (``hwprun
 Runs the same search (same seed) twice, ``--screen off`` then ``--screen on``, each with a private copy of the stored
 predictor (the screened run adds its measurements to its copy, not to the stored one). Board-seconds are the
 seconds the backend spent measuring (trials' ``stage_seconds``: session, timing, dense beside, re-measures of the
-incumbent and the front's confirmation). Prints a table and writes screen.csv / screen.json to --out.
+incumbent and the front's confirmation; ``trials_board_s`` is the trials' share). Prints a table and writes
+screen.csv / screen.json, and each run's trials.csv as trials-off.csv / trials-on.csv, to --out.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +44,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.monotonic() - t0
     run_dir = next(p.parent for p in out.rglob("summary.json"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run_dir / "trials.csv", args.out / f"trials-{mode}.csv")  # per trial, to read the two runs apart
     summary = json.loads((run_dir / "summary.json").read_text())
     trials = pd.read_csv(run_dir / "trials.csv")
     rec = summary.get("recommended")
@@ -50,6 +54,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     row = trials[trials.trial == rec].iloc[0] if rec is not None else None
     rec_entry = next((r for r in summary["pareto"] if r["trial"] == rec), None)
     screened = trials.fail_reason.astype(str).str.startswith("screened").sum()
+    # the screen's own error on this model's candidates, as it logged it at the end (absent under 5 measured)
+    own = re.search(r"measured ([\d.]+)x the prediction, p90 error (\d+)%", proc.stderr)
     return {"screen": mode, "exit": proc.returncode, "recommended_trial": rec,
             "signature": None if row is None else str(row.signature)[:12],
             "accuracy": None if rec_entry is None else rec_entry["accuracy"],
@@ -57,7 +63,9 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "trials_to_recommended": None if rec is None else int(rec) + 1,
             "board_s_to_recommended": None if rec is None else sum(per_trial[: int(rec) + 1]),
             "measured_trials": int((trials.state == "COMPLETE").sum()), "screened": int(screened),
-            "board_s": board, "wall_s": wall}
+            "board_s": board, "trials_board_s": sum(per_trial), "wall_s": wall,
+            "in_study_ratio": float(own.group(1)) if own else None,
+            "in_study_p90": float(own.group(2)) / 100 if own else None}
 
 
 def main() -> None:

@@ -103,8 +103,13 @@ class Screening:
         self.screened += 1
         self._pending = self._pending_ms = None
         trial.set_user_attr(SCREENED_ATTR, predicted)
-        reason = (f"screened: predicted {predicted:.3f} ms against a {budget_ms:.3f} ms budget by the "
-                  f"{self.predictor.profile} predictor ({decision.reason}); not measured")
+        # decision.reason speaks in the predictor's own units; the trial's reason in the budget's
+        err = 1.0 - decision.low_ms / decision.predicted_ms if decision.predicted_ms else 0.0
+        source = (f"its p90 error on {len(self.ratios)} of this search's candidates" if error is not None
+                  else "its p90 error on held-out models")
+        reason = (f"screened: predicted {predicted:.3f} ms by the {self.predictor.profile} predictor; even "
+                  f"{predicted * (1.0 - err):.3f} ms (less {source}, {err:.0%}) is over the {budget_ms:.3f} ms "
+                  f"budget; not measured")
         trial.set_user_attr(attrs.FAIL_REASON, reason)
         raise optuna.TrialPruned(reason)
 

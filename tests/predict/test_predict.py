@@ -275,6 +275,7 @@ def test_screen_learns_its_error_on_the_searched_models_candidates(measured, tmp
     skipped = study.trials[-1]
     assert skipped.user_attrs["screened"] == pytest.approx(rescaled)
     assert skipped.state != optuna.trial.TrialState.COMPLETE
+    assert "its p90 error on 5 of this search's candidates, 5%" in skipped.user_attrs["fail_reason"]
 
 
 def test_search_with_screen_on_records_screened_trials(measured, tmp_path: Path) -> None:
