@@ -6,6 +6,9 @@ Run from the repository root:  python -m bench.bench_predict [--budget-seconds 2
 2. Held-out models, none in the calibration set: the demo families (mobilenet-tiny, resnet-tiny) with width-scaled
    variants, a ResNet-18 and a MobileNetV2 (plain torch) at two input sizes, and a transformer encoder. Each is
    measured (the CPU-time median with one thread, as calibration learns) and predicted by both estimators.
+   A third estimator is fitted on the first half of the same calibration's models: what a calibration half as long
+   gives, side by side. Two more rows rescale each prediction by measured / predicted of the widest model of its
+   family (a search's screen rescales by its dense model the same way).
 3. Transfer: ORT with 2 threads as the "new device": the host predictor plus N of the held-out measurements,
    validated on the rest, for several N.
 Prints a table and writes predict.csv / predict.json to --out.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +28,7 @@ import pandas as pd
 
 from hwprune.backends.estimate import roofline
 from hwprune.backends.ort import OrtBackend
-from hwprune.predict.calibrate import calibrate, export_design, target_ms
+from hwprune.predict.calibrate import export_design, fit_measured, measure_designs, target_ms
 from hwprune.predict.designs import Design
 from hwprune.predict.model import Validation
 from hwprune.predict.transfer import transfer
@@ -78,6 +82,23 @@ def held_out(sizes: list[int], widths: list[float]) -> list[Design]:
     return out
 
 
+def _family(name: str) -> str:
+    """The held-out model's family: its name without the width (``-w0.5``) or, for encoders, the token count."""
+    return name.split("-t")[0] if name.startswith("encoder") else re.sub(r"-w[\d.]+", "", name)
+
+
+def _relative(df: pd.DataFrame, col: str) -> tuple[list[float], list[float]]:
+    """Predictions of ``col`` rescaled by measured / predicted of the first (widest) model of each family, as a
+    search's screen rescales by its dense model; the references themselves are left out."""
+    pred, meas = [], []
+    for _, g in df.groupby(df.model.map(_family), sort=False):
+        ref = g.iloc[0]
+        for _, r in g.iloc[1:].iterrows():
+            pred.append(float(r[col] * ref.measured_ms / ref[col]))
+            meas.append(float(r.measured_ms))
+    return pred, meas
+
+
 def _spearman(a: list[float], b: list[float]) -> float:
     ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
     return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 2 else float("nan")
@@ -107,8 +128,12 @@ def main() -> None:
         # one round before calibration: how far the host itself drifts between calibrating and using a predictor
         before = [target_ms(host.measure(path)) for path in paths]
         t0 = time.monotonic()
-        predictor = calibrate(profile, args.budget_seconds)
+        measured_profile, measured = measure_designs(profile, args.budget_seconds)
+        predictor = fit_measured(measured_profile, measured)
         calib_s = time.monotonic() - t0
+        # the same calibration cut at half its models: what a calibration half as long would have fitted (the
+        # first half was measured earlier, so it also carries the host's drift since)
+        half = fit_measured(measured_profile, measured[: len(measured) // 2])
         # rounds interleave the models (round 1 over all, round 2 over all, ...): a slow spell on the shared host
         # then hits one round of every model instead of all rounds of a few
         host_ms: list[list[float]] = [[] for _ in paths]
@@ -119,11 +144,17 @@ def main() -> None:
                 dev_ms[i].append(dev.measure(path).latency.median_ms)
         for d, path, h, t2 in zip(models, paths, host_ms, dev_ms):
             rows.append({"model": d.name, "path": str(path), "measured_ms": float(np.median(h)),
-                         "fitted_ms": predictor.predict_ms(path), "roofline_ms": roofline(path, profile)["latency_ms"],
+                         "fitted_ms": predictor.predict_ms(path), "fitted_half_ms": half.predict_ms(path),
+                         "roofline_ms": roofline(path, profile)["latency_ms"],
                          "threads2_ms": float(np.median(t2))})
         df = pd.DataFrame(rows)
         table = [{"estimator": name, **_stats(df[col].tolist(), df.measured_ms.tolist())}
-                 for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"))]
+                 for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"),
+                                   (f"fitted on the first half ({half.fitted_on} models)", "fitted_half_ms"))]
+        # what a search's screen sees: each prediction relative to a measured model of the same family
+        table += [{"estimator": f"{name}, relative to the family's widest model (as the screen)",
+                   **_stats(*_relative(df, col))} for name, col in (("roofline", "roofline_ms"),
+                                                                     ("fitted", "fitted_ms"))]
         if args.rounds >= 3:
             # the noise ceiling: how often one round of measurement lands within +-10% of the median of the other
             # rounds. No predictor can be judged more precisely than the measurement it is judged against

@@ -195,6 +195,15 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
     Raises:
         HwpruneError: the profile is not measured through local ONNX Runtime, or too few models fit the budget.
     """
+    profile, measured = measure_designs(profile, budget_s, seed, log, max_models)
+    return fit_measured(profile, measured)
+
+
+def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0,
+                    log: Callable[[str], None] | None = None,
+                    max_models: int = 1000) -> tuple[DeviceProfile, list[Measured]]:
+    """The measuring half of :func:`calibrate` (same arguments and errors): returns the profile as measured
+    (backend ``ort``) and the measured designs in the order measured, for :func:`fit_measured`."""
     from hwprune.backends.ort import OrtBackend
 
     profile = load_profile(profile)
@@ -222,8 +231,8 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
             if log:
                 log(f"[{time.monotonic() - t0:5.0f} s] {m.name}: {m.measured_ms:.3f} ms, {len(m.samples)} nodes, "
                     f"{m.attributed_share:.0%} of kernel time mapped")
-    return fit_measured(profile, measured)
+    return profile, measured
 
 
-__all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_model",
-           "profiler_overhead_us", "target_ms", "without_profiler"]
+__all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_designs",
+           "measure_model", "profiler_overhead_us", "target_ms", "without_profiler"]
