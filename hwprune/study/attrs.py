@@ -45,3 +45,4 @@ FP32_LOCK = "int8_fp32_lock"  # study: why the rest of the study samples FP32 on
 PRECISION_LOCKED = "precision_locked"  # trial: its precision was fixed to FP32 by that lock
 SCREENED = "screened"  # trial: the predicted judged latency (ms) of a candidate --screen left unmeasured
 PREDICTED = "predicted_ms"  # trial: --screen on, the judged latency (ms) predicted before it was measured
+SCREEN_RATIO = "screen_ratio"  # trial: --screen on, measured / predicted judged latency (the screen's own error)

@@ -254,7 +254,9 @@ class TrialRunner:
             else:
                 m, ratio = self.export_and_measure(pruned.module, stages)
                 if self.screening is not None:
-                    self.screening.record(m, self.budgets.now().judged_ms(m.latency.median_ms, ratio))
+                    own = self.screening.record(m, self.budgets.now().judged_ms(m.latency.median_ms, ratio))
+                    if own is not None:
+                        trial.set_user_attr(attrs.SCREEN_RATIO, own)
                 stage = failfast.EVALUATE
                 acc = self.evaluate(pruned.module, stages)
                 if self.quant is not None:

@@ -95,6 +95,8 @@ def run_trials(ctx: RunContext, subject: Subject, request: dict[str, Any], finge
     runner.add_dense(dense.signature, [dense.accuracy, dense_m.latency.median_ms, dense_m.memory.total_mb],
                      dense.trial_attrs(dense_m, relative=bool(budgets.latency_factor)))
     runner.screening = open_screening(c.screen, ctx.profile, dense.path, dense_m.latency.median_ms, ctx.log)
+    if runner.screening is not None:  # a resumed study: its earlier measured candidates give the screen's error
+        runner.screening.resume(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     interrupted = _optimize(ctx, study, runner, reference, budgets, request)
     if runner.screening is not None:
         runner.screening.finish()

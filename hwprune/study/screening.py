@@ -7,7 +7,8 @@ never has values, so the measured front is never made of predictions.
 The predictor's validation error is measured on other models; what matters to a search is its error on this model's
 candidates. So each measured candidate's prediction is kept beside its judged latency (trial attribute
 ``predicted_ms``), and once a few are measured the screen rescales predictions by their median ratio and allows for
-the p90 of the errors left (floored at the measurement noise) instead of the validation error.
+the p90 of the errors left (floored at the measurement noise) instead of the validation error. Each ratio is kept on
+its trial (``screen_ratio``), so a resumed search starts from the errors its earlier trials measured.
 
 Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
 is refitted), and the predictor is saved back beside the measurement cache when the trials end.
@@ -28,6 +29,7 @@ from hwprune.study import attrs
 
 SCREENED_ATTR = attrs.SCREENED  # trial user attribute (hwprune.study.attrs)
 PREDICTED_ATTR = attrs.PREDICTED
+RATIO_ATTR = attrs.SCREEN_RATIO
 REFIT_EVERY = 5  # measured candidates between refits of the predictor's correction (a refit is a small solve)
 MIN_STUDY_SAMPLES = 5  # measured candidates before the screen trusts their errors over the predictor's validation
 STUDY_ERROR_FLOOR = 0.05  # the least error allowed for: the measurement's own run-to-run noise
@@ -113,15 +115,31 @@ class Screening:
         trial.set_user_attr(attrs.FAIL_REASON, reason)
         raise optuna.TrialPruned(reason)
 
-    def record(self, measurement: Any, judged_ms: float | None = None) -> None:
+    def resume(self, trials: list[optuna.trial.FrozenTrial]) -> int:
+        """Start from the measured / predicted ratios that earlier trials of the study recorded; returns how many."""
+        earlier = [float(t.user_attrs[RATIO_ATTR]) for t in trials if RATIO_ATTR in t.user_attrs]
+        self.ratios[:0] = earlier
+        if earlier:
+            self.log(f"screening: {len(earlier)} earlier measured candidates of this study give the screen's own "
+                     f"error")
+        return len(earlier)
+
+    def record(self, measurement: Any, judged_ms: float | None = None) -> float | None:
         """Add the candidate just measured to the predictor (refitting its correction every few), and with
-        ``judged_ms`` (its latency as the budget judges it) its error to the search's own."""
+        ``judged_ms`` (its latency as the budget judges it) its error to the search's own.
+
+        Returns:
+            The candidate's measured / predicted judged latency (its trial keeps it as ``screen_ratio``), or None
+            when it was not predicted against a latency budget.
+        """
         from hwprune.predict.calibrate import target_ms
 
         if self._pending is None:
-            return
+            return None
+        ratio = None
         if judged_ms is not None and self._pending_ms:
-            self.ratios.append(judged_ms / self._pending_ms)
+            ratio = judged_ms / self._pending_ms
+            self.ratios.append(ratio)
         self._pending_ms = None
         self.predictor.add_features(f"search-{len(self.predictor.model_samples)}", self._pending,
                                     target_ms(measurement))
@@ -129,6 +147,7 @@ class Screening:
         self.measured += 1
         if self.measured % REFIT_EVERY == 0:
             self.predictor.fit_correction()
+        return ratio
 
     def finish(self) -> Path | None:
         """Refit and save the predictor with the search's measurements; returns its path (None if none were added)."""
@@ -176,4 +195,5 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
     return Screening(predictor, Path(dense_onnx), float(dense_ms), log, root)
 
 
-__all__ = ["DEFAULT_SCREEN", "PREDICTED_ATTR", "SCREENED_ATTR", "SCREEN_MODES", "Screening", "open_screening"]
+__all__ = ["DEFAULT_SCREEN", "PREDICTED_ATTR", "RATIO_ATTR", "SCREENED_ATTR", "SCREEN_MODES", "Screening",
+           "open_screening"]

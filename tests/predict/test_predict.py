@@ -297,6 +297,30 @@ def test_search_with_screen_on_records_screened_trials(measured, tmp_path: Path)
     assert screened.latency_ms.isna().all()  # never a latency: a prediction is not a measurement
 
 
+def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, tmp_path: Path) -> None:
+    import optuna
+
+    from hwprune.study.screening import RATIO_ATTR
+
+    profile, ms, _ = measured
+    store.save(fit_measured(profile, ms), tmp_path / "cache")
+    out, env = tmp_path / "out", {"HWPRUNE_CACHE": str(tmp_path / "cache")}
+    # a budget every candidate meets: each is predicted, measured, and keeps its measured / predicted ratio
+    args = ("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms", "1000",
+            "--screen", "on", "--out", str(out), "--quiet", "--final-finetune-steps", "0")
+    first = run_cli(*args, "--trials", "4", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "earlier measured candidates" not in first.stderr
+    db = next(out.rglob("*.db"))
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{db}")
+    ratios = [t.user_attrs[RATIO_ATTR] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+              if RATIO_ATTR in t.user_attrs]
+    assert ratios and all(0.1 < r < 10 for r in ratios)
+    again = run_cli(*args, "--trials", "6", env=env)  # the same command with more trials resumes the study
+    assert again.returncode == 0, again.stderr
+    assert f"screening: {len(ratios)} earlier measured candidates of this study" in again.stderr
+
+
 def test_screen_bad_value_exits_2(tmp_path: Path) -> None:
     proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--screen", "maybe", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
