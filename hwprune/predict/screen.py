@@ -22,9 +22,10 @@ class ScreenDecision:
 
     action: Literal["measure", "measure_last", "skip"]
     predicted_ms: float
-    low_ms: float  # the prediction less the predictor's p90 relative error
+    low_ms: float  # the prediction less the relative error allowed for
     budget_ms: float
     reason: str
+    error: float  # the relative error allowed for (the p90 validation error unless the caller gave one)
 
 
 def screen(predictor: Predictor, onnx_path_or_model: Any, budget_ms: float, dense_ms: float | None = None,
@@ -56,7 +57,7 @@ def screen(predictor: Predictor, onnx_path_or_model: Any, budget_ms: float, dens
         action, why = "measure_last", "predicted over the budget, but within the predictor's error"
     else:
         action, why = "measure", "predicted within the budget"
-    return ScreenDecision(action, predicted, low, budget_ms, why)
+    return ScreenDecision(action, predicted, low, budget_ms, why, err)
 
 
 __all__ = ["ScreenDecision", "screen"]

@@ -106,7 +106,7 @@ class Screening:
         self._pending = self._pending_ms = None
         trial.set_user_attr(SCREENED_ATTR, predicted)
         # decision.reason speaks in the predictor's own units; the trial's reason in the budget's
-        err = 1.0 - decision.low_ms / decision.predicted_ms if decision.predicted_ms else 0.0
+        err = decision.error
         source = (f"its p90 error on {len(self.ratios)} of this search's candidates" if error is not None
                   else "its p90 error on held-out models")
         reason = (f"screened: predicted {predicted:.3f} ms by the {self.predictor.profile} predictor; even "
