@@ -1,6 +1,8 @@
 """Latency predictor benchmark: a fitted predictor vs the roofline on held-out architectures, and a transfer.
 
 Run from the repository root:  python -m bench.bench_predict [--budget-seconds 240] [--sizes 64,96] [--out DIR]
+Refit from an earlier run's measurements (no measuring; compares fits on identical data):
+    python -m bench.bench_predict --replay DIR/measurements.pkl
 
 1. Calibrate on host-cpu (ORT, 1 thread) with the designed set (hwprune.predict.designs) for --budget-seconds.
 2. Held-out models, none in the calibration set: the demo families (mobilenet-tiny, resnet-tiny) with width-scaled
@@ -11,13 +13,14 @@ Run from the repository root:  python -m bench.bench_predict [--budget-seconds 2
    family (a search's screen rescales by its dense model the same way).
 3. Transfer: ORT with 2 threads as the "new device": the host predictor plus N of the held-out measurements,
    validated on the rest, for several N.
-Prints a table and writes predict.csv / predict.json to --out.
+Prints a table and writes predict.csv / predict.json to --out, and every measurement to measurements.pkl.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 import tempfile
 import time
@@ -110,18 +113,12 @@ def _stats(pred: list[float], meas: list[float]) -> dict[str, float]:
             "median_abs_error": v.median_abs_error, "spearman": _spearman(pred, meas)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget-seconds", type=float, default=240.0, help="calibration measuring time")
-    ap.add_argument("--sizes", default="64,96", help="input sizes of ResNet-18 / MobileNetV2")
-    ap.add_argument("--widths", default="1,0.75,0.5", help="width multipliers of the held-out CNNs")
-    ap.add_argument("--transfer-n", default="3,5,10", help="device measurements the transfer gets")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved measuring rounds of the held-out set (median)")
-    ap.add_argument("--out", type=Path, default=Path("bench/results/predict"))
-    args = ap.parse_args()
+def measure(args: argparse.Namespace) -> dict:
+    """Calibrate and measure the held-out set; everything the fits and the table need, without ONNX files."""
+    from hwprune.predict.features import graph_features
+
     profile = load_profile("host-cpu")
     host, dev = OrtBackend(profile), OrtBackend(profile.with_overrides(ort__intra_op_threads=2))
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = held_out([int(s) for s in args.sizes.split(",")], [float(w) for w in args.widths.split(",")])
         paths = [export_design(d, Path(tmp)) for d in models]
@@ -129,11 +126,7 @@ def main() -> None:
         before = [target_ms(host.measure(path)) for path in paths]
         t0 = time.monotonic()
         measured_profile, measured = measure_designs(profile, args.budget_seconds)
-        predictor = fit_measured(measured_profile, measured)
         calib_s = time.monotonic() - t0
-        # the same calibration cut at half its models: what a calibration half as long would have fitted (the
-        # first half was measured earlier, so it also carries the host's drift since)
-        half = fit_measured(measured_profile, measured[: len(measured) // 2])
         # rounds interleave the models (round 1 over all, round 2 over all, ...): a slow spell on the shared host
         # then hits one round of every model instead of all rounds of a few
         host_ms: list[list[float]] = [[] for _ in paths]
@@ -142,49 +135,82 @@ def main() -> None:
             for i, path in enumerate(paths):
                 host_ms[i].append(target_ms(host.measure(path)))
                 dev_ms[i].append(dev.measure(path).latency.median_ms)
-        for d, path, h, t2 in zip(models, paths, host_ms, dev_ms):
-            rows.append({"model": d.name, "path": str(path), "measured_ms": float(np.median(h)),
-                         "fitted_ms": predictor.predict_ms(path), "fitted_half_ms": half.predict_ms(path),
-                         "roofline_ms": roofline(path, profile)["latency_ms"],
-                         "threads2_ms": float(np.median(t2))})
-        df = pd.DataFrame(rows)
-        table = [{"estimator": name, **_stats(df[col].tolist(), df.measured_ms.tolist())}
-                 for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"),
-                                   (f"fitted on the first half ({half.fitted_on} models)", "fitted_half_ms"))]
-        # what a search's screen sees: each prediction relative to a measured model of the same family
-        table += [{"estimator": f"{name}, relative to the family's widest model (as the screen)",
-                   **_stats(*_relative(df, col))} for name, col in (("roofline", "roofline_ms"),
-                                                                     ("fitted", "fitted_ms"))]
-        if args.rounds >= 3:
-            # the noise ceiling: how often one round of measurement lands within +-10% of the median of the other
-            # rounds. No predictor can be judged more precisely than the measurement it is judged against
-            one = [h[0] for h in host_ms]
-            rest = [float(np.median(h[1:])) for h in host_ms]
-            table.append({"estimator": "noise: one round vs the other rounds' median", **_stats(one, rest)})
-        table.append({"estimator": "drift: a round before calibration vs the median after",
-                      **_stats(before, df.measured_ms.tolist())})
-        rng = np.random.default_rng(0)
-        for n in [int(x) for x in args.transfer_n.split(",")]:
-            pick = rng.permutation(len(df))
-            fit_i, val_i = pick[:n], pick[n:]
-            dev_p = transfer(predictor, [(df.path[i], df.threads2_ms[i]) for i in fit_i], profile="host-cpu-2t",
-                             threads=2)
-            pred = [dev_p.predict_ms(df.path[i]) for i in val_i]
-            table.append({"estimator": f"transfer to 2 threads, {n} samples",
-                          **_stats(pred, df.threads2_ms[val_i].tolist())})
-            host_as_is = [predictor.predict_ms(df.path[i]) for i in val_i]
-            table.append({"estimator": "host predictor as is, on 2 threads", **_stats(host_as_is,
-                                                                                     df.threads2_ms[val_i].tolist())})
+        held = [{"model": d.name, "features": graph_features(path, profile.channel_multiple), "host_ms": h,
+                 "threads2": t2, "before_ms": b, "roofline_ms": roofline(path, profile)["latency_ms"]}
+                for d, path, h, t2, b in zip(models, paths, host_ms, dev_ms, before)]
+    return {"profile": measured_profile, "measured": measured, "calibration_s": calib_s, "held": held}
+
+
+def evaluate(data: dict, transfer_n: list[int]) -> tuple[pd.DataFrame, list[dict], object]:
+    """Fit on the saved calibration and score the held-out models: (per-model frame, table rows, predictor)."""
+    measured_profile, measured = data["profile"], data["measured"]
+    predictor = fit_measured(measured_profile, measured)
+    # the same calibration cut at half its models: what a calibration half as long would have fitted (the first
+    # half was measured earlier, so it also carries the host's drift since)
+    half = fit_measured(measured_profile, measured[: len(measured) // 2])
+    held = data["held"]
+    df = pd.DataFrame([{"model": h["model"], "measured_ms": float(np.median(h["host_ms"])),
+                        "fitted_ms": predictor.predict_ms(h["features"]),
+                        "fitted_half_ms": half.predict_ms(h["features"]), "roofline_ms": h["roofline_ms"],
+                        "threads2_ms": float(np.median(h["threads2"]))} for h in held])
+    table = [{"estimator": name, **_stats(df[col].tolist(), df.measured_ms.tolist())}
+             for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"),
+                               (f"fitted on the first half ({half.fitted_on} models)", "fitted_half_ms"))]
+    # what a search's screen sees: each prediction relative to a measured model of the same family
+    table += [{"estimator": f"{name}, relative to the family's widest model (as the screen)",
+               **_stats(*_relative(df, col))} for name, col in (("roofline", "roofline_ms"), ("fitted", "fitted_ms"))]
+    if min(len(h["host_ms"]) for h in held) >= 3:
+        # the noise ceiling: how often one round of measurement lands within +-10% of the median of the other
+        # rounds. No predictor can be judged more precisely than the measurement it is judged against
+        one = [h["host_ms"][0] for h in held]
+        rest = [float(np.median(h["host_ms"][1:])) for h in held]
+        table.append({"estimator": "noise: one round vs the other rounds' median", **_stats(one, rest)})
+    table.append({"estimator": "drift: a round before calibration vs the median after",
+                  **_stats([h["before_ms"] for h in held], df.measured_ms.tolist())})
+    rng = np.random.default_rng(0)
+    for n in transfer_n:
+        pick = rng.permutation(len(df))
+        fit_i, val_i = pick[:n], pick[n:]
+        dev_p = transfer(predictor, [(held[i]["features"], df.threads2_ms[i]) for i in fit_i], profile="host-cpu-2t",
+                         threads=2)
+        pred = [dev_p.predict_ms(held[i]["features"]) for i in val_i]
+        table.append({"estimator": f"transfer to 2 threads, {n} samples",
+                      **_stats(pred, df.threads2_ms[val_i].tolist())})
+        host_as_is = [predictor.predict_ms(held[i]["features"]) for i in val_i]
+        table.append({"estimator": "host predictor as is, on 2 threads",
+                      **_stats(host_as_is, df.threads2_ms[val_i].tolist())})
+    return df, table, predictor
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-seconds", type=float, default=240.0, help="calibration measuring time")
+    ap.add_argument("--sizes", default="64,96", help="input sizes of ResNet-18 / MobileNetV2")
+    ap.add_argument("--widths", default="1,0.75,0.5", help="width multipliers of the held-out CNNs")
+    ap.add_argument("--transfer-n", default="3,5,10", help="device measurements the transfer gets")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved measuring rounds of the held-out set (median)")
+    ap.add_argument("--replay", type=Path, help="refit from this measurements.pkl instead of measuring")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/predict"))
+    args = ap.parse_args()
+    if args.replay:
+        data = pickle.loads(args.replay.read_bytes())
+    else:
+        data = measure(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "measurements.pkl").write_bytes(pickle.dumps(data))
+    df, table, predictor = evaluate(data, [int(x) for x in args.transfer_n.split(",")])
     res = pd.DataFrame(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    df.drop(columns="path").to_csv(args.out / "predict_models.csv", index=False)
+    df.to_csv(args.out / "predict_models.csv", index=False)
     res.to_csv(args.out / "predict.csv", index=False)
     (args.out / "predict.json").write_text(json.dumps({
-        "calibration": {"seconds": calib_s, "models": predictor.fitted_on, "nodes": len(predictor.node_samples),
-                        "validation": predictor.describe()}, "results": table}, indent=1, default=float))
-    print(df.drop(columns="path").to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    print(f"\ncalibration: {predictor.fitted_on} models in {calib_s:.0f} s; held-out calibration designs: "
-          f"{predictor.describe()['within_10pct']:.0%} within +-10%")
+        "calibration": {"seconds": data["calibration_s"], "models": predictor.fitted_on,
+                        "nodes": len(predictor.node_samples), "validation": predictor.describe(),
+                        "replayed_from": str(args.replay) if args.replay else None},
+        "results": table}, indent=1, default=float))
+    print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print(f"\ncalibration: {predictor.fitted_on} models in {data['calibration_s']:.0f} s; held-out calibration "
+          f"designs: {predictor.describe()['within_10pct']:.0%} within +-10%")
     print(res.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
 
 

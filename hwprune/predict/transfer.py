@@ -20,7 +20,8 @@ def transfer(host: Predictor, samples: list[tuple[Any, float]], *, profile: str,
 
     Args:
         host: the predictor fitted on the host (its regressors are kept as they are).
-        samples: whole-model measurements on the new device.
+        samples: whole-model measurements on the new device (a model may also be given as its node features,
+            :func:`hwprune.predict.features.graph_features`).
         profile, runtime, runtime_version, threads: the new device's identity (defaults: the host's).
         strength: how strongly the correction is pulled toward the host's.
 
@@ -37,7 +38,10 @@ def transfer(host: Predictor, samples: list[tuple[Any, float]], *, profile: str,
     p.model_samples = []
     p.validation = None
     for i, (model, ms) in enumerate(samples):
-        p.add_model(f"transfer-{i}", model, ms)
+        if isinstance(model, list):
+            p.add_features(f"transfer-{i}", model, ms)
+        else:
+            p.add_model(f"transfer-{i}", model, ms)
     # the prior is the host's correction times the device's median speed ratio: a few samples then only have to
     # learn where the device differs per family, not how much slower it is overall
     ratio = float(np.median([s.measured_ms / host.corrected(s.node_sums_ms) for s in p.model_samples])) \

@@ -147,6 +147,10 @@ def test_transfer_learns_a_slower_device(measured) -> None:
     ratios = [dev.predict_ms(path) / host.predict_ms(path) for path in paths[6:]]
     assert np.median(ratios) == pytest.approx(2.5, rel=0.1)
     assert dev.transferred_from and dev.profile == "slow-board" and dev.fitted_on == 6
+    # the same samples given as node features (what a caller holding no ONNX file has) fit the same predictor
+    by_feats = transfer(host, [(graph_features(path, profile.channel_multiple), ms) for path, ms in samples],
+                        profile="slow-board", threads=1)
+    assert by_feats.correction == pytest.approx(dev.correction)
 
 
 def test_features_tell_alignment_and_fusion(measured) -> None:
