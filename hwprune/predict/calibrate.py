@@ -229,7 +229,10 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
                 continue
             measured.append(m)
             if log:
-                log(f"[{time.monotonic() - t0:5.0f} s] {m.name}: {m.measured_ms:.3f} ms, {len(m.samples)} nodes, "
+                elapsed = time.monotonic() - t0
+                # the budget bounds the measuring: what is left of it is the ETA (the fit adds seconds)
+                log(f"[{elapsed:4.0f} s, ~{max(budget_s - elapsed, 0):.0f} s left] model {len(measured)} "
+                    f"{m.name}: {m.measured_ms:.3f} ms, {len(m.samples)} nodes, "
                     f"{m.attributed_share:.0%} of kernel time mapped")
     return profile, measured
 

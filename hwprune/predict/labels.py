@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+FIRM_VALIDATION = 20  # fewer held-out models than this: the label says the error figures are loose
 UNKNOWN = "by the estimate backend (a fitted predictor where `hwprune calibrate` stored one, else the roofline)"
 
 
@@ -15,7 +16,7 @@ def estimate_label(predictor: dict[str, Any] | None) -> str:
             roofline's ``{"kind": "roofline"}``); None when the record does not say.
 
     Returns:
-        E.g. "fitted predictor, 69% of held-out models within +-10%, 91% within +-25%, median error 7%".
+        E.g. "fitted predictor, 69% of 131 held-out models within +-10%, 91% within +-25%, median error 7%".
     """
     if not predictor:
         return UNKNOWN
@@ -23,8 +24,13 @@ def estimate_label(predictor: dict[str, Any] | None) -> str:
         return "roofline; run `hwprune calibrate` for a fitted predictor"
     if predictor.get("within_10pct") is None:
         return f"fitted predictor on {predictor.get('fitted_on')} models, not validated"
-    return (f"fitted predictor, {predictor['within_10pct']:.0%} of held-out models within +-10%, "
-            f"{predictor['within_25pct']:.0%} within +-25%, median error {predictor['median_abs_error']:.0%}")
+    n = predictor.get("validated_on")
+    of = f"of {n} held-out models" if n else "of held-out models"
+    # a short calibration holds out one or two models: 100% of 2 says little, and the label says so
+    loose = (f" (only {n} held out: a longer `hwprune calibrate --budget-seconds` gives firmer figures)"
+             if n and n < FIRM_VALIDATION else "")
+    return (f"fitted predictor, {predictor['within_10pct']:.0%} {of} within +-10%, "
+            f"{predictor['within_25pct']:.0%} within +-25%, median error {predictor['median_abs_error']:.0%}{loose}")
 
 
-__all__ = ["estimate_label"]
+__all__ = ["FIRM_VALIDATION", "estimate_label"]

@@ -26,6 +26,7 @@ from hwprune.predict.calibrate import (
 )
 from hwprune.predict.designs import designs
 from hwprune.predict.features import graph_features
+from hwprune.predict.labels import FIRM_VALIDATION, estimate_label
 from hwprune.predict.model import Validation
 from hwprune.profiles import load_profile
 
@@ -122,6 +123,9 @@ def test_store_round_trip_and_estimate_labels(measured, tmp_path: Path, monkeypa
     m = EstimateBackend(profile).measure(paths[1])
     assert m.estimated and m.extra["predictor"]["kind"] == "fitted"
     assert m.extra["predictor"]["within_10pct"] == p.validation.within_10pct
+    label = estimate_label(m.extra["predictor"])
+    assert f"of {p.validation.n_models} held-out models" in label
+    assert ("only" in label) == (p.validation.n_models < FIRM_VALIDATION)
     assert m.latency.median_ms == pytest.approx(p.predict_ms(paths[1]))
     assert store.find("raspberry-pi-4", 1) is None
 
