@@ -443,6 +443,9 @@ def _health_section(run: RunData) -> Section:
         ["Prunable channel groups (search dimensions)", fmt_int(srch.get("knobs"))],
         ["Wall time of the whole search", fmt_s(srch.get("wall_seconds"))],
     ]
+    if srch.get("board_seconds") is not None:  # runs before it was recorded have none
+        rows.append(["Device time measuring (board-seconds, for the measurements of this run)",
+                     f"{fmt_s(srch['board_seconds'])} for {fmt_int(srch.get('measurements'))} measurements"])
     if srch.get("interrupted"):
         rows.append(["Interrupted", "**yes**"])
     s.blocks.append(Table(["Trials", "Count"], rows))

@@ -84,18 +84,24 @@ class Search:
         self.fingerprint: Fingerprint | None = None  # what the study's trials depend on, set once the subject loads
         # models the backend measured in this run (dense sets, trials, front confirmation; a pair counts two)
         self.measurements = 0
+        # the backend's own seconds on the device for them (session + timing): what a shared board was busy for
+        self.board_seconds = 0.0
 
     def measure(self, onnx_path: Path) -> Measurement:
         """One whole measurement by the backend (counted)."""
         assert self.backend is not None
         self.measurements += 1
-        return self.backend.measure(onnx_path)
+        m = self.backend.measure(onnx_path)
+        self.board_seconds += sum(m.stage_seconds.values())
+        return m
 
     def measure_pair(self, onnx_path: Path, reference: Path) -> tuple[Measurement, Measurement, list[float]]:
         """Both models timed in alternating samples (the backend's ``measure_beside``)."""
         assert self.backend is not None
         self.measurements += 2  # two models measured, as a round of two whole measurements counts
-        return self.backend.measure_beside(onnx_path, reference)
+        m, ref, ratios = self.backend.measure_beside(onnx_path, reference)
+        self.board_seconds += sum(m.stage_seconds.values()) + sum(ref.stage_seconds.values())
+        return m, ref, ratios
 
     @property
     def pair_measure(self) -> Any:
@@ -169,7 +175,8 @@ class Search:
             trials.study.set_user_attr(attrs.DENSE, dense.entry.to_dict(files=False))
             front = select_front(ctx, trials, table.ranked, dense.entry)
         dense.entry = dense.entry.replace(file_bytes=dense.entry.files["onnx"]["bytes"])
-        summary = run_folder.summary(ctx, trials, table, dense.entry, front, self.measurements, t_start)
+        summary = run_folder.summary(ctx, trials, table, dense.entry, front, self.measurements, t_start,
+                                     self.board_seconds)
         data, pareto_df = run_folder.write_summary(ctx, summary)
         if not trials.interrupted:
             run_folder.build_report(ctx)

@@ -162,8 +162,9 @@ def recovery_record(config_recovery: str, trials: Trials, recommended: ModelReco
 
 
 def summary(ctx: RunContext, trials: Trials, table: TrialsTable, dense: ModelRecord, front: Front,
-            measurements: int, t_start: float) -> Summary:
-    """The summary of the run (summary.json)."""
+            measurements: int, t_start: float, board_seconds: float = 0.0) -> Summary:
+    """The summary of the run (summary.json); ``board_seconds`` is the backend's own time on the device for this
+    run's ``measurements``."""
     complete, budgets, dense_m = table.complete, trials.budgets, trials.dense_m
     rec = next((pm.entry for pm in front.models if pm.trial == front.recommended), None)
     best = best_within_budgets(table.ranked, budgets, front.under)
@@ -176,6 +177,7 @@ def summary(ctx: RunContext, trials: Trials, table: TrialsTable, dense: ModelRec
         "trials_pruned": int((table.frame["state"] == "PRUNED").sum()) if not table.frame.empty else 0,
         "trials_cached": int(complete["cached_from"].notna().sum()) if not complete.empty else 0,
         "measurements": measurements,
+        "board_seconds": round(board_seconds, 3),
         "trials_feasible": int(complete["feasible"].sum()) if not complete.empty else 0,
         "failures": [{"trial": int(r["trial"]), "reason": r["fail_reason"] or "unknown"}
                      for _, r in table.failed.iterrows()],

@@ -26,6 +26,7 @@ from hwprune.report.render import (
     model_cell, sig,
 )
 from hwprune.report.data import load_run
+from hwprune.report.format import fmt_s
 from hwprune.errors import HwpruneError
 from conftest import run_cli
 from report_helpers import _unmark, find_table, html_tables, md_tables, real_run, row_of, tiny_factory  # noqa: F401
@@ -145,6 +146,8 @@ def test_request_and_health_numbers(run_dir: Path, summary: dict[str, Any], md: 
     assert counts["Completed trials"] == str(srch["trials_complete"])
     assert counts["Failed trials"] == str(srch["trials_failed"])
     assert counts["of which reused an earlier measurement (cached)"] == str(srch["trials_cached"])
+    assert counts["Device time measuring (board-seconds, for the measurements of this run)"] == (
+        f"{fmt_s(srch['board_seconds'])} for {srch['measurements']:,} measurements") and srch["board_seconds"] > 0
     stages = {_unmark(r["Stage"]): r["Seconds"] for r in find_table(md_tables(md), "Stage", "Seconds")}
     assert set(stages) == set(srch["stage_seconds"]) and "final_finetune" in stages
     # the measurement conditions, and "a model's own median is over N runs after M warm-ups"

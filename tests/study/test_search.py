@@ -210,6 +210,12 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
     assert (START_SETS + trial_measurements + 2 * CONFIRM_ROUNDS * confirmed
             <= result.summary["search"]["measurements"]
             <= START_SETS + trial_measurements + 2 * CONFIRM_MAX_ROUNDS * confirmed)
+    # board_seconds counts the backend's own time for every one of them: the trials' share (their session, timing
+    # and dense model beside) is part of it, and the rest (dense sets, re-measures, confirmation) is not zero
+    trials_board = sum(sum(v for k, v in json.loads(st).items() if k in ("session", "timing", "dense_beside"))
+                       for st in trials["stage_seconds"])
+    board = result.summary["search"]["board_seconds"]
+    assert 0 < trials_board < board <= result.summary["search"]["wall_seconds"]
 
 
 def _add_recorded_trial(study: optuna.Study, like: optuna.trial.FrozenTrial, params: dict[str, float],
