@@ -22,6 +22,7 @@ from hwprune.predict.calibrate import (
     fit_measured,
     measure_model,
     profiler_overhead_us,
+    target_ms,
     without_profiler,
 )
 from hwprune.predict.designs import designs
@@ -49,7 +50,8 @@ def split(items: list) -> tuple[list, list]:
 def measured(tmp_path_factory: pytest.TempPathFactory):
     """64 designed models measured on host-cpu with quick settings: (profile, [Measured], onnx paths)."""
     folder = tmp_path_factory.mktemp("predict")
-    profile = load_profile(budget_profile(folder))
+    # quick settings, but 15 timed runs per model: a median of 5 moved 2x on a CI host's slow spell and biased the fit
+    profile = load_profile(budget_profile(folder)).with_overrides(measure__repeats=15)
     backend = OrtBackend(profile)
     paths, out = [], []
     for d in designs(N_MODELS, profile.channel_multiple, seed=7):
@@ -63,9 +65,14 @@ def test_fitted_predictor_beats_the_roofline_on_held_out_models(measured) -> Non
     profile, ms, paths = measured
     train, held = split(ms)
     p = fit_measured(profile, train)
-    fitted = Validation.from_pairs([p.predict_features(m.features) for m in held], [m.measured_ms for m in held])
-    roof = Validation.from_pairs([roofline(path, profile)["latency_ms"] for path in split(paths)[1]],
-                                 [m.measured_ms for m in held])
+    # the held-out models are judged on the median of three interleaved measurements: one, taken in a slow spell of
+    # a shared CI host, put the fit's median error at 0.28 where a re-run here gave 0.13
+    backend, held_paths = OrtBackend(profile), split(paths)[1]
+    rounds = [[m.measured_ms for m in held]] + [[target_ms(backend.measure(path)) for path in held_paths]
+                                                 for _ in range(2)]
+    truth = [float(np.median(r)) for r in zip(*rounds)]
+    fitted = Validation.from_pairs([p.predict_features(m.features) for m in held], truth)
+    roof = Validation.from_pairs([roofline(path, profile)["latency_ms"] for path in held_paths], truth)
     # measured here on three design seeds: the fit's median held-out error 0.06-0.14, the roofline's 0.26-0.33 (it
     # ignores kernel efficiency); these are 0.03-10 ms models timed with quick settings (run-to-run median 4%)
     assert fitted.median_abs_error < 0.2
