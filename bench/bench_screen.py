@@ -8,8 +8,8 @@ Runs the same search (same seed) twice, ``--screen off`` then ``--screen on``, e
 predictor (the screened run adds its measurements to its copy, not to the stored one). Board-seconds are the
 seconds the backend spent measuring, over the whole search (summary.json's ``board_seconds``: dense sets, trials,
 the dense model beside them, re-measures of the incumbent and the front's confirmation); ``trials_board_s`` is the
-trials' share (their ``stage_seconds``: session, timing, dense beside). ``incumbent_board_s`` and ``confirm_board_s``
-are the wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune replays and
+trials' share (their ``stage_seconds``: session, timing, dense beside). ``incumbent_s`` and ``confirm_s`` are the
+wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune replays and
 evaluation included: host work, not only the board's). Prints a table and writes
 screen.csv / screen.json, and each run's trials.csv as trials-off.csv / trials-on.csv, to --out.
 """
@@ -33,9 +33,8 @@ from hwprune.config import SearchConfig
 from hwprune.predict import store
 from hwprune.profiles import load_profile
 
-# backend measuring time, per trial and per search (trials.csv / summary.json stage_seconds keys)
+# backend measuring time per trial (trials.csv stage_seconds keys)
 TRIAL_BOARD = ("session", "timing", "dense_beside")
-SEARCH_BOARD = (*TRIAL_BOARD, "measure_incumbent", "confirm_front")
 
 
 def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[str, object]:
@@ -52,10 +51,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     summary = json.loads((run_dir / "summary.json").read_text())
     trials = pd.read_csv(run_dir / "trials.csv")
     rec = summary.get("recommended")
-    # the backend's own seconds on the device (summary.json's board_seconds); older runs: the stages' wall times,
-    # which also count the front's rebuilds, fine-tune replays and evaluation on the host
-    board = summary["search"].get("board_seconds") or sum(summary["search"]["stage_seconds"].get(k, 0.0)
-                                                           for k in SEARCH_BOARD)
+    # the backend's own seconds on the device, not the stages' wall times (those count host work too)
+    board = summary["search"]["board_seconds"]
     per_trial = [sum(json.loads(s).get(k, 0.0) for k in TRIAL_BOARD) for s in trials.stage_seconds]
     row = trials[trials.trial == rec].iloc[0] if rec is not None else None
     rec_entry = next((r for r in summary["pareto"] if r["trial"] == rec), None)
@@ -70,9 +67,10 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "board_s_to_recommended": None if rec is None else sum(per_trial[: int(rec) + 1]),
             "measured_trials": int((trials.state == "COMPLETE").sum()), "screened": int(screened),
             "board_s": board, "trials_board_s": sum(per_trial),
-            # the fixed part: the incumbent measured again while refining, the front confirmed at the end
-            "incumbent_board_s": summary["search"]["stage_seconds"].get("measure_incumbent", 0.0),
-            "confirm_board_s": summary["search"]["stage_seconds"].get("confirm_front", 0.0), "wall_s": wall,
+            # the fixed part, as wall seconds (host work included): the incumbent measured again while refining,
+            # the front confirmed at the end
+            "incumbent_s": summary["search"]["stage_seconds"].get("measure_incumbent", 0.0),
+            "confirm_s": summary["search"]["stage_seconds"].get("confirm_front", 0.0), "wall_s": wall,
             "in_study_ratio": float(own.group(1)) if own else None,
             "in_study_p90": float(own.group(2)) / 100 if own else None}
 

@@ -92,7 +92,7 @@ class Search:
         assert self.backend is not None
         self.measurements += 1
         m = self.backend.measure(onnx_path)
-        self.board_seconds += sum(m.stage_seconds.values())
+        self._busy(m)
         return m
 
     def measure_pair(self, onnx_path: Path, reference: Path) -> tuple[Measurement, Measurement, list[float]]:
@@ -100,8 +100,12 @@ class Search:
         assert self.backend is not None
         self.measurements += 2  # two models measured, as a round of two whole measurements counts
         m, ref, ratios = self.backend.measure_beside(onnx_path, reference)
-        self.board_seconds += sum(m.stage_seconds.values()) + sum(ref.stage_seconds.values())
+        self._busy(m, ref)
         return m, ref, ratios
+
+    def _busy(self, *measurements: Measurement) -> None:
+        """Add the backend's own seconds for ``measurements`` to :attr:`board_seconds`."""
+        self.board_seconds += sum(sum(m.stage_seconds.values()) for m in measurements)
 
     @property
     def pair_measure(self) -> Any:
