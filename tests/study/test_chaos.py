@@ -4,7 +4,8 @@ lost or changed, and no trial may be left RUNNING (Optuna heartbeats + fail_stal
 
 The kill moments are drawn from a seeded generator: most land a random fraction of a second after the run completed
 a trial (inside the next trial: evaluation, measurement, or the storage write), some during start-up (import, dense
-baseline, creating or opening the study). The 3-run variant runs in the default suite; the 10-run one is slow.
+baseline, creating or opening the study). The 3-run variant runs in the default suite (it also checks the reason
+trials.csv gives a killed trial); the 10-run one and test_crash.py's deterministic single kill are slow.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 
 from conftest import GUARD_OFF_ARGS, ROOT, TESTS
@@ -119,6 +121,10 @@ def chaos(tmp_path: Path, runs: int, seed: int) -> None:
     assert {n: after[n] for n in completed} == {n: ("COMPLETE", v) for n, v in completed.items()}  # none lost
     assert all(after[n][0] == "FAIL" for n in killed_inside)
     assert sum(state == "COMPLETE" for state, _ in after.values()) == want
+    # the user reads why in trials.csv
+    table = pd.read_csv(tmp_path / STUDY / "trials.csv")
+    reasons = table[table["trial"].isin(killed_inside)]["fail_reason"]
+    assert len(reasons) == len(killed_inside) and reasons.str.contains("stopped without finishing").all()
 
 
 def test_kill_9_three_times_loses_nothing_and_leaves_nothing_running(tmp_path: Path) -> None:

@@ -1,5 +1,8 @@
 """Crash safety: a worker killed with SIGKILL mid-trial leaves no trial RUNNING once the study is opened again, and
-loses none of the completed ones."""
+loses none of the completed ones.
+
+Slow: the default suite's chaos test (test_chaos.py) kills three runs at random moments and checks the same and more;
+this one kills once, deterministically inside a trial, with the default host-cpu profile."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import pytest
 
 from conftest import GUARD_OFF_ARGS, ROOT, TESTS
 
@@ -36,6 +40,7 @@ def _census(db: Path) -> tuple[dict[str, int], float | None]:
     return out, age
 
 
+@pytest.mark.slow
 def test_a_killed_worker_leaves_no_running_trial_and_loses_no_completed_one(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]),
                TINY_SLOW_EVAL=str(SLOW_EVAL_S), HWPRUNE_HEARTBEAT_S="1")

@@ -28,6 +28,10 @@ from hwprune.backends.tvm.tracker import (
 )
 from hwprune.rpc_local import key_status, parse_hostport, tracker_summary
 
+# a session that outlives the tracker wait plus the server's session timeout by this much (at most the session timeout
+# itself) is a board that hangs without closing its socket: the server's own timeout would have ended it
+HUNG_GRACE_S = 15.0
+
 
 class TvmRpcBackend:
     """Measure on a board registered with a TVM RPC tracker under ``profile.rpc.key``.
@@ -96,7 +100,7 @@ class TvmRpcBackend:
         # The wait for a free board is bounded by the socket timeout below and a session by the server's
         # session_timeout_s; this outer bound only catches a board that hangs without closing its socket.
         wait_s = max(5.0, r.session_timeout_s)
-        deadline = wait_s + r.session_timeout_s + 15.0
+        deadline = wait_s + r.session_timeout_s + min(HUNG_GRACE_S, r.session_timeout_s)
         reason = first = ""
         for attempt in range(attempts):
             def body(progress: dict[str, str]) -> Any:
