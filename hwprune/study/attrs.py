@@ -15,6 +15,7 @@ MEASUREMENT = "measurement"  # Measurement.to_dict()
 ACCURACY_PROXY = "accuracy_proxy"  # the trial's accuracy (after calibration and the short fine-tune)
 MEASURE_CONTEXT = "measure_context"  # hash of what a latency depends on besides the architecture
 LATENCY_RATIO = "latency_ratio"  # relative budgets: latency / the dense model's measured beside it
+LATENCY_ROUNDS = "latency_rounds"  # relative budgets: the interleaved rounds behind latency_ratio (3; 1 if screened so)
 CACHED_FROM = "cached_from"  # trial whose measurement was reused (-1: the dense model)
 STAGE_SECONDS = "stage_seconds"
 FAIL_REASON = "fail_reason"
@@ -32,7 +33,7 @@ PRECISION_PARAM = "precision:"  # prefix of the precision parameters (one per un
 
 # what a cached architecture's trial copies from the trial that measured it
 CACHED_KEYS = (WIDTHS, MACS, PARAMS, SIGNATURE, MEASUREMENT, ACCURACY_PROXY, MEASURE_CONTEXT, LATENCY_RATIO,
-               PRECISION, OUTPUT_ERROR)
+               LATENCY_ROUNDS, PRECISION, OUTPUT_ERROR)
 
 # -- study user attributes --------------------------------------------------------------------------------------
 REQUEST = "request"  # request.json, as the search started

@@ -26,7 +26,7 @@ from hwprune.study.budgets import Budgets, latency_ratio
 from hwprune.study.context import RunContext
 from hwprune.quant.base import QuantizationError
 from hwprune.study.objective import TrialRunner
-from hwprune.study.precision import has_int8, precision_record, write_calibration
+from hwprune.study.precision import has_int8, precision_record, signature_with, write_calibration
 from hwprune.study.records import ModelRecord, model_record
 from hwprune.study.reference import ROUNDS, Rounds, interleaved_rounds
 from hwprune.study.result import ParetoModel
@@ -144,8 +144,9 @@ def confirm_trial(ctx: RunContext, t: optuna.trial.FrozenTrial, subject: Subject
         shutil.rmtree(folder, ignore_errors=True)
         return {"trial": number, "latency_ms": t.values[1], "memory_mb": t.values[2],
                 "reason": f"{QUANTIZATION_FAILED}: {exc}"}
+    earlier = runner.remeasured.get(signature_with(pruned.signature, choice))
     m, rounds, note = confirm_latency(ctx, Measurement.from_dict(t.user_attrs[attrs.MEASUREMENT]), latency_ratio(t),
-                                      onnx_path, budgets, runner.beside)
+                                      onnx_path, budgets, runner.beside, earlier)
     record = model_record(trial=number, accuracy=accuracy, accuracy_proxy=acc_proxy, m=m, params=pruned.params,
                           macs=pruned.macs, widths=pruned.widths, ratios=ratios, budgets=budgets, dense=dense,
                           example=subject.example_inputs[0], rounds=rounds)
@@ -189,22 +190,29 @@ def export_model(ctx: RunContext, module: Any, choice: dict[str, str], subject: 
 
 
 def confirm_latency(ctx: RunContext, trial_m: Measurement, trial_ratio: float | None, onnx_path: Path,
-                    budgets: Budgets, beside: Path | None) -> tuple[Measurement, Rounds | None, str | None]:
+                    budgets: Budgets, beside: Path | None,
+                    earlier: list[float] | None = None) -> tuple[Measurement, Rounds | None, str | None]:
     """The measurement to report for an exported front model, its rounds beside the dense model (with ``beside``,
     the dense model's ONNX, under a relative budget; they are judged), and a note when the figures are not fresh
     ones.
 
     Under a relative budget the model and the dense model are measured in interleaved rounds
     (:func:`~hwprune.study.reference.interleaved_rounds`): the most accurate trials at the budget's edge are also
-    the ones whose single measurement came out lucky, so one more single measurement is not enough.
+    the ones whose single measurement came out lucky, so one more single measurement is not enough. ``earlier``:
+    the ratios of this run's re-measure of the same architecture as the incumbent, counted as rounds (the latency
+    depends on the architecture, not the fine-tuned weights); at least one round is fresh.
     """
     def meets(m: Measurement) -> bool:
         return budgets.meets(m.latency.median_ms, m.memory.total_mb)[0]
 
     try:
         if beside is not None:
-            rounds = interleaved_rounds(ctx.measure, onnx_path, beside, budgets.latency_factor, ctx.pair_measure)
-            return rounds.middle, rounds, None
+            rounds = interleaved_rounds(ctx.measure, onnx_path, beside, budgets.latency_factor, ctx.pair_measure,
+                                        earlier=earlier)
+            pooled = len(rounds.ratios) - len(rounds.measurements)
+            note = (f"{pooled} of its {len(rounds.ratios)} rounds beside the dense model were measured earlier in "
+                    "the search, when the same architecture was re-measured as the incumbent") if pooled else None
+            return rounds.middle, rounds, note
         fresh = ctx.measure(onnx_path)
         if meets(fresh) == meets(trial_m):
             return fresh, None, None
@@ -238,6 +246,8 @@ def measure_again(ctx: RunContext, ratios: dict[str, float], subject: Subject, s
             rounds = interleaved_rounds(ctx.measure, path, runner.beside, runner.budgets.latency_factor,
                                         ctx.pair_measure)
             again = {"latency_ms": rounds.middle.latency.median_ms, "latency_ratio": rounds.ratio}
+            signature = signature_with(pruned.signature, choice)
+            runner.remeasured[signature] = runner.remeasured.get(signature, []) + rounds.ratios
         else:
             again = {"latency_ms": statistics.median(ctx.measure(path).latency.median_ms for _ in range(ROUNDS))}
     runner.book("measure_incumbent", time.perf_counter() - t0)

@@ -73,6 +73,10 @@ class TrialRunner:
     quant: QuantSearch | None = None  # --quantize int8: a precision per unit on top of the widths
     stage_seconds: dict[str, float] = field(default_factory=dict)
     screening: Any = None  # hwprune.study.screening.Screening with --screen on
+    last_rounds: int | None = None  # interleaved rounds behind the last measure_file's ratio (None: no ratio)
+    # signature -> ratios of this run's re-measures of an incumbent: the front's confirmation of the same
+    # architecture counts them as rounds instead of measuring them again (never across runs: a night may differ)
+    remeasured: dict[str, list[float]] = field(default_factory=dict)
     _cache: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def book(self, stage: str, seconds: float, into: dict[str, float] | None = None) -> None:
@@ -129,7 +133,8 @@ class TrialRunner:
         pruned.module.eval()
         return pruned
 
-    def export_and_measure(self, module: Any, stages: dict[str, float]) -> tuple[Measurement, float | None]:
+    def export_and_measure(self, module: Any, stages: dict[str, float],
+                           settles: Callable[[float], bool] | None = None) -> tuple[Measurement, float | None]:
         """The candidate's measurement, and (with ``beside``) its latency divided by the dense model's
         (:meth:`measure_file`)."""
         from hwprune.export import export_onnx
@@ -139,7 +144,7 @@ class TrialRunner:
             path = export_onnx(module, self.subject.example_inputs, Path(tmp) / "candidate.onnx",
                                exporter=self.exporter)
             self._tick("export", t, stages)
-            return self.measure_file(path, stages)
+            return self.measure_file(path, stages, settles)
 
     def export_quantize_measure(self, module: Any, choice: dict[str, str],
                                 stages: dict[str, float]) -> tuple[Measurement, float | None, float, QuantResult]:
@@ -165,9 +170,12 @@ class TrialRunner:
             self._tick("evaluate", t, stages)
         return m, ratio, acc, q
 
-    def measure_file(self, path: Path, stages: dict[str, float]) -> tuple[Measurement, float | None]:
+    def measure_file(self, path: Path, stages: dict[str, float],
+                     settles: Callable[[float], bool] | None = None) -> tuple[Measurement, float | None]:
         """The measurement of the exported ``path``, and (with ``beside``) its latency divided by the dense model's:
-        the median ratio of ``ROUNDS`` interleaved rounds, the measurement then the round with the middle latency.
+        the median ratio of ``ROUNDS`` interleaved rounds, the measurement then the round with the middle latency
+        (fewer rounds once ``settles`` accepts the judged latency of those so far: ``--screen on``). The rounds
+        taken are in :attr:`last_rounds`.
 
         One pair is not enough on a shared host: a slow spell as long as one measurement doubled a model's latency
         and not the dense model's beside it (the demo at 0.4x: a 0.35x model measured 0.67x once), which steered the
@@ -190,12 +198,17 @@ class TrialRunner:
             return m, dense, ratios
 
         t = time.perf_counter()
+        self.last_rounds = None
         if self.beside is None:
             m, ratio = timed(path), None
         else:
+            settled = None if settles is None else (
+                lambda r: settles(self.budgets.now().judged_ms(r.middle.latency.median_ms, r.ratio)))
             rounds = interleaved_rounds(timed, path, self.beside,
-                                        measure_pair=timed_pair if self.measure_pair is not None else None)
+                                        measure_pair=timed_pair if self.measure_pair is not None else None,
+                                        settled=settled)
             m, ratio = rounds.middle, rounds.ratio
+            self.last_rounds = len(rounds.ratios)
         self._tick("measure", t, {})
         return m, ratio
 
@@ -252,7 +265,8 @@ class TrialRunner:
                 if q.check is not None:
                     trial.set_user_attr(attrs.OUTPUT_ERROR, q.check.relative_error)
             else:
-                m, ratio = self.export_and_measure(pruned.module, stages)
+                m, ratio = self.export_and_measure(pruned.module, stages,
+                                                   self.screening.settles if self.screening is not None else None)
                 if self.screening is not None:
                     own = self.screening.record(m, self.budgets.now().judged_ms(m.latency.median_ms, ratio))
                     if own is not None:
@@ -279,6 +293,7 @@ class TrialRunner:
         trial.set_user_attr(attrs.MEASUREMENT, m.to_dict())
         if ratio is not None:
             trial.set_user_attr(attrs.LATENCY_RATIO, ratio)
+            trial.set_user_attr(attrs.LATENCY_ROUNDS, self.last_rounds)
         trial.set_user_attr(attrs.MEASURE_CONTEXT, self.context)
         trial.set_user_attr(attrs.ACCURACY_PROXY, acc)
         trial.set_user_attr(attrs.STAGE_SECONDS, stages)

@@ -84,18 +84,24 @@ MeasurePair = Callable[[Path, Path], tuple[Measurement, Measurement, list[float]
 
 
 def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense_path: Path,
-                       factor: float | None = None, measure_pair: MeasurePair | None = None) -> Rounds:
+                       factor: float | None = None, measure_pair: MeasurePair | None = None,
+                       settled: Callable[[Rounds], bool] | None = None, earlier: list[float] | None = None) -> Rounds:
     """Measure the model at ``path`` and the dense model in alternating order, ``ROUNDS`` times, and up to
-    ``MAX_ROUNDS`` while the median ratio is within ``BAND`` of ``factor`` (a relative budget).
+    ``MAX_ROUNDS`` while the median ratio is within ``BAND`` of ``factor`` (a relative budget). With ``settled``,
+    fewer than ``ROUNDS`` once it says the rounds so far settle the model (``--screen on``: a candidate predicted
+    and then measured well inside the budget). ``earlier``: ratios of the same architecture measured earlier in the
+    run (the incumbent's re-measure), which count as rounds; at least one fresh round is measured all the same.
 
     With ``measure_pair`` (a backend's ``measure_beside``), one round is one measurement of both models in
     alternating samples, and its ratio the median of the neighbouring samples' ratios: on a shared host that
     cancels spells shorter than a whole measurement, which alternating whole measurements do not (a CV of 6%
     against 20-25% per round on a 2-core Zen 3 host; :func:`hwprune.backends.timing.timed_pair`).
     """
-    rounds = Rounds([], [])
-    while len(rounds.ratios) < ROUNDS or (factor and len(rounds.ratios) < MAX_ROUNDS
-                                          and abs(rounds.ratio / factor - 1.0) < BAND):
+    rounds = Rounds([], list(earlier or [])[:MAX_ROUNDS - 1])
+    while not rounds.measurements or len(rounds.ratios) < ROUNDS or (
+            factor and len(rounds.ratios) < MAX_ROUNDS and abs(rounds.ratio / factor - 1.0) < BAND):
+        if rounds.ratios and len(rounds.ratios) < ROUNDS and settled is not None and settled(rounds):
+            break
         if measure_pair is not None:
             m, _, pair_ratios = measure_pair(path, dense_path)
             rounds.measurements.append(m)

@@ -10,6 +10,11 @@ candidates. So each measured candidate's prediction is kept beside its judged la
 the p90 of the errors left (floored at the measurement noise) instead of the validation error. Each ratio is kept on
 its trial (``screen_ratio``), so a resumed search starts from the errors its earlier trials measured.
 
+A candidate whose prediction plus that error is still well inside the budget (``measure_once``,
+:data:`hwprune.predict.screen.SETTLE_MARGIN`) is measured in one round beside the dense model instead of three, as
+long as that round also puts it that far inside; a round that lands nearer the budget is followed by the usual rest.
+Its trial records ``latency_rounds`` = 1.
+
 Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
 is refitted), and the predictor is saved back beside the measurement cache when the trials end.
 """
@@ -53,6 +58,7 @@ class Screening:
     _dense_pred: float | None = None
     _pending: Any = None  # features of the candidate last screened (measured next, unless skipped)
     _pending_ms: float | None = None  # its predicted judged latency, before the study's own rescaling
+    _settle_ms: float | None = None  # a judged latency under which one round settles the pending candidate
     ratios: list[float] = field(default_factory=list)  # measured / predicted judged latency of measured candidates
 
     def study_error(self) -> tuple[float, float | None]:
@@ -80,13 +86,14 @@ class Screening:
         """
         from hwprune.export import export_onnx
         from hwprune.predict.features import graph_features
-        from hwprune.predict.screen import screen
+        from hwprune.predict.screen import SETTLE_MARGIN, screen
 
         module.eval()  # BatchNorm in train mode exports another graph; re-calibration sets train mode itself
         with tempfile.TemporaryDirectory(prefix="hwprune-screen-") as tmp:
             path = export_onnx(module, example_inputs, Path(tmp) / "candidate.onnx", exporter=exporter)
             feats = graph_features(path, self.predictor.channel_multiple)
         self._pending = feats
+        self._settle_ms = None
         b = budgets.now()
         budget_ms = b.latency_ms
         if budget_ms is None:
@@ -100,6 +107,8 @@ class Screening:
         self._pending_ms = decision.predicted_ms * scale
         predicted = self._pending_ms * bias
         trial.set_user_attr(PREDICTED_ATTR, predicted)
+        if decision.action == "measure_once":
+            self._settle_ms = budget_ms * (1.0 - SETTLE_MARGIN)
         if decision.action != "skip":
             return
         self.screened += 1
@@ -114,6 +123,11 @@ class Screening:
                   f"budget; not measured")
         trial.set_user_attr(attrs.FAIL_REASON, reason)
         raise optuna.TrialPruned(reason)
+
+    def settles(self, judged_ms: float) -> bool:
+        """Whether a round that judged the candidate just screened at ``judged_ms`` settles it: the screen predicted
+        it well inside the budget (``measure_once``) and the round agrees, by the same margin."""
+        return self._settle_ms is not None and judged_ms <= self._settle_ms
 
     def resume(self, trials: list[optuna.trial.FrozenTrial]) -> int:
         """Start from the measured / predicted ratios that earlier trials of the study recorded; returns how many."""
@@ -140,7 +154,7 @@ class Screening:
         if judged_ms is not None and self._pending_ms:
             ratio = judged_ms / self._pending_ms
             self.ratios.append(ratio)
-        self._pending_ms = None
+        self._pending_ms = self._settle_ms = None
         self.predictor.add_features(f"search-{len(self.predictor.model_samples)}", self._pending,
                                     target_ms(measurement))
         self._pending = None

@@ -297,6 +297,18 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     paired = interleaved_rounds(backend.measure, path, path, factor=1.0, measure_pair=backend.measure_beside)
     assert ROUNDS <= len(paired.ratios) <= MAX_ROUNDS and len(paired.measurements) == len(paired.ratios)
     assert all(0.6 < r < 1.6 for r in paired.ratios)  # the same model on both sides
+    # --screen on: rounds stop early once they settle the model (a prediction and a round both well inside the
+    # budget), and never before one round; a round that does not settle it is followed by the rest
+    settled = interleaved_rounds(backend.measure, path, path, settled=lambda r: r.ratio < 1.6)
+    assert len(settled.ratios) == len(settled.measurements) == 1
+    unsettled = interleaved_rounds(backend.measure, path, path, settled=lambda r: r.ratio < 0.1)
+    assert len(unsettled.ratios) == ROUNDS
+    # the front's confirmation counts the rounds of this run's re-measure of the same architecture, and still
+    # measures the exported file at least once
+    pooled = interleaved_rounds(backend.measure, path, path, earlier=[1.0, 1.0])
+    assert len(pooled.ratios) == ROUNDS and len(pooled.measurements) == 1 and pooled.ratios[:2] == [1.0, 1.0]
+    pooled = interleaved_rounds(backend.measure, path, path, earlier=[1.0] * (ROUNDS + 2))
+    assert len(pooled.measurements) == 1 and len(pooled.ratios) == ROUNDS + 3
 
 
 def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_fit_the_budget(tmp_path: Path) -> None:
