@@ -8,10 +8,13 @@ Runs the same search (same seed) twice, ``--screen off`` then ``--screen on``, e
 predictor (the screened run adds its measurements to its copy, not to the stored one). Board-seconds are the
 seconds the backend spent measuring, over the whole search (summary.json's ``board_seconds``: dense sets, trials,
 the dense model beside them, re-measures of the incumbent and the front's confirmation); ``trials_board_s`` is the
-trials' share (their ``stage_seconds``: session, timing, dense beside). ``incumbent_s`` and ``confirm_s`` are the
-wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune replays and
-evaluation included: host work, not only the board's). Prints a table and writes
-screen.csv / screen.json, and each run's trials.csv as trials-off.csv / trials-on.csv, to --out.
+trials' share (their ``stage_seconds``: session, timing, dense beside); ``one_round`` counts the trials judged
+on one round beside the dense model (predicted and measured well inside the budget). ``incumbent_s`` and
+``confirm_s`` are the wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune
+replays and evaluation included: host work, not only the board's); ``confirmed`` counts the models confirmed (listed
+or left out on re-measure). Prints a table and writes
+screen.csv / screen.json, and each run's trials.csv and summary.json as trials-off.csv / trials-on.csv and
+summary-off.json / summary-on.json, to --out.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     run_dir = next(p.parent for p in out.rglob("summary.json"))
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / "trials.csv", args.out / f"trials-{mode}.csv")  # per trial, to read the two runs apart
+    shutil.copy(run_dir / "summary.json", args.out / f"summary-{mode}.json")
     summary = json.loads((run_dir / "summary.json").read_text())
     trials = pd.read_csv(run_dir / "trials.csv")
     rec = summary.get("recommended")
@@ -66,11 +70,17 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "trials_to_recommended": None if rec is None else int(rec) + 1,
             "board_s_to_recommended": None if rec is None else sum(per_trial[: int(rec) + 1]),
             "measured_trials": int((trials.state == "COMPLETE").sum()), "screened": int(screened),
+            # measured trials the screen settled on one round beside the dense model (predicted and measured well
+            # inside the budget) instead of three
+            "one_round": int((trials.get("latency_rounds", pd.Series(dtype=float)) == 1).sum()),
             "board_s": board, "trials_board_s": sum(per_trial),
             # the fixed part, as wall seconds (host work included): the incumbent measured again while refining,
             # the front confirmed at the end
             "incumbent_s": summary["search"]["stage_seconds"].get("measure_incumbent", 0.0),
             "confirm_s": summary["search"]["stage_seconds"].get("confirm_front", 0.0), "wall_s": wall,
+            # models confirmed at the end (listed, and left out on re-measure): the confirmation's board cost
+            # grows with them
+            "confirmed": len(summary["pareto"]) + len(summary["search"].get("rejected_on_remeasure", [])),
             "in_study_ratio": float(own.group(1)) if own else None,
             "in_study_p90": float(own.group(2)) / 100 if own else None}
 

@@ -204,10 +204,19 @@ def test_python_api_returns_dataframe_and_recommended_model(tmp_path: Path) -> N
                                     else set(baseline))
     assert rec.trial in finalists and rec.record["final_finetune_steps"] == 3
     # each measured trial in ROUNDS interleaved rounds with the dense model, and two measurements a round for each
-    # model measured again
+    # model measured again; a front model whose architecture was re-measured as the incumbent counts those rounds
+    # and measures at least one fresh one
+    fresh = 0
+    for r in result.summary["pareto"]:
+        note = r.get("remeasure_note") or ""
+        pooled = int(note.split()[0]) if "measured earlier in the search" in note else 0
+        if str(r["trial"]) in again:
+            assert pooled >= CONFIRM_ROUNDS, note
+        fresh += len(r["latency_ratio_rounds"]) - pooled
+        assert len(r["latency_ratio_rounds"]) - pooled >= 1
     confirmed = len(result.summary["pareto"]) + len(rejected) + len(again)
     trial_measurements = 2 * CONFIRM_ROUNDS * len(measured)
-    assert (START_SETS + trial_measurements + 2 * CONFIRM_ROUNDS * confirmed
+    assert (START_SETS + trial_measurements + 2 * fresh + 2 * len(rejected) + 2 * CONFIRM_ROUNDS * len(again)
             <= result.summary["search"]["measurements"]
             <= START_SETS + trial_measurements + 2 * CONFIRM_MAX_ROUNDS * confirmed)
     # board_seconds counts the backend's own time for every one of them: the trials' share (their session, timing
