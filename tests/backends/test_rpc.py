@@ -191,7 +191,8 @@ def test_hung_board_is_bounded(tiny_onnx: Path) -> None:
     from hwprune.backends.tvm import TvmRpcBackend
 
     with LocalRpc(key=KEY) as rpc:
-        backend = TvmRpcBackend(_profile(rpc.tracker, rpc__session_timeout_s=5.0, rpc__retries=0,
+        # the bound is the tracker wait (5 s at least) plus twice the session timeout: 11 s here
+        backend = TvmRpcBackend(_profile(rpc.tracker, rpc__session_timeout_s=3.0, rpc__retries=0,
                                          measure__repeats=30, measure__min_repeat_ms=100.0))
         backend.compiler.build(tiny_onnx)
         pgid = rpc.server_procs[0].pid

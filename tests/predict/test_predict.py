@@ -327,7 +327,7 @@ def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, tmp_
     # a budget every candidate meets: each is predicted, measured, and keeps its measured / predicted ratio
     args = ("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms", "20x",
             "--screen", "on", "--out", str(out), "--quiet", "--final-finetune-steps", "0")
-    first = run_cli(*args, "--trials", "4", env=env)
+    first = run_cli(*args, "--trials", "3", env=env)
     assert first.returncode == 0, first.stderr
     assert "earlier measured candidates" not in first.stderr
     db = next(out.rglob("*.db"))
@@ -342,7 +342,7 @@ def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, tmp_
     table = pd.read_csv(next(out.rglob("trials.csv")))
     measured_rows = table[(table.state == "COMPLETE") & table.cached_from.isna()]
     assert len(measured_rows) and (measured_rows.latency_rounds == 1).all(), measured_rows.latency_rounds
-    again = run_cli(*args, "--trials", "6", env=env)  # the same command with more trials resumes the study
+    again = run_cli(*args, "--trials", "4", env=env)  # the same command with more trials resumes the study
     assert again.returncode == 0, again.stderr
     assert f"screening: {len(ratios)} earlier measured candidates of this study" in again.stderr
 
