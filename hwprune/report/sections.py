@@ -446,6 +446,16 @@ def _health_section(run: RunData) -> Section:
     if srch.get("board_seconds") is not None:  # runs before it was recorded have none
         rows.append(["Device time measuring (board-seconds, for the measurements of this run)",
                      f"{fmt_s(srch['board_seconds'])} for {fmt_int(srch.get('measurements'))} measurements"])
+    screen = srch.get("screen")
+    if screen:  # --screen on: what the predictor spared the device, and how far it is to be trusted on this model
+        own = (f"; on this search's candidates it measured {screen['study_ratio']:.2f}x the prediction, p90 error "
+               f"{screen['study_p90_error']:.0%}" if screen.get("study_p90_error") is not None else "")
+        held = (f" (p90 error {screen['held_out_p90_error']:.0%} on {screen['held_out_models']} held-out models)"
+                if screen.get("held_out_p90_error") is not None else "")
+        rows.append(["Screened by the fitted latency predictor" + held,
+                     f"{fmt_int(screen.get('skipped'))} of {fmt_int(screen.get('predicted'))} candidates skipped "
+                     f"unmeasured (predicted over the latency budget), {fmt_int(screen.get('one_round'))} judged on "
+                     f"one round (predicted and measured well inside it){own}"])
     if srch.get("interrupted"):
         rows.append(["Interrupted", "**yes**"])
     s.blocks.append(Table(["Trials", "Count"], rows))

@@ -190,6 +190,8 @@ def summary(ctx: RunContext, trials: Trials, table: TrialsTable, dense: ModelRec
         "knobs": len(trials.space.knobs),
         "blocks": trials.space.blocks,
     }
+    if trials.runner.screening is not None:  # --screen on with a stored predictor
+        search["screen"] = trials.runner.screening.record_for(table.frame)
     lock = trials.study.user_attrs.get(FP32_LOCK)
     if lock is not None:  # --quantize int8: the sampler searched FP32 only after its INT8 anchors measured slower
         search["int8_fp32_lock"] = lock

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import pandas as pd
 
 from hwprune.config import DEFAULT_SCREEN, SCREEN_MODES
 from hwprune.study import attrs
@@ -162,6 +163,23 @@ class Screening:
         if self.measured % REFIT_EVERY == 0:
             self.predictor.fit_correction()
         return ratio
+
+    def record_for(self, trials: pd.DataFrame) -> dict[str, Any]:
+        """summary.json's ``search.screen``: over the study's trials (``trials``, the trials table; a resumed study
+        counts its earlier runs too), how many candidates were skipped unmeasured and how many judged on one round,
+        the predictor's held-out p90 error, and its median ratio and p90 error on this search's candidates."""
+        def count(column: str, test: Any) -> int:
+            return int(test(trials[column]).sum()) if column in trials else 0
+
+        v = self.predictor.validation
+        bias, error = self.study_error()
+        return {"skipped": count(SCREENED_ATTR, pd.Series.notna),
+                # a trial that reused a measured architecture carries its rounds, not a measurement of its own
+                "one_round": count(attrs.LATENCY_ROUNDS, lambda c: (c == 1) & trials[attrs.CACHED_FROM].isna()),
+                "predicted": count(PREDICTED_ATTR, pd.Series.notna),
+                "held_out_p90_error": v.p90_abs_error if v is not None and v.n_models else None,
+                "held_out_models": v.n_models if v is not None else 0,
+                "study_ratio": bias if error is not None else None, "study_p90_error": error}
 
     def finish(self) -> Path | None:
         """Refit and save the predictor with the search's measurements; returns its path (None if none were added)."""

@@ -314,6 +314,12 @@ def test_search_with_screen_on_records_screened_trials(measured, tmp_path: Path)
     screened = trials[trials.fail_reason.fillna("").str.startswith("screened")]
     assert len(screened) > 0 and (screened.state == "PRUNED").all()
     assert screened.latency_ms.isna().all()  # never a latency: a prediction is not a measurement
+    # the summary and the report say what the screen spared the device
+    summary = json.loads((run_dir / "summary.json").read_text())["search"]["screen"]
+    assert summary["skipped"] == len(screened) and summary["predicted"] >= len(screened)
+    assert summary["held_out_p90_error"] is not None and summary["held_out_models"] > 0
+    assert f"{len(screened)} of {summary['predicted']} candidates skipped unmeasured" in \
+        (run_dir / "report.html").read_text()
 
 
 def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, tmp_path: Path) -> None:
@@ -342,6 +348,8 @@ def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, tmp_
     table = pd.read_csv(next(out.rglob("trials.csv")))
     measured_rows = table[(table.state == "COMPLETE") & table.cached_from.isna()]
     assert len(measured_rows) and (measured_rows.latency_rounds == 1).all(), measured_rows.latency_rounds
+    summary = json.loads(next(out.rglob("summary.json")).read_text())["search"]["screen"]
+    assert summary["one_round"] == len(measured_rows) and summary["skipped"] == 0
     again = run_cli(*args, "--trials", "4", env=env)  # the same command with more trials resumes the study
     assert again.returncode == 0, again.stderr
     assert f"screening: {len(ratios)} earlier measured candidates of this study" in again.stderr
