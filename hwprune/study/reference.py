@@ -100,7 +100,8 @@ def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense
     rounds = Rounds([], list(earlier or [])[:MAX_ROUNDS - 1])
     while not rounds.measurements or len(rounds.ratios) < ROUNDS or (
             factor and len(rounds.ratios) < MAX_ROUNDS and abs(rounds.ratio / factor - 1.0) < BAND):
-        if rounds.ratios and len(rounds.ratios) < ROUNDS and settled is not None and settled(rounds):
+        # only a fresh round can settle the model (the middle round it judges must be one of this file's)
+        if rounds.measurements and len(rounds.ratios) < ROUNDS and settled is not None and settled(rounds):
             break
         if measure_pair is not None:
             m, _, pair_ratios = measure_pair(path, dense_path)
