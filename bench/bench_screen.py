@@ -71,8 +71,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "board_s_to_recommended": None if rec is None else sum(per_trial[: int(rec) + 1]),
             "measured_trials": int((trials.state == "COMPLETE").sum()), "screened": int(screened),
             # measured trials the screen settled on one round beside the dense model (predicted and measured well
-            # inside the budget) instead of three
-            "one_round": int((trials.get("latency_rounds", pd.Series(dtype=float)) == 1).sum()),
+            # inside the budget) instead of three, as the search counts them (cached trials left out)
+            "one_round": (summary["search"].get("screen") or {}).get("one_round", 0),
             "board_s": board, "trials_board_s": sum(per_trial),
             # the fixed part, as wall seconds (host work included): the incumbent measured again while refining,
             # the front confirmed at the end
