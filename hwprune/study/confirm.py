@@ -80,9 +80,17 @@ def drop_dominated(ctx: RunContext, models: list[ParetoModel], budgets: Budgets,
 
 
 def confirm_front(ctx: RunContext, ranked: pd.DataFrame, study: optuna.Study, subject: Subject, runner: TrialRunner,
-                  budgets: Budgets, dense: ModelRecord) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
-    """Confirm every front model of ``ranked`` (:func:`confirm_trial`); keep those that still meet the budgets
-    and are still non-dominated on the confirmed numbers.
+                  budgets: Budgets, dense: ModelRecord,
+                  defer: frozenset[int] = frozenset()
+                  ) -> tuple[list[ParetoModel], list[dict[str, Any]], frozenset[int]]:
+    """Confirm every front model of ``ranked`` (:func:`confirm_trial`) but those in ``defer``; keep those that
+    still meet the budgets and are still non-dominated on the confirmed numbers. Returns them, the models left
+    out, and the front models of ``defer`` not confirmed.
+
+    ``defer``: trials that can be listed only as final candidates, which confirm them when they draw them
+    (:func:`hwprune.study.finalists.guard_bound`); confirming them here would spend board time on models the
+    accuracy guard then leaves out. A less accurate model never dominates a more accurate one, so leaving them out
+    changes no other model's standing.
 
     A front model that goes over a budget when re-measured may have hidden feasible trials behind it, so the
     front of the trials left is confirmed in turn, up to ``REFILL_CONFIRMATIONS`` x the first front's size in
@@ -94,6 +102,7 @@ def confirm_front(ctx: RunContext, ranked: pd.DataFrame, study: optuna.Study, su
     rejected: list[dict[str, Any]] = []
     over: set[int] = set()
     done: set[int] = set()
+    skipped: set[int] = set()
     front = pareto_mod.pareto_front(ranked) if not ranked.empty else ranked
     cap = len(front) * (1 + REFILL_CONFIRMATIONS)
     while True:
@@ -102,6 +111,9 @@ def confirm_front(ctx: RunContext, ranked: pd.DataFrame, study: optuna.Study, su
             break
         for number in todo:
             done.add(number)
+            if number in defer:
+                skipped.add(number)
+                continue
             confirmed = confirm_trial(ctx, by_number[number], subject, runner, budgets, dense)
             if isinstance(confirmed, ParetoModel):
                 candidates.append(confirmed)
@@ -114,11 +126,11 @@ def confirm_front(ctx: RunContext, ranked: pd.DataFrame, study: optuna.Study, su
         if any(int(n) not in done for n in front["trial"]):
             ctx.log(f"{len(over)} front model(s) over a budget when re-measured: confirming the trials behind them")
     if not candidates:
-        return [], rejected
+        return [], rejected, frozenset(skipped)
     models, dominated = drop_dominated(ctx, candidates, budgets, "dominated when re-measured",
                                        "dominated once re-measured and re-evaluated")
     models.sort(key=lambda pm: (judged_ms(pm, budgets), -pm.accuracy))
-    return models, rejected + dominated
+    return models, rejected + dominated, frozenset(skipped)
 
 
 def confirm_trial(ctx: RunContext, t: optuna.trial.FrozenTrial, subject: Subject, runner: TrialRunner,

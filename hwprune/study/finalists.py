@@ -20,7 +20,7 @@ from hwprune.recovery import RecoveryPlan, agreement
 from hwprune.study import attrs
 from hwprune.study import pareto as pareto_mod
 from hwprune.study.accuracy import UNDER_GUARD, retention
-from hwprune.study.budgets import NEAR_MISS, Budgets
+from hwprune.study.budgets import NEAR_MISS, Budgets, latency_ratio
 from hwprune.study.confirm import confirm_trial, drop_dominated, judged_ms, objectives, rejected_entry
 from hwprune.study.context import RunContext
 from hwprune.study.objective import TrialRunner
@@ -41,6 +41,39 @@ def near_miss(ranked: pd.DataFrame, budgets: Budgets) -> pd.Series:
     return over & pd.Series(memory_ok, index=ranked.index)
 
 
+def fine_tunes_finalists(ctx: RunContext, subject: Subject, ranked: pd.DataFrame) -> bool:
+    """Whether this search gives final candidates the final fine-tune (so the guard judges them after it)."""
+    return bool(ctx.config.final_finetune_steps and subject.train_data is not None and not ranked.empty)
+
+
+def guard_bound(ctx: RunContext, ranked: pd.DataFrame, budgets: Budgets, subject: Subject) -> frozenset[int]:
+    """Feasible trials the accuracy guard would leave out unless they become final candidates: under the guard's
+    floor by their trial accuracy, in a search whose guard judges listed models after the final fine-tune. A model
+    that is not a final candidate keeps its trial accuracy (its rebuild replays the trial's seeded fine-tune), so
+    confirming it before the final candidates are drawn spends board time on a model that will not be listed: at
+    0.6x on the demo, 6 of 12 confirmations were such models. The final candidates confirm those they draw."""
+    if budgets.accuracy_floor is None or budgets.guard_trials or not fine_tunes_finalists(ctx, subject, ranked):
+        return frozenset()
+    under = ranked["feasible"] & (ranked["accuracy"] < budgets.accuracy_floor)
+    return frozenset(int(n) for n in ranked.loc[under, "trial"])
+
+
+def deferred_under(deferred: frozenset[int], taken: set[int], study: optuna.Study,
+                   ranked: pd.DataFrame) -> list[dict[str, Any]]:
+    """A ``rejected_on_remeasure`` entry (``UNDER_GUARD``, ``remeasured``: false) for each trial of ``deferred``
+    (:func:`guard_bound`) not in ``taken``, with its trial's measurement and accuracy: the guard leaves it out on
+    its trial accuracy, without a re-measure."""
+    accuracy = dict(zip(ranked["trial"].astype(int), ranked["accuracy"].astype(float)))
+    entries = []
+    for t in sorted((t for t in study.get_trials(deepcopy=False) if t.number in deferred - taken),
+                    key=lambda t: t.number):
+        ratio = latency_ratio(t)
+        entries.append({"trial": t.number, "latency_ms": float(t.values[1]), "memory_mb": float(t.values[2]),
+                        **({"latency_ratio": ratio} if ratio is not None else {}),
+                        "accuracy": accuracy[t.number], "reason": UNDER_GUARD, "remeasured": False})
+    return entries
+
+
 @dataclass
 class _Picker:
     """Draws finalists from a pool of trials, confirming those not confirmed yet (at most twice the wanted number)."""
@@ -54,6 +87,7 @@ class _Picker:
     confirmed: dict[int, ParetoModel]
     left_out: set[int]  # trials whose confirmation put them over a budget already
     near: set[int]  # trials measured just over the latency budget
+    deferred: frozenset[int]  # front trials left unconfirmed (guard_bound): confirming one is not a new try
     finalists: list[ParetoModel] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     tries: int = 0
@@ -65,7 +99,7 @@ class _Picker:
             return True
         if number in self.left_out:
             return False
-        self.tries += 1
+        self.tries += number not in self.deferred
         t0 = time.perf_counter()
         found = confirm_trial(self.ctx, self.by_number[number], self.subject, self.runner, self.budgets, self.dense)
         self.runner.book("confirm_front", time.perf_counter() - t0)
@@ -82,7 +116,8 @@ class _Picker:
 
 def final_candidates(ctx: RunContext, models: list[ParetoModel], ranked: pd.DataFrame, left_out: set[int],
                      study: optuna.Study, subject: Subject, runner: TrialRunner, budgets: Budgets,
-                     dense: ModelRecord) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
+                     dense: ModelRecord,
+                     deferred: frozenset[int] = frozenset()) -> tuple[list[ParetoModel], list[dict[str, Any]]]:
     """Give the ``final_candidates`` most accurate feasible models (by the search's proxy) the final fine-tune,
     and return the front with those that are not dominated afterwards, and the models left out.
 
@@ -92,24 +127,25 @@ def final_candidates(ctx: RunContext, models: list[ParetoModel], ranked: pd.Data
     more accurate by the proxy and a hair faster hides the ones beside it, which after the fine-tune may be
     the more accurate (bench/README.md). Trials measured just over the latency budget (``NEAR_MISS``) are
     candidates too. A candidate not yet confirmed is confirmed like a front model first, and only a confirmed
-    one is fine-tuned; ``left_out`` are trials whose confirmation put them over a budget already.
+    one is fine-tuned; ``left_out`` are trials whose confirmation put them over a budget already, ``deferred``
+    front trials the front's confirmation left to this stage (:func:`guard_bound`).
 
     The most accurate uniform model within the budgets (the bisection's, see
     :func:`~hwprune.study.bracket.bracket_budget`) is always a finalist, one more when the proxy did not rank
     it among the first: it is the baseline a user would otherwise deploy, so the recommendation is never a model
     the same fine-tune leaves less accurate than it."""
     c = ctx.config
-    if not (c.final_finetune_steps and subject.train_data is not None and not ranked.empty):
+    if not fine_tunes_finalists(ctx, subject, ranked):
         return models, []
     confirmed = {pm.trial: pm for pm in models if pm.module is not None}
-    if not confirmed:
+    if not confirmed and not deferred:
         return models, []
     near = near_miss(ranked, budgets)
     pool = (ranked[ranked["feasible"] | near].sort_values("trial").drop_duplicates("signature", keep="first")
             .sort_values(["accuracy", "latency_ms"], ascending=[False, True]))
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     picker = _Picker(ctx, by_number, subject, runner, budgets, dense, confirmed, left_out,
-                     set(ranked.loc[near, "trial"].astype(int)))  # near: over the budget, so none is feasible
+                     set(ranked.loc[near, "trial"].astype(int)), deferred)  # near: over the budget, so none is feasible
     want = max(1, c.final_candidates)
     for number in (int(n) for n in pool["trial"]):
         if len(picker.finalists) == want or picker.tries >= 2 * want:

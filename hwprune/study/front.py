@@ -11,7 +11,7 @@ import pandas as pd
 
 from hwprune.study.confirm import OVER_BUDGET, confirm_front
 from hwprune.study.context import RunContext
-from hwprune.study.finalists import add_agreement, final_candidates, guard, recommend
+from hwprune.study.finalists import add_agreement, deferred_under, final_candidates, guard, guard_bound, recommend
 from hwprune.study.optimize import Trials
 from hwprune.study.records import ModelRecord
 from hwprune.study.result import ParetoModel
@@ -35,14 +35,21 @@ def select_front(ctx: RunContext, trials: Trials, ranked: pd.DataFrame, dense: M
     # per-trial stage times must stay per trial: the front's rebuilds are booked as one stage of their own
     trial_stages = dict(runner.stage_seconds)
     t_confirm = time.perf_counter()
-    models, rejected = confirm_front(ctx, ranked, trials.study, subject, runner, budgets, dense)
+    deferred = guard_bound(ctx, ranked, budgets, subject)
+    models, rejected, skipped = confirm_front(ctx, ranked, trials.study, subject, runner, budgets, dense, deferred)
     runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
     over = {r["trial"] for r in rejected if r["reason"] == OVER_BUDGET}
-    models, dropped = final_candidates(ctx, models, ranked, over, trials.study, subject, runner, budgets, dense)
+    models, dropped = final_candidates(ctx, models, ranked, over, trials.study, subject, runner, budgets, dense,
+                                       skipped)
     # a trial the front's confirmation left out as dominated may come back as a final candidate
     listed = {pm.trial for pm in models}
     rejected = [r for r in rejected if r["trial"] not in listed] + dropped
+    unconfirmed = deferred_under(skipped, listed | {r["trial"] for r in rejected}, trials.study, ranked)
+    if unconfirmed:
+        ctx.log(f"{len(unconfirmed)} front model(s) under the accuracy guard by their trial accuracy and not final "
+                "candidates: left out without re-measuring them")
     models, under = guard(ctx, models, budgets, trials.dense.accuracy, subject.metric)
+    under = unconfirmed + under
     rejected += under
     number = recommend(ctx, models, budgets)
     for pm in models:

@@ -343,6 +343,34 @@ def test_the_best_uniform_model_within_the_budgets_is_always_a_final_candidate(t
     assert rec["accuracy"] == max(r["accuracy"] for r in result.summary["pareto"] if r["final_finetune_steps"])
 
 
+def test_front_models_under_the_guard_are_not_remeasured_unless_final_candidates(tmp_path: Path,
+                                                                                 first_search_08x: Path) -> None:
+    """With training data the guard judges listed models after the final fine-tune, and a model that is not a final
+    candidate keeps its trial accuracy: a front model under the guard by it is left out without rebuilding and
+    re-measuring it, and says so."""
+    kw, run_dir = _copy_first_search(first_search_08x, tmp_path)
+    study = optuna.load_study(study_name=FIRST_STUDY, storage=f"sqlite:///{run_dir / 'study.db'}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    fastest = min(complete, key=lambda t: t.user_attrs["latency_ratio"])
+    # faster and smaller than every trial, and useless: on the front, and under any guard
+    attrs = {k: v for k, v in fastest.user_attrs.items() if k != "uniform_ratio"}
+    study.add_trial(optuna.trial.create_trial(
+        params=fastest.params, distributions=fastest.distributions,
+        values=[0.0, fastest.values[1] * 0.5, fastest.values[2] * 0.5],
+        user_attrs={**attrs, "latency_ratio": fastest.user_attrs["latency_ratio"] * 0.5, "signature": "hopeless",
+                    "accuracy_proxy": 0.0}))
+    hopeless = len(study.trials) - 1
+    result = hwprune.search("tiny_subject:tiny_cnn_trained", "host-cpu", recovery="none", max_accuracy_drop="99%",
+                            **{**kw, "trials": len(complete) + 1})
+    entry = next(r for r in result.summary["search"]["rejected_on_remeasure"] if r["trial"] == hopeless)
+    assert entry["reason"] == "under the accuracy guard" and entry["remeasured"] is False
+    assert entry["accuracy"] == 0.0 and entry["latency_ms"] == pytest.approx(fastest.values[1] * 0.5)
+    # the real trials are all over a 1%-of-dense floor: each was confirmed as usual and the search answers
+    assert result.summary["pareto"] and all(r["trial"] != hopeless for r in result.summary["pareto"])
+    assert not any(r.get("remeasured") is False for r in result.summary["search"]["rejected_on_remeasure"]
+                   if r["trial"] != hopeless)
+
+
 def test_unreachable_budget_says_best_reached_and_keeps_trials(tmp_path: Path) -> None:
     proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--latency-budget-ms", "0.0001",
                    "--trials", "3", "--out", str(tmp_path), "--study", "tight", "--final-finetune-steps", "0")
