@@ -61,6 +61,7 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     row = trials[trials.trial == rec].iloc[0] if rec is not None else None
     rec_entry = next((r for r in summary["pareto"] if r["trial"] == rec), None)
     screened = trials.fail_reason.astype(str).str.startswith("screened").sum()
+    left_out = summary["search"].get("rejected_on_remeasure", [])
     # the screen's own error on this model's candidates, as it logged it at the end (absent under 5 measured)
     own = re.search(r"measured ([\d.]+)x the prediction, p90 error (\d+)%", proc.stderr)
     return {"screen": mode, "exit": proc.returncode, "recommended_trial": rec,
@@ -80,7 +81,9 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "confirm_s": summary["search"]["stage_seconds"].get("confirm_front", 0.0), "wall_s": wall,
             # models confirmed at the end (listed, and left out on re-measure): the confirmation's board cost
             # grows with them
-            "confirmed": len(summary["pareto"]) + len(summary["search"].get("rejected_on_remeasure", [])),
+            "confirmed": len(summary["pareto"]) + sum(r.get("remeasured", True) for r in left_out),
+            # front models left out under the accuracy guard on their trial accuracy, never rebuilt or measured
+            "not_remeasured": sum(not r.get("remeasured", True) for r in left_out),
             "in_study_ratio": float(own.group(1)) if own else None,
             "in_study_p90": float(own.group(2)) / 100 if own else None}
 
