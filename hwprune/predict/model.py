@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.predict.features import NodeFeatures, graph_features
+from hwprune.predict.fitted import FittedCache
 from hwprune.predict.residual import ResidualTrees, fit_residual, node_row
 from hwprune.predict.trees import TREE_FAMILIES, fit_trees, predict_trees
 
@@ -182,8 +183,14 @@ class Predictor:
     trees: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     # the residual trees, rebuilt likewise from the node samples (which carry their models' ms); False: none to fit
     residual: ResidualTrees | bool | None = field(default=None, repr=False, compare=False)
+    # where a stored predictor's fitted trees are cached (set by hwprune.predict.store; not copied by replace())
+    fitted_cache: FittedCache | None = field(default=None, init=False, repr=False, compare=False)
 
     def _trees(self) -> dict[str, Any]:
+        if self.trees is None and self.residual is None and self.fitted_cache is not None:
+            cached = self.fitted_cache.load()
+            if cached is not None:
+                self.trees, self.residual = cached
         if self.trees is None:
             groups: dict[str, list[tuple[tuple[float, ...], float, float]]] = {f: [] for f in TREE_FAMILIES}
             for s in self.node_samples:
@@ -233,6 +240,7 @@ class Predictor:
         return rows, base
 
     def _residual(self) -> ResidualTrees | None:
+        self._trees()  # loads both from the fitted cache where there is one
         if self.residual is None:
             by_model: dict[str, list[NodeSample]] = {}
             for s in self.node_samples:
@@ -243,6 +251,8 @@ class Predictor:
                 rows, base = self._residual_rows([s.as_features() for s in group])
                 models.append((rows, base / 1e3, group[0].model_ms))
             self.residual = fit_residual(models) or False
+            if self.fitted_cache is not None:
+                self.fitted_cache.save(self.trees, self.residual)
         return self.residual or None
 
     def nodes_us(self, feats: list[NodeFeatures]) -> list[float]:

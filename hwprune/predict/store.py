@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hwprune.errors import HwpruneError
+from hwprune.predict.fitted import FittedCache, node_digest
 from hwprune.predict.model import ModelSample, NodeSample, Predictor, Validation
 
 FORMAT_VERSION = 2  # 2: node samples carry tree features
@@ -43,8 +44,8 @@ def predictor_path(p: Predictor, root: Path | None = None) -> Path:
 def to_dict(p: Predictor) -> dict[str, Any]:
     """A JSON-ready dict of the predictor, samples included (so a later update can refit)."""
     d = dataclasses.asdict(dataclasses.replace(p, trees=None, residual=None))
-    d.pop("trees")
-    d.pop("residual")
+    for name in ("trees", "residual", "fitted_cache"):
+        d.pop(name)
     d["format"] = FORMAT_VERSION
     return d
 
@@ -74,7 +75,11 @@ def save(p: Predictor, root: Path | None = None) -> Path:
 
     path = predictor_path(p, root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(to_dict(p)))
+    d = to_dict(p)
+    atomic_write_text(path, json.dumps(d))
+    p.fitted_cache = FittedCache.beside(path, node_digest(d["node_samples"]))
+    if p.trees is not None and p.residual is not None:  # fitted already: the next process need not refit
+        p.fitted_cache.save(p.trees, p.residual)
     return path
 
 
@@ -85,9 +90,12 @@ def load(path: str | os.PathLike[str]) -> Predictor:
         HwpruneError: unreadable or not a predictor.
     """
     try:
-        return from_dict(json.loads(Path(path).read_text()))
+        d = json.loads(Path(path).read_text())
+        p = from_dict(d)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HwpruneError(f"{path}: not a readable predictor ({exc})") from None
+    p.fitted_cache = FittedCache.beside(Path(path), node_digest(d["node_samples"]))
+    return p
 
 
 def find(profile: str, threads: int, runtime_version: str | None = None, root: Path | None = None) -> Predictor | None:

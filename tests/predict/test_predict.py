@@ -3,6 +3,8 @@ screening, transfer and the calibrate command."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -137,6 +139,26 @@ def test_store_round_trip_and_estimate_labels(measured, tmp_path: Path, monkeypa
     assert ("only" in label) == (p.validation.n_models < FIRM_VALIDATION)
     assert m.latency.median_ms == pytest.approx(p.predict_ms(paths[1]))
     assert store.find("raspberry-pi-4", 1) is None
+
+
+def test_fitted_trees_are_cached_beside_the_stored_predictor(measured, tmp_path: Path) -> None:
+    """Refitting a stored predictor's trees took ~10 s in every process; they are cached beside its JSON, used only
+    while they match its node samples and library versions, and refitted when the cache is torn."""
+    profile, ms, paths = measured
+    p = fit_measured(profile, ms)
+    path = store.save(p, tmp_path)
+    cache = path.with_name(path.stem + ".fitted.pkl")
+    assert cache.is_file()  # fitted during validation, so written with the JSON
+    q = store.load(path)
+    assert q.trees is None and q.fitted_cache is not None and q.fitted_cache.load() is not None
+    assert q.predict_ms(paths[1]) == pytest.approx(p.predict_ms(paths[1]), rel=1e-9)
+    # other node samples: the cache is not theirs
+    stale = dataclasses.replace(q.fitted_cache, digest="0" * 64)
+    assert stale.load() is None
+    cache.write_bytes(b"torn")
+    r = store.load(path)
+    assert r.predict_ms(paths[1]) == pytest.approx(p.predict_ms(paths[1]), rel=1e-9)  # refitted
+    assert r.fitted_cache is not None and r.fitted_cache.load() is not None  # and written again
 
 
 def test_screen_and_update(measured) -> None:
