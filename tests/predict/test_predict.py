@@ -4,7 +4,6 @@ screening, transfer and the calibrate command."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 
