@@ -107,7 +107,8 @@ class _Picker:
             self.rejected.append(found)
             return False
         where = ("measured just over the latency budget in its trial, within it on re-measure"
-                 if number in self.near else "off the front")
+                 if number in self.near else "a front model, confirmed once drawn" if number in self.deferred
+                 else "off the front")
         self.ctx.log(f"trial {number} joins the final candidates ({where}, {self.subject.metric} "
                      f"{found.entry.accuracy_proxy:.4f} by the proxy)")
         self.finalists.append(found)

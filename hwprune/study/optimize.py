@@ -171,7 +171,7 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
     if remaining == 0:
         return False
     progress = SearchProgress(total=remaining, enabled=c.progress, budgets=budgets, log=ctx.log,
-                              final=FinalPlan.of(c, subject))
+                              final=FinalPlan.of(c, subject, budgets))
 
     def again(ratios: dict[str, float]) -> dict[str, float]:
         return measure_again(ctx, ratios, subject, space, runner)

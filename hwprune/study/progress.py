@@ -28,14 +28,20 @@ class FinalPlan:
     final_steps: int
     trial_steps: int  # fine-tune steps each trial ran (0: none), the rate's source
     calibration_batches: int  # BatchNorm re-calibration batches per trial, the rate's source without a fine-tune
+    # front models under this trial accuracy are not confirmed unless drawn as final candidates (the guard judges
+    # listed models after the final fine-tune: hwprune.study.finalists.guard_bound); None: every front model is
+    guard_floor: float | None = None
 
     @classmethod
-    def of(cls, config: Any, subject: Any) -> FinalPlan:
-        """The plan of a search with ``config`` (:class:`~hwprune.config.SearchConfig`) on ``subject``."""
+    def of(cls, config: Any, subject: Any, budgets: Any = None) -> FinalPlan:
+        """The plan of a search with ``config`` (:class:`~hwprune.config.SearchConfig`) on ``subject`` under
+        ``budgets`` (:class:`~hwprune.study.budgets.Budgets`, for the accuracy guard)."""
         trains = subject.train_data is not None
-        return cls(candidates=config.final_candidates if trains and config.final_finetune_steps else 0,
-                   final_steps=config.final_finetune_steps, trial_steps=config.trial_finetune_steps if trains else 0,
-                   calibration_batches=config.calibration_batches)
+        candidates = config.final_candidates if trains and config.final_finetune_steps else 0
+        floor = budgets.accuracy_floor if budgets is not None and candidates and not budgets.guard_trials else None
+        return cls(candidates=candidates, final_steps=config.final_finetune_steps,
+                   trial_steps=config.trial_finetune_steps if trains else 0,
+                   calibration_batches=config.calibration_batches, guard_floor=floor)
 
 
 class FinalPhase:
@@ -65,11 +71,14 @@ class FinalPhase:
             self._step_s.append(STEP_FORWARDS * stages["calibrate"] / self.plan.calibration_batches)
 
     def front_size(self) -> int:
-        """Feasible trials no other feasible trial dominates (accuracy up, latency and memory down)."""
+        """Feasible trials no other feasible trial dominates (accuracy up, latency and memory down) that the front's
+        confirmation takes (those under the plan's ``guard_floor`` are left to the final candidates)."""
         def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
             return a[0] >= b[0] and a[1] <= b[1] and a[2] <= b[2] and a != b
 
-        return sum(not any(dominates(o, v) for o in self._feasible) for v in set(self._feasible))
+        floor = self.plan.guard_floor
+        return sum(not any(dominates(o, v) for o in self._feasible) and (floor is None or v[0] >= floor)
+                   for v in set(self._feasible))
 
     def seconds(self) -> float | None:
         """Seconds the final phase should take; None before a measured trial completed."""

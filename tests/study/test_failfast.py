@@ -138,6 +138,12 @@ def test_final_phase_estimate_from_the_trials_stage_seconds(tmp_path: Path) -> N
     for t in study.trials:
         final.observe(t, feasible=True)
     assert final.front_size() == 1  # the cached trial dominates the rest
+    # a guard judged after the final fine-tune: front models under its floor wait for the final candidates
+    guarded = FinalPhase(FinalPlan(candidates=3, final_steps=100, trial_steps=20, calibration_batches=8,
+                                   guard_floor=0.96))
+    for t in study.trials:
+        guarded.observe(t, feasible=True)
+    assert guarded.front_size() == 0
     trial_s, step_s = 2.0, 1.0 / 20
     want = (1 + 3) * trial_s + 3 * (100 * step_s + 0.2) + trial_s + REPORT_SECONDS
     assert final.seconds() == pytest.approx(want)
