@@ -239,11 +239,26 @@ def confirm_latency(ctx: RunContext, trial_m: Measurement, trial_ratio: float | 
                            "are the median of three measurements")
 
 
+def _settles_on_screen(runner: TrialRunner, path: Path, choice: dict[str, str]) -> Any:
+    """With ``--screen on``, what settles an incumbent's re-measure after one round: the screen predicts it well
+    inside the budget and the round agrees (:meth:`~hwprune.study.screening.Screening.settle_ms_for`). An incumbent
+    is measured again because the most accurate feasible trial is the one most likely to owe its feasibility to a
+    lucky measurement; one the predictor independently puts well inside the budget does not. None otherwise (and
+    for INT8 choices, which the FP32 predictor does not know)."""
+    if runner.screening is None or has_int8(choice):
+        return None
+    settle_ms = runner.screening.settle_ms_for(path, runner.budgets)
+    if settle_ms is None:
+        return None
+    return lambda r: runner.budgets.now().judged_ms(r.middle.latency.median_ms, r.ratio) <= settle_ms
+
+
 def measure_again(ctx: RunContext, ratios: dict[str, float], subject: Subject, space: PruningSpace,
                   runner: TrialRunner) -> dict[str, float]:
     """The latency of the model pruned to ``ratios``, measured again: interleaved with the dense model under a
     relative budget (``latency_ratio`` is then the median ratio), else the median of ``ROUNDS`` measurements.
-    Latency does not depend on the weights, so the model is neither calibrated nor fine-tuned."""
+    Latency does not depend on the weights, so the model is neither calibrated nor fine-tuned. With ``--screen
+    on``, one round settles a model the screen predicts well inside the budget (:func:`_settles_on_screen`)."""
     from hwprune.export import export_onnx
 
     t0 = time.perf_counter()
@@ -256,7 +271,7 @@ def measure_again(ctx: RunContext, ratios: dict[str, float], subject: Subject, s
             path = runner.quant.apply(path, Path(tmp) / "incumbent.int8.onnx", choice, check=False).model.path
         if runner.beside is not None:
             rounds = interleaved_rounds(ctx.measure, path, runner.beside, runner.budgets.latency_factor,
-                                        ctx.pair_measure)
+                                        ctx.pair_measure, settled=_settles_on_screen(runner, path, choice))
             again = {"latency_ms": rounds.middle.latency.median_ms, "latency_ratio": rounds.ratio}
             signature = signature_with(pruned.signature, choice)
             runner.remeasured[signature] = runner.remeasured.get(signature, []) + rounds.ratios

@@ -13,7 +13,9 @@ its trial (``screen_ratio``), so a resumed search starts from the errors its ear
 A candidate whose prediction plus that error is still well inside the budget (``measure_once``,
 :data:`hwprune.predict.screen.SETTLE_MARGIN`) is measured in one round beside the dense model instead of three, as
 long as that round also puts it that far inside; a round that lands nearer the budget is followed by the usual rest.
-Its trial records ``latency_rounds`` = 1.
+Its trial records ``latency_rounds`` = 1. The same holds when such a model becomes the incumbent and is measured
+again before the refinement builds on it (:meth:`Screening.settle_ms_for`): the re-measure guards against a lucky
+measurement, and the predictor is an independent second opinion that the model is far from the budget's edge.
 
 Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
 is refitted), and the predictor is saved back beside the measurement cache when the trials end.
@@ -87,7 +89,7 @@ class Screening:
         """
         from hwprune.export import export_onnx
         from hwprune.predict.features import graph_features
-        from hwprune.predict.screen import SETTLE_MARGIN, screen
+        from hwprune.predict.screen import SETTLE_MARGIN
 
         module.eval()  # BatchNorm in train mode exports another graph; re-calibration sets train mode itself
         with tempfile.TemporaryDirectory(prefix="hwprune-screen-") as tmp:
@@ -95,16 +97,10 @@ class Screening:
             feats = graph_features(path, self.predictor.channel_multiple)
         self._pending = feats
         self._settle_ms = None
-        b = budgets.now()
-        budget_ms = b.latency_ms
-        if budget_ms is None:
+        judged = self._decide(feats, budgets)
+        if judged is None:
             return
-        # a relative budget judges the ratio to the dense model: the dense reference now is budget / factor
-        dense_ms = budget_ms / b.latency_factor if b.latency_factor else self.dense_ms
-        bias, error = self.study_error()
-        scale = dense_ms / self.dense_pred()
-        # screen() compares in the predictor's own units: the budget goes there, not the prediction here
-        decision = screen(self.predictor, feats, budget_ms / (scale * bias), error=error)
+        decision, scale, bias, budget_ms = judged
         self._pending_ms = decision.predicted_ms * scale
         predicted = self._pending_ms * bias
         trial.set_user_attr(PREDICTED_ATTR, predicted)
@@ -117,13 +113,42 @@ class Screening:
         trial.set_user_attr(SCREENED_ATTR, predicted)
         # decision.reason speaks in the predictor's own units; the trial's reason in the budget's
         err = decision.error
-        source = (f"its p90 error on {len(self.ratios)} of this search's candidates" if error is not None
+        own = len(self.ratios) >= MIN_STUDY_SAMPLES  # study_error() gave the search's own error
+        source = (f"its p90 error on {len(self.ratios)} of this search's candidates" if own
                   else "its p90 error on held-out models")
         reason = (f"screened: predicted {predicted:.3f} ms by the {self.predictor.profile} predictor; even "
                   f"{predicted * (1.0 - err):.3f} ms (less {source}, {err:.0%}) is over the {budget_ms:.3f} ms "
                   f"budget; not measured")
         trial.set_user_attr(attrs.FAIL_REASON, reason)
         raise optuna.TrialPruned(reason)
+
+    def _decide(self, feats: Any, budgets: Any) -> tuple[Any, float, float, float] | None:
+        """The screen's decision on a model's node features against ``budgets`` now, with the scale from the
+        predictor's units to the device's today, the search's own rescaling and the budget in ms; None without a
+        latency budget."""
+        from hwprune.predict.screen import screen
+
+        b = budgets.now()
+        budget_ms = b.latency_ms
+        if budget_ms is None:
+            return None
+        # a relative budget judges the ratio to the dense model: the dense reference now is budget / factor
+        dense_ms = budget_ms / b.latency_factor if b.latency_factor else self.dense_ms
+        bias, error = self.study_error()
+        scale = dense_ms / self.dense_pred()
+        # screen() compares in the predictor's own units: the budget goes there, not the prediction here
+        return screen(self.predictor, feats, budget_ms / (scale * bias), error=error), scale, bias, budget_ms
+
+    def settle_ms_for(self, onnx_path: Path, budgets: Any) -> float | None:
+        """A judged latency under which one round settles the model at ``onnx_path`` (an incumbent measured again):
+        the screen predicts it well inside the budget (``measure_once``); None when it does not."""
+        from hwprune.predict.features import graph_features
+        from hwprune.predict.screen import SETTLE_MARGIN
+
+        judged = self._decide(graph_features(onnx_path, self.predictor.channel_multiple), budgets)
+        if judged is None or judged[0].action != "measure_once":
+            return None
+        return judged[3] * (1.0 - SETTLE_MARGIN)
 
     def settles(self, judged_ms: float) -> bool:
         """Whether a round that judged the candidate just screened at ``judged_ms`` settles it: the screen predicted

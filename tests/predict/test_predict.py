@@ -272,6 +272,10 @@ def test_screening_adds_measurements_and_saves(measured, tmp_path: Path) -> None
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
     scr.check(trial, net, torch.zeros(1, 3, 16, 16), Budgets(latency_ms=1e6, memory_mb=None), "torchscript")
     assert "screened" not in trial.user_attrs  # far within the budget: measured
+    # an incumbent measured again: one round settles it when predicted well inside the budget, never otherwise
+    assert scr.settle_ms_for(paths[1], Budgets(latency_ms=1e6, memory_mb=None)) == pytest.approx(0.9e6)
+    predicted = p.predict_ms(paths[1]) * ms[0].measured_ms / p.predict_ms(paths[0])
+    assert scr.settle_ms_for(paths[1], Budgets(latency_ms=predicted, memory_mb=None)) is None
     scr.record(OrtBackend(profile).measure(paths[1]))
     path = scr.finish()
     assert path is not None and store.load(path).fitted_on == n + 1
