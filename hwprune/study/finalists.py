@@ -85,7 +85,7 @@ class _Picker:
     budgets: Budgets
     dense: ModelRecord
     confirmed: dict[int, ParetoModel]
-    left_out: set[int]  # trials whose confirmation put them over a budget already
+    left_out: set[int]  # trials whose confirmation put them over a budget already (the picker's own copy)
     near: set[int]  # trials measured just over the latency budget
     deferred: frozenset[int]  # front trials left unconfirmed (guard_bound): confirming one is not a new try
     finalists: list[ParetoModel] = field(default_factory=list)
@@ -105,6 +105,7 @@ class _Picker:
         self.runner.book("confirm_front", time.perf_counter() - t0)
         if not isinstance(found, ParetoModel):
             self.rejected.append(found)
+            self.left_out.add(number)  # not confirmed again (as the uniform baseline, say)
             return False
         where = ("measured just over the latency budget in its trial, within it on re-measure"
                  if number in self.near else "a front model, confirmed once drawn" if number in self.deferred
@@ -145,7 +146,7 @@ def final_candidates(ctx: RunContext, models: list[ParetoModel], ranked: pd.Data
     pool = (ranked[ranked["feasible"] | near].sort_values("trial").drop_duplicates("signature", keep="first")
             .sort_values(["accuracy", "latency_ms"], ascending=[False, True]))
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    picker = _Picker(ctx, by_number, subject, runner, budgets, dense, confirmed, left_out,
+    picker = _Picker(ctx, by_number, subject, runner, budgets, dense, confirmed, set(left_out),
                      set(ranked.loc[near, "trial"].astype(int)), deferred)  # near: over the budget, so none is feasible
     want = max(1, c.final_candidates)
     for number in (int(n) for n in pool["trial"]):

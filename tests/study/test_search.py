@@ -369,6 +369,8 @@ def test_front_models_under_the_guard_are_not_remeasured_unless_final_candidates
     assert result.summary["pareto"] and all(r["trial"] != hopeless for r in result.summary["pareto"])
     assert not any(r.get("remeasured") is False for r in result.summary["search"]["rejected_on_remeasure"]
                    if r["trial"] != hopeless)
+    left_out = [r["trial"] for r in result.summary["search"]["rejected_on_remeasure"]]
+    assert len(left_out) == len(set(left_out))  # a model left out once is never confirmed again
 
 
 def test_unreachable_budget_says_best_reached_and_keeps_trials(tmp_path: Path) -> None:
