@@ -25,7 +25,7 @@ DEFAULT_RECOVERY = "auto"
 IMPORTANCES = ("auto", "l2", "l1", "bn-scale", "taylor")
 DEFAULT_IMPORTANCE = "auto"
 SCREEN_MODES = ("off", "on")  # --screen: a stored latency predictor skips candidates predicted well over budget
-DEFAULT_SCREEN = "off"  # searches took 0.73-0.80x the board-seconds (one 1.16x), not half (docs/benchmarks.md)
+DEFAULT_SCREEN = "off"  # searches took 0.58-0.82x the board-seconds (median 0.70x), not half (docs/benchmarks.md)
 
 
 def read_toml(path: Path, what: str, error: type[HwpruneError] = HwpruneError) -> dict[str, Any]:
