@@ -97,7 +97,10 @@ class FinalPhase:
         tunes = (f", {self.plan.candidates} final fine-tunes of {self.plan.final_steps} steps"
                  if self.plan.candidates else "")
         eta = f": ~{s:.0f} s to finish" if s is not None else ""
-        return f"confirming ~{self.front_size()} front models (rebuilt, re-measured, re-evaluated){tunes}, report{eta}"
+        # with a guard judged after the final fine-tune, often no front model is confirmed before the candidates
+        what = (f"~{self.front_size()} front models" if self.front_size() or not self.plan.candidates
+                else "the final candidates")
+        return f"confirming {what} (rebuilt, re-measured, re-evaluated){tunes}, report{eta}"
 
 
 class SearchProgress:

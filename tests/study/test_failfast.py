@@ -143,7 +143,7 @@ def test_final_phase_estimate_from_the_trials_stage_seconds(tmp_path: Path) -> N
                                    guard_floor=0.96))
     for t in study.trials:
         guarded.observe(t, feasible=True)
-    assert guarded.front_size() == 0
+    assert guarded.front_size() == 0 and guarded.describe().startswith("confirming the final candidates (rebuilt")
     trial_s, step_s = 2.0, 1.0 / 20
     want = (1 + 3) * trial_s + 3 * (100 * step_s + 0.2) + trial_s + REPORT_SECONDS
     assert final.seconds() == pytest.approx(want)
