@@ -34,9 +34,11 @@ def _versions() -> dict[str, str]:
 
     try:
         import sklearn
-    except ImportError:
-        return {"numpy": numpy.__version__, "sklearn": ""}
-    return {"numpy": numpy.__version__, "sklearn": sklearn.__version__}
+    except ImportError:  # no trees are fitted without it; the key still differs from a cache written with it
+        sklearn_version = ""
+    else:
+        sklearn_version = sklearn.__version__
+    return {"numpy": numpy.__version__, "sklearn": sklearn_version}
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,7 @@ class FittedCache:
         """(kernel trees, residual trees) fitted on these node samples, or None when there is no matching file."""
         try:
             data = pickle.loads(self.path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except Exception:  # noqa: BLE001 - a torn or foreign file is refitted, never fatal
+        except Exception:  # noqa: BLE001 - a missing, torn or foreign file is refitted, never fatal
             return None
         if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("digest") != self.digest \
                 or data.get("versions") != _versions():

@@ -41,18 +41,14 @@ def near_miss(ranked: pd.DataFrame, budgets: Budgets) -> pd.Series:
     return over & pd.Series(memory_ok, index=ranked.index)
 
 
-def fine_tunes_finalists(ctx: RunContext, subject: Subject, ranked: pd.DataFrame) -> bool:
-    """Whether this search gives final candidates the final fine-tune (so the guard judges them after it)."""
-    return bool(ctx.config.final_finetune_steps and subject.train_data is not None and not ranked.empty)
-
-
-def guard_bound(ctx: RunContext, ranked: pd.DataFrame, budgets: Budgets, subject: Subject) -> frozenset[int]:
+def guard_bound(ranked: pd.DataFrame, budgets: Budgets) -> frozenset[int]:
     """Feasible trials the accuracy guard would leave out unless they become final candidates: under the guard's
-    floor by their trial accuracy, in a search whose guard judges listed models after the final fine-tune. A model
-    that is not a final candidate keeps its trial accuracy (its rebuild replays the trial's seeded fine-tune), so
-    confirming it before the final candidates are drawn spends board time on a model that will not be listed: at
-    0.6x on the demo, 6 of 12 confirmations were such models. The final candidates confirm those they draw."""
-    if budgets.accuracy_floor is None or budgets.guard_trials or not fine_tunes_finalists(ctx, subject, ranked):
+    floor by their trial accuracy, in a search whose guard judges listed models after the final fine-tune (not
+    ``budgets.guard_trials``). A model that is not a final candidate keeps its trial accuracy (its rebuild replays
+    the trial's seeded fine-tune), so confirming it before the final candidates are drawn spends board time on a
+    model that will not be listed: at 0.6x on the demo, 6 of 12 confirmations were such models. The final candidates
+    confirm those they draw."""
+    if budgets.accuracy_floor is None or budgets.guard_trials or ranked.empty:
         return frozenset()
     under = ranked["feasible"] & (ranked["accuracy"] < budgets.accuracy_floor)
     return frozenset(int(n) for n in ranked.loc[under, "trial"])
@@ -137,7 +133,7 @@ def final_candidates(ctx: RunContext, models: list[ParetoModel], ranked: pd.Data
     it among the first: it is the baseline a user would otherwise deploy, so the recommendation is never a model
     the same fine-tune leaves less accurate than it."""
     c = ctx.config
-    if not fine_tunes_finalists(ctx, subject, ranked):
+    if not (c.final_finetune_steps and subject.train_data is not None and not ranked.empty):
         return models, []
     confirmed = {pm.trial: pm for pm in models if pm.module is not None}
     if not confirmed and not deferred:

@@ -35,7 +35,7 @@ def select_front(ctx: RunContext, trials: Trials, ranked: pd.DataFrame, dense: M
     # per-trial stage times must stay per trial: the front's rebuilds are booked as one stage of their own
     trial_stages = dict(runner.stage_seconds)
     t_confirm = time.perf_counter()
-    deferred = guard_bound(ctx, ranked, budgets, subject)
+    deferred = guard_bound(ranked, budgets)
     models, rejected, skipped = confirm_front(ctx, ranked, trials.study, subject, runner, budgets, dense, deferred)
     runner.stage_seconds = {**trial_stages, "confirm_front": time.perf_counter() - t_confirm}
     over = {r["trial"] for r in rejected if r["reason"] == OVER_BUDGET}

@@ -37,10 +37,10 @@ class FinalPlan:
         """The plan of a search with ``config`` (:class:`~hwprune.config.SearchConfig`) on ``subject`` under
         ``budgets`` (:class:`~hwprune.study.budgets.Budgets`, for the accuracy guard)."""
         trains = subject.train_data is not None
-        candidates = config.final_candidates if trains and config.final_finetune_steps else 0
-        floor = budgets.accuracy_floor if budgets is not None and candidates and not budgets.guard_trials else None
-        return cls(candidates=candidates, final_steps=config.final_finetune_steps,
-                   trial_steps=config.trial_finetune_steps if trains else 0,
+        # guard_trials is False exactly when final candidates get the final fine-tune (make_budgets)
+        floor = budgets.accuracy_floor if budgets is not None and not budgets.guard_trials else None
+        return cls(candidates=config.final_candidates if trains and config.final_finetune_steps else 0,
+                   final_steps=config.final_finetune_steps, trial_steps=config.trial_finetune_steps if trains else 0,
                    calibration_batches=config.calibration_batches, guard_floor=floor)
 
 
@@ -98,8 +98,8 @@ class FinalPhase:
                  if self.plan.candidates else "")
         eta = f": ~{s:.0f} s to finish" if s is not None else ""
         # with a guard judged after the final fine-tune, often no front model is confirmed before the candidates
-        what = (f"~{self.front_size()} front models" if self.front_size() or not self.plan.candidates
-                else "the final candidates")
+        front = self.front_size()
+        what = f"~{front} front models" if front or not self.plan.candidates else "the final candidates"
         return f"confirming {what} (rebuilt, re-measured, re-evaluated){tunes}, report{eta}"
 
 

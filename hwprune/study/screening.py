@@ -43,6 +43,24 @@ MIN_STUDY_SAMPLES = 5  # measured candidates before the screen trusts their erro
 STUDY_ERROR_FLOOR = 0.05  # the least error allowed for: the measurement's own run-to-run noise
 
 
+@dataclass(frozen=True)
+class _Judged:
+    """The screen's decision on one model against the budget now, in the budget's units."""
+
+    decision: Any  # hwprune.predict.screen.ScreenDecision, in the predictor's own units
+    scale: float  # predictor units -> the device today (measured / predicted dense)
+    bias: float  # the search's own median measured / predicted ratio (1.0 until MIN_STUDY_SAMPLES)
+    budget_ms: float
+    own_error: bool  # the error allowed for is this search's, not the held-out one
+
+    @property
+    def settle_ms(self) -> float | None:
+        """A judged latency under which one round settles the model (``measure_once``); None otherwise."""
+        from hwprune.predict.screen import SETTLE_MARGIN
+
+        return self.budget_ms * (1.0 - SETTLE_MARGIN) if self.decision.action == "measure_once" else None
+
+
 @dataclass
 class Screening:
     """The screen of one search: the predictor, the dense model it is judged against and the measurements to add.
@@ -89,7 +107,6 @@ class Screening:
         """
         from hwprune.export import export_onnx
         from hwprune.predict.features import graph_features
-        from hwprune.predict.screen import SETTLE_MARGIN
 
         module.eval()  # BatchNorm in train mode exports another graph; re-calibration sets train mode itself
         with tempfile.TemporaryDirectory(prefix="hwprune-screen-") as tmp:
@@ -100,12 +117,11 @@ class Screening:
         judged = self._decide(feats, budgets)
         if judged is None:
             return
-        decision, scale, bias, budget_ms = judged
-        self._pending_ms = decision.predicted_ms * scale
-        predicted = self._pending_ms * bias
+        decision, budget_ms = judged.decision, judged.budget_ms
+        self._pending_ms = decision.predicted_ms * judged.scale
+        predicted = self._pending_ms * judged.bias
         trial.set_user_attr(PREDICTED_ATTR, predicted)
-        if decision.action == "measure_once":
-            self._settle_ms = budget_ms * (1.0 - SETTLE_MARGIN)
+        self._settle_ms = judged.settle_ms
         if decision.action != "skip":
             return
         self.screened += 1
@@ -113,8 +129,7 @@ class Screening:
         trial.set_user_attr(SCREENED_ATTR, predicted)
         # decision.reason speaks in the predictor's own units; the trial's reason in the budget's
         err = decision.error
-        own = len(self.ratios) >= MIN_STUDY_SAMPLES  # study_error() gave the search's own error
-        source = (f"its p90 error on {len(self.ratios)} of this search's candidates" if own
+        source = (f"its p90 error on {len(self.ratios)} of this search's candidates" if judged.own_error
                   else "its p90 error on held-out models")
         reason = (f"screened: predicted {predicted:.3f} ms by the {self.predictor.profile} predictor; even "
                   f"{predicted * (1.0 - err):.3f} ms (less {source}, {err:.0%}) is over the {budget_ms:.3f} ms "
@@ -122,7 +137,7 @@ class Screening:
         trial.set_user_attr(attrs.FAIL_REASON, reason)
         raise optuna.TrialPruned(reason)
 
-    def _decide(self, feats: Any, budgets: Any) -> tuple[Any, float, float, float] | None:
+    def _decide(self, feats: Any, budgets: Any) -> _Judged | None:
         """The screen's decision on a model's node features against ``budgets`` now, with the scale from the
         predictor's units to the device's today, the search's own rescaling and the budget in ms; None without a
         latency budget."""
@@ -137,18 +152,16 @@ class Screening:
         bias, error = self.study_error()
         scale = dense_ms / self.dense_pred()
         # screen() compares in the predictor's own units: the budget goes there, not the prediction here
-        return screen(self.predictor, feats, budget_ms / (scale * bias), error=error), scale, bias, budget_ms
+        return _Judged(screen(self.predictor, feats, budget_ms / (scale * bias), error=error), scale, bias, budget_ms,
+                       error is not None)
 
     def settle_ms_for(self, onnx_path: Path, budgets: Any) -> float | None:
         """A judged latency under which one round settles the model at ``onnx_path`` (an incumbent measured again):
         the screen predicts it well inside the budget (``measure_once``); None when it does not."""
         from hwprune.predict.features import graph_features
-        from hwprune.predict.screen import SETTLE_MARGIN
 
         judged = self._decide(graph_features(onnx_path, self.predictor.channel_multiple), budgets)
-        if judged is None or judged[0].action != "measure_once":
-            return None
-        return judged[3] * (1.0 - SETTLE_MARGIN)
+        return None if judged is None else judged.settle_ms
 
     def settles(self, judged_ms: float) -> bool:
         """Whether a round that judged the candidate just screened at ``judged_ms`` settles it: the screen predicted
