@@ -250,7 +250,7 @@ def _settles_on_screen(runner: TrialRunner, path: Path, choice: dict[str, str]) 
     settle_ms = runner.screening.settle_ms_for(path, runner.budgets)
     if settle_ms is None:
         return None
-    return lambda r: runner.budgets.now().judged_ms(r.middle.latency.median_ms, r.ratio) <= settle_ms
+    return lambda r: r.judged_ms(runner.budgets.now()) <= settle_ms
 
 
 def measure_again(ctx: RunContext, ratios: dict[str, float], subject: Subject, space: PruningSpace,

@@ -202,8 +202,7 @@ class TrialRunner:
         if self.beside is None:
             m, ratio = timed(path), None
         else:
-            settled = None if settles is None else (
-                lambda r: settles(self.budgets.now().judged_ms(r.middle.latency.median_ms, r.ratio)))
+            settled = None if settles is None else (lambda r: settles(r.judged_ms(self.budgets.now())))
             rounds = interleaved_rounds(timed, path, self.beside,
                                         measure_pair=timed_pair if self.measure_pair is not None else None,
                                         settled=settled)

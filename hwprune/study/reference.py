@@ -12,8 +12,12 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hwprune.backends.base import Measurement
+
+if TYPE_CHECKING:
+    from hwprune.study.budgets import Budgets
 
 START_SETS = 3  # sets measured before the first trial
 EVERY = 8  # trials completed in this run between two further sets
@@ -23,6 +27,14 @@ EVERY = 8  # trials completed in this run between two further sets
 ROUNDS = 3
 MAX_ROUNDS = 9
 BAND = 0.05
+# Within the band, the rounds end before MAX_ROUNDS once the median is clearly on one side of the budget: from
+# DECIDE_FROM rounds, by Student's t at DECIDE_CONFIDENCE (two-sided) times its standard error. A median's standard
+# error from three rounds' spread is too unsure to stop on (one of the three deviations is zero); from five, t is 2.8.
+DECIDE_FROM = 5
+DECIDE_CONFIDENCE = 0.95
+# a floor under the standard error, relative to the median: rounds that happen to agree closely must not decide a
+# model a hair from the budget (a quiet host's pair rounds vary by ~2%, bench/README.md)
+MIN_RELATIVE_SE = 0.01
 
 
 @dataclass
@@ -79,6 +91,11 @@ class Rounds:
     def upper(self) -> float:
         return upper_ratio(self.ratios)
 
+    def judged_ms(self, budgets: Budgets) -> float:
+        """The latency ``budgets`` judge from these rounds: the middle round's, or the median ratio's share of the
+        dense reference under a relative budget (:meth:`Budgets.judged_ms`)."""
+        return budgets.judged_ms(self.middle.latency.median_ms, self.ratio)
+
 
 MeasurePair = Callable[[Path, Path], tuple[Measurement, Measurement, list[float]]]
 
@@ -87,10 +104,11 @@ def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense
                        factor: float | None = None, measure_pair: MeasurePair | None = None,
                        settled: Callable[[Rounds], bool] | None = None, earlier: list[float] | None = None) -> Rounds:
     """Measure the model at ``path`` and the dense model in alternating order, ``ROUNDS`` times, and up to
-    ``MAX_ROUNDS`` while the median ratio is within ``BAND`` of ``factor`` (a relative budget). With ``settled``,
-    fewer than ``ROUNDS`` once it says the rounds so far settle the model (``--screen on``: a candidate predicted
-    and then measured well inside the budget). ``earlier``: ratios of the same architecture measured earlier in the
-    run (the incumbent's re-measure), which count as rounds; at least one fresh round is measured all the same.
+    ``MAX_ROUNDS`` while the median ratio is within ``BAND`` of ``factor`` (a relative budget) and the rounds have not
+    put it clearly on one side (:func:`decided`). With ``settled``, fewer than ``ROUNDS`` once it says the rounds so
+    far settle the model (``--screen on``: a candidate predicted and then measured well inside the budget).
+    ``earlier``: ratios of the same architecture measured earlier in the run (the incumbent's re-measure), which
+    count as rounds; at least one fresh round is measured all the same.
 
     With ``measure_pair`` (a backend's ``measure_beside``), one round is one measurement of both models in
     alternating samples, and its ratio the median of the neighbouring samples' ratios: on a shared host that
@@ -99,7 +117,8 @@ def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense
     """
     rounds = Rounds([], list(earlier or [])[:MAX_ROUNDS - 1])
     while not rounds.measurements or len(rounds.ratios) < ROUNDS or (
-            factor and len(rounds.ratios) < MAX_ROUNDS and abs(rounds.ratio / factor - 1.0) < BAND):
+            factor and len(rounds.ratios) < MAX_ROUNDS and abs(rounds.ratio / factor - 1.0) < BAND
+            and not decided(rounds.ratios, factor)):
         # only a fresh round can settle the model (the middle round it judges must be one of this file's)
         if rounds.measurements and len(rounds.ratios) < ROUNDS and settled is not None and settled(rounds):
             break
@@ -119,10 +138,39 @@ def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense
     return rounds
 
 
-def upper_ratio(ratios: list[float]) -> float:
-    """The median of the rounds' ratios plus its standard error (1.253 x the robust spread, 1.4826 MAD, over the
-    square root of the rounds): a front model must meet a relative budget by this much, so that one measured a hair
-    inside the budget, which a re-measurement puts over it about half the time, is not listed as meeting it."""
+def standard_error(ratios: list[float]) -> float:
+    """The standard error of the rounds' median ratio: 1.253 x the robust spread (1.4826 MAD) over the square root
+    of the rounds."""
     median = statistics.median(ratios)
     mad = statistics.median(abs(r - median) for r in ratios)
-    return median + 1.253 * 1.4826 * mad / len(ratios) ** 0.5
+    return 1.253 * 1.4826 * mad / len(ratios) ** 0.5
+
+
+def upper_ratio(ratios: list[float]) -> float:
+    """The median of the rounds' ratios plus its standard error (:func:`standard_error`): a front model must meet a
+    relative budget by this much, so that one measured a hair inside the budget, which a re-measurement puts over it
+    about half the time, is not listed as meeting it."""
+    return statistics.median(ratios) + standard_error(ratios)
+
+
+def decided(ratios: list[float], factor: float) -> bool:
+    """Whether the rounds so far put the median ratio clearly on one side of ``factor``: at least ``DECIDE_FROM``
+    rounds, and the median at least Student's t (``DECIDE_CONFIDENCE``, rounds - 1 degrees of freedom) standard
+    errors from it (the standard error at least ``MIN_RELATIVE_SE`` of the median). More rounds would not change
+    whether the model meets the budget, only spend board time.
+
+    Args:
+        ratios: the rounds' latency ratios to the dense model.
+        factor: the relative budget (e.g. 0.6 for 0.6x).
+
+    Returns:
+        True when further rounds are not needed to judge the model against ``factor``.
+    """
+    from scipy.stats import t as student_t
+
+    n = len(ratios)
+    if n < DECIDE_FROM:
+        return False
+    median = statistics.median(ratios)
+    se = max(standard_error(ratios), MIN_RELATIVE_SE * median)
+    return abs(median - factor) > float(student_t.ppf(0.5 + DECIDE_CONFIDENCE / 2, n - 1)) * se

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -309,6 +310,35 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     assert len(pooled.ratios) == ROUNDS and len(pooled.measurements) == 1 and pooled.ratios[:2] == [1.0, 1.0]
     pooled = interleaved_rounds(backend.measure, path, path, earlier=[1.0] * (ROUNDS + 2))
     assert len(pooled.measurements) == 1 and len(pooled.ratios) == ROUNDS + 3
+
+    # within the band, the rounds end once the median is clearly on one side of the budget (here ratios scripted
+    # onto real measurements: 0.55-0.56 against 0.58x), not before DECIDE_FROM rounds, and never while the median
+    # sits on the budget
+    from hwprune.study.reference import DECIDE_FROM
+
+    def scripted(ratios: list[float]) -> Any:
+        it = iter(ratios)
+        return lambda p, d: (*backend.measure_beside(p, d)[:2], [next(it)])
+
+    clear = interleaved_rounds(backend.measure, path, path, factor=0.58,
+                               measure_pair=scripted([0.555, 0.55, 0.56, 0.555, 0.552] + [0.555] * 9))
+    assert len(clear.ratios) == DECIDE_FROM and clear.upper < 0.58
+    on_it = interleaved_rounds(backend.measure, path, path, factor=0.58,
+                               measure_pair=scripted([0.575, 0.585, 0.58, 0.578, 0.582] + [0.58] * 9))
+    assert len(on_it.ratios) == MAX_ROUNDS
+
+
+def test_rounds_are_decided_by_the_median_and_its_standard_error() -> None:
+    from hwprune.study.reference import DECIDE_FROM, decided, standard_error, upper_ratio
+
+    assert not decided([0.5] * (DECIDE_FROM - 1), 0.6)  # too few rounds to trust their spread
+    assert decided([0.5, 0.51, 0.49, 0.5, 0.5], 0.6)
+    assert decided([0.7, 0.69, 0.71, 0.7, 0.7], 0.6)  # clearly over decides too
+    assert not decided([0.59, 0.61, 0.60, 0.62, 0.58], 0.6)
+    assert not decided([0.597] * 5, 0.6)  # rounds that agree exactly still leave a 1% standard error
+    assert not decided([0.55, 0.45, 0.65, 0.50, 0.62], 0.6)  # a wide spread: t(4) x 5.8% > 5%
+    ratios = [0.38, 0.40, 0.42]
+    assert upper_ratio(ratios) == pytest.approx(0.40 + standard_error(ratios))
 
 
 def test_edge_refinement_enqueues_untried_neighbours_of_the_best_feasible_that_fit_the_budget(tmp_path: Path) -> None:
