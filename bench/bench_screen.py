@@ -8,8 +8,9 @@ Runs the same search (same seed) twice, ``--screen off`` then ``--screen on``, e
 predictor (the screened run adds its measurements to its copy, not to the stored one). Board-seconds are the
 seconds the backend spent measuring, over the whole search (summary.json's ``board_seconds``: dense sets, trials,
 the dense model beside them, re-measures of the incumbent and the front's confirmation); ``trials_board_s`` is the
-trials' share (their ``stage_seconds``: session, timing, dense beside); ``one_round`` counts the trials judged
-on one round beside the dense model (predicted and measured well inside the budget). ``incumbent_s`` and
+trials' share (their ``stage_seconds``: session, timing, dense beside); ``alone`` counts the trials judged on one
+measurement alone against the dense reference and ``one_round`` those judged on one round beside the dense model
+(predicted and measured well inside the budget). ``incumbent_s`` and
 ``confirm_s`` are the wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune
 replays and evaluation included: host work, not only the board's); ``confirmed`` counts the models confirmed (listed
 or left out on re-measure). Prints a table and writes
@@ -74,6 +75,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             # measured trials the screen settled on one round beside the dense model (predicted and measured well
             # inside the budget) instead of three, as the search counts them (cached trials left out)
             "one_round": (summary["search"].get("screen") or {}).get("one_round", 0),
+            # measured trials settled by one measurement alone against the dense reference (no dense model beside)
+            "alone": (summary["search"].get("screen") or {}).get("alone", 0),
             "board_s": board, "trials_board_s": sum(per_trial),
             # the fixed part, as wall seconds (host work included): the incumbent measured again while refining,
             # the front confirmed at the end

@@ -454,8 +454,9 @@ def _health_section(run: RunData) -> Section:
                 if screen.get("held_out_p90_error") is not None else "")
         rows.append(["Screened by the fitted latency predictor" + held,
                      f"{fmt_int(screen.get('skipped'))} of {fmt_int(screen.get('predicted'))} candidates skipped "
-                     f"unmeasured (predicted over the latency budget), {fmt_int(screen.get('one_round'))} judged on "
-                     f"one round (predicted and measured well inside it){own}"])
+                     f"unmeasured (predicted over the latency budget), {fmt_int(screen.get('alone', 0))} judged on "
+                     f"one measurement alone and {fmt_int(screen.get('one_round'))} on one round beside the dense "
+                     f"model (predicted and measured well inside it){own}"])
     if srch.get("interrupted"):
         rows.append(["Interrupted", "**yes**"])
     s.blocks.append(Table(["Trials", "Count"], rows))

@@ -15,7 +15,9 @@ MEASUREMENT = "measurement"  # Measurement.to_dict()
 ACCURACY_PROXY = "accuracy_proxy"  # the trial's accuracy (after calibration and the short fine-tune)
 MEASURE_CONTEXT = "measure_context"  # hash of what a latency depends on besides the architecture
 LATENCY_RATIO = "latency_ratio"  # relative budgets: latency / the dense model's measured beside it
-LATENCY_ROUNDS = "latency_rounds"  # relative budgets: the interleaved rounds behind latency_ratio (3; 1 if screened so)
+# relative budgets: the interleaved rounds behind latency_ratio (3+; --screen on: 1, or 0 when measured alone and
+# judged against the dense reference)
+LATENCY_ROUNDS = "latency_rounds"
 CACHED_FROM = "cached_from"  # trial whose measurement was reused (-1: the dense model)
 STAGE_SECONDS = "stage_seconds"
 FAIL_REASON = "fail_reason"

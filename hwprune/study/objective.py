@@ -174,8 +174,10 @@ class TrialRunner:
                      settles: Callable[[float], bool] | None = None) -> tuple[Measurement, float | None]:
         """The measurement of the exported ``path``, and (with ``beside``) its latency divided by the dense model's:
         the median ratio of ``ROUNDS`` interleaved rounds, the measurement then the round with the middle latency
-        (fewer rounds once ``settles`` accepts the judged latency of those so far: ``--screen on``). The rounds
-        taken are in :attr:`last_rounds`.
+        (fewer rounds once ``settles`` accepts the judged latency of those so far: ``--screen on``). With
+        ``settles`` and a relative budget, the model is first measured alone and settled by that measurement against
+        the dense reference when ``settles`` accepts it (:meth:`_settled_alone`). The rounds taken are in
+        :attr:`last_rounds` (0: measured alone).
 
         One pair is not enough on a shared host: a slow spell as long as one measurement doubled a model's latency
         and not the dense model's beside it (the demo at 0.4x: a 0.35x model measured 0.67x once), which steered the
@@ -201,6 +203,9 @@ class TrialRunner:
         self.last_rounds = None
         if self.beside is None:
             m, ratio = timed(path), None
+        elif (alone := self._settled_alone(path, timed, settles)) is not None:
+            m, ratio = alone
+            self.last_rounds = 0
         else:
             settled = None if settles is None else (lambda r: settles(r.judged_ms(self.budgets.now())))
             rounds = interleaved_rounds(timed, path, self.beside,
@@ -210,6 +215,24 @@ class TrialRunner:
             self.last_rounds = len(rounds.ratios)
         self._tick("measure", t, {})
         return m, ratio
+
+    def _settled_alone(self, path: Path, timed: Callable[[Path], Measurement],
+                       settles: Callable[[float], bool] | None) -> tuple[Measurement, float] | None:
+        """``--screen on``, a candidate the screen predicts well inside a relative budget: measure it alone and
+        judge its ratio against the dense reference (the middle of the dense sets), without the dense model beside
+        it, which costs the board as much again as the candidate. Settled when that measurement is as far inside
+        the budget as ``settles`` asks and not flagged noisy; the prediction and the measurement then agree that
+        the model is far from the budget's edge, where a few percent of drift since the dense sets cannot put it
+        over (a front model is confirmed beside the dense model all the same). Returns the measurement and its
+        ratio, or None (the measurement is spent and the rounds beside the dense model follow)."""
+        b = self.budgets.now()
+        if settles is None or not b.latency_factor or b.latency_ms is None:
+            return None
+        m = timed(path)
+        # judged against the dense reference, the ratio's latency is the measurement's own: budgets.judged_ms
+        if m.latency.noisy or not settles(m.latency.median_ms):
+            return None
+        return m, m.latency.median_ms * b.latency_factor / b.latency_ms
 
     def evaluate(self, module: Any, stages: dict[str, float]) -> float:
         t = time.perf_counter()
@@ -264,8 +287,9 @@ class TrialRunner:
                 if q.check is not None:
                     trial.set_user_attr(attrs.OUTPUT_ERROR, q.check.relative_error)
             else:
-                m, ratio = self.export_and_measure(pruned.module, stages,
-                                                   self.screening.settles if self.screening is not None else None)
+                m, ratio = self.export_and_measure(pruned.module, stages, self.screening.settles
+                                                   if self.screening is not None and self.screening.may_settle
+                                                   else None)
                 if self.screening is not None:
                     own = self.screening.record(m, self.budgets.now().judged_ms(m.latency.median_ms, ratio))
                     if own is not None:

@@ -11,11 +11,14 @@ the p90 of the errors left (floored at the measurement noise) instead of the val
 its trial (``screen_ratio``), so a resumed search starts from the errors its earlier trials measured.
 
 A candidate whose prediction plus that error is still well inside the budget (``measure_once``,
-:data:`hwprune.predict.screen.SETTLE_MARGIN`) is measured in one round beside the dense model instead of three, as
-long as that round also puts it that far inside; a round that lands nearer the budget is followed by the usual rest.
-Its trial records ``latency_rounds`` = 1. The same holds when such a model becomes the incumbent and is measured
-again before the refinement builds on it (:meth:`Screening.settle_ms_for`): the re-measure guards against a lucky
-measurement, and the predictor is an independent second opinion that the model is far from the budget's edge.
+:data:`hwprune.predict.screen.SETTLE_MARGIN`) is first measured alone and judged against the dense reference (the
+middle of the dense sets) instead of in three rounds beside the dense model, as long as that measurement also puts
+it that far inside: its trial records ``latency_rounds`` = 0. A measurement that lands nearer the budget is followed
+by the rounds beside the dense model, where one round settles it when that round is that far inside
+(``latency_rounds`` = 1). An incumbent measured again before the refinement builds on it is settled by one round
+beside the dense model under the same rule (:meth:`Screening.settle_ms_for`), never alone: the re-measure guards
+against a lucky measurement, and the predictor is an independent second opinion that the model is far from the
+budget's edge.
 
 Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
 is refitted), and the predictor is saved back beside the measurement cache when the trials end.
@@ -163,6 +166,12 @@ class Screening:
         judged = self._decide(graph_features(onnx_path, self.predictor.channel_multiple), budgets)
         return None if judged is None else judged.settle_ms
 
+    @property
+    def may_settle(self) -> bool:
+        """Whether the candidate just screened was predicted well inside the budget (``measure_once``), so that a
+        measurement as far inside settles it."""
+        return self._settle_ms is not None
+
     def settles(self, judged_ms: float) -> bool:
         """Whether a round that judged the candidate just screened at ``judged_ms`` settles it: the screen predicted
         it well inside the budget (``measure_once``) and the round agrees, by the same margin."""
@@ -214,6 +223,7 @@ class Screening:
         return {"skipped": count(SCREENED_ATTR, pd.Series.notna),
                 # a trial that reused a measured architecture carries its rounds, not a measurement of its own
                 "one_round": count(attrs.LATENCY_ROUNDS, lambda c: (c == 1) & trials[attrs.CACHED_FROM].isna()),
+                "alone": count(attrs.LATENCY_ROUNDS, lambda c: (c == 0) & trials[attrs.CACHED_FROM].isna()),
                 "predicted": count(PREDICTED_ATTR, pd.Series.notna),
                 "held_out_p90_error": v.p90_abs_error if v is not None and v.n_models else None,
                 "held_out_models": v.n_models if v is not None else 0,

@@ -30,8 +30,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "constraint_accuracy": constraints.get("accuracy"),
             "judged_by": json.dumps(t.user_attrs[attrs.JUDGED_BY]) if attrs.JUDGED_BY in t.user_attrs else None,
             "latency_ratio": latency_ratio(t),
-            # the interleaved rounds behind latency_ratio: 3, or 1 where --screen on and the round agreed it is
-            # well inside the budget
+            # the interleaved rounds behind latency_ratio: 3 or more; with --screen on, 1 where the round agreed
+            # it is well inside the budget, 0 where it was measured alone and judged against the dense reference
             "latency_rounds": t.user_attrs.get(attrs.LATENCY_ROUNDS),
             "uniform_ratio": t.user_attrs.get(attrs.UNIFORM_RATIO),
             "signature": t.user_attrs.get(attrs.SIGNATURE),

@@ -367,15 +367,17 @@ def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, tmp_
     ratios = [t.user_attrs[RATIO_ATTR] for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
               if RATIO_ATTR in t.user_attrs]
     assert ratios and all(0.1 < r < 10 for r in ratios)
-    # predicted and then measured far inside the budget, each candidate was settled by one round beside the dense
-    # model instead of three (fewer board-seconds); the trials table says so
+    # predicted and then measured far inside the budget, each candidate was settled by one measurement alone,
+    # judged against the dense reference, instead of three rounds beside the dense model (fewer board-seconds);
+    # the trials table says so, and its judged latency is then the measurement's own
     import pandas as pd
 
     table = pd.read_csv(next(out.rglob("trials.csv")))
     measured_rows = table[(table.state == "COMPLETE") & table.cached_from.isna()]
-    assert len(measured_rows) and (measured_rows.latency_rounds == 1).all(), measured_rows.latency_rounds
+    assert len(measured_rows) and (measured_rows.latency_rounds == 0).all(), measured_rows.latency_rounds
+    assert (measured_rows.latency_judged_ms - measured_rows.latency_ms).abs().max() < 1e-9
     summary = json.loads(next(out.rglob("summary.json")).read_text())["search"]["screen"]
-    assert summary["one_round"] == len(measured_rows) and summary["skipped"] == 0
+    assert summary["alone"] == len(measured_rows) and summary["one_round"] == 0 and summary["skipped"] == 0
     again = run_cli(*args, "--trials", "4", env=env)  # the same command with more trials resumes the study
     assert again.returncode == 0, again.stderr
     assert f"screening: {len(ratios)} earlier measured candidates of this study" in again.stderr

@@ -265,6 +265,49 @@ def test_a_trial_is_judged_on_the_median_of_interleaved_rounds(tmp_path: Path) -
     assert "export" in stages
 
 
+def test_a_candidate_the_screen_settles_is_measured_alone_against_the_dense_reference(tmp_path: Path) -> None:
+    """--screen on: a candidate predicted well inside a relative budget is measured without the dense model beside
+    it, which costs the board as much again, when that measurement agrees; otherwise the rounds beside it follow."""
+    runner = _runner(finetune_steps=0)
+    dense_path = tmp_path / "dense.onnx"  # never read: the scripted measure only tells the two paths apart
+    order: list[str] = []
+    model: list[Measurement] = []
+
+    def measure(path: Path) -> Measurement:
+        order.append("dense" if path == dense_path else "model")
+        return _measured(4.0) if path == dense_path else model.pop(0)
+
+    # 0.5x of a 4 ms dense reference: a 2 ms budget, and the screen settles what is judged 10% inside it
+    runner.measure, runner.beside = measure, dense_path
+    runner.budgets = Budgets(None, None, latency_factor=0.5, follow=lambda: 4.0)
+    module = runner.build(runner.space.uniform(0.5)).module
+
+    def settles(judged_ms: float) -> bool:
+        return judged_ms <= 1.8
+
+    model[:] = [_measured(1.0)]
+    m, ratio = runner.export_and_measure(module, {}, settles)
+    assert order == ["model"] and runner.last_rounds == 0
+    assert ratio == pytest.approx(1.0 / 4.0) and m.latency.median_ms == pytest.approx(1.0)
+    # a measurement alone nearer the budget: the rounds beside the dense model follow (the first one settles it)
+    order.clear()
+    model[:] = [_measured(1.9), _measured(1.0)]
+    m, ratio = runner.export_and_measure(module, {}, settles)
+    assert order == ["model", "model", "dense"] and runner.last_rounds == 1 and ratio == pytest.approx(0.25)
+    # a noisy measurement alone settles nothing, however fast
+    order.clear()
+    noisy = _measured(0.5)
+    noisy.latency.noisy = True
+    model[:] = [noisy, _measured(1.0)]
+    runner.export_and_measure(module, {}, settles)
+    assert order == ["model", "model", "dense"] and runner.last_rounds == 1
+    # without the screen's word, never alone
+    order.clear()
+    model[:] = [_measured(1.0)] * 3
+    runner.export_and_measure(module, {})
+    assert order.count("dense") == 3 and runner.last_rounds == 3
+
+
 def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_path: Path) -> None:
     from hwprune.backends.ort import OrtBackend
     from hwprune.export import export_onnx
