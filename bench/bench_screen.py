@@ -14,8 +14,8 @@ measurement alone against the dense reference and ``one_round`` those judged on 
 ``confirm_s`` are the wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune
 replays and evaluation included: host work, not only the board's); ``confirmed`` counts the models confirmed (listed
 or left out on re-measure). Prints a table and writes
-screen.csv / screen.json, and each run's trials.csv and summary.json as trials-off.csv / trials-on.csv and
-summary-off.json / summary-on.json, to --out.
+screen.csv / screen.json, and each run's trials.csv, summary.json and log as trials-off.csv / trials-on.csv,
+summary-off.json / summary-on.json and log-off.txt / log-on.txt, to --out.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(run_dir / "trials.csv", args.out / f"trials-{mode}.csv")  # per trial, to read the two runs apart
     shutil.copy(run_dir / "summary.json", args.out / f"summary-{mode}.json")
+    (args.out / f"log-{mode}.txt").write_text(proc.stderr)  # the search's log: which incumbents were measured again
     summary = json.loads((run_dir / "summary.json").read_text())
     trials = pd.read_csv(run_dir / "trials.csv")
     rec = summary.get("recommended")
