@@ -25,7 +25,8 @@ DEFAULT_RECOVERY = "auto"
 IMPORTANCES = ("auto", "l2", "l1", "bn-scale", "taylor")
 DEFAULT_IMPORTANCE = "auto"
 SCREEN_MODES = ("off", "on")  # --screen: a stored latency predictor skips candidates predicted well over budget
-DEFAULT_SCREEN = "off"  # searches took 0.58-0.82x the board-seconds (median 0.70x), not half (docs/benchmarks.md)
+# screened searches took 0.45-0.90x the board-seconds (median 0.72x at 0.6x), half in 1 pair of 12 (docs/benchmarks.md)
+DEFAULT_SCREEN = "off"
 
 
 def read_toml(path: Path, what: str, error: type[HwpruneError] = HwpruneError) -> dict[str, Any]:
