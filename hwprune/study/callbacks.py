@@ -51,3 +51,43 @@ class AimAtBudget:
             self.log("probing depth: a uniform model over the budget (the least pruned one, or the "
                      "most pruned when none meets it), with one of "
                      f"{', '.join(study.user_attrs[attrs.DEPTH_PROBED])} removed")
+
+
+class StopOnInterrupt:
+    """Ctrl-C during the trials, kept even where Python loses it. Python raises ``KeyboardInterrupt`` wherever the
+    main thread is when SIGINT arrives; inside a garbage-collector or weakref callback (SQLAlchemy's, seen in CI)
+    the exception is printed as "ignored" and dropped, and the search ran on to its last trial. While active, the
+    SIGINT handler also records the request, and this callback raises it again once the trial in flight is saved.
+
+    Use as a context manager around ``study.optimize`` and pass it as a callback; :attr:`requested` says whether
+    Ctrl-C came, caught or not. The handler is installed only over Python's default one, in the main thread: a
+    process that ignores SIGINT (a shell's background job) keeps ignoring it.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: object = None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.requested = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> StopOnInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)  # type: ignore[arg-type]
+            self._previous = None
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.requested:
+            raise KeyboardInterrupt

@@ -25,7 +25,7 @@ from hwprune.recovery import RecoveryPlan
 from hwprune.study import attrs
 from hwprune.study.bracket import warm_start
 from hwprune.study.budgets import Budgets
-from hwprune.study.callbacks import AimAtBudget, FollowReference
+from hwprune.study.callbacks import AimAtBudget, FollowReference, StopOnInterrupt
 from hwprune.study.confirm import measure_again
 from hwprune.study.context import RunContext, fmt, measurement_context
 from hwprune.study.dense import DenseModel, make_budgets, measure_dense
@@ -188,11 +188,15 @@ def _optimize(ctx: RunContext, study: optuna.Study, runner: TrialRunner, referen
     if c.trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(c.trials, states=(TrialState.COMPLETE,)))
     callbacks.extend(search_callbacks(c.callbacks, c.mlflow, request))
+    interrupt = StopOnInterrupt()
+    callbacks.append(interrupt)  # after the others: a trial's own bookkeeping is done before Ctrl-C stops the study
     try:
-        with progress:
+        with progress, interrupt:
             # the dashboard reads constraints as one list, which Optuna 5 no longer writes
             study.optimize(DashboardConstraints(runner), n_trials=remaining, timeout=c.timeout_s, callbacks=callbacks,
                            catch=(HwpruneError,), gc_after_trial=False, show_progress_bar=False)
+        if interrupt.requested:  # Ctrl-C during the last trial, lost where Python drops it (StopOnInterrupt)
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         # Optuna has already marked the trial in flight as failed; completed trials are in the storage
         ctx.log("interrupted: completed trials are saved; the final phase (confirming the front, final "

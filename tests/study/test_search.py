@@ -555,6 +555,38 @@ def test_ctrl_c_keeps_completed_trials_and_resumes(tmp_path: Path) -> None:
     assert len([t for t in st.trials if t.state.name == "COMPLETE"]) == len(completed) + 1
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupts, on purpose
+def test_ctrl_c_that_python_drops_in_a_weakref_callback_still_stops_the_study() -> None:
+    """Seen in CI: SIGINT arrived inside SQLAlchemy's weakref callback, Python printed the KeyboardInterrupt as
+    "ignored", and the search ran on to its last trial and exited 0."""
+    import weakref
+
+    from hwprune.study.callbacks import StopOnInterrupt
+
+    class Held:
+        pass
+
+    def objective(trial: optuna.Trial) -> float:
+        # the interrupt lands inside a weakref callback, where Python reports it as unraisable and drops it
+        held = Held()
+        ref = weakref.ref(held, lambda _: os.kill(os.getpid(), signal.SIGINT))
+        del held  # the last reference: the callback runs here
+        assert ref() is None
+        return trial.suggest_float("x", 0, 1)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    plain = optuna.create_study()
+    plain.optimize(objective, n_trials=3)  # without it, each Ctrl-C is lost: all three trials run
+    assert len(plain.trials) == 3
+    study = optuna.create_study()
+    interrupt = StopOnInterrupt()
+    with pytest.raises(KeyboardInterrupt), interrupt:
+        study.optimize(objective, n_trials=3, callbacks=[interrupt])
+    assert interrupt.requested and [t.state.name for t in study.trials] == ["COMPLETE"]  # the trial is saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and Python's handler is back
+
+
 def test_measurements_are_reused_only_in_the_same_measurement_context(tmp_path: Path) -> None:
     """A resumed (or nightly) search after the device settings or runtime changed measures again (resuming across
     such a change is refused unless asked for: tests/study/test_identity.py)."""
