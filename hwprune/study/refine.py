@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -160,6 +161,17 @@ class EdgeRefiner:
                      for k, v in t.params.items() if k.startswith(attrs.PRECISION_PARAM)}
         study.enqueue_trial({**ratios, **precision}, user_attrs={attrs.NEIGHBOUR_OF: of})
 
+    def _log_again(self, trial: optuna.trial.FrozenTrial, confirmed: dict[str, Any]) -> None:
+        """One line on an incumbent measured again: a user reading the log sees why the refinement moved on to
+        another model, and where the board time went."""
+        b = self.budgets.now()
+        if b.latency_ms is None:
+            return
+        judged = confirmed_latency(trial, b, confirmed)
+        over = "" if judged <= b.latency_ms else "; over it, so the refinement turns to the next most accurate model"
+        self.log(f"trial {trial.number} measured again as the incumbent: {judged:.3f} ms judged against the "
+                 f"{b.latency_ms:.3f} ms budget{over}")
+
     def _confirm_incumbent(self, study: optuna.Study) -> None:
         """Measure the incumbent again until one that was (or ``CONFIRM_TRIES`` were) holds."""
         assert self.confirm is not None
@@ -175,3 +187,4 @@ class EdgeRefiner:
                 return
             confirmed[str(found[0].number)] = again
             study.set_user_attr(CONFIRMED_ATTR, confirmed)
+            self._log_again(found[0], confirmed)

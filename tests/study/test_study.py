@@ -480,11 +480,17 @@ def test_refinement_measures_its_incumbent_again_and_drops_one_that_no_longer_fi
         measured.append(ratios)
         return {"latency_ms": 99.0, "latency_ratio": again[next(iter(ratios.values()))]}
 
-    refiner = EdgeRefiner(space, target=6, timeout_s=None, seed=0, budgets=budgets, log=lambda _: None,
+    lines: list[str] = []
+    refiner = EdgeRefiner(space, target=6, timeout_s=None, seed=0, budgets=budgets, log=lines.append,
                           macs_of=lambda r: prune(subject.model, subject.example_inputs, r, space).macs,
                           confirm=confirm)
     refiner(study, study.trials[3])  # 4 of 6 complete: past REFINE_FROM
     assert [next(iter(r.values())) for r in measured] == [0.3, 0.5]  # trial 0 failed, so trial 1 was measured too
+    # the log says what each re-measure found
+    again_lines = [line for line in lines if "measured again as the incumbent" in line]
+    assert again_lines == ["trial 0 measured again as the incumbent: 5.300 ms judged against the 5.000 ms budget; "
+                           "over it, so the refinement turns to the next most accurate model",
+                           "trial 1 measured again as the incumbent: 4.100 ms judged against the 5.000 ms budget"]
     assert set(study.user_attrs[CONFIRMED_ATTR]) == {"0", "1"}
     best, ms = incumbent(study, budgets)
     assert best.number == 1 and ms == pytest.approx(4.1)  # the judged latency comes from the ratio measured again
