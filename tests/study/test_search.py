@@ -575,16 +575,27 @@ def test_ctrl_c_that_python_drops_in_a_weakref_callback_still_stops_the_study() 
         return trial.suggest_float("x", 0, 1)
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    plain = optuna.create_study()
-    plain.optimize(objective, n_trials=3)  # without it, each Ctrl-C is lost: all three trials run
-    assert len(plain.trials) == 3
-    study = optuna.create_study()
-    interrupt = StopOnInterrupt()
-    with pytest.raises(KeyboardInterrupt), interrupt:
-        study.optimize(objective, n_trials=3, callbacks=[interrupt])
-    assert interrupt.requested and [t.state.name for t in study.trials] == ["COMPLETE"]  # the trial is saved
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and Python's handler is back
+    # Python's own handler, as in a terminal (CI's background job inherits SIGINT ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        plain = optuna.create_study()
+        plain.optimize(objective, n_trials=3)  # without it, each Ctrl-C is lost: all three trials run
+        assert len(plain.trials) == 3
+        study = optuna.create_study()
+        interrupt = StopOnInterrupt()
+        with pytest.raises(KeyboardInterrupt), interrupt:
+            study.optimize(objective, n_trials=3, callbacks=[interrupt])
+        assert interrupt.requested and [t.state.name for t in study.trials] == ["COMPLETE"]  # the trial is saved
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and Python's handler is back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    # a process that ignores SIGINT keeps ignoring it: the handler is not installed over SIG_IGN
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnInterrupt():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_measurements_are_reused_only_in_the_same_measurement_context(tmp_path: Path) -> None:
