@@ -63,12 +63,19 @@ class Budgets:
         return all(self.meets(latency_ms, memory_mb, ratio)) and (not self.guard_trials
                                                                   or self.meets_accuracy(accuracy))
 
+    @property
+    def reference_ms(self) -> float | None:
+        """The dense reference a relative latency budget is a factor of (``latency_ms / latency_factor``); None
+        without a relative latency budget."""
+        if self.latency_factor and self.latency_ms is not None:
+            return self.latency_ms / self.latency_factor
+        return None
+
     def judged_ms(self, latency_ms: float, ratio: float | None = None) -> float:
         """The latency a budget is judged on: with a relative budget and a ``ratio`` to the dense model measured
         beside the candidate, that ratio times the dense reference; else ``latency_ms`` as measured."""
-        if self.latency_factor and self.latency_ms is not None and ratio is not None:
-            return ratio * self.latency_ms / self.latency_factor
-        return latency_ms
+        reference = self.reference_ms
+        return ratio * reference if reference is not None and ratio is not None else latency_ms
 
     def meets(self, latency_ms: float, memory_mb: float, ratio: float | None = None) -> tuple[bool, bool]:
         """Whether the latency and the memory are within their budgets (a missing budget is always met)."""

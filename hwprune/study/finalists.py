@@ -133,7 +133,8 @@ def final_candidates(ctx: RunContext, models: list[ParetoModel], ranked: pd.Data
     it among the first: it is the baseline a user would otherwise deploy, so the recommendation is never a model
     the same fine-tune leaves less accurate than it."""
     c = ctx.config
-    if not (c.final_finetune_steps and subject.train_data is not None and not ranked.empty):
+    # guard_trials is False exactly when final candidates get the final fine-tune (make_budgets)
+    if budgets.guard_trials or ranked.empty:
         return models, []
     confirmed = {pm.trial: pm for pm in models if pm.module is not None}
     if not confirmed and not deferred:

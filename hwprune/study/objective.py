@@ -225,14 +225,14 @@ class TrialRunner:
         the model is far from the budget's edge, where a few percent of drift since the dense sets cannot put it
         over (a front model is confirmed beside the dense model all the same). Returns the measurement and its
         ratio, or None (the measurement is spent and the rounds beside the dense model follow)."""
-        b = self.budgets.now()
-        if settles is None or not b.latency_factor or b.latency_ms is None:
+        reference = self.budgets.now().reference_ms
+        if settles is None or reference is None:
             return None
         m = timed(path)
         # judged against the dense reference, the ratio's latency is the measurement's own: budgets.judged_ms
         if m.latency.noisy or not settles(m.latency.median_ms):
             return None
-        return m, m.latency.median_ms * b.latency_factor / b.latency_ms
+        return m, m.latency.median_ms / reference
 
     def evaluate(self, module: Any, stages: dict[str, float]) -> float:
         t = time.perf_counter()

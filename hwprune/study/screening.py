@@ -150,8 +150,8 @@ class Screening:
         budget_ms = b.latency_ms
         if budget_ms is None:
             return None
-        # a relative budget judges the ratio to the dense model: the dense reference now is budget / factor
-        dense_ms = budget_ms / b.latency_factor if b.latency_factor else self.dense_ms
+        # a relative budget judges the ratio to the dense model: its dense reference now
+        dense_ms = b.reference_ms if b.reference_ms is not None else self.dense_ms
         bias, error = self.study_error()
         scale = dense_ms / self.dense_pred()
         # screen() compares in the predictor's own units: the budget goes there, not the prediction here
