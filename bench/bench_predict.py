@@ -31,7 +31,7 @@ import pandas as pd
 
 from hwprune.backends.estimate import roofline
 from hwprune.backends.ort import OrtBackend
-from hwprune.predict.calibrate import export_design, fit_measured, measure_designs, target_ms
+from hwprune.predict.calibrate import export_design, fit_measured, measure_designs, run_overhead_us, target_ms
 from hwprune.predict.designs import Design
 from hwprune.predict.model import Validation
 from hwprune.predict.transfer import transfer
@@ -126,6 +126,7 @@ def measure(args: argparse.Namespace) -> dict:
         before = [target_ms(host.measure(path)) for path in paths]
         t0 = time.monotonic()
         measured_profile, measured = measure_designs(profile, args.budget_seconds)
+        run_us = run_overhead_us(measured_profile)
         calib_s = time.monotonic() - t0
         # rounds interleave the models (round 1 over all, round 2 over all, ...): a slow spell on the shared host
         # then hits one round of every model instead of all rounds of a few
@@ -138,16 +139,17 @@ def measure(args: argparse.Namespace) -> dict:
         held = [{"model": d.name, "features": graph_features(path, profile.channel_multiple), "host_ms": h,
                  "threads2": t2, "before_ms": b, "roofline_ms": roofline(path, profile)["latency_ms"]}
                 for d, path, h, t2, b in zip(models, paths, host_ms, dev_ms, before)]
-    return {"profile": measured_profile, "measured": measured, "calibration_s": calib_s, "held": held}
+    return {"profile": measured_profile, "measured": measured, "calibration_s": calib_s, "held": held,
+            "run_us": run_us}
 
 
 def evaluate(data: dict, transfer_n: list[int]) -> tuple[pd.DataFrame, list[dict], object]:
     """Fit on the saved calibration and score the held-out models: (per-model frame, table rows, predictor)."""
-    measured_profile, measured = data["profile"], data["measured"]
-    predictor = fit_measured(measured_profile, measured)
+    measured_profile, measured, run_us = data["profile"], data["measured"], data.get("run_us", 0.0)
+    predictor = fit_measured(measured_profile, measured, run_us)
     # the same calibration cut at half its models: what a calibration half as long would have fitted (the first
     # half was measured earlier, so it also carries the host's drift since)
-    half = fit_measured(measured_profile, measured[: len(measured) // 2])
+    half = fit_measured(measured_profile, measured[: len(measured) // 2], run_us)
     held = data["held"]
     df = pd.DataFrame([{"model": h["model"], "measured_ms": float(np.median(h["host_ms"])),
                         "fitted_ms": predictor.predict_ms(h["features"]),
@@ -190,10 +192,14 @@ def main() -> None:
     ap.add_argument("--transfer-n", default="3,5,10", help="device measurements the transfer gets")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved measuring rounds of the held-out set (median)")
     ap.add_argument("--replay", type=Path, help="refit from this measurements.pkl instead of measuring")
+    ap.add_argument("--run-us", type=float, help="with --replay: the runtime's per-run cost in us to fit with "
+                    "(default: the one the run measured; 0 for runs saved before it was measured)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/predict"))
     args = ap.parse_args()
     if args.replay:
         data = pickle.loads(args.replay.read_bytes())
+        if args.run_us is not None:
+            data["run_us"] = args.run_us
     else:
         data = measure(args)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -205,12 +211,14 @@ def main() -> None:
     res.to_csv(args.out / "predict.csv", index=False)
     (args.out / "predict.json").write_text(json.dumps({
         "calibration": {"seconds": data["calibration_s"], "models": predictor.fitted_on,
+                        "run_us": data.get("run_us", 0.0),
                         "nodes": len(predictor.node_samples), "validation": predictor.describe(),
                         "replayed_from": str(args.replay) if args.replay else None},
         "results": table}, indent=1, default=float))
     print(df.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
-    print(f"\ncalibration: {predictor.fitted_on} models in {data['calibration_s']:.0f} s; held-out calibration "
-          f"designs: {predictor.describe()['within_10pct']:.0%} within +-10%")
+    print(f"\ncalibration: {predictor.fitted_on} models in {data['calibration_s']:.0f} s; run cost "
+          f"{data.get('run_us', 0.0):.1f} us; held-out calibration designs: "
+          f"{predictor.describe()['within_10pct']:.0%} within +-10%")
     print(res.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
 
 

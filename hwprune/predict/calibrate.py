@@ -32,6 +32,8 @@ MIN_MODELS = 6
 # spread of big kernels swamps a few microseconds per node), and never taken above MAX_PROFILER_US
 PROFILER_SMALL_MS = 2.0
 MAX_PROFILER_US = 10.0
+MAX_RUN_US = 100.0  # the runtime's per-run cost is never taken above this (ORT's session call: ~5 us here)
+RUN_CHAIN = (1, 2, 4, 8, 16, 32)  # lengths of the trivial-node chains that measure the per-run cost
 MIN_NODE_US = 0.5  # a timed node keeps at least this much after the profiler's cost is taken off
 _ORT_ALIASES = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul", "NhwcConv": "Conv"}
 
@@ -128,22 +130,68 @@ def export_design(d: Design, folder: Path) -> Path:
     return export_onnx(d.module, (d.example,), folder / f"{d.name}.onnx")
 
 
-def profiler_overhead_us(measured: list[Measured]) -> float:
-    """The profiler's own cost per profiled kernel, in microseconds: the median over small models of (profiled
-    kernel time - whole-model time) / profiled kernels.
+@dataclass(frozen=True)
+class ProfilerCost:
+    """What ONNX Runtime's per-node profile gets wrong about a whole model, per calibration."""
+
+    per_kernel_us: float  # the profiler's own cost, charged to every profiled kernel
+    run_us: float  # the runtime's fixed cost per inference, which no kernel is charged (:func:`run_overhead_us`)
+
+
+def profiler_cost(measured: list[Measured], run_us: float = 0.0) -> ProfilerCost:
+    """The profiler's cost per profiled kernel in microseconds: the median over small models of (profiled kernel
+    time - (whole-model time - ``run_us``)) / profiled kernels.
 
     ORT's per-node profiler charges every kernel a few microseconds of its own bookkeeping (measured here: a
     mobilenet-tiny's 48 kernels summed to 2.2x the unprofiled run, ~2-3 us per node, and the same per node in a
     ResNet-18, where it is lost in the noise); fitted as they are, the trees predicted every small model 20-90% too
-    slow, which the whole-model correction cannot remove (it scales; this is a count).
+    slow, which the whole-model correction cannot remove (it scales; this is a count). The whole-model time also
+    holds the runtime's per-run cost, which no kernel shows: left in, it lowered the estimate per kernel by the run
+    cost over a model's kernel count.
     """
     excess = []
     for m in measured:
         timed = sum(s.kernels for s in m.samples if s.us > 0)
         if timed and m.measured_ms < PROFILER_SMALL_MS and m.attributed_share > 0:
             total_us = sum(s.us for s in m.samples) / m.attributed_share
-            excess.append((total_us - m.measured_ms * 1e3) / timed)
-    return float(np.clip(np.median(excess), 0.0, MAX_PROFILER_US)) if excess else 0.0
+            excess.append((total_us - (m.measured_ms * 1e3 - run_us)) / timed)
+    per_kernel = float(np.clip(np.median(excess), 0.0, MAX_PROFILER_US)) if excess else 0.0
+    return ProfilerCost(per_kernel, run_us)
+
+
+def _chain(n: int) -> Any:
+    """An ONNX model of ``n`` trivial elementwise nodes on 8 floats (alternating Neg and Relu: nothing to fuse)."""
+    from onnx import TensorProto, helper
+
+    nodes, prev = [], "x"
+    for i in range(n):
+        nodes.append(helper.make_node("Relu" if i % 2 else "Neg", [prev], [f"t{i}"]))
+        prev = f"t{i}"
+    graph = helper.make_graph(nodes, f"chain{n}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, 8])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def run_overhead_us(profile: DeviceProfile | str, backend: Any = None) -> float:
+    """The runtime's fixed cost per inference in microseconds (the session call, binding inputs and outputs), which
+    no profiled kernel shows: chains of 1-32 trivial nodes are measured as calibration measures a model, and the
+    intercept of their time against their length is the cost of a run of nothing. Measured here: 4.8 us, plus 0.2 us
+    per trivial node.
+
+    Args:
+        profile: the device profile (measured through local ONNX Runtime).
+        backend: an :class:`~hwprune.backends.ort.OrtBackend` for it (built when None).
+
+    Returns:
+        The intercept in microseconds, at least 0.
+    """
+    from hwprune.backends.ort import OrtBackend
+
+    profile = load_profile(profile).with_overrides(backend="ort")
+    backend = backend or OrtBackend(profile)
+    us = [target_ms(backend.measure(_chain(n).SerializeToString())) * 1e3 for n in RUN_CHAIN]
+    slope, intercept = np.polyfit(np.asarray(RUN_CHAIN, float), np.asarray(us), 1)
+    return float(np.clip(intercept, 0.0, MAX_RUN_US))
 
 
 def without_profiler(m: Measured, overhead_us: float) -> Measured:
@@ -154,26 +202,37 @@ def without_profiler(m: Measured, overhead_us: float) -> Measured:
     return dataclasses.replace(m, samples=samples)
 
 
-def _fit(meta: dict[str, Any], measured: list[Measured]) -> Predictor:
-    """A predictor fitted on ``measured`` with the profiler's per-node cost (estimated on them) taken off."""
-    overhead = profiler_overhead_us(measured)
-    clean = [without_profiler(m, overhead) for m in measured]
-    p = fit_predictor(meta, [s for m in clean for s in m.samples], [(m.name, m.features, m.measured_ms) for m in clean])
-    p.profiler_us = overhead
+def _fit(meta: dict[str, Any], measured: list[Measured], run_us: float) -> Predictor:
+    """A predictor fitted on ``measured`` with the profiler's per-node cost (estimated on them) taken off, and the
+    runtime's per-run cost ``run_us`` as its whole-model overhead."""
+    cost = profiler_cost(measured, run_us)
+    clean = [without_profiler(m, cost.per_kernel_us) for m in measured]
+    p = fit_predictor(meta, [s for m in clean for s in m.samples],
+                      [(m.name, m.features, m.measured_ms) for m in clean], run_overhead_ms=cost.run_us / 1e3)
+    p.profiler_us = cost.per_kernel_us
     return p
 
 
-def fit_measured(profile: DeviceProfile, measured: list[Measured]) -> Predictor:
-    """Fit a predictor on every measured model, with its validation from a fit that left every fourth one out."""
+def fit_measured(profile: DeviceProfile, measured: list[Measured], run_us: float = 0.0) -> Predictor:
+    """Fit a predictor on every measured model, with its validation from a fit that left every fourth one out.
+
+    Args:
+        profile: the profile the models were measured on.
+        measured: the measured designs.
+        run_us: the runtime's per-run cost (:func:`run_overhead_us`); 0 leaves it to the node predictions.
+
+    Returns:
+        The fitted :class:`Predictor`.
+    """
     meta = _meta(profile)
     held = [m for i, m in enumerate(measured) if i % VALIDATION_EVERY == 1]
     train = [m for m in measured if m not in held]
     validation = None
     if held and len(train) >= 3:
-        part = _fit(meta, train)
+        part = _fit(meta, train, run_us)
         validation = Validation.from_pairs([part.predict_features(m.features) for m in held],
                                            [m.measured_ms for m in held])
-    p = _fit(meta, measured)
+    p = _fit(meta, measured, run_us)
     p.validation = validation
     return p
 
@@ -196,7 +255,10 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
         HwpruneError: the profile is not measured through local ONNX Runtime, or too few models fit the budget.
     """
     profile, measured = measure_designs(profile, budget_s, seed, log, max_models)
-    return fit_measured(profile, measured)
+    run_us = run_overhead_us(profile)
+    if log:
+        log(f"the runtime's own cost per inference (no node's): {run_us:.1f} us")
+    return fit_measured(profile, measured, run_us)
 
 
 def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0,
@@ -238,4 +300,4 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
 
 
 __all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_designs",
-           "measure_model", "profiler_overhead_us", "target_ms", "without_profiler"]
+           "measure_model", "ProfilerCost", "profiler_cost", "run_overhead_us", "target_ms", "without_profiler"]

@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 SUFFIX = ".fitted.pkl"
-FORMAT = 1
+FORMAT = 2  # 2: the digest covers the run overhead
 
 
-def node_digest(node_samples: list[dict[str, Any]]) -> str:
-    """A digest of a predictor's node samples as its JSON stores them (what the fitted trees depend on)."""
-    return hashlib.sha256(json.dumps(node_samples, separators=(",", ":")).encode()).hexdigest()
+def node_digest(node_samples: list[dict[str, Any]], run_overhead_ms: float = 0.0) -> str:
+    """A digest of what the fitted trees depend on: a predictor's node samples as its JSON stores them, and the
+    run overhead its residual trees take off every model."""
+    data = {"nodes": node_samples, "run_overhead_ms": float(run_overhead_ms)}
+    return hashlib.sha256(json.dumps(data, separators=(",", ":")).encode()).hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -32,6 +32,7 @@ LOG_RIDGE = 1e-2
 FAMILIES = ("conv", "conv-dw", "matmul", "other")
 OVERHEAD = "overhead_ms"
 CONST_SUFFIX = "@const"  # hwprune.predict.features keys a node ORT constant-folds <op>@const
+MIN_NODE_SHARE = 0.5  # the residual trees' target: a model's ms less the run overhead, floored at this share of it
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,9 @@ class Predictor:
     model_samples: list[ModelSample] = field(default_factory=list)
     transferred_from: str | None = None
     profiler_us: float = 0.0  # the profiler's per-node cost taken off the node samples before fitting
+    # the runtime's fixed cost per inference (the session call, binding inputs and outputs), which no node is
+    # charged: the residual trees fit each model's measured ms less it, and the correction's prior overhead is it
+    run_overhead_ms: float = 0.0
     prior: dict[str, float] = field(default_factory=default_correction)  # what fit_correction is pulled toward
     # fitted trees per family, rebuilt from node_samples on first use (not stored: refitting is deterministic)
     trees: dict[str, Any] | None = field(default=None, repr=False, compare=False)
@@ -249,7 +253,10 @@ class Predictor:
             models = []
             for group in by_model.values():
                 rows, base = self._residual_rows([s.as_features() for s in group])
-                models.append((rows, base / 1e3, group[0].model_ms))
+                # the nodes' share of the model: a per-model constant spread over its nodes as factors would make
+                # every many-node model too slow (node count, not size, would carry it)
+                ms = group[0].model_ms
+                models.append((rows, base / 1e3, max(ms - self.run_overhead_ms, MIN_NODE_SHARE * ms)))
             self.residual = fit_residual(models) or False
             if self.fitted_cache is not None:
                 self.fitted_cache.save(self.trees, self.residual)
@@ -325,17 +332,22 @@ class Predictor:
                 "median_abs_error": None if v is None else v.median_abs_error,
                 "p90_abs_error": None if v is None else v.p90_abs_error,
                 "validated_on": None if v is None else v.n_models, "profiler_us_per_node": self.profiler_us,
+                "run_overhead_us": self.run_overhead_ms * 1e3,
                 "residual_trees": self.has_residual,
                 "transferred_from": self.transferred_from}
 
 
 def fit_predictor(meta: dict[str, Any], node_samples: list[NodeSample],
-                  models: list[tuple[str, list[NodeFeatures], float]]) -> Predictor:
+                  models: list[tuple[str, list[NodeFeatures], float]], run_overhead_ms: float = 0.0) -> Predictor:
     """Fit node regressors on ``node_samples`` and the correction on ``models`` (name, features, measured ms).
 
     ``meta`` gives the identity fields: profile, runtime, runtime_version, threads, channel_multiple.
+    ``run_overhead_ms`` is the runtime's fixed cost per inference (:attr:`Predictor.run_overhead_ms`): the
+    correction starts from it as its overhead and is pulled toward it.
     """
-    p = Predictor(regressors=fit_regressors(node_samples), node_samples=list(node_samples), **meta)
+    prior = {**default_correction(), OVERHEAD: float(run_overhead_ms)}
+    p = Predictor(regressors=fit_regressors(node_samples), node_samples=list(node_samples), prior=prior,
+                  correction=dict(prior), run_overhead_ms=float(run_overhead_ms), **meta)
     p.model_samples = [ModelSample(name, float(ms), p.family_sums_ms(feats)) for name, feats, ms in models]
     p.fit_correction()
     return p

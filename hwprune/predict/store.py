@@ -77,7 +77,7 @@ def save(p: Predictor, root: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     d = to_dict(p)
     atomic_write_text(path, json.dumps(d))
-    p.fitted_cache = FittedCache.beside(path, node_digest(d["node_samples"]))
+    p.fitted_cache = FittedCache.beside(path, node_digest(d["node_samples"], p.run_overhead_ms))
     if p.trees is not None and p.residual is not None:  # fitted already: the next process need not refit
         p.fitted_cache.save(p.trees, p.residual)
     return path
@@ -94,7 +94,7 @@ def load(path: str | os.PathLike[str]) -> Predictor:
         p = from_dict(d)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise HwpruneError(f"{path}: not a readable predictor ({exc})") from None
-    p.fitted_cache = FittedCache.beside(Path(path), node_digest(d["node_samples"]))
+    p.fitted_cache = FittedCache.beside(Path(path), node_digest(d["node_samples"], p.run_overhead_ms))
     return p
 
 

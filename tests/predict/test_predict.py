@@ -18,11 +18,14 @@ from hwprune.predict import screen, transfer
 from hwprune.predict import residual, store
 from hwprune.predict.calibrate import (
     MAX_PROFILER_US,
+    MAX_RUN_US,
+    _chain,
     attribute_node_times,
     export_design,
     fit_measured,
     measure_model,
-    profiler_overhead_us,
+    profiler_cost,
+    run_overhead_us,
     target_ms,
     without_profiler,
 )
@@ -234,6 +237,9 @@ def test_calibrate_cli(tmp_path: Path) -> None:
     files = list((tmp_path / "cache" / "predictors").glob("host-cpu-ort-*-t1.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["format"] == store.FORMAT_VERSION
     assert "within +-10%" in proc.stdout
+    assert "the runtime's own cost per inference (no node's):" in proc.stderr
+    stored = json.loads(files[0].read_text())
+    assert 0 < stored["run_overhead_ms"] == stored["prior"]["overhead_ms"]
     onnx = next(Path(tmp_path).rglob("*.onnx"), None)
     assert onnx is None  # calibration models live in a temporary folder, never beside --out
 
@@ -249,13 +255,41 @@ def test_calibrate_bad_input_exits_2(args: tuple[str, ...], tmp_path: Path) -> N
 
 def test_profiler_cost_per_node_is_taken_off_before_fitting(measured) -> None:
     profile, ms, _ = measured
-    overhead = profiler_overhead_us(ms)
+    overhead = profiler_cost(ms).per_kernel_us
     # measured on this host: ORT's profiler charges each profiled kernel 2-3.5 us of its own bookkeeping
     assert 0.5 < overhead <= MAX_PROFILER_US
     clean = without_profiler(ms[0], overhead)
     timed = [(a.us, a.kernels, b.us) for a, b in zip(ms[0].samples, clean.samples) if a.us > 0]
     assert timed and all(b == max(a - overhead * k, 0.5) for a, k, b in timed)
     assert fit_measured(profile, ms).profiler_us == pytest.approx(overhead)
+    # the whole-model times hold the runtime's per-run cost, which no kernel shows: with it taken off them, more of
+    # the profiled time is the profiler's (by the run cost over each model's kernel count)
+    with_run = profiler_cost(ms, run_us=5.0)
+    assert with_run.run_us == 5.0 and overhead < with_run.per_kernel_us <= overhead + 5.0
+
+
+def test_run_overhead_is_the_cost_of_a_run_of_nothing(measured) -> None:
+    """The runtime's fixed cost per inference: the intercept of trivial-node chains' time against their length. A
+    predictor keeps it as its overhead per model, and its residual trees fit the rest of each model's time."""
+    profile, ms, paths = measured
+    backend = OrtBackend(profile)
+    run_us = run_overhead_us(profile, backend)
+    one_node_us = target_ms(backend.measure(_chain(1).SerializeToString())) * 1e3
+    # measured here: 4.8 us, and 0.2 us per trivial node on top
+    assert 0.5 < run_us < MAX_RUN_US and run_us < 1.5 * one_node_us
+    p = fit_measured(profile, ms, run_us)
+    q = fit_measured(profile, ms)
+    assert p.run_overhead_ms == pytest.approx(run_us / 1e3) and q.run_overhead_ms == 0.0
+    assert p.prior["overhead_ms"] == pytest.approx(run_us / 1e3)
+    assert p.profiler_us > q.profiler_us  # the kernels' share of each model is less the run cost
+    # a model's prediction is the run cost plus its nodes: nothing is left below the run cost
+    assert all(p.predict_features(m.features) > 0.5 * p.run_overhead_ms for m in ms[:8])
+    # stored and loaded with it, and the fitted-trees cache is keyed by it (the residual trees depend on it)
+    assert store.from_dict(store.to_dict(p)).run_overhead_ms == p.run_overhead_ms
+    d = store.to_dict(p)
+    from hwprune.predict.fitted import node_digest
+
+    assert node_digest(d["node_samples"], p.run_overhead_ms) != node_digest(d["node_samples"], 0.0)
 
 
 def test_screening_adds_measurements_and_saves(measured, tmp_path: Path) -> None:
