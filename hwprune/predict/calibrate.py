@@ -130,15 +130,7 @@ def export_design(d: Design, folder: Path) -> Path:
     return export_onnx(d.module, (d.example,), folder / f"{d.name}.onnx")
 
 
-@dataclass(frozen=True)
-class ProfilerCost:
-    """What ONNX Runtime's per-node profile gets wrong about a whole model, per calibration."""
-
-    per_kernel_us: float  # the profiler's own cost, charged to every profiled kernel
-    run_us: float  # the runtime's fixed cost per inference, which no kernel is charged (:func:`run_overhead_us`)
-
-
-def profiler_cost(measured: list[Measured], run_us: float = 0.0) -> ProfilerCost:
+def profiler_overhead_us(measured: list[Measured], run_us: float = 0.0) -> float:
     """The profiler's cost per profiled kernel in microseconds: the median over small models of (profiled kernel
     time - (whole-model time - ``run_us``)) / profiled kernels.
 
@@ -148,6 +140,13 @@ def profiler_cost(measured: list[Measured], run_us: float = 0.0) -> ProfilerCost
     slow, which the whole-model correction cannot remove (it scales; this is a count). The whole-model time also
     holds the runtime's per-run cost, which no kernel shows: left in, it lowered the estimate per kernel by the run
     cost over a model's kernel count.
+
+    Args:
+        measured: the calibration's measured models.
+        run_us: the runtime's per-run cost (:func:`run_overhead_us`), taken off each whole-model time first.
+
+    Returns:
+        Microseconds per profiled kernel, within [0, :data:`MAX_PROFILER_US`].
     """
     excess = []
     for m in measured:
@@ -155,8 +154,7 @@ def profiler_cost(measured: list[Measured], run_us: float = 0.0) -> ProfilerCost
         if timed and m.measured_ms < PROFILER_SMALL_MS and m.attributed_share > 0:
             total_us = sum(s.us for s in m.samples) / m.attributed_share
             excess.append((total_us - (m.measured_ms * 1e3 - run_us)) / timed)
-    per_kernel = float(np.clip(np.median(excess), 0.0, MAX_PROFILER_US)) if excess else 0.0
-    return ProfilerCost(per_kernel, run_us)
+    return float(np.clip(np.median(excess), 0.0, MAX_PROFILER_US)) if excess else 0.0
 
 
 def _chain(n: int) -> Any:
@@ -190,7 +188,7 @@ def run_overhead_us(profile: DeviceProfile | str, backend: Any = None) -> float:
     profile = load_profile(profile).with_overrides(backend="ort")
     backend = backend or OrtBackend(profile)
     us = [target_ms(backend.measure(_chain(n).SerializeToString())) * 1e3 for n in RUN_CHAIN]
-    slope, intercept = np.polyfit(np.asarray(RUN_CHAIN, float), np.asarray(us), 1)
+    _, intercept = np.polyfit(np.asarray(RUN_CHAIN, float), np.asarray(us), 1)
     return float(np.clip(intercept, 0.0, MAX_RUN_US))
 
 
@@ -205,11 +203,11 @@ def without_profiler(m: Measured, overhead_us: float) -> Measured:
 def _fit(meta: dict[str, Any], measured: list[Measured], run_us: float) -> Predictor:
     """A predictor fitted on ``measured`` with the profiler's per-node cost (estimated on them) taken off, and the
     runtime's per-run cost ``run_us`` as its whole-model overhead."""
-    cost = profiler_cost(measured, run_us)
-    clean = [without_profiler(m, cost.per_kernel_us) for m in measured]
+    overhead = profiler_overhead_us(measured, run_us)
+    clean = [without_profiler(m, overhead) for m in measured]
     p = fit_predictor(meta, [s for m in clean for s in m.samples],
-                      [(m.name, m.features, m.measured_ms) for m in clean], run_overhead_ms=cost.run_us / 1e3)
-    p.profiler_us = cost.per_kernel_us
+                      [(m.name, m.features, m.measured_ms) for m in clean], run_overhead_ms=run_us / 1e3)
+    p.profiler_us = overhead
     return p
 
 
@@ -300,4 +298,4 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
 
 
 __all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_designs",
-           "measure_model", "ProfilerCost", "profiler_cost", "run_overhead_us", "target_ms", "without_profiler"]
+           "measure_model", "profiler_overhead_us", "run_overhead_us", "target_ms", "without_profiler"]
