@@ -2,12 +2,14 @@
 
 Run from the repository root:  python -m bench.bench_predict [--budget-seconds 240] [--sizes 64,96] [--out DIR]
 Refit from an earlier run's measurements (no measuring; compares fits on identical data):
-    python -m bench.bench_predict --replay DIR/measurements.pkl
+    python -m bench.bench_predict --replay DIR/measurements.pkl [--reattribute]
 
 1. Calibrate on host-cpu (ORT, 1 thread) with the designed set (hwprune.predict.designs) for --budget-seconds.
 2. Held-out models, none in the calibration set: the demo families (mobilenet-tiny, resnet-tiny) with width-scaled
    variants, a ResNet-18 and a MobileNetV2 (plain torch) at two input sizes, and a transformer encoder. Each is
-   measured (the CPU-time median with one thread, as calibration learns) and predicted by both estimators.
+   measured (the CPU-time median with one thread, as calibration learns; beside the reference model and relative
+   to it, as the designs are: `--replay --absolute` refits and judges the times as measured) and predicted by both
+   estimators.
    A third estimator is fitted on the first half of the same calibration's models: what a calibration half as long
    gives, side by side. Two more rows rescale each prediction by measured / predicted of the widest model of its
    family (a search's screen rescales by its dense model the same way).
@@ -19,6 +21,7 @@ Prints a table and writes predict.csv / predict.json to --out, and every measure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pickle
 import re
@@ -31,8 +34,16 @@ import pandas as pd
 
 from hwprune.backends.estimate import roofline
 from hwprune.backends.ort import OrtBackend
-from hwprune.predict.calibrate import export_design, fit_measured, measure_designs, run_overhead_us, target_ms
-from hwprune.predict.designs import Design
+from hwprune.predict.calibrate import (
+    export_design,
+    fit_measured,
+    measure_designs,
+    measured_from,
+    run_overhead_us,
+    target_ms,
+)
+from hwprune.predict.designs import Design, design_by_name, reference_design
+from hwprune.predict.features import graph_features
 from hwprune.predict.model import Validation
 from hwprune.predict.transfer import transfer
 from hwprune.profiles import load_profile
@@ -115,32 +126,75 @@ def _stats(pred: list[float], meas: list[float]) -> dict[str, float]:
 
 def measure(args: argparse.Namespace) -> dict:
     """Calibrate and measure the held-out set; everything the fits and the table need, without ONNX files."""
-    from hwprune.predict.features import graph_features
 
     profile = load_profile("host-cpu")
     host, dev = OrtBackend(profile), OrtBackend(profile.with_overrides(ort__intra_op_threads=2))
     with tempfile.TemporaryDirectory() as tmp:
         models = held_out([int(s) for s in args.sizes.split(",")], [float(w) for w in args.widths.split(",")])
         paths = [export_design(d, Path(tmp)) for d in models]
+        ref = export_design(reference_design(), Path(tmp))
+
+        def beside(path: Path) -> tuple[float, float]:  # (the model's ms, the reference's ms beside it)
+            own, r, _ = host.measure_beside(path, ref)
+            return target_ms(own), target_ms(r)
+
         # one round before calibration: how far the host itself drifts between calibrating and using a predictor
-        before = [target_ms(host.measure(path)) for path in paths]
+        before = [beside(path) for path in paths]
         t0 = time.monotonic()
         measured_profile, measured = measure_designs(profile, args.budget_seconds)
         run_us = run_overhead_us(measured_profile)
         calib_s = time.monotonic() - t0
+        # the held-out models are timed beside the reference as the designs were, and taken relative to it at its
+        # median over the calibration (hwprune.predict.calibrate.relative_to_reference)
+        typical = float(np.median([m.reference_ms for m in measured]))
         # rounds interleave the models (round 1 over all, round 2 over all, ...): a slow spell on the shared host
         # then hits one round of every model instead of all rounds of a few
-        host_ms: list[list[float]] = [[] for _ in paths]
+        timed: list[list[tuple[float, float]]] = [[] for _ in paths]
         dev_ms: list[list[float]] = [[] for _ in paths]
         for _ in range(max(1, args.rounds)):
             for i, path in enumerate(paths):
-                host_ms[i].append(target_ms(host.measure(path)))
+                timed[i].append(beside(path))
                 dev_ms[i].append(dev.measure(path).latency.median_ms)
-        held = [{"model": d.name, "features": graph_features(path, profile.channel_multiple), "host_ms": h,
-                 "threads2": t2, "before_ms": b, "roofline_ms": roofline(path, profile)["latency_ms"]}
-                for d, path, h, t2, b in zip(models, paths, host_ms, dev_ms, before)]
+        held = [{"model": d.name, "features": graph_features(path, profile.channel_multiple),
+                 "host_ms": [a / r * typical for a, r in h], "host_abs_ms": [a for a, _ in h], "threads2": t2,
+                 "before_ms": b[0] / b[1] * typical, "before_abs_ms": b[0],
+                 "roofline_ms": roofline(path, profile)["latency_ms"]}
+                for d, path, h, t2, b in zip(models, paths, timed, dev_ms, before)]
     return {"profile": measured_profile, "measured": measured, "calibration_s": calib_s, "held": held,
-            "run_us": run_us}
+            "run_us": run_us, "reference_ms": typical}
+
+
+def absolute(data: dict) -> dict:
+    """``data`` with every time as measured, not relative to the reference model (what calibration fitted before
+    the reference): the designs' raw ms and the held-out models' own ms."""
+    measured = [dataclasses.replace(m, measured_ms=m.raw_ms,
+                                    samples=[dataclasses.replace(s, model_ms=m.raw_ms) for s in m.samples])
+                if m.raw_ms > 0 else m for m in data["measured"]]
+    held = [{**h, "host_ms": h.get("host_abs_ms", h["host_ms"]), "before_ms": h.get("before_abs_ms", h["before_ms"])}
+            for h in data["held"]]
+    return {**data, "measured": measured, "held": held}
+
+
+def reattribute(data: dict) -> dict:
+    """``data`` with every model's features and node samples computed again by the current code from what was
+    measured (the profiled kernels, the whole-model ms): the designs and held-out models are exported again from
+    their names. Runs saved before the profiled kernels were kept are returned as they are, with a note."""
+    measured = data["measured"]
+    if not all(m.profiled for m in measured):
+        print("reattribute: this run did not keep its profiled kernels; refitting as saved")
+        return data
+    profile = data["profile"]
+    sizes = sorted({int(m) for h in data["held"] for m in re.findall(r"-(\d+)px$", h["model"])}) or [64]
+    widths = sorted({float(w) for h in data["held"] for w in re.findall(r"-w([\d.]+)", h["model"])}) or [1.0]
+    held = {d.name: d for d in held_out(sizes, widths)}
+    with tempfile.TemporaryDirectory() as tmp:
+        again = [dataclasses.replace(
+            measured_from(m.name, export_design(design_by_name(m.name, profile.channel_multiple), Path(tmp)),
+                          profile, list(m.profiled), m.measured_ms), raw_ms=m.raw_ms, reference_ms=m.reference_ms)
+            for m in measured]
+        new_held = [{**h, "features": graph_features(export_design(held[h["model"]], Path(tmp)),
+                                                     profile.channel_multiple)} for h in data["held"]]
+    return {**data, "measured": again, "held": new_held}
 
 
 def evaluate(data: dict, transfer_n: list[int]) -> tuple[pd.DataFrame, list[dict], object]:
@@ -194,12 +248,20 @@ def main() -> None:
     ap.add_argument("--replay", type=Path, help="refit from this measurements.pkl instead of measuring")
     ap.add_argument("--run-us", type=float, help="with --replay: the runtime's per-run cost in us to fit with "
                     "(default: the one the run measured; 0 for runs saved before it was measured)")
+    ap.add_argument("--reattribute", action="store_true", help="with --replay: compute features and node samples "
+                    "again from the saved profiles (after a change to either; exports every model again)")
+    ap.add_argument("--absolute", action="store_true", help="with --replay: fit and judge the times as measured, "
+                    "not relative to the reference model they were timed beside")
     ap.add_argument("--out", type=Path, default=Path("bench/results/predict"))
     args = ap.parse_args()
     if args.replay:
         data = pickle.loads(args.replay.read_bytes())
         if args.run_us is not None:
             data["run_us"] = args.run_us
+        if args.reattribute:
+            data = reattribute(data)
+        if args.absolute:
+            data = absolute(data)
     else:
         data = measure(args)
         args.out.mkdir(parents=True, exist_ok=True)

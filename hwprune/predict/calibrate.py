@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
-from hwprune.predict.designs import Design, designs
+from hwprune.predict.designs import Design, designs, reference_design
 from hwprune.predict.features import NodeFeatures, graph_features
 from hwprune.predict.model import NodeSample, Predictor, Validation, fit_predictor
 from hwprune.profiles import DeviceProfile, load_profile
@@ -47,6 +47,14 @@ class Measured:
     samples: list[NodeSample]
     measured_ms: float
     attributed_share: float  # share of the profiled kernel time mapped onto exported nodes
+    # profiled kernels mapped onto no exported node (ORT's own reshapes around a fused Gemm): they carry the
+    # profiler's cost per kernel too
+    lost_kernels: int = 0
+    profiled: tuple[dict[str, Any], ...] = ()  # the profiler's kernels as measured (for re-attribution)
+    # timed beside the reference model (:func:`relative_to_reference`): the model's own time and the reference's in
+    # the same alternating samples; measured_ms is then raw_ms / reference_ms x the reference's calibration median
+    raw_ms: float = 0.0
+    reference_ms: float = 0.0
 
 
 def _meta(profile: DeviceProfile) -> dict[str, Any]:
@@ -88,10 +96,7 @@ def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[d
                 node = producer[inputs0[node.name]]
             target = node.name
         if target is None:
-            target = next((n for n in names if n and name.startswith(n + "_")), None)
-        if target is None and "/" in name and name.rsplit("/", 1)[0] in names:
-            # a fusion ORT names under the node it starts from ("/attn/MatMul/MatMulAddFusion"): that node's kernel
-            target = name.rsplit("/", 1)[0]
+            target = _owner(name, names)
         if target is None:
             lost += float(p["median_us"])
             continue
@@ -101,19 +106,85 @@ def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[d
     return times, lost
 
 
-def measure_model(name: str, onnx_path: Path, profile: DeviceProfile, backend: Any) -> Measured:
-    """Profile one exported model per node and time it whole with the profile's settings."""
+def _owner(name: str, names: set[str]) -> str | None:
+    """The exported node an ORT-renamed kernel belongs to: the longest node name it extends with ``_`` (a rewritten
+    node, ``/attn/Reshape_5_new_reshape``) or ``/`` (a fusion named under the node it starts from,
+    ``/attn/MatMul_1/MatMulScaleFusion//MatmulTransposeFusion/``). The longest, since a first match charged that
+    attention MatMul to ``/attn/MatMul``, the QKV projection, and left the attention's own MatMuls at 0."""
+    owners = [n for n in names if n and (name.startswith(n + "_") or name.startswith(n + "/"))]
+    return max(owners, key=len) if owners else None
+
+
+def measure_model(name: str, onnx_path: Path, profile: DeviceProfile, backend: Any,
+                  reference: Path | None = None) -> Measured:
+    """Profile one exported model per node and time it whole with the profile's settings; with ``reference``, in
+    alternating samples beside that model (``raw_ms`` and ``reference_ms`` are set, see :func:`relative_to_reference`).
+    """
     from hwprune.backends.ort import node_profile
 
-    feats = graph_features(onnx_path, profile.channel_multiple)
     prof = node_profile(onnx_path, profile, runs=PROFILE_RUNS)
+    if reference is None:
+        return measured_from(name, onnx_path, profile, prof["nodes"], target_ms(backend.measure(onnx_path)))
+    own, ref, _ = backend.measure_beside(onnx_path, reference)
+    ms = target_ms(own)
+    m = measured_from(name, onnx_path, profile, prof["nodes"], ms)
+    return dataclasses.replace(m, raw_ms=ms, reference_ms=target_ms(ref))
+
+
+def relative_to_reference(measured: list[Measured]) -> list[Measured]:
+    """Each model's time taken relative to the reference model timed beside it, at the reference's median over the
+    calibration: ``raw_ms / reference_ms x median(reference_ms)``.
+
+    Why: a shared host's speed drifts through a calibration (other tenants' load, its share of the L3 cache): the
+    same models measured before and after one calibration moved more than 10% for up to half of them, and a design
+    timed in a slow spell taught the fit that its kernels are slow. Timed in alternating samples, a model and the
+    reference see the same spell, so their ratio does not move with it. Models measured without the reference are
+    left as they are.
+
+    Args:
+        measured: the calibration's measured models.
+
+    Returns:
+        The models with ``measured_ms`` (and their samples' ``model_ms``) relative to the reference.
+    """
+    refs = [m.reference_ms for m in measured if m.reference_ms > 0 and m.raw_ms > 0]
+    if not refs:
+        return list(measured)
+    typical = float(np.median(refs))
+    out = []
+    for m in measured:
+        if m.reference_ms > 0 and m.raw_ms > 0:
+            ms = m.raw_ms / m.reference_ms * typical
+            m = dataclasses.replace(m, measured_ms=ms,
+                                    samples=[dataclasses.replace(s, model_ms=ms) for s in m.samples])
+        out.append(m)
+    return out
+
+
+def measured_from(name: str, onnx_model: Any, profile: DeviceProfile, profiled: list[dict[str, Any]],
+                  ms: float) -> Measured:
+    """A :class:`Measured` from a model's profiled kernels and whole-model ms: its node features, and the kernels
+    charged to its nodes. Also what re-attributes a stored calibration's kernels after a change to features or
+    attribution, without measuring again (``bench_predict --replay --reattribute``).
+
+    Args:
+        name: the model's name.
+        onnx_model: the exported model (path or proto).
+        profile: the profile it was measured on (its channel multiple keys the features).
+        profiled: ORT's profiled kernels (``name``, ``median_us``), as :func:`hwprune.backends.ort.node_profile`.
+        ms: the whole-model latency (:func:`target_ms`).
+
+    Returns:
+        The measured model.
+    """
+    feats = graph_features(onnx_model, profile.channel_multiple)
     counts: dict[str, int] = {}
-    times, lost = attribute_node_times(onnx_path, feats, prof["nodes"], counts)
+    times, lost = attribute_node_times(onnx_model, feats, profiled, counts)
     total = sum(times.values()) + lost
-    ms = target_ms(backend.measure(onnx_path))
     samples = [NodeSample(f.keys, f.basis, times.get(f.name, 0.0), f.log_basis, 1.0 / max(total, 1.0), f.x, name,
                           ms, f.fused, counts.get(f.name, 1)) for f in feats]
-    return Measured(name, feats, samples, ms, sum(times.values()) / total if total > 0 else 1.0)
+    return Measured(name, feats, samples, ms, sum(times.values()) / total if total > 0 else 1.0,
+                    len(profiled) - sum(counts.values()), tuple(profiled))
 
 
 def target_ms(m: Any) -> float:
@@ -150,7 +221,7 @@ def profiler_overhead_us(measured: list[Measured], run_us: float = 0.0) -> float
     """
     excess = []
     for m in measured:
-        timed = sum(s.kernels for s in m.samples if s.us > 0)
+        timed = sum(s.kernels for s in m.samples if s.us > 0) + m.lost_kernels
         if timed and m.measured_ms < PROFILER_SMALL_MS and m.attributed_share > 0:
             total_us = sum(s.us for s in m.samples) / m.attributed_share
             excess.append((total_us - (m.measured_ms * 1e3 - run_us)) / timed)
@@ -255,15 +326,21 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
     profile, measured = measure_designs(profile, budget_s, seed, log, max_models)
     run_us = run_overhead_us(profile)
     if log:
+        refs = [m.reference_ms for m in measured if m.reference_ms > 0]
+        if refs:
+            log(f"each model timed beside a reference model ({np.median(refs):.3f} ms median, "
+                f"{min(refs):.3f}-{max(refs):.3f} ms as the host's speed moved): times taken relative to it")
         log(f"the runtime's own cost per inference (no node's): {run_us:.1f} us")
     return fit_measured(profile, measured, run_us)
 
 
 def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0,
                     log: Callable[[str], None] | None = None,
-                    max_models: int = 1000) -> tuple[DeviceProfile, list[Measured]]:
+                    max_models: int = 1000, reference: bool = True) -> tuple[DeviceProfile, list[Measured]]:
     """The measuring half of :func:`calibrate` (same arguments and errors): returns the profile as measured
-    (backend ``ort``) and the measured designs in the order measured, for :func:`fit_measured`."""
+    (backend ``ort``) and the measured designs in the order measured, for :func:`fit_measured`. With ``reference``
+    each design is timed beside :func:`~hwprune.predict.designs.reference_design` and its time taken relative to
+    it (:func:`relative_to_reference`)."""
     from hwprune.backends.ort import OrtBackend
 
     profile = load_profile(profile)
@@ -278,11 +355,12 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
     measured: list[Measured] = []
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hwprune-calibrate-") as tmp:
+        ref = export_design(reference_design(), Path(tmp)) if reference else None
         for d in designs(max_models, profile.channel_multiple, seed):
             if time.monotonic() - t0 > budget_s and len(measured) >= MIN_MODELS:
                 break
             try:
-                m = measure_model(d.name, export_design(d, Path(tmp)), profile, backend)
+                m = measure_model(d.name, export_design(d, Path(tmp)), profile, backend, ref)
             except (ExportError, MeasurementError) as exc:  # a random design can shrink a map to nothing
                 if log:
                     log(f"{d.name}: skipped ({exc})")
@@ -294,8 +372,9 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
                 log(f"[{elapsed:4.0f} s, ~{max(budget_s - elapsed, 0):.0f} s left] model {len(measured)} "
                     f"{m.name}: {m.measured_ms:.3f} ms, {len(m.samples)} nodes, "
                     f"{m.attributed_share:.0%} of kernel time mapped")
-    return profile, measured
+    return profile, relative_to_reference(measured)
 
 
 __all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_designs",
-           "measure_model", "profiler_overhead_us", "run_overhead_us", "target_ms", "without_profiler"]
+           "measure_model", "measured_from", "profiler_overhead_us", "relative_to_reference", "run_overhead_us",
+           "target_ms", "without_profiler"]

@@ -248,4 +248,37 @@ def designs(count: int, multiple: int, seed: int = 0) -> Iterator[Design]:
             yield cnn_design(s, multiple)
 
 
-__all__ = ["Design", "cnn_design", "designs", "mobile_design", "torch_encoder_design", "transformer_design"]
+def reference_design() -> Design:
+    """The fixed model every calibration design is timed beside (:func:`hwprune.predict.calibrate.measure_designs`):
+    a small CNN with dense, depthwise and 1x1 convs and a classifier, ~0.2 ms on one Zen 3 core. Its time tracks
+    the host's speed through the calibration, so each design's time is taken relative to it."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(_conv(3, 32, 3, 2, 1, "relu"), _conv(32, 32, 3, 1, 32, "relu"), _conv(32, 64, 1, 1, 1, "relu"),
+                        _conv(64, 64, 3, 2, 1, "relu"), _conv(64, 128, 1, 1, 1, "relu"), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(128, 100))
+    return Design("reference", net.eval(), torch.randn(1, 3, 48, 48))
+
+
+def design_by_name(name: str, multiple: int) -> Design:
+    """The design a calibration named ``name`` (``cnn-12``, ``encoder-5``, ...), built again from its seed: what
+    re-attributes a stored calibration's profiles without measuring again.
+
+    Raises:
+        ValueError: the name is not a design's.
+    """
+    kind, _, seed = name.rpartition("-")
+    builders = {"cnn": cnn_design, "mobile": mobile_design, "encoder": torch_encoder_design,
+                "transformer": transformer_design}
+    if kind not in builders or not seed.isdigit():
+        raise ValueError(f"{name!r} is not a calibration design's name")
+    d = builders[kind](int(seed), multiple)
+    if d.name != name:  # transformer_design(s) hands half its seeds to torch_encoder_design(s + 1)
+        raise ValueError(f"{name!r} is not a calibration design's name")
+    return d
+
+
+__all__ = ["Design", "cnn_design", "design_by_name", "designs", "mobile_design", "reference_design",
+           "torch_encoder_design", "transformer_design"]

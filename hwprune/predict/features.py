@@ -230,8 +230,10 @@ def graph_features(onnx_path_or_model: Any, channel_multiple: int = 1) -> list[N
     """
     model, raw = tensor_infos(onnx_path_or_model)
     infos = _Infos(raw)
-    infos.initializers = {t.name for t in model.graph.initializer}
     infos.const = const_tensors(model.graph)
+    # weights include what ORT folds from them at load time: the exporter shares equal weights through Identity
+    # nodes (every layer after the first of an untrained nn.TransformerEncoder), which were keyed as activations
+    infos.initializers = {t.name for t in model.graph.initializer} | infos.const
     fused = _fused_nodes(model.graph)
     multiple = max(1, int(channel_multiple))
     return [node_features(n, infos, multiple, n.name in fused) for n in model.graph.node

@@ -238,6 +238,7 @@ def test_calibrate_cli(tmp_path: Path) -> None:
     assert len(files) == 1 and json.loads(files[0].read_text())["format"] == store.FORMAT_VERSION
     assert "within +-10%" in proc.stdout
     assert "the runtime's own cost per inference (no node's):" in proc.stderr
+    assert "each model timed beside a reference model" in proc.stderr
     stored = json.loads(files[0].read_text())
     assert 0 < stored["run_overhead_ms"] == stored["prior"]["overhead_ms"]
     onnx = next(Path(tmp_path).rglob("*.onnx"), None)
