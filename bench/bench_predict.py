@@ -39,8 +39,10 @@ from hwprune.predict.calibrate import (
     fit_measured,
     measure_designs,
     measured_from,
+    reference_median,
     run_overhead_us,
     target_ms,
+    with_measured_ms,
 )
 from hwprune.predict.designs import Design, design_by_name, reference_design
 from hwprune.predict.features import graph_features
@@ -126,7 +128,6 @@ def _stats(pred: list[float], meas: list[float]) -> dict[str, float]:
 
 def measure(args: argparse.Namespace) -> dict:
     """Calibrate and measure the held-out set; everything the fits and the table need, without ONNX files."""
-
     profile = load_profile("host-cpu")
     host, dev = OrtBackend(profile), OrtBackend(profile.with_overrides(ort__intra_op_threads=2))
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +147,7 @@ def measure(args: argparse.Namespace) -> dict:
         calib_s = time.monotonic() - t0
         # the held-out models are timed beside the reference as the designs were, and taken relative to it at its
         # median over the calibration (hwprune.predict.calibrate.relative_to_reference)
-        typical = float(np.median([m.reference_ms for m in measured]))
+        typical = reference_median(measured)
         # rounds interleave the models (round 1 over all, round 2 over all, ...): a slow spell on the shared host
         # then hits one round of every model instead of all rounds of a few
         timed: list[list[tuple[float, float]]] = [[] for _ in paths]
@@ -167,9 +168,7 @@ def measure(args: argparse.Namespace) -> dict:
 def absolute(data: dict) -> dict:
     """``data`` with every time as measured, not relative to the reference model (what calibration fitted before
     the reference): the designs' raw ms and the held-out models' own ms."""
-    measured = [dataclasses.replace(m, measured_ms=m.raw_ms,
-                                    samples=[dataclasses.replace(s, model_ms=m.raw_ms) for s in m.samples])
-                if m.raw_ms > 0 else m for m in data["measured"]]
+    measured = [with_measured_ms(m, m.raw_ms) if m.raw_ms > 0 else m for m in data["measured"]]
     held = [{**h, "host_ms": h.get("host_abs_ms", h["host_ms"]), "before_ms": h.get("before_abs_ms", h["before_ms"])}
             for h in data["held"]]
     return {**data, "measured": measured, "held": held}

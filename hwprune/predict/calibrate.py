@@ -131,6 +131,17 @@ def measure_model(name: str, onnx_path: Path, profile: DeviceProfile, backend: A
     return dataclasses.replace(m, raw_ms=ms, reference_ms=target_ms(ref))
 
 
+def with_measured_ms(m: Measured, ms: float) -> Measured:
+    """``m`` with its whole-model time, and its samples' (what the residual trees fit to), set to ``ms``."""
+    return dataclasses.replace(m, measured_ms=ms, samples=[dataclasses.replace(s, model_ms=ms) for s in m.samples])
+
+
+def reference_median(measured: list[Measured]) -> float:
+    """The median of the reference model's times beside the measured models; 0 when none was timed beside it."""
+    refs = [m.reference_ms for m in measured if m.reference_ms > 0 and m.raw_ms > 0]
+    return float(np.median(refs)) if refs else 0.0
+
+
 def relative_to_reference(measured: list[Measured]) -> list[Measured]:
     """Each model's time taken relative to the reference model timed beside it, at the reference's median over the
     calibration: ``raw_ms / reference_ms x median(reference_ms)``.
@@ -147,18 +158,9 @@ def relative_to_reference(measured: list[Measured]) -> list[Measured]:
     Returns:
         The models with ``measured_ms`` (and their samples' ``model_ms``) relative to the reference.
     """
-    refs = [m.reference_ms for m in measured if m.reference_ms > 0 and m.raw_ms > 0]
-    if not refs:
-        return list(measured)
-    typical = float(np.median(refs))
-    out = []
-    for m in measured:
-        if m.reference_ms > 0 and m.raw_ms > 0:
-            ms = m.raw_ms / m.reference_ms * typical
-            m = dataclasses.replace(m, measured_ms=ms,
-                                    samples=[dataclasses.replace(s, model_ms=ms) for s in m.samples])
-        out.append(m)
-    return out
+    typical = reference_median(measured)
+    return [with_measured_ms(m, m.raw_ms / m.reference_ms * typical) if m.reference_ms > 0 and m.raw_ms > 0 else m
+            for m in measured]
 
 
 def measured_from(name: str, onnx_model: Any, profile: DeviceProfile, profiled: list[dict[str, Any]],
@@ -328,7 +330,7 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
     if log:
         refs = [m.reference_ms for m in measured if m.reference_ms > 0]
         if refs:
-            log(f"each model timed beside a reference model ({np.median(refs):.3f} ms median, "
+            log(f"each model timed beside a reference model ({reference_median(measured):.3f} ms median, "
                 f"{min(refs):.3f}-{max(refs):.3f} ms as the host's speed moved): times taken relative to it")
         log(f"the runtime's own cost per inference (no node's): {run_us:.1f} us")
     return fit_measured(profile, measured, run_us)
@@ -336,11 +338,11 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
 
 def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0,
                     log: Callable[[str], None] | None = None,
-                    max_models: int = 1000, reference: bool = True) -> tuple[DeviceProfile, list[Measured]]:
+                    max_models: int = 1000) -> tuple[DeviceProfile, list[Measured]]:
     """The measuring half of :func:`calibrate` (same arguments and errors): returns the profile as measured
-    (backend ``ort``) and the measured designs in the order measured, for :func:`fit_measured`. With ``reference``
-    each design is timed beside :func:`~hwprune.predict.designs.reference_design` and its time taken relative to
-    it (:func:`relative_to_reference`)."""
+    (backend ``ort``) and the measured designs in the order measured, for :func:`fit_measured`. Each design is
+    timed beside :func:`~hwprune.predict.designs.reference_design` and its time taken relative to it
+    (:func:`relative_to_reference`)."""
     from hwprune.backends.ort import OrtBackend
 
     profile = load_profile(profile)
@@ -355,7 +357,7 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
     measured: list[Measured] = []
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hwprune-calibrate-") as tmp:
-        ref = export_design(reference_design(), Path(tmp)) if reference else None
+        ref = export_design(reference_design(), Path(tmp))
         for d in designs(max_models, profile.channel_multiple, seed):
             if time.monotonic() - t0 > budget_s and len(measured) >= MIN_MODELS:
                 break
@@ -376,5 +378,5 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
 
 
 __all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_designs",
-           "measure_model", "measured_from", "profiler_overhead_us", "relative_to_reference", "run_overhead_us",
-           "target_ms", "without_profiler"]
+           "measure_model", "measured_from", "profiler_overhead_us", "reference_median", "relative_to_reference",
+           "run_overhead_us", "target_ms", "with_measured_ms", "without_profiler"]
