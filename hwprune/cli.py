@@ -339,26 +339,70 @@ def _predictor_line(p: dict[str, Any] | None) -> str:
 # -- calibrate ----------------------------------------------------------------------------------------------------
 @app.command()
 def calibrate(
-    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path (measured through ONNX Runtime on this machine).")] = "host-cpu",
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Cache root to store the predictor under (DIR/predictors/); default $HWPRUNE_CACHE or ~/.cache/hwprune, where --backend estimate looks.")] = None,
-    budget_seconds: Annotated[float, typer.Option("--budget-seconds", help="Seconds to spend measuring designed models (at least 6 are measured).")] = 300.0,
+    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path. A profile measured through ONNX Runtime on this machine is calibrated from scratch; any other (a board over TVM RPC or SSH, local TVM) gets the host's stored predictor transferred to it with --samples measurements on the device.")] = "host-cpu",
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Cache root to store the predictor under (DIR/predictors/; a transfer also finds the host's there); default $HWPRUNE_CACHE or ~/.cache/hwprune, where --backend estimate and --screen look.")] = None,
+    budget_seconds: Annotated[float, typer.Option("--budget-seconds", help="Seconds to spend measuring designed models (a calibration measures at least 6, a transfer at least 4).")] = 300.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the designed calibration models.")] = 0,
+    from_profile: Annotated[Optional[str], typer.Option("--from", help="Transfer from this profile's stored predictor instead of calibrating from scratch (default for devices not measured through ONNX Runtime here: host-cpu).")] = None,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Device measurements a transfer takes (default 30, at least 4); a quarter validate a fit on the rest.")] = None,
+    backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
+    ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
+    tuning_trials: TuningOpt = None,
 ) -> None:
-    """Fit a latency predictor for a device: measure designed models (per-node and whole), fit, validate, store."""
+    """Fit a latency predictor for a device: measure designed models (per-node and whole), fit, validate, store; or,
+    for a board, transfer the host's predictor with a few dozen measurements on the board."""
     from hwprune.predict import store
     from hwprune.predict.calibrate import calibrate as run_calibrate
+    from hwprune.predict.transfer import (
+        DEFAULT_HOST_PROFILE,
+        DEFAULT_TRANSFER_SAMPLES,
+        MIN_TRANSFER_SAMPLES,
+        calibrate_transfer,
+    )
     from hwprune.profiles import load_profile
 
     if budget_seconds <= 0:
         raise HwpruneError(f"--budget-seconds {budget_seconds:g}: must be positive")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise HwpruneError(f"--out {out_dir}: not a folder")
-    profile = load_profile(device)
-    predictor = run_calibrate(profile, budget_seconds, seed=seed, log=_log)
+    profile = _profile(device, _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port,
+                                          tuning_trials))
+    if from_profile is None and profile.backend not in ("ort", "estimate"):
+        from_profile = DEFAULT_HOST_PROFILE
+    if from_profile is None:
+        if samples is not None:
+            raise HwpruneError("--samples counts a transfer's device measurements: add --from PROFILE, or calibrate "
+                               "this profile from scratch without it")
+        predictor = run_calibrate(profile, budget_seconds, seed=seed, log=_log)
+    else:
+        if samples is not None and samples < MIN_TRANSFER_SAMPLES:
+            raise HwpruneError(f"--samples {samples}: a transfer needs at least {MIN_TRANSFER_SAMPLES}")
+        host_profile = load_profile(from_profile)
+        if _predictor_identity(host_profile) == _predictor_identity(profile):
+            raise HwpruneError(f"--from {from_profile}: that is the device itself; calibrate it without --from")
+        host = store.find(host_profile.name, host_profile.ort.intra_op_threads, root=out_dir,
+                          runtime=_predictor_identity(host_profile)[1])
+        if host is None:
+            root = out_dir or store.cache_root()
+            raise HwpruneError(f"no predictor stored for {host_profile.name} under {root}/predictors to transfer "
+                               f"from: run `hwprune calibrate --device {host_profile.name}"
+                               + (f" --out {out_dir}" if out_dir else "") + "` first")
+        _log(f"transferring {host.profile} ({host.runtime} {host.runtime_version}, {host.threads} thread(s), fitted "
+             f"on {host.fitted_on} models) to {profile.name} via {profile.backend}")
+        predictor = calibrate_transfer(profile, host, samples or DEFAULT_TRANSFER_SAMPLES, budget_seconds, seed,
+                                       log=_log)
     path = store.save(predictor, out_dir)
-    out.print(f"fitted on {predictor.fitted_on} models ({len(predictor.node_samples)} nodes): "
-              f"{_predictor_line(predictor.describe())}", highlight=False)
+    how = (f"{predictor.fitted_on} device measurements" if predictor.transferred_from
+           else f"fitted on {predictor.fitted_on} models ({len(predictor.node_samples)} nodes)")
+    out.print(f"{how}: {_predictor_line(predictor.describe())}", highlight=False)
     out.print(f"wrote {path}", highlight=False)
+
+
+def _predictor_identity(profile: Any) -> tuple[str, str, int]:
+    """What a stored predictor of ``profile`` is keyed by (its profile, runtime and threads)."""
+    from hwprune.predict.transfer import device_runtime
+
+    return profile.name, device_runtime(profile)[0], profile.ort.intra_op_threads
 
 
 def _spread(lat: Any, max_cv: float) -> str:

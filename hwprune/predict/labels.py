@@ -25,11 +25,13 @@ def estimate_label(predictor: dict[str, Any] | None) -> str:
     if predictor.get("within_10pct") is None:
         return f"fitted predictor on {predictor.get('fitted_on')} models, not validated"
     n = predictor.get("validated_on")
-    of = f"of {n} held-out models" if n else "of held-out models"
+    source = predictor.get("transferred_from")
+    of = f"of {n} held-out {'device samples' if source else 'models'}" if n else "of held-out models"
     # a short calibration holds out one or two models: 100% of 2 says little, and the label says so
-    loose = (f" (only {n} held out: a longer `hwprune calibrate --budget-seconds` gives firmer figures)"
-             if n and n < FIRM_VALIDATION else "")
-    return (f"fitted predictor, {predictor['within_10pct']:.0%} {of} within +-10%, "
+    more = "more `hwprune calibrate --samples`" if source else "a longer `hwprune calibrate --budget-seconds`"
+    loose = f" (only {n} held out: {more} gives firmer figures)" if n and n < FIRM_VALIDATION else ""
+    kind = f"fitted predictor transferred from {source.split(' ')[0]}" if source else "fitted predictor"
+    return (f"{kind}, {predictor['within_10pct']:.0%} {of} within +-10%, "
             f"{predictor['within_25pct']:.0%} within +-25%, median error {predictor['median_abs_error']:.0%}{loose}")
 
 

@@ -98,9 +98,11 @@ def load(path: str | os.PathLike[str]) -> Predictor:
     return p
 
 
-def find(profile: str, threads: int, runtime_version: str | None = None, root: Path | None = None) -> Predictor | None:
-    """The stored predictor for a profile and thread count: the one fitted on ``runtime_version`` if given and
-    present, else the newest. None when there is none (or none readable)."""
+def find(profile: str, threads: int, runtime_version: str | None = None, root: Path | None = None,
+         runtime: str | None = None) -> Predictor | None:
+    """The stored predictor for a profile and thread count (and ``runtime``, e.g. ``ort`` or ``tvm-rpc``, when
+    given): the one fitted on ``runtime_version`` if given and present, else the newest. None when there is none (or
+    none readable)."""
     folder = (root or cache_root()) / "predictors"
     if not folder.is_dir():
         return None
@@ -114,7 +116,7 @@ def find(profile: str, threads: int, runtime_version: str | None = None, root: P
             p = load(f)
         except HwpruneError:
             continue
-        if p.profile == profile:
+        if p.profile == profile and runtime in (None, p.runtime):
             return p
     return None
 

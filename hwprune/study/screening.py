@@ -260,10 +260,11 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
     if mode != "on":
         return None
     from hwprune.predict import store
+    from hwprune.predict.transfer import device_runtime
 
-    runtime = "ort" if profile.backend in ("ort", "estimate") else profile.backend
-    predictor = store.find(profile.name, profile.ort.intra_op_threads, root=root)
-    if predictor is None or predictor.runtime != runtime:
+    runtime = device_runtime(profile)[0]
+    predictor = store.find(profile.name, profile.ort.intra_op_threads, root=root, runtime=runtime)
+    if predictor is None:
         log(f"screening: no stored {runtime} predictor for {profile.name} (run `hwprune calibrate --device "
             f"{profile.name}`); every candidate is measured")
         return None

@@ -81,6 +81,34 @@ def test_unreachable_tracker_is_backend_unavailable_with_fix() -> None:
     assert f"python -m tvm.exec.rpc_server --tracker 127.0.0.1:{port} --key {KEY}" in msg
 
 
+def test_calibrate_transfers_to_the_board_through_the_tracker(rpc: LocalRpc, tmp_path: Path) -> None:
+    from conftest import budget_profile, run_cli
+    from hwprune.predict import store
+
+    root = tmp_path / "cache"
+    quick = str(budget_profile(tmp_path))
+    # the host predictor: a short calibration (seed 7's first designs are small)
+    run_cli("calibrate", "--device", quick, "--budget-seconds", "1", "--seed", "7", "--out", str(root),
+            check=True, timeout=300)
+    proc = run_cli("calibrate", "--device", quick, "--tracker", rpc.tracker, "--key", KEY, "--samples", "4",
+                   "--budget-seconds", "60", "--out", str(root), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "sample 4/4" in proc.stderr and "via tvm-rpc" in proc.stderr
+    board = store.find("host-cpu", 1, root=root, runtime="tvm-rpc")
+    assert board is not None and board.transferred_from.startswith("host-cpu ort")
+    assert board.fitted_on == 4 and board.validation is not None and board.validation.n_models == 1
+    assert store.find("host-cpu", 1, root=root, runtime="ort").transferred_from is None  # the host's is kept
+    rpc.wait_for_servers(1, timeout=15)  # every session was given back: the board is free again
+    # a tracker that is not there: one line, exit 2, and the stored predictors untouched
+    before = sorted(p.name for p in (root / "predictors").iterdir())
+    gone = run_cli("calibrate", "--device", quick, "--tracker", f"127.0.0.1:{free_port()}", "--key", KEY,
+                   "--out", str(root), timeout=120)
+    last = gone.stderr.strip().splitlines()[-1]
+    assert gone.returncode == 2 and last.startswith("hwprune: error:") and "rpc_tracker" in last, gone.stderr
+    assert gone.stderr.count("error") == 1 and "Traceback" not in gone.stderr
+    assert sorted(p.name for p in (root / "predictors").iterdir()) == before
+
+
 def test_key_without_board_is_backend_unavailable(rpc: LocalRpc) -> None:
     from hwprune.backends.tvm import TvmRpcBackend
 

@@ -245,8 +245,49 @@ def test_calibrate_cli(tmp_path: Path) -> None:
     assert onnx is None  # calibration models live in a temporary folder, never beside --out
 
 
-@pytest.mark.parametrize("args", [("--budget-seconds", "0"), ("--device", "raspberry-pi-4"),
-                                  ("--device", "no-such-profile")])
+def _two_threads(folder: Path) -> Path:
+    """The quick host-cpu profile as another "device": ONNX Runtime with 2 threads, under a name of its own."""
+    path = folder / "two-threads.toml"
+    text = budget_profile(folder).read_text()
+    path.write_text(text.replace('name = "host-cpu"', 'name = "host-cpu-2t"', 1)
+                    .replace("intra_op_threads = 1", "intra_op_threads = 2", 1))
+    return path
+
+
+def test_calibrate_transfers_the_host_predictor_to_another_device(measured, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    profile, ms, paths = measured
+    root = tmp_path / "cache"
+    host = fit_measured(profile, ms)
+    store.save(host, root)
+    device = _two_threads(tmp_path)
+    proc = run_cli("calibrate", "--device", str(device), "--from", "host-cpu", "--samples", "8", "--out", str(root),
+                   timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "sample 8/8" in proc.stderr and "via ort" in proc.stderr
+    assert "8 device measurements: fitted predictor transferred from host-cpu" in proc.stdout
+    files = list((root / "predictors").glob("host-cpu-2t-ort-*-t2.json"))
+    assert len(files) == 1
+    dev = store.load(files[0])
+    assert dev.transferred_from.startswith("host-cpu ort") and (dev.runtime, dev.threads) == ("ort", 2)
+    assert dev.fitted_on == 8 and dev.validation is not None and dev.validation.n_models == 2
+    # the host's node regressors are kept; the correction is the device's own, fitted to its measurements
+    assert dev.node_samples == host.node_samples and dev.correction != host.correction
+    assert 0.8 < np.median([dev.corrected(s.node_sums_ms) / s.measured_ms for s in dev.model_samples]) < 1.25
+    # the host predictor is still there, and the estimate backend finds the device's under the device's name
+    assert store.find("host-cpu", 1, root=root, runtime="ort").transferred_from is None
+    monkeypatch.setenv("HWPRUNE_CACHE", str(root))
+    m = EstimateBackend(load_profile(device)).measure(paths[0])
+    assert m.extra["predictor"]["transferred_from"] == dev.transferred_from
+    assert "transferred from host-cpu" in estimate_label(m.extra["predictor"])
+
+
+@pytest.mark.parametrize("args", [("--budget-seconds", "0"), ("--device", "no-such-profile"),
+                                  # a board: transferred from host-cpu's predictor, and there is none in --out
+                                  ("--device", "raspberry-pi-4"),
+                                  ("--from", "host-cpu"),  # the device itself
+                                  ("--samples", "8"),  # samples count a transfer's measurements
+                                  ("--device", "raspberry-pi-4", "--samples", "3")])
 def test_calibrate_bad_input_exits_2(args: tuple[str, ...], tmp_path: Path) -> None:
     proc = run_cli("calibrate", *args, "--out", str(tmp_path / "c"))
     assert proc.returncode == 2
