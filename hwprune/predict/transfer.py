@@ -60,7 +60,11 @@ def transfer(host: Predictor, samples: list[tuple[Any, float]], *, profile: str,
         The device predictor; ``transferred_from`` names the host predictor, its validation is None until one is
         measured (:func:`hwprune.predict.model.Validation.from_pairs`).
     """
-    p = copy.deepcopy(host)
+    # a shallow copy: the node samples, regressors and fitted trees are the host's and only read; what a transfer and
+    # a later update change (the samples list, the correction) are new objects (a deep copy of a 400-model host took
+    # seconds per transfer)
+    p = copy.copy(host)
+    p.node_samples = list(host.node_samples)
     p.profile = profile
     p.runtime = runtime or host.runtime
     p.runtime_version = runtime_version or host.runtime_version
