@@ -339,7 +339,7 @@ def _predictor_line(p: dict[str, Any] | None) -> str:
 # -- calibrate ----------------------------------------------------------------------------------------------------
 @app.command()
 def calibrate(
-    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path. A profile measured through ONNX Runtime on this machine is calibrated from scratch; any other (a board over TVM RPC or SSH, local TVM) gets the host's stored predictor transferred to it with --samples measurements on the device.")] = "host-cpu",
+    device: Annotated[str, typer.Option("--device", "-d", help="Device profile name or .toml path. A profile measured through ONNX Runtime (on this machine, or on a board over SSH: ssh-ort) is calibrated from scratch, its kernels profiled on the device; any other (a board over TVM RPC, local TVM) gets the host's stored predictor transferred to it with --samples measurements on the device.")] = "host-cpu",
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Cache root to store the predictor under (DIR/predictors/; a transfer also finds the host's there); default $HWPRUNE_CACHE or ~/.cache/hwprune, where --backend estimate and --screen look.")] = None,
     budget_seconds: Annotated[float, typer.Option("--budget-seconds", help="Seconds to spend measuring designed models (a calibration measures at least 6, a transfer at least 4).")] = 300.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the designed calibration models.")] = 0,
@@ -367,7 +367,7 @@ def calibrate(
         raise HwpruneError(f"--out {out_dir}: not a folder")
     profile = _profile(device, _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port,
                                           tuning_trials))
-    if from_profile is None and profile.backend not in ("ort", "estimate"):
+    if from_profile is None and profile.backend not in ("ort", "estimate", "ssh-ort"):
         from_profile = DEFAULT_HOST_PROFILE
     if from_profile is None:
         if samples is not None:

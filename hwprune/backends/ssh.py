@@ -109,6 +109,34 @@ if cfg.get("outputs"):
     print(json.dumps({"outputs": len(outs), "providers": sess.get_providers()}))
     sys.exit(0)
 
+if cfg.get("profile_runs"):
+    # ONNX Runtime's own profiler on the board: the kernel events of warm-up + profile_runs runs and the run markers
+    # (what hwprune.backends.ort.parse_node_trace reads), without the rest of the trace
+    so.enable_profiling = True
+    so.profile_file_prefix = cfg["profile_prefix"]
+    try:
+        psess = ort.InferenceSession(cfg["model"], so, providers=cfg["providers"])
+        for _ in range(max(1, cfg["warmup"]) + cfg["profile_runs"]):
+            psess.run(None, feed)
+    except Exception as exc:
+        fail("onnxruntime failed to profile the model: %s" % str(exc).strip().splitlines()[0])
+    trace = psess.end_profiling()
+    with open(trace) as f:
+        events = json.load(f)
+    os.remove(trace)
+    if isinstance(events, dict):
+        events = events.get("traceEvents", [])
+    keep = []
+    for e in events:
+        if not isinstance(e, dict):
+            continue
+        kernel = e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
+        if kernel or (e.get("cat") == "Session" and e.get("name") == "model_run"):
+            keep.append({"cat": e.get("cat"), "name": e.get("name"), "ts": e.get("ts", 0), "dur": e.get("dur", 0),
+                         "args": {"op_name": (e.get("args") or {}).get("op_name", "")}})
+    print(json.dumps({"events": keep, "onnxruntime": ort.__version__}))
+    sys.exit(0)
+
 run = sess.run
 threads = cfg["intra_op_threads"]
 cpu_clock = time.thread_time_ns if threads <= 1 else time.process_time_ns
@@ -379,6 +407,26 @@ class SshOrtBackend:
                    "board_python": data.get("python"), "board_machine": data.get("machine"),
                    "ssh": self._where(), "calls_per_sample": data.get("number"), "cpu_clock": data.get("cpu_clock")},
         )
+
+    def node_profile(self, onnx_path: str | os.PathLike[str], runs: int = 20,
+                     inputs: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """Per-node latency from ONNX Runtime's profiler on the board, in the format of
+        :func:`hwprune.backends.ort.node_profile` (the median over ``runs`` runs after the warm-up)."""
+        from hwprune.backends.ort import parse_node_trace
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise MeasurementError(f"no ONNX file at {path}")
+        if runs < 1:
+            raise ValueError("runs must be at least 1")
+        remote_model, _ = self._upload_model(path)
+        cfg = self._cfg(remote_model)
+        cfg.update(profile_runs=runs, profile_prefix=self._remote("ort_profile"))
+        if inputs is not None:
+            cfg["inputs"] = self._upload_inputs(inputs)
+        data = self._run_script(cfg)
+        warmup = max(1, self.profile.measure.warmup)
+        return {"backend": self.name, "runs": runs, "nodes": parse_node_trace(data.get("events", []), runs, warmup)}
 
     def _upload_inputs(self, inputs: dict[str, np.ndarray]) -> str:
         with tempfile.TemporaryDirectory(prefix="hwprune-ssh-in-") as tmp:

@@ -28,6 +28,7 @@ PROFILE_RUNS = 10  # profiled runs per model (median per node); the profiler's t
 VALIDATION_EVERY = 4  # every fourth calibration model (i % 4 == 1) is held out of the validation fit
 DEFAULT_BUDGET_S = 300.0
 MIN_MODELS = 6
+MAX_FAILURES_IN_A_ROW = 3  # designs that failed to measure, one after another: the device is gone
 # the profiler's own cost per timed node: estimated on models under this latency (in larger ones the run-to-run
 # spread of big kernels swamps a few microseconds per node), and never taken above MAX_PROFILER_US
 PROFILER_SMALL_MS = 2.0
@@ -58,9 +59,10 @@ class Measured:
 
 
 def _meta(profile: DeviceProfile) -> dict[str, Any]:
-    import onnxruntime
+    from hwprune.predict.transfer import device_runtime
 
-    return {"profile": profile.name, "runtime": "ort", "runtime_version": onnxruntime.__version__,
+    runtime, version = device_runtime(profile)  # ort here, or ONNX Runtime on a board over SSH
+    return {"profile": profile.name, "runtime": runtime, "runtime_version": version,
             "threads": profile.ort.intra_op_threads, "channel_multiple": profile.channel_multiple}
 
 
@@ -120,9 +122,7 @@ def measure_model(name: str, onnx_path: Path, profile: DeviceProfile, backend: A
     """Profile one exported model per node and time it whole with the profile's settings; with ``reference``, in
     alternating samples beside that model (``raw_ms`` and ``reference_ms`` are set, see :func:`relative_to_reference`).
     """
-    from hwprune.backends.ort import node_profile
-
-    prof = node_profile(onnx_path, profile, runs=PROFILE_RUNS)
+    prof = backend.node_profile(onnx_path, runs=PROFILE_RUNS)  # local ORT's profiler, or the board's over SSH
     if reference is None:
         return measured_from(name, onnx_path, profile, prof["nodes"], target_ms(backend.measure(onnx_path)))
     own, ref, _ = backend.measure_beside(onnx_path, reference)
@@ -256,13 +256,30 @@ def run_overhead_us(profile: DeviceProfile | str, backend: Any = None) -> float:
     Returns:
         The intercept in microseconds, at least 0.
     """
-    from hwprune.backends.ort import OrtBackend
-
-    profile = load_profile(profile).with_overrides(backend="ort")
-    backend = backend or OrtBackend(profile)
-    us = [target_ms(backend.measure(_chain(n).SerializeToString())) * 1e3 for n in RUN_CHAIN]
+    profile = load_profile(profile)
+    own = backend is None
+    backend = backend or _calibration_backend(profile)
+    try:
+        with tempfile.TemporaryDirectory(prefix="hwprune-chain-") as tmp:
+            us = []
+            for n in RUN_CHAIN:  # as files: a board over SSH is sent the model's file
+                path = Path(tmp) / f"chain{n}.onnx"
+                path.write_bytes(_chain(n).SerializeToString())
+                us.append(target_ms(backend.measure(path)) * 1e3)
+    finally:
+        if own:
+            backend.close()
     _, intercept = np.polyfit(np.asarray(RUN_CHAIN, float), np.asarray(us), 1)
     return float(np.clip(intercept, 0.0, MAX_RUN_US))
+
+
+def _calibration_backend(profile: DeviceProfile) -> Any:
+    """The backend a calibration measures through: ONNX Runtime here, or on a board over SSH (``ssh-ort``)."""
+    from hwprune.backends import create_backend
+
+    if profile.backend == "ssh-ort":
+        return create_backend(profile)
+    return create_backend(profile.with_overrides(backend="ort"))
 
 
 def without_profiler(m: Measured, overhead_us: float) -> Measured:
@@ -337,36 +354,61 @@ def calibrate(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, 
 
 
 def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDGET_S, seed: int = 0,
-                    log: Callable[[str], None] | None = None,
-                    max_models: int = 1000) -> tuple[DeviceProfile, list[Measured]]:
-    """The measuring half of :func:`calibrate` (same arguments and errors): returns the profile as measured
-    (backend ``ort``) and the measured designs in the order measured, for :func:`fit_measured`. Each design is
-    timed beside :func:`~hwprune.predict.designs.reference_design` and its time taken relative to it
-    (:func:`relative_to_reference`)."""
-    from hwprune.backends.ort import OrtBackend
-
+                    log: Callable[[str], None] | None = None, max_models: int = 1000,
+                    backend: Any = None) -> tuple[DeviceProfile, list[Measured]]:
+    """The measuring half of :func:`calibrate` (same arguments and errors; ``backend``: one to measure through
+    instead of the profile's own): returns the profile as measured (backend ``ort``, or ``ssh-ort`` for a board
+    running ONNX Runtime) and the measured designs in the order measured, for :func:`fit_measured`. Here each design
+    is timed beside :func:`~hwprune.predict.designs.reference_design` and its time taken relative to it
+    (:func:`relative_to_reference`); a board over SSH times one model at a time, so its designs are not."""
     profile = load_profile(profile)
-    if profile.backend not in ("ort", "estimate"):
-        raise HwpruneError(f"profile {profile.name} uses backend {profile.backend!r}; calibrate measures through "
-                           "ONNX Runtime on this machine (backend 'ort'); for another device, fit a host predictor "
-                           "and transfer it with a few device measurements (hwprune.predict.transfer)")
+    if profile.backend not in ("ort", "estimate", "ssh-ort"):
+        raise HwpruneError(f"profile {profile.name} uses backend {profile.backend!r}; calibrate profiles kernels "
+                           "through ONNX Runtime (here, or on a board over SSH: backend 'ssh-ort'); for another "
+                           "device, transfer a host predictor with a few device measurements (`hwprune calibrate "
+                           f"--device {profile.name}`)")
     if budget_s <= 0:
         raise HwpruneError(f"--budget-seconds {budget_s:g}: must be positive")
-    profile = profile.with_overrides(backend="ort")
-    backend = OrtBackend(profile)
+    if profile.backend != "ssh-ort":
+        profile = profile.with_overrides(backend="ort")
+    own = backend is None
+    backend = backend or _calibration_backend(profile)
+    try:
+        return profile, relative_to_reference(_measure_all(profile, backend, budget_s, seed, log, max_models))
+    finally:
+        if own:
+            backend.close()
+
+
+def _measure_all(profile: DeviceProfile, backend: Any, budget_s: float, seed: int,
+                 log: Callable[[str], None] | None, max_models: int) -> list[Measured]:
+    """The designs measured through ``backend`` until ``budget_s`` runs out (see :func:`measure_designs`)."""
     measured: list[Measured] = []
+    failures = 0
     t0 = time.monotonic()
+    beside = getattr(backend, "capabilities", None) is not None and backend.capabilities.beside
     with tempfile.TemporaryDirectory(prefix="hwprune-calibrate-") as tmp:
-        ref = export_design(reference_design(), Path(tmp))
+        ref = export_design(reference_design(), Path(tmp)) if beside else None
         for d in designs(max_models, profile.channel_multiple, seed):
             if time.monotonic() - t0 > budget_s and len(measured) >= MIN_MODELS:
                 break
             try:
-                m = measure_model(d.name, export_design(d, Path(tmp)), profile, backend, ref)
-            except (ExportError, MeasurementError) as exc:  # a random design can shrink a map to nothing
+                path = export_design(d, Path(tmp))
+            except ExportError as exc:  # a random design can shrink a map to nothing
                 if log:
                     log(f"{d.name}: skipped ({exc})")
                 continue
+            try:
+                m = measure_model(d.name, path, profile, backend, ref)
+            except MeasurementError as exc:
+                failures += 1
+                if log:
+                    log(f"{d.name}: skipped ({exc})")
+                if failures >= MAX_FAILURES_IN_A_ROW:  # the device, not the design: a board that went away
+                    raise HwpruneError(f"{profile.name}: {failures} designed models in a row failed to measure "
+                                       f"(last: {exc})") from None
+                continue
+            failures = 0
             measured.append(m)
             if log:
                 elapsed = time.monotonic() - t0
@@ -374,7 +416,7 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
                 log(f"[{elapsed:4.0f} s, ~{max(budget_s - elapsed, 0):.0f} s left] model {len(measured)} "
                     f"{m.name}: {m.measured_ms:.3f} ms, {len(m.samples)} nodes, "
                     f"{m.attributed_share:.0%} of kernel time mapped")
-    return profile, relative_to_reference(measured)
+    return measured
 
 
 __all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_designs",

@@ -213,3 +213,27 @@ def test_doctor_ssh_ort(sshd: LocalSshd) -> None:
     failed = [c for c in bad if not c.ok]
     assert [c.name for c in failed] == ["board python + onnxruntime"]
     assert "lacks CUDAExecutionProvider" in failed[0].detail and "pip install" in failed[0].fix
+
+
+def test_calibrate_profiles_kernels_on_a_board_over_ssh(sshd: LocalSshd, tiny_onnx: Path) -> None:
+    from hwprune.backends.ort import OrtBackend
+    from hwprune.backends.ssh import SshOrtBackend
+    from hwprune.predict.calibrate import fit_measured, measure_designs, run_overhead_us
+
+    profile = sshd.profile()
+    with SshOrtBackend(profile, ssh_options=sshd.options()) as backend:
+        # the board's own profiler: the same kernels as ONNX Runtime's here (the "board" runs this machine's ORT)
+        remote = backend.node_profile(tiny_onnx, runs=5)
+        measured_profile, measured = measure_designs(profile, 1.0, seed=7, backend=backend)
+        run_us = run_overhead_us(profile, backend)
+    local = OrtBackend(load_profile("host-cpu")).node_profile(tiny_onnx, runs=5)
+    assert remote["backend"] == "ssh-ort" and remote["nodes"] and all(n["median_us"] > 0 for n in remote["nodes"])
+    assert {n["name"] for n in remote["nodes"]} == {n["name"] for n in local["nodes"]}
+    assert measured_profile.backend == "ssh-ort" and len(measured) >= 6
+    # every design's kernels mapped onto its exported nodes, timed whole on the board (not beside a reference)
+    assert all(m.samples and m.attributed_share > 0.5 and m.measured_ms > 0 and m.reference_ms == 0
+               for m in measured)
+    p = fit_measured(measured_profile, measured, run_us)
+    assert (p.runtime, p.runtime_version, p.profile) == ("ssh-ort", "remote", "host-cpu")
+    assert p.fitted_on == len(measured) and p.node_samples and p.validation is not None
+    assert 0 <= run_us < 1000
