@@ -343,7 +343,7 @@ def calibrate(
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Cache root to store the predictor under (DIR/predictors/; a transfer also finds the host's there); default $HWPRUNE_CACHE or ~/.cache/hwprune, where --backend estimate and --screen look.")] = None,
     budget_seconds: Annotated[float, typer.Option("--budget-seconds", help="Seconds to spend measuring designed models (a calibration measures at least 6, a transfer at least 4).")] = 300.0,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the designed calibration models.")] = 0,
-    from_profile: Annotated[Optional[str], typer.Option("--from", help="Transfer from this profile's stored predictor instead of calibrating from scratch (default for devices not measured through ONNX Runtime here: host-cpu).")] = None,
+    from_profile: Annotated[Optional[str], typer.Option("--from", help="Transfer from this profile's stored predictor instead of calibrating from scratch (default for devices not measured through ONNX Runtime, here or over SSH: host-cpu).")] = None,
     samples: Annotated[Optional[int], typer.Option("--samples", help="Device measurements a transfer takes (default 30, at least 4); a quarter validate a fit on the rest.")] = None,
     backend: BackendOpt = None, tracker: TrackerOpt = None, key: KeyOpt = None, ssh_host: SshHostOpt = None,
     ssh_user: SshUserOpt = None, ssh_key: SshKeyOpt = None, ssh_port: SshPortOpt = None,
