@@ -212,7 +212,7 @@ class SshOrtBackend:
     """
 
     name = "ssh-ort"
-    capabilities = Capabilities(settings=("ort", "ssh"))
+    capabilities = Capabilities(node_profile=True, settings=("ort", "ssh"))
 
     def __init__(self, profile: DeviceProfile | str, *, ssh_options: list[str] | None = None,
                  timeout_s: float = 600.0, connect_timeout_s: int = 10) -> None:

@@ -43,6 +43,8 @@ class RunContext:
     measure: Callable[[Path], Measurement]  # one whole measurement (counted by the Search)
     pair_measure: MeasurePair | None  # both models in alternating samples, where the backend can
     quantize: QuantChoice = QuantChoice("off", False)  # --quantize, resolved against the profile
+    # ONNX Runtime's per-node profile through the backend (here, or on the board over SSH), where it has one
+    node_profile: Callable[..., dict[str, Any]] | None = None
 
     def model_dir(self, trial: int) -> Path:
         """The folder of trial ``trial``'s exported model."""

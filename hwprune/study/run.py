@@ -116,7 +116,9 @@ class Search:
         """What the stages read, once the backend is open."""
         return RunContext(config=self.config, profile=self.profile, run_dir=self.run_dir, storage=self.storage,
                           exporter=self.exporter, log=self.log, measure=self.measure, pair_measure=self.pair_measure,
-                          quantize=self.quantize)
+                          quantize=self.quantize,
+                          node_profile=self.backend.node_profile
+                          if self.capabilities.node_profile and self.backend is not None else None)
 
     def _fingerprint(self, subject: Subject) -> Fingerprint:
         """What this run's trials depend on (:mod:`hwprune.study.identity`)."""

@@ -137,13 +137,12 @@ def write_model_files(ctx: RunContext, pm: ParetoModel) -> None:
 def node_profile(ctx: RunContext, onnx_path: Path, record: ModelRecord) -> ModelRecord:
     """``record`` with the per-node latency file for the report (ONNX Runtime's profiler); as it is for backends
     the profiler does not describe, or when profiling fails."""
-    if not backend_capabilities(ctx.profile.backend).node_profile:
+    if ctx.node_profile is None:
         return record
-    from hwprune.backends.ort import node_profile as ort_node_profile
     from hwprune.export import atomic_write_text, file_record
 
     try:
-        prof = ort_node_profile(onnx_path, ctx.profile, runs=10)
+        prof = ctx.node_profile(onnx_path, runs=10)  # on the device itself: ONNX Runtime here or on the board
     except Exception as exc:  # noqa: BLE001 - a profile is a nicety; never lose a search over it
         ctx.log(f"per-node profile of {onnx_path.name} failed: {exc}")
         return record
