@@ -81,6 +81,8 @@ def test_unreachable_tracker_is_backend_unavailable_with_fix() -> None:
     assert f"python -m tvm.exec.rpc_server --tracker 127.0.0.1:{port} --key {KEY}" in msg
 
 
+@pytest.mark.slow  # ~30 s: a host calibration, then TVM builds of four designs; the default run covers the transfer
+# itself on ORT with 2 threads (tests/predict) and the RPC path's measurements (above)
 def test_calibrate_transfers_to_the_board_through_the_tracker(rpc: LocalRpc, tmp_path: Path) -> None:
     from conftest import budget_profile, run_cli
     from hwprune.predict import store
