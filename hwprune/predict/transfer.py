@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from hwprune.errors import BackendUnavailable, ExportError, HwpruneError, MeasurementError
+from hwprune.errors import ExportError, HwpruneError, MeasurementError
+from hwprune.predict.calibrate import MAX_FAILURES_IN_A_ROW, VALIDATION_EVERY  # as a calibration splits and gives up
 from hwprune.predict.model import Predictor, Validation
 
 TRANSFER_STRENGTH = 0.5  # prior weight in models' worth: 10 device samples outweigh it 20 to 1
@@ -27,12 +28,10 @@ TRANSFER_STRENGTH = 0.5  # prior weight in models' worth: 10 device samples outw
 # held-out models within +-10% on a quiet host; a few dozen leave a quarter to validate on and survive a slow spell
 DEFAULT_TRANSFER_SAMPLES = 30
 MIN_TRANSFER_SAMPLES = 4  # three to fit the per-family correction, one held out to validate it
-TRANSFER_VALIDATION_EVERY = 4  # every fourth device sample (i % 4 == 1) is held out of the validating fit
 # transfer designs come from another seed than a calibration's default, so the held-out device samples are designs
 # the host predictor never fitted either
 TRANSFER_SEED_OFFSET = 1000
 DEFAULT_HOST_PROFILE = "host-cpu"  # what a board's predictor is transferred from unless --from names another
-MAX_FAILURES_IN_A_ROW = 3  # a design the device cannot run is skipped; this many in a row means the device is gone
 
 
 @dataclass(frozen=True)
@@ -146,8 +145,6 @@ def measure_on_device(profile: Any, channel_multiple: int, samples: int = DEFAUL
                 try:
                     path = export_design(d, Path(tmp))
                     m = backend.measure(path)
-                except BackendUnavailable:
-                    raise
                 except (ExportError, MeasurementError) as exc:  # a random design can shrink a map to nothing
                     failures += 1
                     say(f"{d.name}: skipped ({exc})")
@@ -182,8 +179,8 @@ def fit_transfer(host: Predictor, measured: list[DeviceSample], profile: Any) ->
     runtime, version = device_runtime(profile)
     ident = {"profile": profile.name, "runtime": runtime, "runtime_version": version,
              "threads": profile.ort.intra_op_threads}
-    held = [s for i, s in enumerate(measured) if i % TRANSFER_VALIDATION_EVERY == 1]
-    train = [s for i, s in enumerate(measured) if i % TRANSFER_VALIDATION_EVERY != 1]
+    held = [s for i, s in enumerate(measured) if i % VALIDATION_EVERY == 1]
+    train = [s for i, s in enumerate(measured) if i % VALIDATION_EVERY != 1]
     part = transfer(host, [(s.features, s.ms) for s in train], **ident)
     validation = Validation.from_pairs([part.predict_features(s.features) for s in held], [s.ms for s in held])
     p = transfer(host, [(s.features, s.ms) for s in measured], **ident)
