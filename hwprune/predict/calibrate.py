@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,7 @@ MAX_PROFILER_US = 10.0
 MAX_RUN_US = 100.0  # the runtime's per-run cost is never taken above this (ORT's session call: ~5 us here)
 RUN_CHAIN = (1, 2, 4, 8, 16, 32)  # lengths of the trivial-node chains that measure the per-run cost
 MIN_NODE_US = 0.5  # a timed node keeps at least this much after the profiler's cost is taken off
+T = TypeVar("T")
 _ORT_ALIASES = {"FusedConv": "Conv", "FusedGemm": "Gemm", "FusedMatMul": "MatMul", "NhwcConv": "Conv"}
 
 
@@ -246,7 +247,8 @@ def _chain(n: int) -> Any:
 def run_overhead_us(profile: DeviceProfile | str, backend: Any = None) -> float:
     """The runtime's fixed cost per inference in microseconds (the session call, binding inputs and outputs), which
     no profiled kernel shows: chains of 1-32 trivial nodes are measured as calibration measures a model, and the
-    intercept of their time against their length is the cost of a run of nothing. Measured here: 4.8 us, plus 0.2 us
+    intercept of their time against their length (a Theil-Sen line, which one slowed chain does not move) is the
+    cost of a run of nothing, never more than the one-node chain's time. Measured here: 4.8 us, plus 0.2 us
     per trivial node.
 
     Args:
@@ -269,8 +271,12 @@ def run_overhead_us(profile: DeviceProfile | str, backend: Any = None) -> float:
     finally:
         if own:
             backend.close()
-    _, intercept = np.polyfit(np.asarray(RUN_CHAIN, float), np.asarray(us), 1)
-    return float(np.clip(intercept, 0.0, MAX_RUN_US))
+    # Theil-Sen, not least squares: one chain slowed by a neighbour on a shared machine moved a least-squares
+    # intercept to twice a one-node run. A run of nothing costs no more than the shortest chain's run.
+    from scipy.stats import theilslopes
+
+    _, intercept, _, _ = theilslopes(np.asarray(us), np.asarray(RUN_CHAIN, float))
+    return float(np.clip(intercept, 0.0, min(us[0], MAX_RUN_US)))
 
 
 def _calibration_backend(profile: DeviceProfile) -> Any:
@@ -380,45 +386,71 @@ def measure_designs(profile: DeviceProfile | str, budget_s: float = DEFAULT_BUDG
             backend.close()
 
 
+def measure_each(designed: Iterable[Design], folder: Path, measure: Callable[[Design, Path], T], device: str,
+                 log: Callable[[str], None] | None = None) -> Iterator[tuple[Design, T]]:
+    """Each design exported into ``folder`` and measured by ``measure(design, path)``, as it comes: the one loop that
+    calibrations and transfers measure designed models with. A design that fails to export or to measure is skipped
+    with a line to ``log``; the caller stops taking when its budget is spent.
+
+    Args:
+        designed: the designs, in the order to measure them.
+        folder: where their ONNX files are written.
+        measure: measures one exported design.
+        device: the device's name, for the error.
+        log: called with one line per skipped design.
+
+    Yields:
+        Each measured design with what ``measure`` returned.
+
+    Raises:
+        HwpruneError: :data:`MAX_FAILURES_IN_A_ROW` designs in a row failed to measure (the device, not the design:
+            a board that went away). Export failures do not count: a random design can shrink a map to nothing.
+    """
+    failures = 0
+    for d in designed:
+        try:
+            path = export_design(d, folder)
+        except ExportError as exc:
+            if log:
+                log(f"{d.name}: skipped ({exc})")
+            continue
+        try:
+            result = measure(d, path)
+        except MeasurementError as exc:
+            failures += 1
+            if log:
+                log(f"{d.name}: skipped ({exc})")
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                raise HwpruneError(f"{device}: {failures} designed models in a row failed to measure "
+                                   f"(last: {exc})") from None
+            continue
+        failures = 0
+        yield d, result
+
+
 def _measure_all(profile: DeviceProfile, backend: Any, budget_s: float, seed: int,
                  log: Callable[[str], None] | None, max_models: int) -> list[Measured]:
     """The designs measured through ``backend`` until ``budget_s`` runs out (see :func:`measure_designs`)."""
     measured: list[Measured] = []
-    failures = 0
     t0 = time.monotonic()
     beside = getattr(backend, "capabilities", None) is not None and backend.capabilities.beside
     with tempfile.TemporaryDirectory(prefix="hwprune-calibrate-") as tmp:
         ref = export_design(reference_design(), Path(tmp)) if beside else None
-        for d in designs(max_models, profile.channel_multiple, seed):
-            if time.monotonic() - t0 > budget_s and len(measured) >= MIN_MODELS:
-                break
-            try:
-                path = export_design(d, Path(tmp))
-            except ExportError as exc:  # a random design can shrink a map to nothing
-                if log:
-                    log(f"{d.name}: skipped ({exc})")
-                continue
-            try:
-                m = measure_model(d.name, path, profile, backend, ref)
-            except MeasurementError as exc:
-                failures += 1
-                if log:
-                    log(f"{d.name}: skipped ({exc})")
-                if failures >= MAX_FAILURES_IN_A_ROW:  # the device, not the design: a board that went away
-                    raise HwpruneError(f"{profile.name}: {failures} designed models in a row failed to measure "
-                                       f"(last: {exc})") from None
-                continue
-            failures = 0
+        for _, m in measure_each(designs(max_models, profile.channel_multiple, seed), Path(tmp),
+                                 lambda d, path: measure_model(d.name, path, profile, backend, ref), profile.name,
+                                 log):
             measured.append(m)
+            elapsed = time.monotonic() - t0
             if log:
-                elapsed = time.monotonic() - t0
                 # the budget bounds the measuring: what is left of it is the ETA (the fit adds seconds)
                 log(f"[{elapsed:4.0f} s, ~{max(budget_s - elapsed, 0):.0f} s left] model {len(measured)} "
                     f"{m.name}: {m.measured_ms:.3f} ms, {len(m.samples)} nodes, "
                     f"{m.attributed_share:.0%} of kernel time mapped")
+            if elapsed > budget_s and len(measured) >= MIN_MODELS:
+                break
     return measured
 
 
 __all__ = ["Measured", "attribute_node_times", "calibrate", "export_design", "fit_measured", "measure_designs",
-           "measure_model", "measured_from", "profiler_overhead_us", "reference_median", "relative_to_reference",
-           "run_overhead_us", "target_ms", "with_measured_ms", "without_profiler"]
+           "measure_each", "measure_model", "measured_from", "profiler_overhead_us", "reference_median",
+           "relative_to_reference", "run_overhead_us", "target_ms", "with_measured_ms", "without_profiler"]

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from hwprune.errors import ExportError, HwpruneError, MeasurementError
-from hwprune.predict.calibrate import MAX_FAILURES_IN_A_ROW, VALIDATION_EVERY  # as a calibration splits and gives up
+from hwprune.errors import HwpruneError
+from hwprune.predict.calibrate import VALIDATION_EVERY  # as a calibration splits
 from hwprune.predict.model import Predictor, Validation
 
 TRANSFER_STRENGTH = 0.5  # prior weight in models' worth: 10 device samples outweigh it 20 to 1
@@ -121,10 +121,10 @@ def measure_on_device(profile: Any, channel_multiple: int, samples: int = DEFAUL
     Raises:
         BackendUnavailable: the device cannot be reached.
         HwpruneError: ``samples`` is under :data:`MIN_TRANSFER_SAMPLES`, fewer designs could be measured, or the
-            device failed :data:`MAX_FAILURES_IN_A_ROW` designs in a row.
+            device failed :data:`~hwprune.predict.calibrate.MAX_FAILURES_IN_A_ROW` designs in a row.
     """
     from hwprune.backends import create_backend
-    from hwprune.predict.calibrate import export_design, target_ms
+    from hwprune.predict.calibrate import measure_each, target_ms
     from hwprune.predict.designs import designs
     from hwprune.predict.features import graph_features
 
@@ -133,31 +133,21 @@ def measure_on_device(profile: Any, channel_multiple: int, samples: int = DEFAUL
                            "measurements")
     say = log or (lambda _msg: None)
     measured: list[DeviceSample] = []
-    failures = 0
     backend = create_backend(profile)
     t0 = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="hwprune-transfer-") as tmp:
-            for d in designs(50 * samples, channel_multiple, seed + TRANSFER_SEED_OFFSET):
-                elapsed = time.monotonic() - t0
-                if len(measured) >= samples or (elapsed > budget_s and len(measured) >= MIN_TRANSFER_SAMPLES):
-                    break
-                try:
-                    path = export_design(d, Path(tmp))
-                    m = backend.measure(path)
-                except (ExportError, MeasurementError) as exc:  # a random design can shrink a map to nothing
-                    failures += 1
-                    say(f"{d.name}: skipped ({exc})")
-                    if failures >= MAX_FAILURES_IN_A_ROW:
-                        raise HwpruneError(f"{profile.name}: {failures} designed models in a row failed to measure "
-                                           f"(last: {exc})") from None
-                    continue
-                failures = 0
-                measured.append(DeviceSample(d.name, graph_features(path, channel_multiple), target_ms(m)))
+            for d, m in measure_each(designs(50 * samples, channel_multiple, seed + TRANSFER_SEED_OFFSET), Path(tmp),
+                                     lambda _d, path: (target_ms(backend.measure(path)),
+                                                       graph_features(path, channel_multiple)),
+                                     profile.name, say):
+                measured.append(DeviceSample(d.name, m[1], m[0]))
                 elapsed = time.monotonic() - t0
                 eta = min(elapsed / len(measured) * (samples - len(measured)), max(budget_s - elapsed, 0.0))
                 say(f"[{elapsed:4.0f} s, ~{eta:.0f} s left] sample {len(measured)}/{samples} {d.name}: "
                     f"{measured[-1].ms:.3f} ms on {profile.name} via {profile.backend}")
+                if len(measured) >= samples or (elapsed > budget_s and len(measured) >= MIN_TRANSFER_SAMPLES):
+                    break
     finally:
         backend.close()
     if len(measured) < MIN_TRANSFER_SAMPLES:

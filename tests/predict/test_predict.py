@@ -13,6 +13,7 @@ import pytest
 from conftest import GUARD_OFF_ARGS, budget_profile, run_cli
 from hwprune.backends.estimate import EstimateBackend, roofline
 from hwprune.backends.ort import OrtBackend
+from hwprune.errors import HwpruneError, MeasurementError
 from hwprune.export import export_onnx
 from hwprune.predict import screen, transfer
 from hwprune.predict import residual, store
@@ -23,6 +24,7 @@ from hwprune.predict.calibrate import (
     attribute_node_times,
     export_design,
     fit_measured,
+    measure_each,
     measure_model,
     profiler_overhead_us,
     run_overhead_us,
@@ -462,3 +464,27 @@ def test_screen_bad_value_exits_2(tmp_path: Path) -> None:
     proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--screen", "maybe", "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_designs_that_fail_to_measure_three_in_a_row_end_the_measuring(tmp_path: Path) -> None:
+    """The loop calibrations and transfers share: a design that fails to measure is skipped, but three in a row say
+    the device went away, and the measuring ends with a one-line error instead of using up its budget."""
+    profile = load_profile("host-cpu")
+    backend = OrtBackend(profile)
+    calls: list[str] = []
+
+    def flaky(d, path: Path) -> float:
+        calls.append(d.name)
+        # the second design fails once (a glitch: skipped), then the device goes away from the fifth on
+        if len(calls) == 2 or len(calls) >= 5:
+            raise MeasurementError(f"{d.name}: board went away")
+        return target_ms(backend.measure(path))
+
+    skipped: list[str] = []
+    taken = []
+    with pytest.raises(HwpruneError, match="3 designed models in a row failed to measure"):
+        for d, ms in measure_each(designs(20, profile.channel_multiple, 0), tmp_path, flaky, "board", skipped.append):
+            taken.append((d.name, ms))
+    backend.close()
+    assert len(taken) == 3 and all(ms > 0 for _, ms in taken) and len(calls) == 7
+    assert [line.split(":")[0] for line in skipped] == [calls[1], calls[4], calls[5], calls[6]]
