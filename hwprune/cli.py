@@ -122,8 +122,6 @@ def search(
     tuning_trials: TuningOpt = None,
 ) -> None:
     """Search per-layer pruning ratios under latency/memory budgets; re-running the same command resumes."""
-    from hwprune.study.run import Search
-
     overrides = _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port, tuning_trials)
     # without a budget flag the profile's budget applies: Search sets it (hwprune.profiles.default_budgets)
     if trials is None and timeout is None:
@@ -139,6 +137,9 @@ def search(
         profile_overrides=overrides, progress=not quiet and sys.stderr.isatty(),
         command="hwprune " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     )
+    # imported once the flags are checked (SearchConfig): the search imports torch, a bad flag fails in half a second
+    from hwprune.study.run import Search
+
     result = None
     try:
         result = Search(config, log_fn=_log).run()

@@ -108,6 +108,9 @@ def test_pareto_models_meet_budget_when_remeasured_in_fresh_process(cli_run) -> 
     assert bad.returncode != 0 and "missing.onnx: no such ONNX file" in bad.stderr
 
 
+# ~18 s; resuming is also covered in the default run by the interrupted search (Ctrl-C, then the same command), the
+# killed worker (test_chaos.py) and the resumed screened search (tests/predict)
+@pytest.mark.slow
 def test_rerun_resumes_the_same_study(cli_run) -> None:
     run_dir, _ = cli_run
     proc = run_cli("search", "--model", "tiny_subject:tiny_cnn_trained", *GUARD_OFF_ARGS, "--device", "host-cpu",
