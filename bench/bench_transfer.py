@@ -4,9 +4,10 @@ Run from the repository root:  python -m bench.bench_transfer [--host-cache DIR]
 
 1. The host predictor: the one stored under --host-cache (a `hwprune calibrate --device host-cpu` run), else one
    calibrated here for --budget-seconds.
-2. Each "device" available on this machine: ONNX Runtime with 2 threads (`ort-2t`) and Apache TVM untuned
-   (`tvm-untuned`: the host CPU through TVM's default schedules, different kernels from ONNX Runtime's). On each, a
-   pool of --pool designed models is measured the way `hwprune calibrate --device BOARD` measures them
+2. Each "device" available on this machine: ONNX Runtime with 2 threads (`ort-2t`), Apache TVM untuned
+   (`tvm-untuned`: the host CPU through TVM's default schedules, different kernels from ONNX Runtime's) and TVM
+   tuned (`tvm-tuned`: MetaSchedule, --tuning-trials per model; not in the default --devices: it takes an hour).
+   On each, a pool of --pool designed models is measured the way `hwprune calibrate --device BOARD` measures them
    (hwprune.predict.transfer.measure_on_device), and the 22 held-out architectures of bench_predict (none is a
    design) the same way.
 3. For each N in --samples: the host predictor transferred with N designs drawn from the pool (--draws random
@@ -40,7 +41,9 @@ from hwprune.profiles import load_profile
 DEVICES = {  # name -> (profile, overrides) of another "device" on this machine
     "ort-2t": ("host-cpu", {"ort__intra_op_threads": 2}),
     "tvm-untuned": ("host-cpu-tvm", {"tvm__tuning_trials": 0}),
+    "tvm-tuned": ("host-cpu-tvm", {}),  # MetaSchedule with --tuning-trials per model (its database kept per profile)
 }
+DEFAULT_TUNING_TRIALS = 32  # per model for tvm-tuned: minutes per held-out ResNet-18 on 2 cores
 
 
 def host_predictor(args: argparse.Namespace):
@@ -55,9 +58,11 @@ def host_predictor(args: argparse.Namespace):
 
 
 def measure_device(name: str, pool: int, rounds: int, sizes: list[int], widths: list[float],
-                   multiple: int) -> dict:
+                   multiple: int, tuning_trials: int = DEFAULT_TUNING_TRIALS) -> dict:
     """The pool of designs and the held-out architectures measured on one device."""
     base, overrides = DEVICES[name]
+    if name == "tvm-tuned":
+        overrides = {"tvm__tuning_trials": tuning_trials}
     profile = load_profile(base).with_overrides(**overrides)
     t0 = time.monotonic()
     designs = measure_on_device(profile, multiple, pool, budget_s=1e9, log=lambda m: print(f"{name}: {m}"))
@@ -120,6 +125,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the held-out set (median)")
     ap.add_argument("--sizes", default="64,96", help="input sizes of ResNet-18 / MobileNetV2")
     ap.add_argument("--widths", default="1,0.75,0.5", help="width multipliers of the held-out CNNs")
+    ap.add_argument("--tuning-trials", type=int, default=DEFAULT_TUNING_TRIALS,
+                    help="MetaSchedule trials per model on tvm-tuned")
     ap.add_argument("--replay", type=Path, help="evaluate this measurements.pkl instead of measuring")
     ap.add_argument("--out", type=Path, default=Path("bench/results/transfer"))
     args = ap.parse_args()
@@ -132,7 +139,8 @@ def main() -> None:
         devices = {}
         for name in args.devices.split(","):
             devices[name] = measure_device(name, args.pool, args.rounds, [int(s) for s in args.sizes.split(",")],
-                                           [float(w) for w in args.widths.split(",")], host.channel_multiple)
+                                           [float(w) for w in args.widths.split(",")], host.channel_multiple,
+                                           args.tuning_trials)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "measurements.pkl").write_bytes(pickle.dumps({"host": host, "host_seconds": host_s,
                                                                    "devices": devices}))

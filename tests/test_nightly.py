@@ -123,6 +123,8 @@ def test_a_night_where_nothing_fits_exits_3_and_keeps_its_history(tmp_path: Path
     assert [r["night"] for r in rows] == ["2026-11-20"] and rows[0]["recommended"] == ""
 
 
+# the default budget is resolved by the search itself: the CLI and API tests cover it in the default run
+@pytest.mark.slow
 def test_the_profiles_default_budget_applies_to_a_night(tmp_path: Path) -> None:
     profile = budget_profile(tmp_path)
     job = tmp_path / "job.toml"
