@@ -452,7 +452,9 @@ def _health_section(run: RunData) -> Section:
                f"{screen['study_p90_error']:.0%}" if screen.get("study_p90_error") is not None else "")
         held = (f" (p90 error {screen['held_out_p90_error']:.0%} on {screen['held_out_models']} held-out models)"
                 if screen.get("held_out_p90_error") is not None else "")
-        rows.append(["Screened by the fitted latency predictor" + held,
+        by = (f"Screened by the {screen['stand_in']} latency predictor, standing in for this device's"
+              if screen.get("stand_in") else "Screened by the fitted latency predictor")
+        rows.append([by + held,
                      f"{fmt_int(screen.get('skipped'))} of {fmt_int(screen.get('predicted'))} candidates skipped "
                      f"unmeasured (predicted over the latency budget), {fmt_int(screen.get('alone', 0))} judged on "
                      f"one measurement alone and {fmt_int(screen.get('one_round'))} on one round beside the dense "

@@ -22,6 +22,10 @@ budget's edge.
 
 Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
 is refitted), and the predictor is saved back beside the measurement cache when the trials end.
+
+A device with no stored predictor is screened by the host's standing in (``Screening.stand_in``): its predictions are
+only used relative to the dense model measured on the device, it allows an unvalidated predictor's error until the
+search measures its own, and it neither learns from the device nor is saved.
 """
 
 from __future__ import annotations
@@ -77,6 +81,9 @@ class Screening:
     dense_ms: float
     log: Any = print
     root: Path | None = None  # where the predictor is saved (default: the measurement cache)
+    # a predictor of another device standing in (the host's, for a board without one of its own): its predictions
+    # are only taken relative to the dense model, the device's measurements are not added to it and it is not saved
+    stand_in: bool = False
     screened: int = 0
     measured: int = 0
     _dense_pred: float | None = None
@@ -133,6 +140,7 @@ class Screening:
         # decision.reason speaks in the predictor's own units; the trial's reason in the budget's
         err = decision.error
         source = (f"its p90 error on {len(self.ratios)} of this search's candidates" if judged.own_error
+                  else "the error allowed for a predictor of another device" if self.stand_in
                   else "its p90 error on held-out models")
         reason = (f"screened: predicted {predicted:.3f} ms by the {self.predictor.profile} predictor; even "
                   f"{predicted * (1.0 - err):.3f} ms (less {source}, {err:.0%}) is over the {budget_ms:.3f} ms "
@@ -203,12 +211,13 @@ class Screening:
             ratio = judged_ms / self._pending_ms
             self.ratios.append(ratio)
         self._pending_ms = self._settle_ms = None
-        self.predictor.add_features(f"search-{len(self.predictor.model_samples)}", self._pending,
-                                    target_ms(measurement))
-        self._pending = None
         self.measured += 1
-        if self.measured % REFIT_EVERY == 0:
-            self.predictor.fit_correction()
+        if not self.stand_in:  # another device's predictor must not learn this device's times
+            self.predictor.add_features(f"search-{len(self.predictor.model_samples)}", self._pending,
+                                        target_ms(measurement))
+            if self.measured % REFIT_EVERY == 0:
+                self.predictor.fit_correction()
+        self._pending = None
         return ratio
 
     def record_for(self, trials: pd.DataFrame) -> dict[str, Any]:
@@ -227,7 +236,8 @@ class Screening:
                 "predicted": count(PREDICTED_ATTR, pd.Series.notna),
                 "held_out_p90_error": v.p90_abs_error if v is not None and v.n_models else None,
                 "held_out_models": v.n_models if v is not None else 0,
-                "study_ratio": bias if error is not None else None, "study_p90_error": error}
+                "study_ratio": bias if error is not None else None, "study_p90_error": error,
+                "stand_in": self.predictor.profile if self.stand_in else None}
 
     def finish(self) -> Path | None:
         """Refit and save the predictor with the search's measurements; returns its path (None if none were added)."""
@@ -235,11 +245,15 @@ class Screening:
 
         if not self.measured:
             return None
-        self.predictor.fit_correction()
-        path = store.save(self.predictor, self.root)
         bias, error = self.study_error()
         own = (f"; on this model's candidates measured {bias:.2f}x the prediction, p90 error {error:.0%}"
                if error is not None else "")
+        if self.stand_in:
+            self.log(f"screening: {self.screened} candidates skipped unmeasured by the {self.predictor.profile} "
+                     f"predictor standing in{own}; this device's measurements were not added to it")
+            return None
+        self.predictor.fit_correction()
+        path = store.save(self.predictor, self.root)
         self.log(f"screening: {self.screened} candidates skipped unmeasured; {self.measured} measurements added to "
                  f"the predictor ({path}){own}")
         return path
@@ -260,20 +274,52 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
     if mode != "on":
         return None
     from hwprune.predict import store
+    from hwprune.predict.screen import DEFAULT_ERROR
     from hwprune.predict.transfer import device_runtime
 
     runtime = device_runtime(profile)[0]
     predictor = store.find(profile.name, profile.ort.intra_op_threads, root=root, runtime=runtime)
     if predictor is None:
-        log(f"screening: no stored {runtime} predictor for {profile.name} (run `hwprune calibrate --device "
-            f"{profile.name}`); every candidate is measured")
-        return None
+        host = _host_stand_in(profile, runtime, root)
+        if host is None:
+            log(f"screening: no stored {runtime} predictor for {profile.name} (run `hwprune calibrate --device "
+                f"{profile.name}`); every candidate is measured")
+            return None
+        log(f"screening: no stored {runtime} predictor for {profile.name}; the {host.profile} predictor stands in, "
+            f"its predictions taken relative to the dense model measured here, allowing a {DEFAULT_ERROR:.0%} error "
+            f"until {MIN_STUDY_SAMPLES} measured candidates give its own (`hwprune calibrate --device "
+            f"{profile.name}` fits the device's)")
+        return Screening(host, Path(dense_onnx), float(dense_ms), log, root, stand_in=True)
     v = predictor.validation
     err = f"p90 error {v.p90_abs_error:.0%} on {v.n_models} held-out models" if v is not None and v.n_models else \
         "never validated"
     log(f"screening: candidates predicted well over the latency budget are skipped unmeasured (fitted predictor, "
         f"{err})")
     return Screening(predictor, Path(dense_onnx), float(dense_ms), log, root)
+
+
+def _host_stand_in(profile: Any, runtime: str, root: Path | None) -> Any:
+    """The stored host predictor (:data:`~hwprune.predict.transfer.DEFAULT_HOST_PROFILE`, ONNX Runtime, 1 thread)
+    to stand in for a device without a predictor of its own, with no validation (its held-out error is the host's,
+    not the device's), or None when there is none or the device is the host itself.
+
+    Taken relative to the dense model measured on the device, the host's predictions were within +-10% of the
+    measured ratio for 79% of held-out architectures on ONNX Runtime with 2 threads and 29-33% on TVM (the median
+    errors 3% and 18%; docs/benchmarks.md, "Transfer to another device"): worth a screen that allows for its error.
+    """
+    import copy
+
+    from hwprune.predict import store
+    from hwprune.predict.transfer import DEFAULT_HOST_PROFILE
+
+    if profile.name == DEFAULT_HOST_PROFILE and runtime == "ort" and profile.ort.intra_op_threads == 1:
+        return None
+    host = store.find(DEFAULT_HOST_PROFILE, 1, root=root, runtime="ort")
+    if host is None:
+        return None
+    stand_in = copy.copy(host)  # only read: the screen neither adds to it nor saves it
+    stand_in.validation = None
+    return stand_in
 
 
 __all__ = ["DEFAULT_SCREEN", "PREDICTED_ATTR", "RATIO_ATTR", "SCREENED_ATTR", "SCREEN_MODES", "Screening",

@@ -439,6 +439,38 @@ def test_search_with_screen_on_records_screened_trials(measured, fitted, tmp_pat
         (run_dir / "report.html").read_text()
 
 
+
+def test_a_device_without_a_predictor_is_screened_by_the_hosts_standing_in(measured, fitted, tmp_path: Path) -> None:
+    """No predictor stored for the device: the host's screens, relative to the dense model measured on the device,
+    allowing for an unvalidated predictor's error; it learns nothing from the device and is not saved over."""
+    import pandas as pd
+
+    from hwprune.profiles import load_profile as load
+
+    cache = tmp_path / "cache"
+    host_file = store.save(fitted, cache)
+    before = host_file.read_bytes()
+    text = budget_profile(tmp_path).read_text()
+    device = tmp_path / "other-cpu.toml"
+    device.write_text(text.replace('name = "host-cpu"', 'name = "other-cpu"', 1))
+    assert load(device).name == "other-cpu"
+    out = tmp_path / "out"
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", *GUARD_OFF_ARGS, "--device", str(device),
+                   "--latency-budget-ms", "0.05x", "--trials", "3", "--screen", "on", "--out", str(out), "--quiet",
+                   env={"HWPRUNE_CACHE": str(cache)})
+    assert proc.returncode in (0, 3), proc.stderr
+    assert "no stored ort predictor for other-cpu; the host-cpu predictor stands in" in proc.stderr.replace("\n", " ")
+    run_dir = next(p.parent for p in out.rglob("trials.csv"))
+    trials = pd.read_csv(run_dir / "trials.csv")
+    screened = trials[trials.fail_reason.fillna("").str.startswith("screened")]
+    assert len(screened) > 0 and screened.fail_reason.str.contains("a predictor of another device").all()
+    summary = json.loads((run_dir / "summary.json").read_text())["search"]["screen"]
+    assert summary["stand_in"] == "host-cpu" and summary["held_out_p90_error"] is None
+    assert "standing in for this device" in (run_dir / "report.html").read_text()
+    # the host's predictor is as it was, and nothing was stored for the device
+    assert host_file.read_bytes() == before
+    assert not [f for f in (cache / "predictors").glob("*.json") if "other-cpu" in f.name]
+
 def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, fitted, tmp_path: Path) -> None:
     import optuna
 
