@@ -240,7 +240,8 @@ class Screening:
                 "stand_in": self.predictor.profile if self.stand_in else None}
 
     def finish(self) -> Path | None:
-        """Refit and save the predictor with the search's measurements; returns its path (None if none were added)."""
+        """Refit and save the predictor with the search's measurements; returns its path (None if none were added,
+        or when it stood in for another device: it learnt nothing here)."""
         from hwprune.predict import store
 
         if not self.measured:
