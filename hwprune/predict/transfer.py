@@ -137,11 +137,13 @@ def measure_on_device(profile: Any, channel_multiple: int, samples: int = DEFAUL
     t0 = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="hwprune-transfer-") as tmp:
-            for d, m in measure_each(designs(50 * samples, channel_multiple, seed + TRANSFER_SEED_OFFSET), Path(tmp),
-                                     lambda _d, path: (target_ms(backend.measure(path)),
-                                                       graph_features(path, channel_multiple)),
-                                     profile.name, say):
-                measured.append(DeviceSample(d.name, m[1], m[0]))
+            def sample(d: Any, path: Path) -> DeviceSample:
+                ms = target_ms(backend.measure(path))
+                return DeviceSample(d.name, graph_features(path, channel_multiple), ms)
+
+            for d, s in measure_each(designs(50 * samples, channel_multiple, seed + TRANSFER_SEED_OFFSET), Path(tmp),
+                                     sample, profile.name, say):
+                measured.append(s)
                 elapsed = time.monotonic() - t0
                 eta = min(elapsed / len(measured) * (samples - len(measured)), max(budget_s - elapsed, 0.0))
                 say(f"[{elapsed:4.0f} s, ~{eta:.0f} s left] sample {len(measured)}/{samples} {d.name}: "

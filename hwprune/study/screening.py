@@ -281,7 +281,7 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
     runtime = device_runtime(profile)[0]
     predictor = store.find(profile.name, profile.ort.intra_op_threads, root=root, runtime=runtime)
     if predictor is None:
-        host = _host_stand_in(profile, runtime, root)
+        host = _host_stand_in(root)
         if host is None:
             log(f"screening: no stored {runtime} predictor for {profile.name} (run `hwprune calibrate --device "
                 f"{profile.name}`); every candidate is measured")
@@ -299,10 +299,10 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
     return Screening(predictor, Path(dense_onnx), float(dense_ms), log, root)
 
 
-def _host_stand_in(profile: Any, runtime: str, root: Path | None) -> Any:
+def _host_stand_in(root: Path | None) -> Any:
     """The stored host predictor (:data:`~hwprune.predict.transfer.DEFAULT_HOST_PROFILE`, ONNX Runtime, 1 thread)
     to stand in for a device without a predictor of its own, with no validation (its held-out error is the host's,
-    not the device's), or None when there is none or the device is the host itself.
+    not the device's), or None when there is none (for the host itself, the caller's lookup was this one).
 
     Taken relative to the dense model measured on the device, the host's predictions were within +-10% of the
     measured ratio for 79% of held-out architectures on ONNX Runtime with 2 threads and 29-33% on TVM (the median
@@ -313,8 +313,6 @@ def _host_stand_in(profile: Any, runtime: str, root: Path | None) -> Any:
     from hwprune.predict import store
     from hwprune.predict.transfer import DEFAULT_HOST_PROFILE
 
-    if profile.name == DEFAULT_HOST_PROFILE and runtime == "ort" and profile.ort.intra_op_threads == 1:
-        return None
     host = store.find(DEFAULT_HOST_PROFILE, 1, root=root, runtime="ort")
     if host is None:
         return None
