@@ -230,6 +230,8 @@ def _print_recommended(rec: ModelRecord, dense: ModelRecord, metric: str, run_di
               f"{run_dir / rec.files['onnx']['path']}")
     if rec.removed_blocks is not UNSET and rec.removed_blocks:
         out.print(f"  residual blocks removed whole: {', '.join(rec.removed_blocks)}")
+    if rec.remeasure_note is not UNSET and rec.remeasure_note:
+        out.print(f"  note: {escape(rec.remeasure_note)}")
     tuned = None if rec.final_tuned is UNSET else rec.final_tuned
     if tuned and "latency_ms" in tuned:
         out.print(f"tuned on the device ({tuned['tuning_trials']} MetaSchedule trials, {tuned['seconds']:.0f} s): "

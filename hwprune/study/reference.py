@@ -35,6 +35,12 @@ DECIDE_CONFIDENCE = 0.95
 # a floor under the standard error, relative to the median: rounds that happen to agree closely must not decide a
 # model a hair from the budget (a quiet host's pair rounds vary by ~2%, bench/README.md)
 MIN_RELATIVE_SE = 0.01
+# A listed model's own median is reported from the round whose dense model ran fastest beside it. When even that
+# dense model ran SLOW_SPELL x its reference or slower, the host was in a slow spell for the whole of the model's
+# rounds (a 2-core host under load: 1.7x), its own median is slowed alike, and up to RETIME_ROUNDS more rounds are
+# measured to time it outside the spell. The judged latency (the ratio) does not need it: a spell slows both models.
+SLOW_SPELL = 1.25
+RETIME_ROUNDS = 2
 
 
 @dataclass
@@ -75,6 +81,9 @@ class Rounds:
 
     measurements: list[Measurement]
     ratios: list[float]
+    # the dense model's median (ms) beside each of ``measurements``, where the round measured it (not the pooled
+    # earlier ratios, which come without measurements)
+    dense_ms: list[float] = field(default_factory=list)
 
     @property
     def middle(self) -> Measurement:
@@ -82,6 +91,22 @@ class Rounds:
         with its spread, to report."""
         ordered = sorted(self.measurements, key=lambda m: m.latency.median_ms)
         return ordered[len(ordered) // 2]
+
+    @property
+    def steadiest(self) -> Measurement:
+        """The model's measurement from the round whose dense model ran fastest beside it: the round a slow spell
+        of the host disturbed least, whose own median is the one to report as the model's (:attr:`middle` without
+        the dense medians)."""
+        if len(self.dense_ms) != len(self.measurements):
+            return self.middle
+        return self.measurements[min(range(len(self.dense_ms)), key=self.dense_ms.__getitem__)]
+
+    def slowdown(self, reference_ms: float) -> float | None:
+        """How much slower than ``reference_ms`` (the dense reference) the dense model ran in the steadiest round;
+        None without the dense medians."""
+        if not self.dense_ms or len(self.dense_ms) != len(self.measurements) or reference_ms <= 0:
+            return None
+        return min(self.dense_ms) / reference_ms
 
     @property
     def ratio(self) -> float:
@@ -122,20 +147,47 @@ def interleaved_rounds(measure: Callable[[Path], Measurement], path: Path, dense
         # only a fresh round can settle the model (the middle round it judges must be one of this file's)
         if rounds.measurements and len(rounds.ratios) < ROUNDS and settled is not None and settled(rounds):
             break
-        if measure_pair is not None:
-            m, _, pair_ratios = measure_pair(path, dense_path)
-            rounds.measurements.append(m)
-            rounds.ratios.append(statistics.median(pair_ratios))
-            continue
-        if len(rounds.ratios) % 2:  # alternate which goes first, so a drifting host favours neither
-            dense = measure(dense_path)
-            m = measure(path)
-        else:
-            m = measure(path)
-            dense = measure(dense_path)
-        rounds.measurements.append(m)
-        rounds.ratios.append(m.latency.median_ms / dense.latency.median_ms)
+        one_round(rounds, measure, path, dense_path, measure_pair)
     return rounds
+
+
+def one_round(rounds: Rounds, measure: Callable[[Path], Measurement], path: Path, dense_path: Path,
+              measure_pair: MeasurePair | None = None) -> None:
+    """Measure one more round of the model at ``path`` beside the dense model and add it to ``rounds``."""
+    if measure_pair is not None:
+        m, dense, pair_ratios = measure_pair(path, dense_path)
+        ratio = statistics.median(pair_ratios)
+    elif len(rounds.ratios) % 2:  # alternate which goes first, so a drifting host favours neither
+        dense = measure(dense_path)
+        m = measure(path)
+        ratio = m.latency.median_ms / dense.latency.median_ms
+    else:
+        m = measure(path)
+        dense = measure(dense_path)
+        ratio = m.latency.median_ms / dense.latency.median_ms
+    rounds.measurements.append(m)
+    rounds.dense_ms.append(dense.latency.median_ms)
+    rounds.ratios.append(ratio)
+
+
+def retime_in_slow_spell(rounds: Rounds, reference_ms: float, measure: Callable[[Path], Measurement], path: Path,
+                         dense_path: Path, measure_pair: MeasurePair | None = None) -> float | None:
+    """Up to ``RETIME_ROUNDS`` more rounds while every round of ``rounds`` ran in a slow spell (the dense model
+    beside the model ``SLOW_SPELL`` x ``reference_ms`` or slower), so that the model's own median is timed outside
+    it. The rounds are fresh ones and count toward the ratio like any other.
+
+    Returns:
+        The remaining slowdown (:meth:`Rounds.slowdown`) when the spell outlasted the extra rounds, else None.
+    """
+    added = 0
+    while True:
+        slow = rounds.slowdown(reference_ms)
+        if slow is None or slow < SLOW_SPELL:
+            return None
+        if added == RETIME_ROUNDS:
+            return slow
+        one_round(rounds, measure, path, dense_path, measure_pair)
+        added += 1
 
 
 def standard_error(ratios: list[float]) -> float:

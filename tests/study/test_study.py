@@ -357,7 +357,7 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     # within the band, the rounds end once the median is clearly on one side of the budget (here ratios scripted
     # onto real measurements: 0.55-0.56 against 0.58x), not before DECIDE_FROM rounds, and never while the median
     # sits on the budget
-    from hwprune.study.reference import DECIDE_FROM
+    from hwprune.study.reference import DECIDE_FROM, Rounds
 
     def scripted(ratios: list[float]) -> Any:
         it = iter(ratios)
@@ -369,6 +369,25 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     on_it = interleaved_rounds(backend.measure, path, path, factor=0.58,
                                measure_pair=scripted([0.575, 0.585, 0.58, 0.578, 0.582] + [0.58] * 9))
     assert len(on_it.ratios) == MAX_ROUNDS
+
+    # a listed model's own median comes from the round whose dense model ran fastest beside it; when every round ran
+    # in a slow spell (here: a reference taken when the host was 3x faster than it is now), up to RETIME_ROUNDS more
+    # rounds try to time it outside the spell and the remaining slowdown is returned; a host running at its
+    # reference's pace measures nothing more
+    from hwprune.study.reference import RETIME_ROUNDS, SLOW_SPELL, retime_in_slow_spell
+
+    own = interleaved_rounds(backend.measure, path, path, measure_pair=backend.measure_beside)
+    assert len(own.dense_ms) == len(own.measurements) == ROUNDS
+    fastest = min(range(ROUNDS), key=own.dense_ms.__getitem__)
+    assert own.steadiest is own.measurements[fastest]
+    pace = max(own.dense_ms)
+    assert retime_in_slow_spell(own, pace, backend.measure, path, path, backend.measure_beside) is None
+    assert len(own.measurements) == ROUNDS
+    slow = retime_in_slow_spell(own, pace / 3, backend.measure, path, path, backend.measure_beside)
+    assert slow is not None and slow >= SLOW_SPELL and slow == pytest.approx(min(own.dense_ms) / (pace / 3))
+    assert len(own.measurements) == len(own.ratios) == len(own.dense_ms) == ROUNDS + RETIME_ROUNDS
+    # without the dense medians (pooled or older rounds) there is nothing to judge a spell by
+    assert Rounds([own.measurements[0]], [1.0]).slowdown(pace) is None
 
 
 def test_rounds_are_decided_by_the_median_and_its_standard_error() -> None:
