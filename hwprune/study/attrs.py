@@ -49,3 +49,6 @@ PRECISION_LOCKED = "precision_locked"  # trial: its precision was fixed to FP32 
 SCREENED = "screened"  # trial: the predicted judged latency (ms) of a candidate --screen left unmeasured
 PREDICTED = "predicted_ms"  # trial: --screen on, the judged latency (ms) predicted before it was measured
 SCREEN_RATIO = "screen_ratio"  # trial: --screen on, measured / predicted judged latency (the screen's own error)
+# trial: --screen on, the measured feasible trial, at least as accurate and no larger, that the candidate was predicted
+# and then measured clearly slower than: settled on one measurement instead of the rounds (it cannot be on the front)
+DOMINATED_BY = "dominated_by"

@@ -286,14 +286,25 @@ class TrialRunner:
                 trial.set_user_attr(attrs.PRECISION, q.model.label)
                 if q.check is not None:
                     trial.set_user_attr(attrs.OUTPUT_ERROR, q.check.relative_error)
+            elif self.screening is not None:
+                # accuracy first: a candidate that a measured trial dominates needs no rounds (settles_for)
+                stage = failfast.EVALUATE
+                acc = self.evaluate(pruned.module, stages)
+                stage = failfast.EXPORT_STAGE
+                done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                m, ratio = self.export_and_measure(pruned.module, stages,
+                                                   self.screening.settles_for(acc, done, self.budgets))
+                judged = self.budgets.now().judged_ms(m.latency.median_ms, ratio)
+                dominator = self.screening.dominated_by(judged) if self.last_rounds in (0, 1) else None
+                if dominator is not None:
+                    trial.set_user_attr(attrs.DOMINATED_BY, dominator)
+                own = self.screening.record(m, judged)
+                if own is not None:
+                    trial.set_user_attr(attrs.SCREEN_RATIO, own)
+                if self.quant is not None:
+                    trial.set_user_attr(attrs.PRECISION, "fp32")
             else:
-                m, ratio = self.export_and_measure(pruned.module, stages, self.screening.settles
-                                                   if self.screening is not None and self.screening.may_settle
-                                                   else None)
-                if self.screening is not None:
-                    own = self.screening.record(m, self.budgets.now().judged_ms(m.latency.median_ms, ratio))
-                    if own is not None:
-                        trial.set_user_attr(attrs.SCREEN_RATIO, own)
+                m, ratio = self.export_and_measure(pruned.module, stages)
                 stage = failfast.EVALUATE
                 acc = self.evaluate(pruned.module, stages)
                 if self.quant is not None:

@@ -20,6 +20,12 @@ beside the dense model under the same rule (:meth:`Screening.settle_ms_for`), ne
 against a lucky measurement, and the predictor is an independent second opinion that the model is far from the
 budget's edge.
 
+Once a candidate's accuracy is known (it is evaluated before it is measured when the screen is on), a measured
+feasible trial at least as accurate and no larger in memory that the candidate is predicted clearly slower than
+(by ``DOMINATED_MARGIN`` beyond the prediction's error) dominates it: it cannot be on the front, whichever side of
+the budget it falls, so its latency only guides the sampler. It is settled like a candidate well inside the budget,
+on one measurement that also puts it that much slower than the dominating trial (``dominated_by`` on its trial).
+
 Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
 is refitted), and the predictor is saved back beside the measurement cache when the trials end.
 
@@ -33,6 +39,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,6 +55,10 @@ RATIO_ATTR = attrs.SCREEN_RATIO
 REFIT_EVERY = 5  # measured candidates between refits of the predictor's correction (a refit is a small solve)
 MIN_STUDY_SAMPLES = 5  # measured candidates before the screen trusts their errors over the predictor's validation
 STUDY_ERROR_FLOOR = 0.05  # the least error allowed for: the measurement's own run-to-run noise
+# a candidate predicted (beyond the prediction's error) and then measured this much slower than a measured feasible
+# trial at least as accurate and no larger is settled on one measurement: as far as SETTLE_MARGIN puts a candidate
+# from the budget, for the same reason (drift of the dense reference since it was measured)
+DOMINATED_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,10 @@ class Screening:
     _pending: Any = None  # features of the candidate last screened (measured next, unless skipped)
     _pending_ms: float | None = None  # its predicted judged latency, before the study's own rescaling
     _settle_ms: float | None = None  # a judged latency under which one round settles the pending candidate
+    _predicted: float | None = None  # the pending candidate's predicted judged latency (ms), rescaled as judged
+    _error: float | None = None  # the relative error the screen allowed that prediction
+    _memory_mb: float | None = None  # the pending candidate's memory (weights and peak activations, from its graph)
+    _dominator: tuple[int, float] | None = None  # (trial, judged ms) that dominates the pending candidate
     ratios: list[float] = field(default_factory=list)  # measured / predicted judged latency of measured candidates
 
     def study_error(self) -> tuple[float, float | None]:
@@ -115,6 +130,7 @@ class Screening:
         Raises:
             optuna.TrialPruned: the candidate was screened out (its trial records why).
         """
+        from hwprune.backends.memory import graph_memory
         from hwprune.export import export_onnx
         from hwprune.predict.features import graph_features
 
@@ -122,8 +138,10 @@ class Screening:
         with tempfile.TemporaryDirectory(prefix="hwprune-screen-") as tmp:
             path = export_onnx(module, example_inputs, Path(tmp) / "candidate.onnx", exporter=exporter)
             feats = graph_features(path, self.predictor.channel_multiple)
+            memory_mb = graph_memory(path).total_mb  # what the backend's measurement will report
         self._pending = feats
-        self._settle_ms = None
+        self._settle_ms = self._predicted = self._error = self._dominator = None
+        self._memory_mb = memory_mb
         judged = self._decide(feats, budgets)
         if judged is None:
             return
@@ -132,6 +150,7 @@ class Screening:
         predicted = self._pending_ms * judged.bias
         trial.set_user_attr(PREDICTED_ATTR, predicted)
         self._settle_ms = judged.settle_ms
+        self._predicted, self._error = predicted, decision.error
         if decision.action != "skip":
             return
         self.screened += 1
@@ -174,16 +193,45 @@ class Screening:
         judged = self._decide(graph_features(onnx_path, self.predictor.channel_multiple), budgets)
         return None if judged is None else judged.settle_ms
 
-    @property
-    def may_settle(self) -> bool:
-        """Whether the candidate just screened was predicted well inside the budget (``measure_once``), so that a
-        measurement as far inside settles it."""
-        return self._settle_ms is not None
-
     def settles(self, judged_ms: float) -> bool:
         """Whether a round that judged the candidate just screened at ``judged_ms`` settles it: the screen predicted
-        it well inside the budget (``measure_once``) and the round agrees, by the same margin."""
-        return self._settle_ms is not None and judged_ms <= self._settle_ms
+        it well inside the budget (``measure_once``) and the round agrees, by the same margin; or (after
+        :meth:`settles_for`) a trial dominates it and the round agrees (:meth:`dominated_by`)."""
+        inside = self._settle_ms is not None and judged_ms <= self._settle_ms
+        return inside or self.dominated_by(judged_ms) is not None
+
+    def settles_for(self, accuracy: float, trials: list[optuna.trial.FrozenTrial],
+                    budgets: Any) -> Callable[[float], bool] | None:
+        """What settles the candidate just screened on one measurement now that its ``accuracy`` is known
+        (:meth:`settles`), or None when nothing can: neither predicted well inside the budget nor dominated.
+
+        Dominated: of ``trials`` (the study's), a complete feasible one at least as accurate and no larger in memory
+        that the candidate's prediction, less the error the screen allows it, is still ``DOMINATED_MARGIN`` slower
+        than (judged under ``budgets`` now). The fastest such trial is kept for :meth:`dominated_by`.
+        """
+        from hwprune.study.budgets import is_feasible, judged_latency
+
+        self._dominator = None
+        if self._predicted is not None and self._error is not None and self._memory_mb is not None:
+            b = budgets.now()
+            floor = self._predicted * (1.0 - self._error)
+            for t in trials:
+                if t.state != optuna.trial.TrialState.COMPLETE or not is_feasible(t):
+                    continue
+                if t.values[0] < accuracy or t.values[2] > self._memory_mb:
+                    continue
+                judged = judged_latency(t, b)
+                if judged * (1.0 + DOMINATED_MARGIN) <= floor and (self._dominator is None
+                                                                    or judged < self._dominator[1]):
+                    self._dominator = (t.number, judged)
+        return self.settles if self._settle_ms is not None or self._dominator is not None else None
+
+    def dominated_by(self, judged_ms: float) -> int | None:
+        """The trial that dominates the candidate just screened when a round judged it at ``judged_ms``: the one
+        :meth:`settles_for` found, if the round too puts the candidate ``DOMINATED_MARGIN`` slower than it."""
+        if self._dominator is None or judged_ms < self._dominator[1] * (1.0 + DOMINATED_MARGIN):
+            return None
+        return self._dominator[0]
 
     def resume(self, trials: list[optuna.trial.FrozenTrial]) -> int:
         """Start from the measured / predicted ratios that earlier trials of the study recorded; returns how many."""
@@ -210,7 +258,7 @@ class Screening:
         if judged_ms is not None and self._pending_ms:
             ratio = judged_ms / self._pending_ms
             self.ratios.append(ratio)
-        self._pending_ms = self._settle_ms = None
+        self._pending_ms = self._settle_ms = self._predicted = self._error = self._dominator = None
         self.measured += 1
         if not self.stand_in:  # another device's predictor must not learn this device's times
             self.predictor.add_features(f"search-{len(self.predictor.model_samples)}", self._pending,
@@ -233,6 +281,7 @@ class Screening:
                 # a trial that reused a measured architecture carries its rounds, not a measurement of its own
                 "one_round": count(attrs.LATENCY_ROUNDS, lambda c: (c == 1) & trials[attrs.CACHED_FROM].isna()),
                 "alone": count(attrs.LATENCY_ROUNDS, lambda c: (c == 0) & trials[attrs.CACHED_FROM].isna()),
+                "dominated": count(attrs.DOMINATED_BY, lambda c: c.notna() & trials[attrs.CACHED_FROM].isna()),
                 "predicted": count(PREDICTED_ATTR, pd.Series.notna),
                 "held_out_p90_error": v.p90_abs_error if v is not None and v.n_models else None,
                 "held_out_models": v.n_models if v is not None else 0,

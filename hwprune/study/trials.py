@@ -49,6 +49,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "screened": t.user_attrs.get(attrs.SCREENED),  # --screen on: the predicted ms of a trial left unmeasured
             # --screen on: the judged latency predicted before measuring (an estimate beside the measurement)
             "predicted_ms": t.user_attrs.get(attrs.PREDICTED),
+            # --screen on: the trial that dominated it when it was settled on one measurement (attrs.DOMINATED_BY)
+            "dominated_by": t.user_attrs.get(attrs.DOMINATED_BY),
         }
         rows.append(row)
     return rows

@@ -4,6 +4,7 @@ screening, transfer and the calibrate command."""
 from __future__ import annotations
 
 import copy
+from typing import Any
 import dataclasses
 import json
 from pathlib import Path
@@ -414,6 +415,47 @@ def test_screen_learns_its_error_on_the_searched_models_candidates(measured, fit
     assert "its p90 error on 5 of this search's candidates, 5%" in skipped.user_attrs["fail_reason"]
 
 
+def test_a_candidate_a_measured_trial_dominates_is_settled_on_one_measurement(measured, fitted,
+                                                                              tmp_path: Path) -> None:
+    """Its accuracy known, a candidate predicted clearly slower than a measured feasible trial at least as accurate
+    and no larger cannot be on the front: one measurement that agrees settles it, however near the budget."""
+    import optuna
+    import torch
+
+    from hwprune.backends.memory import graph_memory
+    from hwprune.study.budgets import Budgets
+    from hwprune.study.screening import DOMINATED_MARGIN, Screening
+
+    _, ms, paths = measured
+    scr = Screening(fitted, paths[0], ms[0].measured_ms, log=lambda _: None, root=tmp_path)
+    net, x = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval(), torch.zeros(1, 3, 16, 16)
+    memory = graph_memory(export_onnx(net, x, tmp_path / "net.onnx", exporter="torchscript")).total_mb
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    predicted = study.ask()
+    scr.check(predicted, net, x, Budgets(latency_ms=1e6, memory_mb=None), "torchscript")
+    ms_ = predicted.user_attrs["predicted_ms"]
+    budgets = Budgets(latency_ms=ms_, memory_mb=None)  # on the budget's edge: nothing settles it as inside
+    scr.check(study.ask(), net, x, budgets, "torchscript")
+
+    def done(accuracy: float, latency_ms: float, memory_mb: float, feasible: bool = True) -> Any:
+        t = study.ask()
+        t.set_constraint("latency", -1.0 if feasible else 1.0)
+        t.set_constraint("memory", -1.0)
+        study.tell(t, [accuracy, latency_ms, memory_mb])
+        return study.trials[-1]
+
+    fast = done(0.9, 0.3 * ms_, memory)
+    assert scr.settles_for(0.95, [fast], budgets) is None  # the candidate is more accurate: it may be on the front
+    assert scr.settles_for(0.9, [done(0.9, 0.3 * ms_, 2 * memory)], budgets) is None  # the trial is larger
+    assert scr.settles_for(0.9, [done(0.9, 0.3 * ms_, memory, feasible=False)], budgets) is None  # over a budget
+    assert scr.settles_for(0.9, [done(0.9, 0.97 * ms_, memory)], budgets) is None  # not clearly faster
+    settles = scr.settles_for(0.85, [done(0.9, 0.5 * ms_, memory), fast], budgets)
+    assert settles is not None
+    assert settles(ms_) and scr.dominated_by(ms_) == fast.number  # the fastest dominating trial is named
+    # a measurement that does not put the candidate clearly slower than that trial settles nothing
+    assert not settles(0.3 * ms_ * (1 + DOMINATED_MARGIN) * 0.99) and scr.dominated_by(0.31 * ms_) is None
+
+
 def test_search_with_screen_on_records_screened_trials(measured, fitted, tmp_path: Path) -> None:
     import pandas as pd
 
@@ -503,6 +545,9 @@ def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, fitt
     assert (alone.latency_judged_ms - alone.latency_ms).abs().max() < 1e-9
     summary = json.loads(next(out.rglob("summary.json")).read_text())["search"]["screen"]
     assert summary["alone"] == len(alone) and summary["skipped"] == 0
+    # with the screen on, candidates are evaluated before they are measured, so a dominated one could be settled:
+    # the table names the trial that dominated it, and the summary counts them
+    assert "dominated_by" in table and summary["dominated"] == int(measured_rows.dominated_by.notna().sum())
     again = run_cli(*args, "--trials", "4", env=env)  # the same command with more trials resumes the study
     assert again.returncode == 0, again.stderr
     assert f"screening: {len(ratios)} earlier measured candidates of this study" in again.stderr
