@@ -458,7 +458,8 @@ def _health_section(run: RunData) -> Section:
                      f"{fmt_int(screen.get('skipped'))} of {fmt_int(screen.get('predicted'))} candidates skipped "
                      f"unmeasured (predicted over the latency budget), {fmt_int(screen.get('alone', 0))} judged on "
                      f"one measurement alone and {fmt_int(screen.get('one_round'))} on one round beside the dense "
-                     f"model (predicted and measured well inside it){own}"])
+                     f"model (predicted and measured well inside it, or clearly slower than a measured trial at "
+                     f"least as accurate: {fmt_int(screen.get('dominated', 0))} such){own}"])
     if srch.get("interrupted"):
         rows.append(["Interrupted", "**yes**"])
     s.blocks.append(Table(["Trials", "Count"], rows))
