@@ -302,7 +302,7 @@ def measure(
         else:
             pair = b.measure_beside if b.capabilities.beside else None  # type: ignore[attr-defined]
             rounds = interleaved_rounds(b.measure, model, beside, measure_pair=pair)
-            m = rounds.middle
+            m = rounds.steadiest  # the round a slow spell disturbed least, as a search reports a model's own median
     finally:
         b.close()
     ratio = None if rounds is None else {"reference": str(beside), "ratio": rounds.ratio, "ratio_upper": rounds.upper,

@@ -209,18 +209,20 @@ class Screening:
         that the candidate's prediction, less the error the screen allows it, is still ``DOMINATED_MARGIN`` slower
         than (judged under ``budgets`` now). The fastest such trial is kept for :meth:`dominated_by`.
         """
-        from hwprune.study.budgets import is_feasible, judged_latency
+        from hwprune.study.budgets import latency_ratio
 
         self._dominator = None
         if self._predicted is not None and self._error is not None and self._memory_mb is not None:
             b = budgets.now()
             floor = self._predicted * (1.0 - self._error)
             for t in trials:
-                if t.state != optuna.trial.TrialState.COMPLETE or not is_feasible(t):
+                if t.state != optuna.trial.TrialState.COMPLETE or not t.values:
                     continue
-                if t.values[0] < accuracy or t.values[2] > self._memory_mb:
+                # feasible under this run's budgets (a resumed study's earlier runs may have had others)
+                acc, lat, mem = t.values
+                if acc < accuracy or mem > self._memory_mb or not b.feasible(lat, mem, latency_ratio(t), acc):
                     continue
-                judged = judged_latency(t, b)
+                judged = b.judged_ms(lat, latency_ratio(t))
                 if judged * (1.0 + DOMINATED_MARGIN) <= floor and (self._dominator is None
                                                                     or judged < self._dominator[1]):
                     self._dominator = (t.number, judged)
