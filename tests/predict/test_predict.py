@@ -441,9 +441,9 @@ def test_a_candidate_a_measured_trial_dominates_is_settled_on_one_measurement(me
         study.tell(study.ask(), [accuracy, latency_ms, memory_mb])
         return study.trials[-1]
 
-    fast = done(0.9, 0.3 * ms_, memory)
+    fast = done(0.9, 0.1 * ms_, memory)  # clearly faster whatever the error allowed (under 85%)
     assert scr.settles_for(0.95, [fast], budgets) is None  # the candidate is more accurate: it may be on the front
-    assert scr.settles_for(0.9, [done(0.9, 0.3 * ms_, 2 * memory)], budgets) is None  # the trial is larger
+    assert scr.settles_for(0.9, [done(0.9, 0.1 * ms_, 2 * memory)], budgets) is None  # the trial is larger
     # a trial this run's budgets do not admit (here under an accuracy guard that judges trials) dominates nothing
     assert scr.settles_for(0.85, [fast], dataclasses.replace(budgets, accuracy_floor=0.95)) is None
     assert scr.settles_for(0.9, [done(0.9, 0.97 * ms_, memory)], budgets) is None  # not clearly faster
@@ -451,7 +451,7 @@ def test_a_candidate_a_measured_trial_dominates_is_settled_on_one_measurement(me
     assert settles is not None
     assert settles(ms_) and scr.dominated_by(ms_) == fast.number  # the fastest dominating trial is named
     # a measurement that does not put the candidate clearly slower than that trial settles nothing
-    assert not settles(0.3 * ms_ * (1 + DOMINATED_MARGIN) * 0.99) and scr.dominated_by(0.31 * ms_) is None
+    assert not settles(0.1 * ms_ * (1 + DOMINATED_MARGIN) * 0.99) and scr.dominated_by(0.105 * ms_) is None
 
 
 def test_search_with_screen_on_records_screened_trials(measured, fitted, tmp_path: Path) -> None:
