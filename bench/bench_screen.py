@@ -3,6 +3,10 @@
 Run from the repository root, after a predictor is stored for host-cpu (``hwprune calibrate --device host-cpu``):
 
     python -m bench.bench_screen [--model mobilenet-tiny] [--budget 0.6x] [--trials 30] [--out DIR]
+                                 [--device-threads N]
+
+``--device-threads N`` (N > 1) searches on a "device" with no predictor of its own: host-cpu's profile renamed
+``host-cpu-ortNt`` with N ONNX Runtime threads, so the screen is the host's predictor standing in.
 
 Runs the same search (same seed) twice, ``--screen off`` then ``--screen on``, each with a private copy of the stored
 predictor (the screened run adds its measurements to its copy, not to the stored one). Board-seconds are the
@@ -44,7 +48,8 @@ TRIAL_BOARD = ("session", "timing", "dense_beside")
 
 def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[str, object]:
     env = {**os.environ, "HWPRUNE_CACHE": str(cache)}
-    cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", args.model, "--latency-budget-ms", args.budget,
+    cmd = [sys.executable, "-m", "hwprune.cli", "search", "--model", args.model, "--device", args.device,
+           "--latency-budget-ms", args.budget,
            "--trials", str(args.trials), "--final-finetune-steps", str(args.final_finetune), "--screen", mode,
            "--seed", str(args.seed), "--out", str(out), "--quiet"]
     t0 = time.monotonic()
@@ -92,7 +97,26 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             # front models left out under the accuracy guard on their trial accuracy, never rebuilt or measured
             "not_remeasured": sum(not r.get("remeasured", True) for r in left_out),
             "in_study_ratio": float(own.group(1)) if own else None,
-            "in_study_p90": float(own.group(2)) / 100 if own else None}
+            "in_study_p90": float(own.group(2)) / 100 if own else None,
+            "stand_in": (summary["search"].get("screen") or {}).get("stand_in")}
+
+
+def _device_profile(threads: int, folder: Path) -> str:
+    """host-cpu, or (``threads`` > 1) a copy renamed host-cpu-ort<threads>t with that many ORT threads: a device
+    with no predictor of its own, screened by the host's standing in."""
+    if threads <= 1:
+        return "host-cpu"
+    from hwprune.profiles import available_profiles
+
+    text = available_profiles()["host-cpu"].read_text()
+    name = f"host-cpu-ort{threads}t"
+    text = text.replace('name = "host-cpu"', f'name = "{name}"', 1).replace("intra_op_threads = 1",
+                                                                            f"intra_op_threads = {threads}", 1)
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    if load_profile(path).ort.intra_op_threads != threads:
+        sys.exit(f"could not make a {threads}-thread profile from host-cpu's")
+    return str(path)
 
 
 def main() -> None:
@@ -104,6 +128,8 @@ def main() -> None:
                     help="final fine-tune steps")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench/results/screen"))
+    ap.add_argument("--device-threads", type=int, default=1,
+                    help="N > 1: search on host-cpu with N ORT threads as a device with no predictor of its own")
     args = ap.parse_args()
     profile = load_profile("host-cpu")
     predictor = store.find(profile.name, profile.ort.intra_op_threads)
@@ -111,6 +137,7 @@ def main() -> None:
         sys.exit("no stored predictor for host-cpu: run `hwprune calibrate --device host-cpu` first")
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-screen-") as tmp:
+        args.device = _device_profile(args.device_threads, Path(tmp))
         for mode in ("off", "on"):
             cache = Path(tmp) / f"cache-{mode}"
             store.save(predictor, cache)
