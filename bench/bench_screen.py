@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -70,8 +69,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     rec_entry = next((r for r in summary["pareto"] if r["trial"] == rec), None)
     screened = trials.fail_reason.astype(str).str.startswith("screened").sum()
     left_out = summary["search"].get("rejected_on_remeasure", [])
-    # the screen's own error on this model's candidates, as it logged it at the end (absent under 5 measured)
-    own = re.search(r"measured ([\d.]+)x the prediction, p90 error (\d+)%", proc.stderr)
+    # the screen's own error on this model's candidates (null under 5 measured)
+    own = summary["search"].get("screen") or {}
     return {"screen": mode, "exit": proc.returncode, "recommended_trial": rec,
             "signature": None if row is None else str(row.signature)[:12],
             "accuracy": None if rec_entry is None else rec_entry["accuracy"],
@@ -96,8 +95,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "confirmed": len(summary["pareto"]) + sum(r.get("remeasured", True) for r in left_out),
             # front models left out under the accuracy guard on their trial accuracy, never rebuilt or measured
             "not_remeasured": sum(not r.get("remeasured", True) for r in left_out),
-            "in_study_ratio": float(own.group(1)) if own else None,
-            "in_study_p90": float(own.group(2)) / 100 if own else None,
+            "in_study_ratio": own.get("study_ratio"),
+            "in_study_p90": own.get("study_p90_error"),
             "stand_in": (summary["search"].get("screen") or {}).get("stand_in")}
 
 
