@@ -28,7 +28,7 @@ from hwprune.quant.base import QuantizationError
 from hwprune.study.objective import TrialRunner
 from hwprune.study.precision import has_int8, precision_record, signature_with, write_calibration
 from hwprune.study.records import ModelRecord, model_record
-from hwprune.study.reference import ROUNDS, Rounds, interleaved_rounds, retime_in_slow_spell
+from hwprune.study.reference import ROUNDS, Rounds, interleaved_rounds, own_median_note, retime_in_slow_spell
 from hwprune.study.result import ParetoModel
 from hwprune.subjects.base import Subject
 
@@ -231,10 +231,9 @@ def confirm_latency(ctx: RunContext, trial_m: Measurement, trial_ratio: float | 
                 ctx.log(f"{onnx_path.parent.name}: the host stayed slow through {len(rounds.measurements)} rounds "
                         f"(the dense model beside it {slow:.2f}x its reference at best); its own median is slowed "
                         "alike, its ratio is not")
-                notes.append(f"its own median was timed while the host ran slow (the dense model beside it at "
-                             f"{slow:.2f}x its reference in the steadiest of {len(rounds.measurements)} rounds); "
-                             "the judged latency, its ratio to the dense model, is not affected")
-            return rounds.steadiest, rounds, "; ".join(notes) or None
+            drift = own_median_note(rounds.slowdown(reference) if reference is not None else None,
+                                    len(rounds.measurements), slow is not None)
+            return rounds.steadiest, rounds, "; ".join(notes + ([drift] if drift else [])) or None
         fresh = ctx.measure(onnx_path)
         if meets(fresh) == meets(trial_m):
             return fresh, None, None

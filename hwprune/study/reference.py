@@ -41,6 +41,10 @@ MIN_RELATIVE_SE = 0.01
 # measured to time it outside the spell. The judged latency (the ratio) does not need it: a spell slows both models.
 SLOW_SPELL = 1.25
 RETIME_ROUNDS = 2
+# a listed model whose own median was timed while the dense model beside it ran this far (either way) from the dense
+# reference gets a note: its own median and its judged latency (ratio x reference) then differ by as much, and a
+# reader comparing the two columns must know why (a host that drifted between the dense sets and the confirmation)
+DRIFT_NOTE = 0.15
 
 
 @dataclass
@@ -188,6 +192,22 @@ def retime_in_slow_spell(rounds: Rounds, reference_ms: float, measure: Callable[
             return slow
         one_round(rounds, measure, path, dense_path, measure_pair)
         added += 1
+
+
+def own_median_note(slowdown: float | None, rounds: int, outlasted: bool) -> str | None:
+    """A note for a model whose own median was timed while the dense model beside it ran ``slowdown`` x the dense
+    reference (in the steadiest of ``rounds`` rounds; ``outlasted``: a slow spell outlasted the re-timing rounds), or
+    None when that is within ``DRIFT_NOTE`` of it."""
+    if slowdown is None or abs(slowdown - 1.0) <= DRIFT_NOTE:
+        return None
+    if outlasted:
+        return (f"its own median was timed while the host ran slow (the dense model beside it at {slowdown:.2f}x its "
+                f"reference in the steadiest of {rounds} rounds); the judged latency, its ratio to the dense model, "
+                "is not affected")
+    pace = "slower" if slowdown > 1.0 else "faster"
+    return (f"its own median was timed while the dense model beside it ran at {slowdown:.2f}x the dense reference "
+            f"(the middle of the dense sets over the search): the host ran {pace} then, so its own median and its "
+            "judged latency (its ratio to the dense model x that reference) differ by about as much")
 
 
 def standard_error(ratios: list[float]) -> float:

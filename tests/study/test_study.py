@@ -388,6 +388,14 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     assert len(own.measurements) == len(own.ratios) == len(own.dense_ms) == ROUNDS + RETIME_ROUNDS
     # without the dense medians (pooled or older rounds) there is nothing to judge a spell by
     assert Rounds([own.measurements[0]], [1.0]).slowdown(pace) is None
+    # a note when the own median was timed far from the reference's pace, either way; none near it
+    from hwprune.study.reference import DRIFT_NOTE, own_median_note
+
+    assert own_median_note(None, 3, False) is None and own_median_note(1.0 + DRIFT_NOTE / 2, 3, False) is None
+    assert "ran faster then" in (own_median_note(0.8, 3, False) or "")
+    assert "ran slower then" in (own_median_note(1.2, 3, False) or "")
+    outlasted = own_median_note(slow, 5, True) or ""
+    assert "host ran slow" in outlasted and "steadiest of 5 rounds" in outlasted
 
 
 def test_rounds_are_decided_by_the_median_and_its_standard_error() -> None:
