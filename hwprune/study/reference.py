@@ -161,13 +161,13 @@ def one_round(rounds: Rounds, measure: Callable[[Path], Measurement], path: Path
     if measure_pair is not None:
         m, dense, pair_ratios = measure_pair(path, dense_path)
         ratio = statistics.median(pair_ratios)
-    elif len(rounds.ratios) % 2:  # alternate which goes first, so a drifting host favours neither
-        dense = measure(dense_path)
-        m = measure(path)
-        ratio = m.latency.median_ms / dense.latency.median_ms
     else:
-        m = measure(path)
-        dense = measure(dense_path)
+        if len(rounds.ratios) % 2:  # alternate which goes first, so a drifting host favours neither
+            dense = measure(dense_path)
+            m = measure(path)
+        else:
+            m = measure(path)
+            dense = measure(dense_path)
         ratio = m.latency.median_ms / dense.latency.median_ms
     rounds.measurements.append(m)
     rounds.dense_ms.append(dense.latency.median_ms)

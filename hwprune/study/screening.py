@@ -220,9 +220,10 @@ class Screening:
                     continue
                 # feasible under this run's budgets (a resumed study's earlier runs may have had others)
                 acc, lat, mem = t.values
-                if acc < accuracy or mem > self._memory_mb or not b.feasible(lat, mem, latency_ratio(t), acc):
+                ratio = latency_ratio(t)
+                if acc < accuracy or mem > self._memory_mb or not b.feasible(lat, mem, ratio, acc):
                     continue
-                judged = b.judged_ms(lat, latency_ratio(t))
+                judged = b.judged_ms(lat, ratio)
                 if judged * (1.0 + DOMINATED_MARGIN) <= floor and (self._dominator is None
                                                                     or judged < self._dominator[1]):
                     self._dominator = (t.number, judged)
