@@ -231,8 +231,7 @@ def confirm_latency(ctx: RunContext, trial_m: Measurement, trial_ratio: float | 
                 ctx.log(f"{onnx_path.parent.name}: the host stayed slow through {len(rounds.measurements)} rounds "
                         f"(the dense model beside it {slow:.2f}x its reference at best); its own median is slowed "
                         "alike, its ratio is not")
-            drift = own_median_note(rounds.slowdown(reference) if reference is not None else None,
-                                    len(rounds.measurements), slow is not None)
+            drift = own_median_note(rounds, reference, slow is not None)
             return rounds.steadiest, rounds, "; ".join(notes + ([drift] if drift else [])) or None
         fresh = ctx.measure(onnx_path)
         if meets(fresh) == meets(trial_m):

@@ -41,9 +41,10 @@ MIN_RELATIVE_SE = 0.01
 # measured to time it outside the spell. The judged latency (the ratio) does not need it: a spell slows both models.
 SLOW_SPELL = 1.25
 RETIME_ROUNDS = 2
-# a listed model whose own median was timed while the dense model beside it ran this far (either way) from the dense
-# reference gets a note: its own median and its judged latency (ratio x reference) then differ by as much, and a
-# reader comparing the two columns must know why (a host that drifted between the dense sets and the confirmation)
+# a listed model whose own median and judged latency (median ratio x dense reference) differ by more than this,
+# either way, gets a note saying why: a reader comparing the two columns must know (the host's pace at the round
+# that timed it, that round's ratio against the rounds' median, or both; a README demo: 20% apart, neither factor
+# over 15% alone)
 DRIFT_NOTE = 0.15
 
 
@@ -194,20 +195,34 @@ def retime_in_slow_spell(rounds: Rounds, reference_ms: float, measure: Callable[
         added += 1
 
 
-def own_median_note(slowdown: float | None, rounds: int, outlasted: bool) -> str | None:
-    """A note for a model whose own median was timed while the dense model beside it ran ``slowdown`` x the dense
-    reference (in the steadiest of ``rounds`` rounds; ``outlasted``: a slow spell outlasted the re-timing rounds), or
-    None when that is within ``DRIFT_NOTE`` of it."""
-    if slowdown is None or abs(slowdown - 1.0) <= DRIFT_NOTE:
+def own_median_note(rounds: Rounds, reference_ms: float | None, outlasted: bool) -> str | None:
+    """A note for a listed model whose own median (:attr:`Rounds.steadiest`) and judged latency (the rounds' median
+    ratio x ``reference_ms``, the dense reference) differ by more than ``DRIFT_NOTE``, either way, or whose own
+    median was timed in a slow spell that outlasted the re-timing rounds (``outlasted``); None otherwise.
+
+    The two differ by the product of two factors, both named in the note: how fast the dense model beside the
+    round ran against the reference (the host's pace then) and how that round's ratio compares with the rounds'
+    median (the round's own noise).
+    """
+    slowdown = rounds.slowdown(reference_ms) if reference_ms is not None else None
+    if slowdown is None or not rounds.ratios:
         return None
+    own = rounds.steadiest.latency.median_ms
+    judged = rounds.ratio * reference_ms
     if outlasted:
-        return (f"its own median was timed while the host ran slow (the dense model beside it at {slowdown:.2f}x its "
-                f"reference in the steadiest of {rounds} rounds); the judged latency, its ratio to the dense model, "
-                "is not affected")
-    pace = "slower" if slowdown > 1.0 else "faster"
-    return (f"its own median was timed while the dense model beside it ran at {slowdown:.2f}x the dense reference "
-            f"(the middle of the dense sets over the search): the host ran {pace} then, so its own median and its "
-            "judged latency (its ratio to the dense model x that reference) differ by about as much")
+        return (f"its own median ({own:.3f} ms) was timed while the host ran slow (the dense model beside it at "
+                f"{slowdown:.2f}x its reference in the steadiest of {len(rounds.measurements)} rounds); the judged "
+                f"latency ({judged:.3f} ms), its ratio to the dense model, is not affected")
+    apart = own / judged - 1.0
+    if abs(apart) <= DRIFT_NOTE:
+        return None
+    dense_beside = rounds.dense_ms[rounds.measurements.index(rounds.steadiest)]
+    round_vs_median = own / dense_beside / rounds.ratio
+    return (f"its own median, {own:.3f} ms, is {abs(apart):.0%} {'above' if apart > 0 else 'below'} its judged "
+            f"latency, {judged:.3f} ms (its median ratio to the dense model x the dense reference): in the round "
+            f"it was timed in, the dense model beside it ran at {slowdown:.2f}x the reference (the host's pace "
+            f"then) and the model at {round_vs_median:.2f}x its median ratio (that round's noise); the budget "
+            "was judged on the ratio")
 
 
 def standard_error(ratios: list[float]) -> float:

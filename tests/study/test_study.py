@@ -388,14 +388,31 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     assert len(own.measurements) == len(own.ratios) == len(own.dense_ms) == ROUNDS + RETIME_ROUNDS
     # without the dense medians (pooled or older rounds) there is nothing to judge a spell by
     assert Rounds([own.measurements[0]], [1.0]).slowdown(pace) is None
-    # a note when the own median was timed far from the reference's pace, either way; none near it
+    # a note when the own median and the judged latency (median ratio x reference) differ by more than DRIFT_NOTE,
+    # either way, naming both factors: the host's pace at the round that timed it and that round's ratio against
+    # the median; none when they agree; the slow-spell note when a spell outlasted the re-timing
+    import dataclasses
+
     from hwprune.study.reference import DRIFT_NOTE, own_median_note
 
-    assert own_median_note(None, 3, False) is None and own_median_note(1.0 + DRIFT_NOTE / 2, 3, False) is None
-    assert "ran faster then" in (own_median_note(0.8, 3, False) or "")
-    assert "ran slower then" in (own_median_note(1.2, 3, False) or "")
-    outlasted = own_median_note(slow, 5, True) or ""
-    assert "host ran slow" in outlasted and "steadiest of 5 rounds" in outlasted
+    def timed(ms: float) -> Any:
+        return dataclasses.replace(own.measurements[0], latency=dataclasses.replace(own.measurements[0].latency,
+                                                                                    median_ms=ms))
+
+    # own 0.108 ms beside a dense 0.224 ms (1.12x a 0.2 ms reference), ratios 0.45-0.52: judged 0.09 ms, 20% apart,
+    # though neither factor is 15% alone (the README demo's case)
+    demo = Rounds([timed(0.108), timed(0.1)], [0.45, 0.482, 0.5], dense_ms=[0.224, 0.23])
+    note = own_median_note(demo, 0.2, False) or ""
+    assert "0.108 ms, is 20% above its judged latency, 0.090 ms" in note
+    assert "1.12x the reference" in note and "1.00x its median ratio" in note
+    assert own_median_note(Rounds([timed(0.088)], [0.45], dense_ms=[0.2]), 0.2, False) is None
+    below = own_median_note(Rounds([timed(0.07)], [0.45], dense_ms=[0.16]), 0.2, False) or ""
+    assert "22% below" in below and "0.80x the reference" in below
+    assert own_median_note(Rounds([timed(0.1)], [0.45]), 0.2, False) is None  # no dense medians: nothing to say
+    assert own_median_note(demo, None, False) is None
+    assert 1.0 + DRIFT_NOTE < 0.108 / 0.09
+    outlasted = own_median_note(own, min(own.dense_ms) / slow, True) or ""
+    assert "host ran slow" in outlasted and f"steadiest of {len(own.measurements)} rounds" in outlasted
 
 
 def test_rounds_are_decided_by_the_median_and_its_standard_error() -> None:
