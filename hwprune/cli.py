@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from hwprune.config import SearchConfig
+from hwprune.config import SearchConfig, prepare_run_dir
 from hwprune.errors import BudgetUnreachable, HwpruneError
 
 if TYPE_CHECKING:  # the search's records import torch: only once a search has run
@@ -368,6 +368,9 @@ def calibrate(
         raise HwpruneError(f"--budget-seconds {budget_seconds:g}: must be positive")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise HwpruneError(f"--out {out_dir}: not a folder")
+    # minutes of measurements must not be lost to a folder that cannot take the predictor at the end
+    prepare_run_dir((out_dir or store.cache_root()) / "predictors", "choose an --out folder you can write to "
+                    "(or set $HWPRUNE_CACHE)", what="predictor folder")
     profile = _profile(device, _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port,
                                           tuning_trials))
     if from_profile is None and profile.backend not in ("ort", "estimate", "ssh-ort"):

@@ -67,9 +67,14 @@ def check_storage_url(url: str) -> str:
     return url
 
 
-def prepare_run_dir(path: Path, hint: str = "choose an --out folder you can write to") -> Path:
+def prepare_run_dir(path: Path, hint: str = "choose an --out folder you can write to",
+                    what: str = "run folder") -> Path:
     """Create the run folder ``path`` (and its parents) and check that a file can be written in it, before any work
-    starts; a folder that cannot be made or written is one error naming it."""
+    starts; a folder that cannot be made or written is one error naming it (as ``what``).
+
+    Raises:
+        HwpruneError: the folder cannot be created or written.
+    """
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -81,7 +86,7 @@ def prepare_run_dir(path: Path, hint: str = "choose an --out folder you can writ
             why = f"{blocker} exists and is not a folder"
         else:
             why = exc.strerror or str(exc)
-        raise HwpruneError(f"cannot create or write the run folder {path}: {why}; {hint}") from None
+        raise HwpruneError(f"cannot create or write the {what} {path}: {why}; {hint}") from None
     return path
 
 

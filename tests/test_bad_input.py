@@ -200,6 +200,10 @@ CASES: dict[str, tuple[tuple[str, ...], str]] = {  # name: (argv, what the error
     "calibrate budget negative": (("calibrate", "--budget-seconds", "-1"), '--budget-seconds -1: must be positive'),
     "calibrate out is a file": (("calibrate", "--out", "{in}/a-file.txt", "--budget-seconds", "1"),
                                 'a-file.txt: not a folder'),
+    # checked before minutes of measurements, not when the predictor is saved after them
+    "calibrate out under a file": (("calibrate", "--out", "{in}/a-file.txt/sub", "--budget-seconds", "600"),
+                                   'a-file.txt exists and is not a folder; choose an --out folder you can write to '
+                                   '(or set $HWPRUNE_CACHE)'),
     "doctor device unknown": (("doctor", "--device", "pi-17"), "unknown device profile 'pi-17'"),
     "doctor device peak_gflops 0": (("doctor", "--device", "{in}/zero-gflops.toml"), 'peak_gflops: must be positive'),
     "doctor tracker without port": (("doctor", "--device", "raspberry-pi-4", "--tracker", "nohost"),
