@@ -15,8 +15,8 @@ the dense model beside them, re-measures of the incumbent and the front's confir
 trials' share (their ``stage_seconds``: session, timing, dense beside); ``alone`` counts the trials judged on one
 measurement alone against the dense reference and ``one_round`` those judged on one round beside the dense model
 (predicted and measured well inside the budget, or clearly slower than a measured trial at least as accurate:
-``dominated`` counts those). ``incumbent_s`` and
-``confirm_s`` are the wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune
+``dominated`` counts those, ``under_guard`` those that could not be listed: under the accuracy guard with more
+accurate trials ahead). ``incumbent_s`` and ``confirm_s`` are the wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune
 replays and evaluation included: host work, not only the board's); ``confirmed`` counts the models confirmed (listed
 or left out on re-measure). Prints a table and writes
 screen.csv / screen.json, and each run's trials.csv, summary.json and log as trials-off.csv / trials-on.csv,
@@ -85,6 +85,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "alone": (summary["search"].get("screen") or {}).get("alone", 0),
             # of those settled on one measurement or round, the ones a measured, more accurate trial dominated
             "dominated": (summary["search"].get("screen") or {}).get("dominated", 0),
+            # ... and the ones that could not be listed (under the accuracy guard, more accurate trials ahead)
+            "under_guard": (summary["search"].get("screen") or {}).get("under_guard", 0),
             "board_s": board, "trials_board_s": sum(per_trial),
             # the fixed part, as wall seconds (host work included): the incumbent measured again while refining,
             # the front confirmed at the end

@@ -459,7 +459,9 @@ def _health_section(run: RunData) -> Section:
                      f"unmeasured (predicted over the latency budget), {fmt_int(screen.get('alone', 0))} judged on "
                      f"one measurement alone and {fmt_int(screen.get('one_round'))} on one round beside the dense "
                      f"model (predicted and measured well inside it, or clearly slower than a measured trial at "
-                     f"least as accurate: {fmt_int(screen.get('dominated', 0))} such){own}"])
+                     f"least as accurate: {fmt_int(screen.get('dominated', 0))} such; or under the accuracy "
+                     f"guard with enough more accurate models ahead of it that it could not be listed: "
+                     f"{fmt_int(screen.get('under_guard', 0))} such){own}"])
     if srch.get("interrupted"):
         rows.append(["Interrupted", "**yes**"])
     s.blocks.append(Table(["Trials", "Count"], rows))

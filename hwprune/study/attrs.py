@@ -52,3 +52,7 @@ SCREEN_RATIO = "screen_ratio"  # trial: --screen on, measured / predicted judged
 # trial: --screen on, the measured feasible trial, at least as accurate and no larger, that the candidate was predicted
 # and then measured clearly slower than: settled on one measurement instead of the rounds (it cannot be on the front)
 DOMINATED_BY = "dominated_by"
+# trial: --screen on, settled on one measurement because it cannot be listed: its accuracy is under the guard's floor
+# and, where the guard judges the final fine-tune, enough measured feasible trials are more accurate that the final
+# candidates are drawn before it (hwprune.study.screening.Screening.settles_for)
+UNDER_GUARD = "under_guard"

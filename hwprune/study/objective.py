@@ -292,12 +292,15 @@ class TrialRunner:
                 acc = self.evaluate(pruned.module, stages)
                 stage = failfast.EXPORT_STAGE
                 done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                m, ratio = self.export_and_measure(pruned.module, stages,
-                                                   self.screening.settles_for(acc, done, self.budgets))
+                settles = self.screening.settles_for(acc, done, self.budgets,
+                                                     uniform=attrs.UNIFORM_RATIO in trial.user_attrs)
+                m, ratio = self.export_and_measure(pruned.module, stages, settles)
                 judged = self.budgets.now().judged_ms(m.latency.median_ms, ratio)
                 dominator = self.screening.dominated_by(judged) if self.last_rounds in (0, 1) else None
                 if dominator is not None:
                     trial.set_user_attr(attrs.DOMINATED_BY, dominator)
+                if self.last_rounds in (0, 1) and self.screening.under_guard:
+                    trial.set_user_attr(attrs.UNDER_GUARD, True)
                 own = self.screening.record(m, judged)
                 if own is not None:
                     trial.set_user_attr(attrs.SCREEN_RATIO, own)

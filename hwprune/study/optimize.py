@@ -94,7 +94,9 @@ def run_trials(ctx: RunContext, subject: Subject, request: dict[str, Any], finge
     dense_m = reference.measurement
     runner.add_dense(dense.signature, [dense.accuracy, dense_m.latency.median_ms, dense_m.memory.total_mb],
                      dense.trial_attrs(dense_m, relative=bool(budgets.latency_factor)))
-    runner.screening = open_screening(c.screen, ctx.profile, dense.path, dense_m.latency.median_ms, ctx.log)
+    # guard_trials is False exactly when final candidates get the final fine-tune (make_budgets)
+    runner.screening = open_screening(c.screen, ctx.profile, dense.path, dense_m.latency.median_ms, ctx.log,
+                                      finalists=0 if budgets.guard_trials else max(1, c.final_candidates))
     if runner.screening is not None:  # a resumed study: its earlier measured candidates give the screen's error
         runner.screening.resume(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     interrupted = _optimize(ctx, study, runner, reference, budgets, request)

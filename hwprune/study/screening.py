@@ -59,6 +59,11 @@ STUDY_ERROR_FLOOR = 0.05  # the least error allowed for: the measurement's own r
 # trial at least as accurate and no larger is settled on one measurement: as far as SETTLE_MARGIN puts a candidate
 # from the budget, for the same reason (drift of the dense reference since it was measured)
 DOMINATED_MARGIN = 0.10
+# a candidate under the accuracy guard's floor is listed only as a final candidate, drawn in order of accuracy from
+# the measured feasible trials; the draw confirms at most FINALIST_DEPTH x the wanted number before it stops
+# (hwprune.study.finalists.final_candidates), so with that many distinct architectures more accurate it is never
+# reached
+FINALIST_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class Screening:
     # a predictor of another device standing in (the host's, for a board without one of its own): its predictions
     # are only taken relative to the dense model, the device's measurements are not added to it and it is not saved
     stand_in: bool = False
+    # final candidates the search draws (0: none, the guard then judges each trial's accuracy): what decides whether
+    # a candidate under the guard's floor can still be listed (settles_for)
+    finalists: int = 0
     screened: int = 0
     measured: int = 0
     _dense_pred: float | None = None
@@ -105,6 +113,7 @@ class Screening:
     _error: float | None = None  # the relative error the screen allowed that prediction
     _memory_mb: float | None = None  # the pending candidate's memory (weights and peak activations, from its graph)
     _dominator: tuple[int, float] | None = None  # (trial, judged ms) that dominates the pending candidate
+    _under_guard: bool = False  # the pending candidate cannot be listed (under the guard's floor, settles_for)
     ratios: list[float] = field(default_factory=list)  # measured / predicted judged latency of measured candidates
 
     def study_error(self) -> tuple[float, float | None]:
@@ -141,6 +150,7 @@ class Screening:
             memory_mb = graph_memory(path).total_mb  # what the backend's measurement will report
         self._pending = feats
         self._settle_ms = self._predicted = self._error = self._dominator = None
+        self._under_guard = False
         self._memory_mb = memory_mb
         judged = self._decide(feats, budgets)
         if judged is None:
@@ -198,20 +208,25 @@ class Screening:
         it well inside the budget (``measure_once``) and the round agrees, by the same margin; or (after
         :meth:`settles_for`) a trial dominates it and the round agrees (:meth:`dominated_by`)."""
         inside = self._settle_ms is not None and judged_ms <= self._settle_ms
-        return inside or self.dominated_by(judged_ms) is not None
+        return inside or self._under_guard or self.dominated_by(judged_ms) is not None
 
     def settles_for(self, accuracy: float, trials: list[optuna.trial.FrozenTrial],
-                    budgets: Any) -> Callable[[float], bool] | None:
+                    budgets: Any, uniform: bool = False) -> Callable[[float], bool] | None:
         """What settles the candidate just screened on one measurement now that its ``accuracy`` is known
-        (:meth:`settles`), or None when nothing can: neither predicted well inside the budget nor dominated.
+        (:meth:`settles`), or None when nothing can: neither predicted well inside the budget, nor dominated, nor
+        unable to be listed.
 
         Dominated: of ``trials`` (the study's), a complete feasible one at least as accurate and no larger in memory
         that the candidate's prediction, less the error the screen allows it, is still ``DOMINATED_MARGIN`` slower
         than (judged under ``budgets`` now). The fastest such trial is kept for :meth:`dominated_by`.
+
+        Unable to be listed (:attr:`under_guard`): see :meth:`cannot_be_listed`; ``uniform``: the candidate is one
+        of the bisection's uniform models, one of which is always a final candidate, so it can be.
         """
         from hwprune.study.budgets import latency_ratio
 
         self._dominator = None
+        self._under_guard = not uniform and self.cannot_be_listed(accuracy, trials, budgets)
         if self._predicted is not None and self._error is not None and self._memory_mb is not None:
             b = budgets.now()
             floor = self._predicted * (1.0 - self._error)
@@ -227,7 +242,35 @@ class Screening:
                 if judged * (1.0 + DOMINATED_MARGIN) <= floor and (self._dominator is None
                                                                     or judged < self._dominator[1]):
                     self._dominator = (t.number, judged)
-        return self.settles if self._settle_ms is not None or self._dominator is not None else None
+        return self.settles if (self._settle_ms is not None or self._dominator is not None
+                                or self._under_guard) else None
+
+    def cannot_be_listed(self, accuracy: float, trials: list[optuna.trial.FrozenTrial], budgets: Any) -> bool:
+        """Whether a candidate of ``accuracy`` cannot be a listed model, whatever its latency, so that its latency
+        only guides the sampler and one measurement settles it: its accuracy is under the guard's floor and either
+        the guard judges each trial (the candidate is infeasible) or at least ``FINALIST_DEPTH`` x
+        :attr:`finalists` distinct architectures among ``trials``, feasible under ``budgets`` now, are at least as
+        accurate (the guard judges the final fine-tune, and a model under its floor by its trial accuracy is listed
+        only as a final candidate, which are drawn before it). A listed model is confirmed in fresh rounds beside
+        the dense model all the same."""
+        from hwprune.study.budgets import latency_ratio
+
+        b = budgets.now()
+        if b.accuracy_floor is None or accuracy >= b.accuracy_floor:
+            return False
+        if b.guard_trials:
+            return True
+        if self.finalists <= 0:
+            return False
+        ahead = {t.user_attrs.get(attrs.SIGNATURE, t.number) for t in trials
+                 if t.state == optuna.trial.TrialState.COMPLETE and t.values and t.values[0] >= accuracy
+                 and b.feasible(t.values[1], t.values[2], latency_ratio(t), t.values[0])}
+        return len(ahead) >= FINALIST_DEPTH * self.finalists
+
+    @property
+    def under_guard(self) -> bool:
+        """Whether the candidate just judged by :meth:`settles_for` cannot be listed (:meth:`cannot_be_listed`)."""
+        return self._under_guard
 
     def dominated_by(self, judged_ms: float) -> int | None:
         """The trial that dominates the candidate just screened when a round judged it at ``judged_ms``: the one
@@ -262,6 +305,7 @@ class Screening:
             ratio = judged_ms / self._pending_ms
             self.ratios.append(ratio)
         self._pending_ms = self._settle_ms = self._predicted = self._error = self._dominator = None
+        self._under_guard = False
         self.measured += 1
         if not self.stand_in:  # another device's predictor must not learn this device's times
             self.predictor.add_features(f"search-{len(self.predictor.model_samples)}", self._pending,
@@ -285,6 +329,8 @@ class Screening:
                 "one_round": count(attrs.LATENCY_ROUNDS, lambda c: (c == 1) & trials[attrs.CACHED_FROM].isna()),
                 "alone": count(attrs.LATENCY_ROUNDS, lambda c: (c == 0) & trials[attrs.CACHED_FROM].isna()),
                 "dominated": count(attrs.DOMINATED_BY, lambda c: c.notna() & trials[attrs.CACHED_FROM].isna()),
+                # recorded only as True
+                "under_guard": count(attrs.UNDER_GUARD, lambda c: c.notna() & trials[attrs.CACHED_FROM].isna()),
                 "predicted": count(PREDICTED_ATTR, pd.Series.notna),
                 "held_out_p90_error": v.p90_abs_error if v is not None and v.n_models else None,
                 "held_out_models": v.n_models if v is not None else 0,
@@ -313,7 +359,7 @@ class Screening:
 
 
 def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, log: Any,
-                   root: Path | None = None) -> Screening | None:
+                   root: Path | None = None, finalists: int = 0) -> Screening | None:
     """The search's screen, or None when ``mode`` is off or no predictor is stored for the profile (logged).
 
     Args:
@@ -323,6 +369,7 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
         dense_ms: the dense model's measured latency (the reference predictions are rescaled to).
         log: one line per message.
         root: the predictor store's root (default: the measurement cache).
+        finalists: the final candidates the search draws (0: none; :attr:`Screening.finalists`).
     """
     if mode != "on":
         return None
@@ -342,13 +389,13 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
             f"its predictions taken relative to the dense model measured here, allowing a {DEFAULT_ERROR:.0%} error "
             f"until {MIN_STUDY_SAMPLES} measured candidates give its own (`hwprune calibrate --device "
             f"{profile.name}` fits the device's)")
-        return Screening(host, Path(dense_onnx), float(dense_ms), log, root, stand_in=True)
+        return Screening(host, Path(dense_onnx), float(dense_ms), log, root, stand_in=True, finalists=finalists)
     v = predictor.validation
     err = f"p90 error {v.p90_abs_error:.0%} on {v.n_models} held-out models" if v is not None and v.n_models else \
         "never validated"
     log(f"screening: candidates predicted well over the latency budget are skipped unmeasured (fitted predictor, "
         f"{err})")
-    return Screening(predictor, Path(dense_onnx), float(dense_ms), log, root)
+    return Screening(predictor, Path(dense_onnx), float(dense_ms), log, root, finalists=finalists)
 
 
 def _host_stand_in(root: Path | None) -> Any:

@@ -51,6 +51,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
             "predicted_ms": t.user_attrs.get(attrs.PREDICTED),
             # --screen on: the trial that dominated it when it was settled on one measurement (attrs.DOMINATED_BY)
             "dominated_by": t.user_attrs.get(attrs.DOMINATED_BY),
+            # --screen on: settled on one measurement because it could not be listed (attrs.UNDER_GUARD)
+            "under_guard": t.user_attrs.get(attrs.UNDER_GUARD),
         }
         rows.append(row)
     return rows

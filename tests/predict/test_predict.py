@@ -444,14 +444,60 @@ def test_a_candidate_a_measured_trial_dominates_is_settled_on_one_measurement(me
     fast = done(0.9, 0.1 * ms_, memory)  # clearly faster whatever the error allowed (under 85%)
     assert scr.settles_for(0.95, [fast], budgets) is None  # the candidate is more accurate: it may be on the front
     assert scr.settles_for(0.9, [done(0.9, 0.1 * ms_, 2 * memory)], budgets) is None  # the trial is larger
-    # a trial this run's budgets do not admit (here under an accuracy guard that judges trials) dominates nothing
-    assert scr.settles_for(0.85, [fast], dataclasses.replace(budgets, accuracy_floor=0.95)) is None
+    # a trial this run's budgets do not admit (here under an accuracy guard that judges trials) dominates nothing;
+    # the candidate, under that guard too, is settled as one that cannot be listed
+    assert scr.settles_for(0.85, [fast], dataclasses.replace(budgets, accuracy_floor=0.95)) is not None
+    assert scr.under_guard and scr.dominated_by(ms_) is None
     assert scr.settles_for(0.9, [done(0.9, 0.97 * ms_, memory)], budgets) is None  # not clearly faster
     settles = scr.settles_for(0.85, [done(0.9, 0.5 * ms_, memory), fast], budgets)
     assert settles is not None
     assert settles(ms_) and scr.dominated_by(ms_) == fast.number  # the fastest dominating trial is named
     # a measurement that does not put the candidate clearly slower than that trial settles nothing
     assert not settles(0.1 * ms_ * (1 + DOMINATED_MARGIN) * 0.99) and scr.dominated_by(0.105 * ms_) is None
+
+
+def test_a_candidate_that_cannot_be_listed_is_settled_on_one_measurement(measured, fitted, tmp_path: Path) -> None:
+    """Under the accuracy guard's floor, a candidate is listed only as a final candidate: where the guard judges each
+    trial it is infeasible, and where it judges the final fine-tune the draw reaches it only with fewer than
+    FINALIST_DEPTH x finalists distinct architectures at least as accurate and feasible ahead of it. Then its
+    latency only guides the sampler and any one measurement settles it."""
+    import optuna
+    import torch
+
+    from hwprune.study.budgets import Budgets
+    from hwprune.study.screening import FINALIST_DEPTH, Screening
+
+    _, ms, paths = measured
+    scr = Screening(fitted, paths[0], ms[0].measured_ms, log=lambda _: None, root=tmp_path, finalists=1)
+    net, x = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval(), torch.zeros(1, 3, 16, 16)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    predicted = study.ask()
+    scr.check(predicted, net, x, Budgets(latency_ms=1e6, memory_mb=None), "torchscript")
+    ms_ = predicted.user_attrs["predicted_ms"]
+    # on the budget's edge, so nothing settles the candidate as inside it; the guard judges the final fine-tune
+    budgets = Budgets(latency_ms=ms_, memory_mb=None, accuracy_floor=0.8, guard_trials=False)
+    scr.check(study.ask(), net, x, budgets, "torchscript")
+
+    def done(accuracy: float, latency_ms: float, signature: str) -> Any:
+        trial = study.ask()
+        trial.set_user_attr("signature", signature)
+        study.tell(trial, [accuracy, latency_ms, 1.0])
+        return study.trials[-1]
+
+    a, a_again, b = done(0.9, 0.5 * ms_, "a"), done(0.9, 0.5 * ms_, "a"), done(0.88, 0.6 * ms_, "b")
+    over = done(0.95, 2 * ms_, "c")  # over the latency budget: not drawn before the candidate
+    assert FINALIST_DEPTH * scr.finalists == 2
+    assert scr.settles_for(0.85, [a, b], budgets) is None and not scr.under_guard  # above the floor
+    assert scr.settles_for(0.7, [a, a_again, over], budgets) is None  # one architecture ahead, counted once
+    settles = scr.settles_for(0.7, [a, a_again, b, over], budgets)
+    assert settles is not None and scr.under_guard and settles(10 * ms_)  # any measurement settles it
+    assert scr.settles_for(0.7, [a, b], budgets, uniform=True) is None  # a uniform model is the baseline finalist
+    # the guard judging each trial: under its floor is infeasible, with nothing ahead; no guard: nothing settles
+    assert scr.settles_for(0.7, [], dataclasses.replace(budgets, guard_trials=True)) is not None
+    assert scr.settles_for(0.7, [a, b], dataclasses.replace(budgets, accuracy_floor=None)) is None
+    assert scr.settles_for(0.7, [a, b], budgets) is not None
+    scr.check(study.ask(), net, x, budgets, "torchscript")  # the next candidate starts afresh
+    assert not scr.under_guard
 
 
 def test_search_with_screen_on_records_screened_trials(measured, fitted, tmp_path: Path) -> None:
@@ -546,6 +592,8 @@ def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, fitt
     # with the screen on, candidates are evaluated before they are measured, so a dominated one could be settled:
     # the table names the trial that dominated it, and the summary counts them
     assert "dominated_by" in table and summary["dominated"] == int(measured_rows.dominated_by.notna().sum())
+    # with the accuracy guard off, no candidate is under it
+    assert summary["under_guard"] == int(measured_rows.under_guard.notna().sum()) == 0
     again = run_cli(*args, "--trials", "4", env=env)  # the same command with more trials resumes the study
     assert again.returncode == 0, again.stderr
     assert f"screening: {len(ratios)} earlier measured candidates of this study" in again.stderr
