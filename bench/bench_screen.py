@@ -16,9 +16,9 @@ trials' share (their ``stage_seconds``: session, timing, dense beside); ``alone`
 measurement alone against the dense reference and ``one_round`` those judged on one round beside the dense model
 (predicted and measured well inside the budget, or clearly slower than a measured trial at least as accurate:
 ``dominated`` counts those, ``under_guard`` those that could not be listed: under the accuracy guard with more
-accurate trials ahead). ``incumbent_s`` and ``confirm_s`` are the wall seconds of re-measuring the incumbent and of confirming the front (rebuilds, fine-tune
-replays and evaluation included: host work, not only the board's); ``confirmed`` counts the models confirmed (listed
-or left out on re-measure). Prints a table and writes
+accurate trials ahead). ``incumbent_s`` and ``confirm_s`` are the wall seconds of re-measuring the incumbent and of
+confirming the front (rebuilds, fine-tune replays and evaluation included: host work, not only the board's);
+``confirmed`` counts the models confirmed (listed or left out on re-measure). Prints a table and writes
 screen.csv / screen.json, and each run's trials.csv, summary.json and log as trials-off.csv / trials-on.csv,
 summary-off.json / summary-on.json and log-off.txt / log-on.txt, to --out.
 """
