@@ -557,6 +557,35 @@ def test_a_device_without_a_predictor_is_screened_by_the_hosts_standing_in(measu
     assert host_file.read_bytes() == before
     assert not [f for f in (cache / "predictors").glob("*.json") if "other-cpu" in f.name]
 
+def test_a_screened_search_settles_candidates_under_the_guard_on_one_measurement(fitted, tmp_path: Path) -> None:
+    """With the guard judging each trial (no final fine-tune), a candidate under its floor is infeasible whatever its
+    latency: the search settles each such candidate on one measurement or round and says so; a uniform model (the
+    baseline finalist) and a candidate within the guard are judged in full."""
+    import pandas as pd
+
+    store.save(fitted, tmp_path / "cache")
+    out = tmp_path / "out"
+    # a guard a hair below the dense accuracy: most pruned candidates fall under it; at 0.8x some land near the
+    # budget, where only this rule settles them on one measurement (measured: one at 0.79x alone, another within
+    # the guard at 0.66x in three rounds)
+    proc = run_cli("search", "--model", "tiny_subject:tiny_cnn", "--recovery", "none", "--max-accuracy-drop",
+                   "0.0001", "--latency-budget-ms", "0.8x", "--screen", "on", "--out", str(out), "--quiet",
+                   "--final-finetune-steps", "0", "--trials", "7", "--seed", "1",
+                   env={"HWPRUNE_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode in (0, 3), proc.stderr
+    summary = json.loads(next(out.rglob("summary.json")).read_text())
+    floor = summary["accuracy_guard"]["floor"]
+    table = pd.read_csv(next(out.rglob("trials.csv")))
+    rows = table[(table.state == "COMPLETE") & table.cached_from.isna()]
+    sampled = rows[rows.uniform_ratio.isna()]
+    under = sampled.accuracy < floor
+    assert under.any(), sampled[["accuracy", "latency_rounds"]]  # what the test is about
+    assert (sampled.under_guard.notna() == under).all(), sampled[["accuracy", "under_guard", "latency_rounds"]]
+    assert (sampled[under].latency_rounds <= 1).all()
+    assert rows[rows.uniform_ratio.notna()].under_guard.isna().all()
+    assert summary["search"]["screen"]["under_guard"] == int(under.sum())
+
+
 def test_a_resumed_screened_search_starts_from_its_earlier_errors(measured, fitted, tmp_path: Path) -> None:
     import optuna
 
