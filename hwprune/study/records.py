@@ -132,8 +132,9 @@ class Meets:
 
 
 # MODEL keys written only when a model has them, in the order they are written
-_OPTIONAL = ("latency_ratio_rounds", "latency_ratio_upper", "speedup", "size_ratio", "removed_blocks",
-             "remeasure_note", "accuracy_retention", "final_tuned", "file_bytes", "agreement", "precision")
+_OPTIONAL = ("latency_ratio_rounds", "latency_ratio_pooled", "latency_ratio_upper", "speedup", "size_ratio",
+             "removed_blocks", "remeasure_note", "accuracy_retention", "final_tuned", "file_bytes", "agreement",
+             "precision")
 _NESTED = {"latency_ms": LatencyStats, "memory_mb": MemoryStats, "meets": Meets}
 
 
@@ -161,6 +162,9 @@ class ModelRecord:
     files: dict[str, dict[str, Any]]  # name -> file record (path, bytes, sha256)
     input: dict[str, Any]
     latency_ratio_rounds: list[float] | Unset = UNSET
+    # how many of latency_ratio_rounds were measured earlier in the run, when the same architecture was re-measured
+    # as the incumbent (only when some were)
+    latency_ratio_pooled: int | Unset = UNSET
     latency_ratio_upper: float | Unset = UNSET
     speedup: float | Unset = UNSET
     size_ratio: float | Unset = UNSET
@@ -280,6 +284,7 @@ def model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float | 
     """
     ratio = rounds.ratio if rounds else None
     upper = rounds.upper if rounds else None
+    pooled = len(rounds.ratios) - len(rounds.measurements) if rounds else 0
     if dense is not None:
         speedup = 1.0 / ratio if ratio else dense.latency_ms.median / m.latency.median_ms
         size_ratio = params / max(dense.params, 1)
@@ -295,5 +300,5 @@ def model_record(*, trial: int | None, accuracy: float, accuracy_proxy: float | 
         latency_ratio=ratio, meets=Meets(latency=meets[0], memory=meets[1]), estimated=m.estimated, tuned=m.tuned,
         backend=m.backend, load_avg=list(m.load_avg) if m.load_avg else None, files={},
         input={"name": "input", "shape": list(example.shape), "dtype": str(example.dtype).replace("torch.", "")},
-        latency_ratio_rounds=rounds.ratios if rounds else UNSET, latency_ratio_upper=upper if rounds else UNSET,
-        speedup=speedup, size_ratio=size_ratio)
+        latency_ratio_rounds=rounds.ratios if rounds else UNSET, latency_ratio_pooled=pooled or UNSET,
+        latency_ratio_upper=upper if rounds else UNSET, speedup=speedup, size_ratio=size_ratio)
