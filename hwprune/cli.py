@@ -368,9 +368,6 @@ def calibrate(
         raise HwpruneError(f"--budget-seconds {budget_seconds:g}: must be positive")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise HwpruneError(f"--out {out_dir}: not a folder")
-    # minutes of measurements must not be lost to a folder that cannot take the predictor at the end
-    prepare_run_dir((out_dir or store.cache_root()) / "predictors", "choose an --out folder you can write to "
-                    "(or set $HWPRUNE_CACHE)", what="predictor folder")
     profile = _profile(device, _overrides(backend, tracker, key, ssh_host, ssh_user, ssh_key, ssh_port,
                                           tuning_trials))
     if from_profile is None and profile.backend not in ("ort", "estimate", "ssh-ort"):
@@ -379,6 +376,7 @@ def calibrate(
         if samples is not None:
             raise HwpruneError("--samples counts a transfer's device measurements: add --from PROFILE, or calibrate "
                                "this profile from scratch without it")
+        _predictor_folder(out_dir)
         predictor = run_calibrate(profile, budget_seconds, seed=seed, log=_log)
     else:
         if samples is not None and samples < MIN_TRANSFER_SAMPLES:
@@ -395,6 +393,7 @@ def calibrate(
                                + (f" --out {out_dir}" if out_dir else "") + "` first")
         _log(f"transferring {host.profile} ({host.runtime} {host.runtime_version}, {host.threads} thread(s), fitted "
              f"on {host.fitted_on} models) to {profile.name} via {profile.backend}")
+        _predictor_folder(out_dir)
         predictor = calibrate_transfer(profile, host, samples or DEFAULT_TRANSFER_SAMPLES, budget_seconds, seed,
                                        log=_log)
     path = store.save(predictor, out_dir)
@@ -402,6 +401,19 @@ def calibrate(
            else f"fitted on {predictor.fitted_on} models ({len(predictor.node_samples)} nodes)")
     out.print(f"{how}: {_predictor_line(predictor.describe())}", highlight=False)
     out.print(f"wrote {path}", highlight=False)
+
+
+def _predictor_folder(out_dir: Path | None) -> None:
+    """Create and write-check the folder a calibration will save its predictor in, once the input is known to be
+    good and before minutes of measurements that a folder unable to take the predictor would lose.
+
+    Raises:
+        HwpruneError: the folder cannot be created or written.
+    """
+    from hwprune.predict import store
+
+    prepare_run_dir((out_dir or store.cache_root()) / "predictors",
+                    "choose an --out folder you can write to (or set $HWPRUNE_CACHE)", what="predictor folder")
 
 
 def _predictor_identity(profile: Any) -> tuple[str, str, int]:
