@@ -38,7 +38,8 @@ MIN_RELATIVE_SE = 0.01
 # A listed model's own median is reported from the round whose dense model ran fastest beside it. When even that
 # dense model ran SLOW_SPELL x its reference or slower, the host was in a slow spell for the whole of the model's
 # rounds (a 2-core host under load: 1.7x), its own median is slowed alike, and up to RETIME_ROUNDS more rounds are
-# measured to time it outside the spell. The judged latency (the ratio) does not need it: a spell slows both models.
+# measured to time it outside the spell, each after the dense model alone shows the spell over. The judged latency
+# (the ratio) does not need it: a spell slows both models.
 SLOW_SPELL = 1.25
 RETIME_ROUNDS = 2
 # a listed model whose own median and judged latency (median ratio x dense reference) differ by more than this,
@@ -177,22 +178,25 @@ def one_round(rounds: Rounds, measure: Callable[[Path], Measurement], path: Path
 
 def retime_in_slow_spell(rounds: Rounds, reference_ms: float, measure: Callable[[Path], Measurement], path: Path,
                          dense_path: Path, measure_pair: MeasurePair | None = None) -> float | None:
-    """Up to ``RETIME_ROUNDS`` more rounds while every round of ``rounds`` ran in a slow spell (the dense model
+    """Up to ``RETIME_ROUNDS`` more tries while every round of ``rounds`` ran in a slow spell (the dense model
     beside the model ``SLOW_SPELL`` x ``reference_ms`` or slower), so that the model's own median is timed outside
-    it. The rounds are fresh ones and count toward the ratio like any other.
+    it. Each try first measures the dense model alone, and measures a round only when that shows the spell over: a
+    round in the spell would be slowed alike, at twice the board time of the probe. The rounds are fresh ones and
+    count toward the ratio like any other.
 
     Returns:
-        The remaining slowdown (:meth:`Rounds.slowdown`) when the spell outlasted the extra rounds, else None.
+        The remaining slowdown (:meth:`Rounds.slowdown`) when the spell outlasted the tries, else None.
     """
-    added = 0
+    tries = 0
     while True:
         slow = rounds.slowdown(reference_ms)
         if slow is None or slow < SLOW_SPELL:
             return None
-        if added == RETIME_ROUNDS:
+        if tries == RETIME_ROUNDS:
             return slow
-        one_round(rounds, measure, path, dense_path, measure_pair)
-        added += 1
+        tries += 1
+        if measure(dense_path).latency.median_ms < SLOW_SPELL * reference_ms:
+            one_round(rounds, measure, path, dense_path, measure_pair)
 
 
 def own_median_note(rounds: Rounds, reference_ms: float | None, outlasted: bool) -> str | None:

@@ -383,16 +383,27 @@ def test_dense_reference_takes_sets_over_the_search_and_reports_the_middle(tmp_p
     pace = max(own.dense_ms)
     assert retime_in_slow_spell(own, pace, backend.measure, path, path, backend.measure_beside) is None
     assert len(own.measurements) == ROUNDS
+    # each try probes the dense model alone first: while it still runs slow, no round is spent on both models
     slow = retime_in_slow_spell(own, pace / 3, backend.measure, path, path, backend.measure_beside)
     assert slow is not None and slow >= SLOW_SPELL and slow == pytest.approx(min(own.dense_ms) / (pace / 3))
-    assert len(own.measurements) == len(own.ratios) == len(own.dense_ms) == ROUNDS + RETIME_ROUNDS
+    assert len(own.measurements) == len(own.ratios) == len(own.dense_ms) == ROUNDS
+    # a probe that finds the host back at the reference's pace is followed by a round (here that round runs at the
+    # host's real pace, 3x the reference, so the spell outlasts the tries all the same)
+    probes: list[Path] = []
+
+    def back_at_pace_once(p: Path) -> Any:
+        m = backend.measure(p)
+        probes.append(p)
+        return m if len(probes) > 1 else dataclasses.replace(m, latency=dataclasses.replace(m.latency,
+                                                                                             median_ms=pace / 3))
+
+    assert retime_in_slow_spell(own, pace / 3, back_at_pace_once, path, path, backend.measure_beside) is not None
+    assert len(probes) == RETIME_ROUNDS and len(own.measurements) == len(own.dense_ms) == ROUNDS + 1
     # without the dense medians (pooled or older rounds) there is nothing to judge a spell by
     assert Rounds([own.measurements[0]], [1.0]).slowdown(pace) is None
     # a note when the own median and the judged latency (median ratio x reference) differ by more than DRIFT_NOTE,
     # either way, naming both factors: the host's pace at the round that timed it and that round's ratio against
     # the median; none when they agree; the slow-spell note when a spell outlasted the re-timing
-    import dataclasses
-
     from hwprune.study.reference import DRIFT_NOTE, own_median_note
 
     def timed(ms: float) -> Any:
