@@ -25,6 +25,9 @@ feasible trial at least as accurate and no larger in memory that the candidate i
 (by ``DOMINATED_MARGIN`` beyond the prediction's error) dominates it: it cannot be on the front, whichever side of
 the budget it falls, so its latency only guides the sampler. It is settled like a candidate well inside the budget,
 on one measurement that also puts it that much slower than the dominating trial (``dominated_by`` on its trial).
+A candidate that cannot be listed whatever its latency (under the accuracy guard's floor, with enough more accurate
+feasible trials ahead of it that the final candidates are drawn before it: :meth:`Screening.cannot_be_listed`) is
+settled on any one measurement (``under_guard`` on its trial).
 
 Every candidate the search does measure is added to the predictor (``Predictor.update``: its whole-model correction
 is refitted), and the predictor is saved back beside the measurement cache when the trials end.
