@@ -25,7 +25,8 @@ DEFAULT_RECOVERY = "auto"
 IMPORTANCES = ("auto", "l2", "l1", "bn-scale", "taylor")
 DEFAULT_IMPORTANCE = "auto"
 SCREEN_MODES = ("off", "on")  # --screen: a stored latency predictor skips candidates predicted well over budget
-# screened searches took 0.45-0.90x the board-seconds (median 0.72x at 0.6x), half in 1 pair of 15 (docs/benchmarks.md)
+# screened searches took 0.45-0.90x the board-seconds (median 0.72x over 19 pairs at 0.6x), half or less in 3 pairs of
+# 23 (docs/benchmarks.md)
 DEFAULT_SCREEN = "off"
 
 
