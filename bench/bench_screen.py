@@ -69,8 +69,8 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
     rec_entry = next((r for r in summary["pareto"] if r["trial"] == rec), None)
     screened = trials.fail_reason.astype(str).str.startswith("screened").sum()
     left_out = summary["search"].get("rejected_on_remeasure", [])
-    # the screen's own error on this model's candidates (null under 5 measured)
-    own = summary["search"].get("screen") or {}
+    # what the screen decided, and its own error on this model's candidates (null under 5 measured)
+    screen = summary["search"].get("screen") or {}
     return {"screen": mode, "exit": proc.returncode, "recommended_trial": rec,
             "signature": None if row is None else str(row.signature)[:12],
             "accuracy": None if rec_entry is None else rec_entry["accuracy"],
@@ -80,13 +80,13 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "measured_trials": int((trials.state == "COMPLETE").sum()), "screened": int(screened),
             # measured trials the screen settled on one round beside the dense model (predicted and measured well
             # inside the budget) instead of three, as the search counts them (cached trials left out)
-            "one_round": (summary["search"].get("screen") or {}).get("one_round", 0),
+            "one_round": screen.get("one_round", 0),
             # measured trials settled by one measurement alone against the dense reference (no dense model beside)
-            "alone": (summary["search"].get("screen") or {}).get("alone", 0),
+            "alone": screen.get("alone", 0),
             # of those settled on one measurement or round, the ones a measured, more accurate trial dominated
-            "dominated": (summary["search"].get("screen") or {}).get("dominated", 0),
+            "dominated": screen.get("dominated", 0),
             # ... and the ones that could not be listed (under the accuracy guard, more accurate trials ahead)
-            "under_guard": (summary["search"].get("screen") or {}).get("under_guard", 0),
+            "under_guard": screen.get("under_guard", 0),
             "board_s": board, "trials_board_s": sum(per_trial),
             # the fixed part, as wall seconds (host work included): the incumbent measured again while refining,
             # the front confirmed at the end
@@ -97,9 +97,9 @@ def _run(mode: str, args: argparse.Namespace, cache: Path, out: Path) -> dict[st
             "confirmed": len(summary["pareto"]) + sum(r.get("remeasured", True) for r in left_out),
             # front models left out under the accuracy guard on their trial accuracy, never rebuilt or measured
             "not_remeasured": sum(not r.get("remeasured", True) for r in left_out),
-            "in_study_ratio": own.get("study_ratio"),
-            "in_study_p90": own.get("study_p90_error"),
-            "stand_in": (summary["search"].get("screen") or {}).get("stand_in")}
+            "in_study_ratio": screen.get("study_ratio"),
+            "in_study_p90": screen.get("study_p90_error"),
+            "stand_in": screen.get("stand_in")}
 
 
 def _device_profile(threads: int, folder: Path) -> str:

@@ -105,6 +105,13 @@ def judged_latency(trial: optuna.trial.FrozenTrial, budgets: Budgets) -> float:
     return budgets.judged_ms(trial.values[1], latency_ratio(trial))
 
 
+def admitted(trial: optuna.trial.FrozenTrial, budgets: Budgets) -> bool:
+    """Whether a complete trial is feasible under ``budgets`` (:meth:`Budgets.feasible`), which may not be the
+    budgets of the run that measured it (:func:`is_feasible` reads those)."""
+    acc, lat, mem = trial.values
+    return budgets.feasible(lat, mem, latency_ratio(trial), acc)
+
+
 def confirmed_latency(trial: optuna.trial.FrozenTrial, budgets: Budgets, confirmed: dict[str, Any]) -> float:
     """A complete trial's judged latency (:func:`judged_latency`), taken from its measurement again where
     ``confirmed`` (the study's ``CONFIRMED_ATTR``) holds one."""

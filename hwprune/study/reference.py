@@ -220,8 +220,7 @@ def own_median_note(rounds: Rounds, reference_ms: float | None, outlasted: bool)
     apart = own / judged - 1.0
     if abs(apart) <= DRIFT_NOTE:
         return None
-    dense_beside = rounds.dense_ms[rounds.measurements.index(rounds.steadiest)]
-    round_vs_median = own / dense_beside / rounds.ratio
+    round_vs_median = (1.0 + apart) / slowdown  # own / judged is the product of the two factors
     return (f"its own median, {own:.3f} ms, is {abs(apart):.0%} {'above' if apart > 0 else 'below'} its judged "
             f"latency, {judged:.3f} ms (its median ratio to the dense model x the dense reference): in the round "
             f"it was timed in, the dense model beside it ran at {slowdown:.2f}x the reference (the host's pace "

@@ -226,7 +226,7 @@ class Screening:
         Unable to be listed (:attr:`under_guard`): see :meth:`cannot_be_listed`; ``uniform``: the candidate is one
         of the bisection's uniform models, one of which is always a final candidate, so it can be.
         """
-        from hwprune.study.budgets import latency_ratio
+        from hwprune.study.budgets import admitted, judged_latency
 
         self._dominator = None
         self._under_guard = not uniform and self.cannot_be_listed(accuracy, trials, budgets)
@@ -237,11 +237,9 @@ class Screening:
                 if t.state != optuna.trial.TrialState.COMPLETE or not t.values:
                     continue
                 # feasible under this run's budgets (a resumed study's earlier runs may have had others)
-                acc, lat, mem = t.values
-                ratio = latency_ratio(t)
-                if acc < accuracy or mem > self._memory_mb or not b.feasible(lat, mem, ratio, acc):
+                if t.values[0] < accuracy or t.values[2] > self._memory_mb or not admitted(t, b):
                     continue
-                judged = b.judged_ms(lat, ratio)
+                judged = judged_latency(t, b)
                 if judged * (1.0 + DOMINATED_MARGIN) <= floor and (self._dominator is None
                                                                     or judged < self._dominator[1]):
                     self._dominator = (t.number, judged)
@@ -256,7 +254,7 @@ class Screening:
         accurate (the guard judges the final fine-tune, and a model under its floor by its trial accuracy is listed
         only as a final candidate, which are drawn before it). A listed model is confirmed in fresh rounds beside
         the dense model all the same."""
-        from hwprune.study.budgets import latency_ratio
+        from hwprune.study.budgets import admitted
 
         b = budgets.now()
         if b.accuracy_floor is None or accuracy >= b.accuracy_floor:
@@ -267,7 +265,7 @@ class Screening:
             return False
         ahead = {t.user_attrs.get(attrs.SIGNATURE, t.number) for t in trials
                  if t.state == optuna.trial.TrialState.COMPLETE and t.values and t.values[0] >= accuracy
-                 and b.feasible(t.values[1], t.values[2], latency_ratio(t), t.values[0])}
+                 and admitted(t, b)}
         return len(ahead) >= FINALIST_DEPTH * self.finalists
 
     @property
