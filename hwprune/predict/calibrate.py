@@ -20,8 +20,8 @@ import numpy as np
 
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
 from hwprune.predict.designs import Design, designs, reference_design
-from hwprune.predict.features import NodeFeatures, graph_features
-from hwprune.predict.model import NodeSample, Predictor, Validation, fit_predictor
+from hwprune.predict.features import FUSED_KERNEL_OWNERS, SKIP_SUFFIX, NodeFeatures, graph_features
+from hwprune.predict.model import CONST_SUFFIX, NodeSample, Predictor, Validation, fit_predictor
 from hwprune.profiles import DeviceProfile, load_profile
 
 PROFILE_RUNS = 10  # profiled runs per model (median per node); the profiler's timings are whole microseconds
@@ -69,7 +69,8 @@ def _meta(profile: DeviceProfile) -> dict[str, Any]:
 
 def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[dict[str, Any]],
                          counts: dict[str, int] | None = None) -> tuple[dict[str, float], float]:
-    """Map ORT profiler nodes onto the exported graph's node names.
+    """Map ORT profiler nodes onto the exported graph's node names: by name (a kernel renamed by a fusion belongs to
+    the node it starts from), else by op type (:func:`_kernel_owners`).
 
     Args:
         model: the exported ONNX model (path or proto).
@@ -89,6 +90,7 @@ def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[d
     inputs0 = {n.name: n.input[0] if n.input else "" for n in graph.node}
     fused = {f.name for f in feats if f.fused}
     times: dict[str, float] = {}
+    unnamed: dict[str, list[float]] = {}  # op type -> kernels matching no exported node by name
     lost = 0.0
     for p in profiled:
         name = str(p["name"]).removesuffix("_nchwc")
@@ -101,12 +103,45 @@ def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[d
         if target is None:
             target = _owner(name, names)
         if target is None:
-            lost += float(p["median_us"])
+            unnamed.setdefault(str(p.get("op_type", "")), []).append(float(p["median_us"]))
             continue
         times[target] = times.get(target, 0.0) + float(p["median_us"])
         if counts is not None:
             counts[target] = counts.get(target, 0) + 1
+    for op, kernels in unnamed.items():
+        owners = _kernel_owners(op, feats)
+        if not owners:
+            lost += sum(kernels)
+            continue
+        # one kernel per owner in a fused block; kernels ORT adds of an op the graph has (reshapes around a Gemm it
+        # made from a MatMul, squeezes of a split) are spread over that op's nodes by size
+        total_bytes = sum(max(f.bytes_moved, 1) for f in owners)
+        shares = [max(f.bytes_moved, 1) / total_bytes for f in owners]
+        for f, share, n in zip(owners, shares, _apportion(len(kernels), shares)):
+            times[f.name] = times.get(f.name, 0.0) + sum(kernels) * share
+            if counts is not None:
+                counts[f.name] = counts.get(f.name, 0) + n
     return times, lost
+
+
+def _apportion(n: int, shares: list[float]) -> list[int]:
+    """``n`` split into whole parts in proportion to ``shares`` (largest remainders), summing to ``n``."""
+    exact = [n * s for s in shares]
+    parts = [int(e) for e in exact]
+    for i in sorted(range(len(exact)), key=lambda i: parts[i] - exact[i])[: n - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def _kernel_owners(op: str, feats: list[NodeFeatures]) -> list[NodeFeatures]:
+    """The exported nodes a kernel of ``op`` that matched no node by name is charged to: the owners of an ORT
+    fusion (:data:`~hwprune.predict.features.FUSED_KERNEL_OWNERS`), else the graph's own nodes of that op that run
+    (not folded into another kernel, not constant-folded)."""
+    owner = FUSED_KERNEL_OWNERS.get(op, op)
+    nodes = [f for f in feats if f.op_type == owner and not f.fused and not f.keys[0].endswith(CONST_SUFFIX)]
+    if op in FUSED_KERNEL_OWNERS and owner == "LayerNormalization":
+        nodes = [f for f in nodes if f.keys[0].endswith(SKIP_SUFFIX)]
+    return nodes
 
 
 def _owner(name: str, names: set[str]) -> str | None:

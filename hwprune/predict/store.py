@@ -17,7 +17,7 @@ from hwprune.errors import HwpruneError
 from hwprune.predict.fitted import FittedCache, node_digest
 from hwprune.predict.model import ModelSample, NodeSample, Predictor, Validation
 
-FORMAT_VERSION = 2  # 2: node samples carry tree features
+FORMAT_VERSION = 3  # 2: node samples carry tree features; 3: ORT's transformer fusions attributed
 
 
 def cache_root() -> Path:
