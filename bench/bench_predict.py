@@ -6,10 +6,10 @@ Refit from an earlier run's measurements (no measuring; compares fits on identic
 
 1. Calibrate on host-cpu (ORT, 1 thread) with the designed set (hwprune.predict.designs) for --budget-seconds.
 2. Held-out models, none in the calibration set: the demo families (mobilenet-tiny, resnet-tiny) with width-scaled
-   variants, a ResNet-18 and a MobileNetV2 (plain torch) at two input sizes, and a transformer encoder. Each is
-   measured (the CPU-time median with one thread, as calibration learns; beside the reference model and relative
-   to it, as the designs are: `--replay --absolute` refits and judges the times as measured) and predicted by both
-   estimators.
+   variants, a ResNet-18 and a MobileNetV2 (plain torch) at two input sizes, and two transformer encoders (pre-norm
+   with ReLU, and BERT's post-norm GELU layout). Each is measured (the CPU-time median with one thread, as
+   calibration learns; beside the reference model and relative to it, as the designs are: `--replay --absolute`
+   refits and judges the times as measured) and predicted by both estimators.
    A third estimator is fitted on the first half of the same calibration's models: what a calibration half as long
    gives, side by side. Two more rows rescale each prediction by measured / predicted of the widest model of its
    family (a search's screen rescales by its dense model the same way).
@@ -81,13 +81,19 @@ def _demo(name: str, width: float) -> Design:
     return Design(f"{name}-w{width:g}", net.eval(), torch.randn(1, 3, 32, 32))
 
 
-def _encoder(dim: int, tokens: int) -> Design:
+def _encoder(dim: int, tokens: int, bert: bool = False) -> Design:
+    """A 2-layer ``nn.TransformerEncoder``: pre-norm with ReLU, or BERT's layout (post-norm, GELU, 4x FFN), which ONNX
+    Runtime runs with other fused kernels (SkipLayerNormalization, Gelu)."""
     import torch
     from torch import nn
 
-    layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, batch_first=True, norm_first=True)
+    if bert:
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=4 * dim, batch_first=True, norm_first=False,
+                                           activation="gelu")
+    else:
+        layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=2 * dim, batch_first=True, norm_first=True)
     net = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-    return Design(f"encoder-d{dim}-t{tokens}", net.eval(), torch.randn(1, tokens, dim))
+    return Design(f"encoder-{'bert-' if bert else ''}d{dim}-t{tokens}", net.eval(), torch.randn(1, tokens, dim))
 
 
 def held_out(sizes: list[int], widths: list[float]) -> list[Design]:
@@ -95,6 +101,7 @@ def held_out(sizes: list[int], widths: list[float]) -> list[Design]:
     out = [_demo(n, w) for n in ("mobilenet-tiny", "resnet-tiny") for w in widths]
     out += [f(w, s) for f in (_resnet18, _mobilenet_v2) for s in sizes for w in widths]
     out += [_encoder(d, t) for d in (64, 96) for t in (32, 64)]
+    out += [_encoder(128, t, bert=True) for t in (32, 64)]  # added 2026-12-08: runs before have 22 models
     return out
 
 

@@ -388,9 +388,11 @@ def calibrate(
                           runtime=_predictor_identity(host_profile)[1])
         if host is None:
             root = out_dir or store.cache_root()
-            raise HwpruneError(f"no predictor stored for {host_profile.name} under {root}/predictors to transfer "
-                               f"from: run `hwprune calibrate --device {host_profile.name}"
-                               + (f" --out {out_dir}" if out_dir else "") + "` first")
+            old = store.stale(host_profile.name, host_profile.ort.intra_op_threads, out_dir)
+            what = (f"the predictor stored for {host_profile.name}, {old[0]}, was fitted by an older hwprune"
+                    if old else f"no predictor stored for {host_profile.name} under {root}/predictors")
+            raise HwpruneError(f"{what}: nothing to transfer from; run `hwprune calibrate --device "
+                               f"{host_profile.name}" + (f" --out {out_dir}" if out_dir else "") + "` first")
         _log(f"transferring {host.profile} ({host.runtime} {host.runtime_version}, {host.threads} thread(s), fitted "
              f"on {host.fitted_on} models) to {profile.name} via {profile.backend}")
         _predictor_folder(out_dir)

@@ -136,6 +136,12 @@ class EstimateBackend:
         if self.predictor is not None:
             ms = self.predictor.predict_ms(model)
             predictor = self.predictor.describe()
+        else:
+            from hwprune.predict import store
+
+            old = store.stale(self.profile.name, self.profile.ort.intra_op_threads)
+            if old:
+                predictor["stale"] = str(old[0])
         latency = Latency(median_ms=ms, p90_ms=ms, min_ms=ms, mean_ms=ms, std_ms=0.0, repeats=0, warmup=0,
                           cpu_median_ms=None, noisy=False, remeasured=0)
         hw = self.profile.hardware

@@ -51,7 +51,7 @@ class Measured:
     attributed_share: float  # share of the profiled kernel time mapped onto exported nodes
     # profiled kernels mapped onto no exported node (ORT's own reshapes around a fused Gemm): they carry the
     # profiler's cost per kernel too
-    lost_kernels: int = 0
+    lost_kernels: float = 0
     profiled: tuple[dict[str, Any], ...] = ()  # the profiler's kernels as measured (for re-attribution)
     # timed beside the reference model (:func:`relative_to_reference`): the model's own time and the reference's in
     # the same alternating samples; measured_ms is then raw_ms / reference_ms x the reference's calibration median
@@ -68,7 +68,7 @@ def _meta(profile: DeviceProfile) -> dict[str, Any]:
 
 
 def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[dict[str, Any]],
-                         counts: dict[str, int] | None = None) -> tuple[dict[str, float], float]:
+                         counts: dict[str, float] | None = None) -> tuple[dict[str, float], float]:
     """Map ORT profiler nodes onto the exported graph's node names: by name (a kernel renamed by a fusion belongs to
     the node it starts from), else by op type (:func:`_kernel_owners`).
 
@@ -116,21 +116,12 @@ def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[d
         # one kernel per owner in a fused block; kernels ORT adds of an op the graph has (reshapes around a Gemm it
         # made from a MatMul, squeezes of a split) are spread over that op's nodes by size
         total_bytes = sum(max(f.bytes_moved, 1) for f in owners)
-        shares = [max(f.bytes_moved, 1) / total_bytes for f in owners]
-        for f, share, n in zip(owners, shares, _apportion(len(kernels), shares)):
+        for f in owners:
+            share = max(f.bytes_moved, 1) / total_bytes
             times[f.name] = times.get(f.name, 0.0) + sum(kernels) * share
-            if counts is not None:
-                counts[f.name] = counts.get(f.name, 0) + n
+            if counts is not None:  # the same share of the kernels: the profiler's cost in that time
+                counts[f.name] = counts.get(f.name, 0) + len(kernels) * share
     return times, lost
-
-
-def _apportion(n: int, shares: list[float]) -> list[int]:
-    """``n`` split into whole parts in proportion to ``shares`` (largest remainders), summing to ``n``."""
-    exact = [n * s for s in shares]
-    parts = [int(e) for e in exact]
-    for i in sorted(range(len(exact)), key=lambda i: parts[i] - exact[i])[: n - sum(parts)]:
-        parts[i] += 1
-    return parts
 
 
 def _kernel_owners(op: str, feats: list[NodeFeatures]) -> list[NodeFeatures]:
@@ -216,13 +207,13 @@ def measured_from(name: str, onnx_model: Any, profile: DeviceProfile, profiled: 
         The measured model.
     """
     feats = graph_features(onnx_model, profile.channel_multiple)
-    counts: dict[str, int] = {}
+    counts: dict[str, float] = {}
     times, lost = attribute_node_times(onnx_model, feats, profiled, counts)
     total = sum(times.values()) + lost
     samples = [NodeSample(f.keys, f.basis, times.get(f.name, 0.0), f.log_basis, 1.0 / max(total, 1.0), f.x, name,
                           ms, f.fused, counts.get(f.name, 1)) for f in feats]
     return Measured(name, feats, samples, ms, sum(times.values()) / total if total > 0 else 1.0,
-                    len(profiled) - sum(counts.values()), tuple(profiled))
+                    round(len(profiled) - sum(counts.values()), 6), tuple(profiled))
 
 
 def target_ms(m: Any) -> float:

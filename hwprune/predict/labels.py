@@ -21,6 +21,9 @@ def estimate_label(predictor: dict[str, Any] | None) -> str:
     if not predictor:
         return UNKNOWN
     if predictor.get("kind") != "fitted":
+        if predictor.get("stale"):
+            return (f"roofline: the stored predictor {predictor['stale']} was fitted by an older hwprune; run "
+                    "`hwprune calibrate` again")
         return "roofline; run `hwprune calibrate` for a fitted predictor"
     if predictor.get("within_10pct") is None:
         return f"fitted predictor on {predictor.get('fitted_on')} models, not validated"

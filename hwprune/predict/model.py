@@ -48,7 +48,9 @@ class NodeSample:
     model: str = ""  # the calibration model it was timed in (groups nodes for the residual trees)
     model_ms: float = 0.0  # that model's measured whole-model ms (what the residual trees fit to)
     fused: bool = False  # an elementwise node folded into the kernel before it
-    kernels: int = 1  # profiled kernels charged to it (the profiler's own cost is per kernel)
+    # profiled kernels charged to it (the profiler's own cost is per kernel; a share where ORT's own kernels are
+    # spread over a graph's nodes of their op)
+    kernels: float = 1
 
     def as_features(self) -> NodeFeatures:
         """The node features a prediction needs (keys, bases, tree input, fused), for refits from stored samples."""

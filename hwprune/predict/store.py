@@ -62,7 +62,7 @@ def from_dict(d: dict[str, Any]) -> Predictor:
     d["node_samples"] = [NodeSample(tuple(s["keys"]), tuple(s["basis"]), s["us"], tuple(s["log_basis"]), s["weight"],
                                     tuple(s.get("x", ())), s.get("model", ""),
                                     float(s.get("model_ms", 0.0)), bool(s.get("fused", False)),
-                                    int(s.get("kernels", 1)))
+                                    float(s.get("kernels", 1)))
                          for s in d["node_samples"]]
     d["model_samples"] = [ModelSample(**s) for s in d["model_samples"]]
     d["validation"] = Validation(**d["validation"]) if d.get("validation") else None
@@ -121,4 +121,22 @@ def find(profile: str, threads: int, runtime_version: str | None = None, root: P
     return None
 
 
-__all__ = ["cache_root", "find", "from_dict", "load", "predictor_key", "predictor_path", "save", "to_dict"]
+def stale(profile: str, threads: int, root: Path | None = None) -> list[Path]:
+    """Stored predictors for a profile and thread count that :func:`find` passes over because an older hwprune wrote
+    them in another format (their node samples lack what the current features and attribution give): what a
+    "calibrate again" message names, so an upgrade does not fall back to the roofline unexplained."""
+    folder = (root or cache_root()) / "predictors"
+    if not folder.is_dir():
+        return []
+    out = []
+    for f in sorted(folder.glob(f"{_safe(profile)}-*-t{threads}.json")):
+        try:
+            fmt = json.loads(f.read_text()).get("format")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if fmt != FORMAT_VERSION:
+            out.append(f)
+    return out
+
+
+__all__ = ["cache_root", "find", "from_dict", "load", "predictor_key", "predictor_path", "save", "stale", "to_dict"]

@@ -383,8 +383,10 @@ def open_screening(mode: str, profile: Any, dense_onnx: Path, dense_ms: float, l
     if predictor is None:
         host = _host_stand_in(root)
         if host is None:
-            log(f"screening: no stored {runtime} predictor for {profile.name} (run `hwprune calibrate --device "
-                f"{profile.name}`); every candidate is measured")
+            old = store.stale(profile.name, profile.ort.intra_op_threads, root)
+            why = f"the stored one, {old[0]}, was fitted by an older hwprune" if old else "none stored"
+            log(f"screening: no usable {runtime} predictor for {profile.name} ({why}; run `hwprune calibrate "
+                f"--device {profile.name}`); every candidate is measured")
             return None
         log(f"screening: no stored {runtime} predictor for {profile.name}; the {host.profile} predictor stands in, "
             f"its predictions taken relative to the dense model measured here, allowing a {DEFAULT_ERROR:.0%} error "

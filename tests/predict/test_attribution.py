@@ -68,9 +68,9 @@ def test_fused_residual_norms_and_gelus_are_charged_to_their_nodes(encoder) -> N
     assert len(erf) == 2 and all(us[f.name] > 0 for f in erf)
     # with the reshapes ORT puts around a Gemm it made of a MatMul charged to the graph's reshapes, every kernel
     # lands on an exported node: before, a post-norm encoder lost a third of its kernel time and was predicted 11% low
-    assert m.lost_kernels == 0 and m.attributed_share == pytest.approx(1.0)
+    assert m.lost_kernels == pytest.approx(0.0, abs=1e-6) and m.attributed_share == pytest.approx(1.0)
     charged = sum(s.kernels for f, s in zip(m.features, m.samples) if us[f.name] > 0)
-    assert charged == len(m.profiled)
+    assert charged == pytest.approx(len(m.profiled))
 
 
 def test_reattribution_from_the_kept_profile_reproduces_the_measurement(encoder) -> None:
@@ -89,3 +89,24 @@ def test_designs_are_rebuilt_from_their_names() -> None:
     for bad in ("resnet18-w1-64px", "cnn-x", f"transformer-{handed}"):
         with pytest.raises(ValueError):
             design_by_name(bad, 16)
+
+
+def test_a_pre_norm_encoders_residual_adds_and_relus_run_as_kernels(tmp_path) -> None:
+    # a MatMul on a 3-D input becomes a Gemm between two reshapes, so only its bias Add folds into it: the residual
+    # Add and the ReLU after it run (and are timed) on their own, and are keyed so
+    profile = load_profile("host-cpu").with_overrides(measure__repeats=5, measure__warmup=2)
+
+    def wanted(m) -> bool:
+        layer = m.layers[0]
+        return layer.norm_first and layer.activation_relu_or_gelu == 1 and layer.self_attn.embed_dim >= 32
+
+    d = next(x for x in (torch_encoder_design(s, 16) for s in range(400)) if wanted(x.module))
+    path = export_design(d, tmp_path)
+    m = measure_model(d.name, path, profile, OrtBackend(profile))
+    kernels = {p["name"] for p in m.profiled}
+    standalone = [f for f in m.features if f.op_type in ("Add", "Relu") and f.name in kernels]
+    assert standalone and all(not f.fused and not f.keys[0].endswith("@fused") for f in standalone)
+    us = {f.name: s.us for f, s in zip(m.features, m.samples)}
+    assert all(us[f.name] > 0 for f in standalone)
+    bias = [f for f in m.features if f.op_type == "Add" and f.fused]
+    assert bias and all(f.name not in kernels for f in bias)  # the bias Adds ran inside their Gemm

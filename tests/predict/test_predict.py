@@ -161,6 +161,26 @@ def test_store_round_trip_and_estimate_labels(measured, fitted, tmp_path: Path,
     assert store.find("raspberry-pi-4", 1) is None
 
 
+def test_a_predictor_an_older_hwprune_stored_is_named_not_silently_skipped(measured, fitted, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    profile, _, paths = measured
+    monkeypatch.setenv("HWPRUNE_CACHE", str(tmp_path))
+    path = store.save(fitted)
+    old = json.loads(path.read_text())
+    old["format"] = store.FORMAT_VERSION - 1  # as the release before this attribution wrote it
+    path.write_text(json.dumps(old))
+    assert store.find(profile.name, profile.ort.intra_op_threads) is None
+    assert store.stale(profile.name, profile.ort.intra_op_threads) == [path]
+    m = EstimateBackend(profile).measure(paths[0])
+    assert m.extra["predictor"]["kind"] == "roofline"
+    label = estimate_label(m.extra["predictor"])
+    assert str(path) in label and "older hwprune" in label and "calibrate` again" in label
+    # a board transferred from it: one line naming the file, exit 2
+    proc = run_cli("calibrate", "--device", "raspberry-pi-4", "--from", profile.name, "--out", str(tmp_path))
+    assert proc.returncode == 2 and "older hwprune" in proc.stderr and str(path) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_fitted_trees_are_cached_beside_the_stored_predictor(measured, fitted, tmp_path: Path) -> None:
     """Refitting a stored predictor's trees took ~10 s in every process; they are cached beside its JSON, used only
     while they match its node samples and library versions, and refitted when the cache is torn."""
