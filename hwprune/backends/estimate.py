@@ -123,6 +123,13 @@ class EstimateBackend:
     def __init__(self, profile: DeviceProfile | str, predictor: Any = None) -> None:
         self.profile = load_profile(profile)
         self.predictor = predictor if predictor is not None else _find_predictor(self.profile)
+        # a stored predictor an older hwprune wrote, which find passed over: the label names it (read once here,
+        # not per estimate, since a search estimates every candidate)
+        self.stale: Path | None = None
+        if self.predictor is None:
+            from hwprune.predict import store
+
+            self.stale = next(iter(store.stale(self.profile.name, self.profile.ort.intra_op_threads)), None)
 
     def measure(self, onnx_path: str | os.PathLike[str] | Any,
                 inputs: dict[str, np.ndarray] | None = None) -> Measurement:
@@ -136,12 +143,8 @@ class EstimateBackend:
         if self.predictor is not None:
             ms = self.predictor.predict_ms(model)
             predictor = self.predictor.describe()
-        else:
-            from hwprune.predict import store
-
-            old = store.stale(self.profile.name, self.profile.ort.intra_op_threads)
-            if old:
-                predictor["stale"] = str(old[0])
+        elif self.stale is not None:
+            predictor["stale"] = str(self.stale)
         latency = Latency(median_ms=ms, p90_ms=ms, min_ms=ms, mean_ms=ms, std_ms=0.0, repeats=0, warmup=0,
                           cpu_median_ms=None, noisy=False, remeasured=0)
         hw = self.profile.hardware

@@ -20,7 +20,7 @@ import numpy as np
 
 from hwprune.errors import ExportError, HwpruneError, MeasurementError
 from hwprune.predict.designs import Design, designs, reference_design
-from hwprune.predict.features import FUSED_KERNEL_OWNERS, SKIP_SUFFIX, NodeFeatures, graph_features
+from hwprune.predict.features import FUSED_KERNEL_OWNERS, NodeFeatures, graph_features
 from hwprune.predict.model import CONST_SUFFIX, NodeSample, Predictor, Validation, fit_predictor
 from hwprune.profiles import DeviceProfile, load_profile
 
@@ -126,13 +126,11 @@ def attribute_node_times(model: Any, feats: list[NodeFeatures], profiled: list[d
 
 def _kernel_owners(op: str, feats: list[NodeFeatures]) -> list[NodeFeatures]:
     """The exported nodes a kernel of ``op`` that matched no node by name is charged to: the owners of an ORT
-    fusion (:data:`~hwprune.predict.features.FUSED_KERNEL_OWNERS`), else the graph's own nodes of that op that run
-    (not folded into another kernel, not constant-folded)."""
-    owner = FUSED_KERNEL_OWNERS.get(op, op)
-    nodes = [f for f in feats if f.op_type == owner and not f.fused and not f.keys[0].endswith(CONST_SUFFIX)]
-    if op in FUSED_KERNEL_OWNERS and owner == "LayerNormalization":
-        nodes = [f for f in nodes if f.keys[0].endswith(SKIP_SUFFIX)]
-    return nodes
+    fusion, by their key (:data:`~hwprune.predict.features.FUSED_KERNEL_OWNERS`), else the graph's own nodes of that
+    op that run (not folded into another kernel, not constant-folded)."""
+    if op in FUSED_KERNEL_OWNERS:
+        return [f for f in feats if f.keys[0] == FUSED_KERNEL_OWNERS[op]]
+    return [f for f in feats if f.op_type == op and not f.fused and not f.keys[0].endswith(CONST_SUFFIX)]
 
 
 def _owner(name: str, names: set[str]) -> str | None:

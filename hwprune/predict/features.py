@@ -19,15 +19,15 @@ from hwprune.backends.memory import TensorInfo, tensor_infos
 # elementwise op already folded). A Relu after a Conv costs nothing of its own once fused.
 FUSABLE_OPS = frozenset({"Relu", "Clip", "Sigmoid", "HardSigmoid", "LeakyRelu", "Tanh", "Add", "Sum", "HardSwish"})
 _FUSING_PRODUCERS = frozenset({"Conv", "Gemm", "MatMul"})
-# ONNX Runtime's transformer fusions replace a pattern of exported nodes with one kernel named after none of them;
-# the kernel's op type -> the exported op that owns it (hwprune.predict.calibrate charges the kernel there, and the
-# pattern's other nodes are keyed as folded). A post-norm encoder's Add -> LayerNormalization runs as one
-# SkipLayerNormalization at about twice a LayerNormalization's time; unattributed, it left post-norm encoders
-# predicted 11% under and pre-norm ones 8% over (the whole-model fit spread the missing time over every encoder).
-FUSED_KERNEL_OWNERS = {"SkipLayerNormalization": "LayerNormalization",
-                       "SkipSimplifiedLayerNormalization": "LayerNormalization",
-                       "Gelu": "Erf", "BiasGelu": "Erf"}
 SKIP_SUFFIX = "/skip"  # key of a LayerNormalization that runs fused with the residual Add before it
+# ONNX Runtime's transformer fusions replace a pattern of exported nodes with one kernel named after none of them;
+# the kernel's op type -> the key of the exported node that owns it (hwprune.predict.calibrate charges the kernel
+# there, and the pattern's other nodes are keyed as folded). A post-norm encoder's Add -> LayerNormalization runs as
+# one SkipLayerNormalization at about twice a LayerNormalization's time; unattributed, it left post-norm encoders
+# predicted 11% under and pre-norm ones 8% over (the whole-model fit spread the missing time over every encoder).
+FUSED_KERNEL_OWNERS = {"SkipLayerNormalization": "LayerNormalization" + SKIP_SUFFIX,
+                       "SkipSimplifiedLayerNormalization": "LayerNormalization" + SKIP_SUFFIX,
+                       "Gelu": "Erf", "BiasGelu": "Erf"}
 # Ops that only relabel memory (no kernel time of note); kept as features, their regressors fit ~0 when so.
 SKIP_OPS = frozenset({"Constant", "Identity"})
 # binary elementwise ops keyed by how their operands broadcast (:func:`_broadcast_kind`)
@@ -150,39 +150,45 @@ def _conv_keys(cin: int, cout: int, kernel: int, stride: int, groups: int, align
     return fine, f"Conv/{kind}/{'a' if aligned else 'u'}", f"Conv/{kind}", "Conv"
 
 
-def _fused_nodes(graph: Any, infos: Any = None) -> set[str]:
-    """Names of elementwise nodes ONNX Runtime can fold into the kernel producing their first input.
-
-    With ``infos`` (tensor shapes and the initializer names), a MatMul on a 3-D input folds only its bias ``Add``:
-    MatMulAddFusion makes a Gemm between two reshapes, and the ops after the output reshape run as kernels of their
-    own (a pre-norm encoder's residual Add and ReLU, profiled at 3 us each, had been predicted folded at ~0)."""
+def _graph_links(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """(tensor -> the node producing it, tensor -> the nodes reading it) of a graph."""
     producer: dict[str, Any] = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, int] = {}
+    consumers: dict[str, list[Any]] = {}
     for n in graph.node:
         for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    consts = getattr(infos, "initializers", set()) if infos is not None else set()
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers
+
+
+def _single_consumer(consumers: dict[str, list[Any]], tensor: str) -> Any | None:
+    users = consumers.get(tensor, [])
+    return users[0] if len(users) == 1 else None
+
+
+def _fused_nodes(graph: Any, infos: Any) -> set[str]:
+    """Names of elementwise nodes ONNX Runtime can fold into the kernel producing their first input.
+
+    A MatMul on a 3-D input (``infos``: tensor shapes and the initializer names) folds only its bias ``Add``:
+    MatMulAddFusion makes a Gemm between two reshapes, and the ops after the output reshape run as kernels of their
+    own (a pre-norm encoder's residual Add and ReLU, profiled at 3 us each, had been predicted folded at ~0)."""
+    producer, consumers = _graph_links(graph)
     fused: dict[str, Any] = {}  # folded node -> the kernel node it is folded into
     for n in graph.node:  # topological order: a chain Conv -> Add -> Relu folds link by link
         if n.op_type not in FUSABLE_OPS or not n.input:
             continue
         for i in n.input:
             p = producer.get(i)
-            if p is None or consumers.get(i, 0) != 1 or not (p.op_type in _FUSING_PRODUCERS or p.name in fused):
+            if p is None or _single_consumer(consumers, i) is not n \
+                    or not (p.op_type in _FUSING_PRODUCERS or p.name in fused):
                 continue
             root = fused.get(p.name, p)
-            if infos is not None and root.op_type == "MatMul" and len(_shape(infos, root.output[0])) > 2:
-                bias = p is root and n.op_type == "Add" and any(j in consts for j in n.input if j != i)
+            if root.op_type == "MatMul" and len(_shape(infos, root.output[0])) > 2:
+                bias = p is root and n.op_type == "Add" and any(j in infos.initializers for j in n.input if j != i)
                 if not bias:
                     continue
             fused[n.name] = root
             break
     return set(fused)
-
-
-def _single_consumer(consumers: dict[str, list[Any]], tensor: str) -> Any | None:
-    users = consumers.get(tensor, [])
-    return users[0] if len(users) == 1 else None
 
 
 def transformer_fusions(graph: Any) -> tuple[set[str], set[str]]:
@@ -192,11 +198,7 @@ def transformer_fusions(graph: Any) -> tuple[set[str], set[str]]:
         (LayerNormalization nodes fused with the Add before them into a SkipLayerNormalization, the pattern nodes
         folded into another node's kernel: those Adds, and the Div/Add/Mul around an exported GELU's Erf).
     """
-    producer: dict[str, Any] = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producer, consumers = _graph_links(graph)
     skip_ln: set[str] = set()
     folded: set[str] = set()
     for n in graph.node:
